@@ -1,0 +1,206 @@
+//! The one HTTP client every service-to-service call (and the gateway) goes through:
+//! discovery -> instance choice -> context propagation (correlation id, traceparent)
+//! -> deadline. The resilience layers (breaker, retry budget) slot in here, so every
+//! caller gets them at once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use discovery::{Instance, ResolveError, Resolver};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+/// Largest response body [`HttpClient::get_json`] buffers; a peer sending more is
+/// treated as broken rather than allowed to exhaust memory.
+const MAX_JSON_BODY: usize = 8 * 1024 * 1024;
+/// Idle pooled connections are closed after this; below typical server keep-alive
+/// (hyper's default is none, nginx 75 s) so we close first and never reuse a dead one.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("cannot connect to {service}: {source}")]
+    Connect {
+        service: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("{service} did not answer within {after:?}")]
+    Timeout { service: String, after: Duration },
+    #[error("{service} failed: {source}")]
+    Request {
+        service: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("{service} answered {status}: {body}")]
+    Status {
+        service: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("{service} sent an unreadable body: {reason}")]
+    Body { service: String, reason: String },
+    #[error("invalid request URI: {0}")]
+    InvalidUri(String),
+}
+
+impl ClientError {
+    /// Whether the dependency is down or slow (as opposed to answering with an error).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Resolve(_)
+                | ClientError::Connect { .. }
+                | ClientError::Timeout { .. }
+                | ClientError::Request { .. }
+        ) || matches!(self, ClientError::Status { status, .. } if status.is_server_error())
+    }
+}
+
+/// Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct HttpClient {
+    inner: Client<HttpConnector, Body>,
+    resolver: Arc<dyn Resolver>,
+    timeout: Duration,
+    next: Arc<AtomicUsize>,
+}
+
+impl HttpClient {
+    pub fn new(resolver: Arc<dyn Resolver>, timeout: Duration, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let inner = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Self {
+            inner,
+            resolver,
+            timeout,
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    pub fn resolver(&self) -> &Arc<dyn Resolver> {
+        &self.resolver
+    }
+
+    /// Round robin over the resolved instances.
+    fn pick(&self, service: &str) -> Result<Instance, ClientError> {
+        let instances = self.resolver.resolve(service)?;
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % instances.len();
+        Ok(instances[i].clone())
+    }
+
+    /// Sends `request`, whose URI is a path and query, to an instance of `service`,
+    /// with the current request context injected and the client deadline applied to
+    /// the response head.
+    pub async fn send(
+        &self,
+        service: &str,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        self.send_with_timeout(service, request, self.timeout).await
+    }
+
+    /// [`send`](Self::send) with an explicit deadline.
+    pub async fn send_with_timeout(
+        &self,
+        service: &str,
+        mut request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let instance = self.pick(service)?;
+        let path_and_query = request
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        let authority = instance
+            .base_url
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .unwrap_or_default();
+        let uri = Uri::builder()
+            .scheme(instance.base_url.scheme_str().unwrap_or("http"))
+            .authority(authority.as_str())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
+        *request.uri_mut() = uri;
+        telemetry::context::inject_current(request.headers_mut());
+        match tokio::time::timeout(timeout, self.inner.request(request)).await {
+            Err(_) => Err(ClientError::Timeout {
+                service: service.to_owned(),
+                after: timeout,
+            }),
+            Ok(Err(e)) if e.is_connect() => Err(ClientError::Connect {
+                service: service.to_owned(),
+                source: e,
+            }),
+            Ok(Err(e)) => Err(ClientError::Request {
+                service: service.to_owned(),
+                source: e,
+            }),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+
+    /// GETs JSON from `service`; a non-2xx answer is [`ClientError::Status`].
+    pub async fn get_json<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        path_and_query: &str,
+    ) -> Result<T, ClientError> {
+        let request = Request::get(path_and_query)
+            .header(http::header::ACCEPT, "application/json")
+            .body(Body::empty())
+            .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let response = self.send(service, request).await?;
+        let status = response.status();
+        let body = tokio::time::timeout_at(deadline, read_limited(response.into_body()))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                service: service.to_owned(),
+                after: self.timeout,
+            })?
+            .map_err(|reason| ClientError::Body {
+                service: service.to_owned(),
+                reason,
+            })?;
+        if !status.is_success() {
+            return Err(ClientError::Status {
+                service: service.to_owned(),
+                status,
+                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| ClientError::Body {
+            service: service.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+async fn read_limited(body: Incoming) -> Result<Bytes, String> {
+    let limited = http_body_util::Limited::new(body, MAX_JSON_BODY);
+    limited
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,182 @@
+//! Database per service: one URL picks the engine. The embedded default is a SQLite
+//! file (WAL mode) under the data directory; `postgres://...` runs the same code and
+//! the same migrations on PostgreSQL. Services write portable SQL (`$1` placeholders,
+//! TEXT ids, BIGINT epoch milliseconds) through sqlx's `Any` driver.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{MigrateDatabase, Migrator};
+use sqlx::{AnyPool, ConnectOptions, Executor};
+
+/// Which engine a database runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DbError {
+    #[error("unsupported database URL scheme in `{0}`: use sqlite:// or postgres://")]
+    UnsupportedUrl(String),
+    #[error("cannot create the database: {0}")]
+    Create(#[source] sqlx::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// A service's own database.
+#[derive(Clone, Debug)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+    migrations: usize,
+}
+
+/// Pool size: SQLite has one writer anyway and PostgreSQL connections are costly;
+/// 8 keeps a 2-core machine busy without queueing on the pool.
+const MAX_CONNECTIONS: u32 = 8;
+/// How long a query waits for a locked SQLite file before failing.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+static DRIVERS: Once = Once::new();
+
+impl Database {
+    /// The default URL for `service` under `data_dir`: `sqlite://<dir>/<service>.db`.
+    pub fn default_url(data_dir: &Path, service: &str) -> String {
+        format!("sqlite://{}/{service}.db", data_dir.display())
+    }
+
+    /// Creates the database if missing, connects, and applies `migrator`.
+    pub async fn connect(url: &str, migrator: &Migrator) -> Result<Self, DbError> {
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnsupportedUrl(redact(url)));
+        };
+        if backend == Backend::Sqlite {
+            if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_owned)) {
+                if !dir.as_os_str().is_empty() {
+                    std::fs::create_dir_all(&dir)
+                        .map_err(|e| DbError::Create(sqlx::Error::Io(e)))?;
+                }
+            }
+        }
+        if !sqlx::Any::database_exists(url).await.map_err(DbError::Create)? {
+            sqlx::Any::create_database(url)
+                .await
+                .map_err(DbError::Create)?;
+        }
+        let options = AnyConnectOptions::from_str(url)
+            .map_err(DbError::Connect)?
+            .disable_statement_logging();
+        let pool = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 4 } else { MAX_CONNECTIONS })
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL: readers never block the writer; NORMAL is durable in WAL
+                        // mode except for the last commits on power loss (not on a
+                        // process crash).
+                        conn.execute(sqlx::raw_sql(&format!(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"
+                        )))
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(DbError::Connect)?;
+        migrator.run(&pool).await.map_err(DbError::Migrate)?;
+        Ok(Self {
+            pool,
+            backend,
+            migrations: migrator.iter().count(),
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Readiness: the database answers and every migration is applied.
+    pub async fn check(&self) -> Result<(), String> {
+        let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| format!("database unreachable: {e}"))?;
+        if (applied as usize) < self.migrations {
+            return Err(format!(
+                "{applied} of {} migrations applied",
+                self.migrations
+            ));
+        }
+        Ok(())
+    }
+
+    /// Closes every connection (checkpointing SQLite's WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Whether an error is a unique-constraint violation (a lost insert race).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn sqlite_path(url: &str) -> Option<&Path> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next()?;
+    (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
+}
+
+/// A URL without its password, for error messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact("postgres://bob:s3cret@db:5432/orders"),
+            "postgres://bob:***@db:5432/orders"
+        );
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn sqlite_paths() {
+        assert_eq!(sqlite_path("sqlite:///tmp/a.db?mode=rwc"), Some(Path::new("/tmp/a.db")));
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+    }
+}

@@ -1,0 +1,256 @@
+//! The HTTP server every service runs: the standard endpoints (`/healthz`,
+//! `/readyz`, `/metrics`, `/openapi.json`) and the standard middleware, outermost
+//! first: request context + span + metrics + access log, problem rendering, panic
+//! catching, request timeout, body limit.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::future::join_all;
+use http::{HeaderValue, StatusCode};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+use tracing::Instrument;
+
+use crate::Chassis;
+use crate::db::Database;
+use crate::identity::IdentityVerifier;
+use crate::problem::{self, Problem};
+use telemetry::context::{CORRELATION_ID, RequestContext};
+use telemetry::metrics::Metrics;
+
+/// The route label a handler (or the gateway) can set on its response when the
+/// router has no template for the request, e.g. the gateway's matched route.
+#[derive(Clone, Debug)]
+pub struct RouteLabel(pub Arc<str>);
+
+/// Label used when nothing matched: one series for all unmatched paths.
+const UNMATCHED_ROUTE: &str = "<unmatched>";
+/// How long one readiness check may take before it counts as failed.
+const READINESS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `/readyz` checks.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    pub database: Option<Database>,
+    /// Services this one calls, which discovery must resolve.
+    pub dependencies: Vec<String>,
+}
+
+#[derive(Clone)]
+struct StdState {
+    name: &'static str,
+    version: &'static str,
+    metrics: Metrics,
+    readiness: Readiness,
+    resolver: Arc<dyn discovery::Resolver>,
+    openapi: Arc<Value>,
+}
+
+#[derive(Clone)]
+struct ObserveState {
+    service: &'static str,
+    metrics: Metrics,
+}
+
+impl Chassis {
+    /// Wraps a service's routes with the standard endpoints and middleware.
+    pub fn router(
+        &self,
+        routes: Router,
+        readiness: Readiness,
+        openapi: utoipa::openapi::OpenApi,
+    ) -> Router {
+        let openapi = serde_json::to_value(&openapi).unwrap_or(Value::Null);
+        let std_routes = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .route("/openapi.json", get(openapi_doc))
+            .with_state(StdState {
+                name: self.name,
+                version: self.version,
+                metrics: self.metrics.clone(),
+                readiness,
+                resolver: self.client.resolver().clone(),
+                openapi: Arc::new(openapi),
+            });
+        let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
+        let timeout = self.http.request_timeout.0;
+        routes
+            .merge(std_routes)
+            .fallback(not_found)
+            .layer(axum::Extension(IdentityVerifier(self.identity.clone())))
+            .layer(RequestBodyLimitLayer::new(limit))
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn_with_state(timeout, request_timeout))
+            .layer(CatchPanicLayer::custom(|_| {
+                Problem::internal("a handler panicked").into_response()
+            }))
+            .layer(middleware::from_fn(problem::render))
+            .layer(middleware::from_fn_with_state(
+                ObserveState {
+                    service: self.name,
+                    metrics: self.metrics.clone(),
+                },
+                observe,
+            ))
+    }
+
+    /// Serves `router` until `shutdown` is cancelled, then drains in-flight requests
+    /// for at most the configured grace period.
+    pub async fn serve(self, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+        let grace = self.http.shutdown_grace.0;
+        let addr = self.local_addr;
+        let service = self.name;
+        tracing::info!(%addr, "listening");
+        let server = axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let drained = tokio::select! {
+            result = server => result.map(|()| true),
+            () = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => Ok(false),
+        }?;
+        if drained {
+            tracing::info!(service, "stopped; all requests drained");
+        } else {
+            tracing::warn!(service, grace = ?grace, "grace period over; dropped remaining connections");
+        }
+        Ok(())
+    }
+}
+
+/// Request context, span, metrics, correlation id echo and the access log line.
+async fn observe(State(state): State<ObserveState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let ctx = RequestContext::from_headers(request.headers());
+    let method = request.method().clone();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let span = tracing::info_span!(
+        "request",
+        service = state.service,
+        correlation_id = %ctx.correlation_id,
+        trace_id = %ctx.trace.trace_id_hex(),
+        method = %method,
+        path = %request.uri().path(),
+    );
+    let correlation = HeaderValue::from_str(&ctx.correlation_id).ok();
+    let mut response = telemetry::context::scope(ctx, next.run(request))
+        .instrument(span.clone())
+        .await;
+    let route = route
+        .or_else(|| response.extensions().get::<RouteLabel>().map(|r| r.0.to_string()))
+        .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
+    let status = response.status();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .observe_http(method.as_str(), &route, status.as_u16(), elapsed);
+    if let Some(v) = correlation {
+        response.headers_mut().insert(CORRELATION_ID, v);
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = status.as_u16(),
+            route = %route,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request completed"
+        );
+    });
+    response
+}
+
+async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Request timed out",
+        )
+        .with_detail(format!("the request took longer than {timeout:?}"))
+        .into_response(),
+    }
+}
+
+async fn not_found() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+        .with_detail("no resource at this path")
+}
+
+async fn healthz(State(s): State<StdState>) -> Response {
+    axum::Json(json!({ "status": "ok", "service": s.name, "version": s.version })).into_response()
+}
+
+async fn readyz(State(s): State<StdState>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ready = true;
+    if let Some(db) = &s.readiness.database {
+        let result = tokio::time::timeout(READINESS_CHECK_TIMEOUT, db.check())
+            .await
+            .unwrap_or_else(|_| Err("database check timed out".into()));
+        ready &= result.is_ok();
+        checks.insert("database".into(), check_value(result));
+    }
+    let deps = join_all(s.readiness.dependencies.iter().map(|d| {
+        let resolver = s.resolver.clone();
+        async move {
+            let result = resolver
+                .resolve(d)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            (d.clone(), result)
+        }
+    }))
+    .await;
+    for (dep, result) in deps {
+        ready &= result.is_ok();
+        checks.insert(format!("dependency:{dep}"), check_value(result));
+    }
+    if ready {
+        axum::Json(json!({ "status": "ready", "service": s.name, "checks": checks })).into_response()
+    } else {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
+            .with_detail("a readiness check failed; see `checks`")
+            .with_extension("checks", Value::Object(checks))
+            .into_response()
+    }
+}
+
+fn check_value(result: Result<(), String>) -> Value {
+    match result {
+        Ok(()) => json!("ok"),
+        Err(e) => json!(e),
+    }
+}
+
+async fn metrics(State(s): State<StdState>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi_doc(State(s): State<StdState>) -> Response {
+    axum::Json((*s.openapi).clone()).into_response()
+}

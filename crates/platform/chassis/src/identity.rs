@@ -1,0 +1,115 @@
+//! The identity the gateway forwards to services.
+//!
+//! Trust model: the gateway verifies the user's token, then mints a short-lived
+//! ES256 token (`x-bazaar-identity`) with its own key; services verify it against the
+//! gateway's JWKS. A service never trusts a bare header: a request sent straight to a
+//! service with a forged or missing identity is refused with 401.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::FromRequestParts;
+use http::HeaderName;
+use http::request::Parts;
+use serde::{Deserialize, Serialize};
+
+use crate::jwt::{JwtError, JwtVerifier, SigningKey, now_secs};
+use crate::problem::Problem;
+
+/// Header carrying the forwarded identity token.
+pub const IDENTITY_HEADER: HeaderName = HeaderName::from_static("x-bazaar-identity");
+
+/// Claims of a forwarded identity.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityClaims {
+    pub iss: String,
+    pub aud: String,
+    /// The user id.
+    pub sub: String,
+    pub exp: u64,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+}
+
+/// Mints forwarded identities (the gateway).
+#[derive(Clone, Debug)]
+pub struct IdentityIssuer {
+    key: SigningKey,
+    issuer: String,
+    audience: String,
+    ttl: Duration,
+}
+
+impl IdentityIssuer {
+    pub fn new(key: SigningKey, issuer: &str, audience: &str, ttl: Duration) -> Self {
+        Self {
+            key,
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            ttl,
+        }
+    }
+
+    pub fn key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    /// A token for `subject`, valid for the configured TTL.
+    pub fn mint(&self, subject: &str, email: Option<&str>) -> Result<String, JwtError> {
+        let now = now_secs();
+        self.key.sign(&IdentityClaims {
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            sub: subject.to_owned(),
+            exp: now + self.ttl.as_secs(),
+            iat: now,
+            email: email.map(str::to_owned),
+        })
+    }
+}
+
+/// Verifies forwarded identities (every service), placed in request extensions by
+/// the chassis.
+#[derive(Clone)]
+pub struct IdentityVerifier(pub Arc<JwtVerifier>);
+
+/// The authenticated caller of a request. Extracting it refuses the request with a
+/// 401 problem unless a valid forwarded identity is present.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub subject: String,
+    pub email: Option<String>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Identity {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let verifier = parts
+            .extensions
+            .get::<IdentityVerifier>()
+            .cloned()
+            .ok_or_else(|| Problem::internal("identity verifier missing from the chassis"))?;
+        let token = parts
+            .headers
+            .get(&IDENTITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Problem::unauthorized("this endpoint needs a signed-in user; call it through the gateway with a Bearer token")
+            })?;
+        match verifier.0.verify::<IdentityClaims>(token).await {
+            Ok(claims) => Ok(Identity {
+                subject: claims.sub,
+                email: claims.email,
+            }),
+            Err(JwtError::KeysUnavailable(e)) => Err(Problem::unavailable(format!(
+                "cannot verify the caller's identity right now: {e}"
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "forwarded identity refused");
+                Err(Problem::unauthorized("the forwarded identity is not valid"))
+            }
+        }
+    }
+}

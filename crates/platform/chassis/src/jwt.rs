@@ -1,0 +1,433 @@
+//! JSON Web Tokens: ES256 signing keys with RFC 7638 `kid`s, JWKS documents, and a
+//! verifier whose algorithm is pinned by the key (never by the token's header), with
+//! a JWKS cache that refreshes on an unknown `kid` at most once per interval.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::client::HttpClient;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtError {
+    #[error("the token is malformed")]
+    Malformed,
+    #[error("the token names no key (`kid`)")]
+    MissingKid,
+    #[error("the token's key `{0}` is not known")]
+    UnknownKid(String),
+    #[error("the token's algorithm does not match its key")]
+    AlgorithmMismatch,
+    #[error("the token is not valid: {0}")]
+    Invalid(#[source] jsonwebtoken::errors::Error),
+    #[error("the signing keys cannot be fetched: {0}")]
+    KeysUnavailable(String),
+    #[error("key error: {0}")]
+    Key(String),
+}
+
+/// An ES256 (P-256) signing key.
+#[derive(Clone)]
+pub struct SigningKey {
+    kid: String,
+    secret: p256::SecretKey,
+    encoding: EncodingKey,
+    public_jwk: Value,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+    }
+}
+
+impl SigningKey {
+    pub fn generate() -> Result<Self, JwtError> {
+        Self::from_secret(p256::SecretKey::random(&mut rand_core::OsRng))
+    }
+
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, JwtError> {
+        let secret = p256::SecretKey::from_pkcs8_pem(pem).map_err(|e| JwtError::Key(e.to_string()))?;
+        Self::from_secret(secret)
+    }
+
+    /// The private key as PKCS#8 PEM, for persisting.
+    pub fn to_pkcs8_pem(&self) -> Result<SecretString, JwtError> {
+        let pem = self
+            .secret
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| JwtError::Key(e.to_string()))?;
+        Ok(SecretString::from(pem.as_str()))
+    }
+
+    fn from_secret(secret: p256::SecretKey) -> Result<Self, JwtError> {
+        let der = secret.to_pkcs8_der().map_err(|e| JwtError::Key(e.to_string()))?;
+        let encoding = EncodingKey::from_ec_der(der.as_bytes());
+        let point = secret.public_key().to_encoded_point(false);
+        let (Some(x), Some(y)) = (point.x(), point.y()) else {
+            return Err(JwtError::Key("public key is the identity point".into()));
+        };
+        let x = URL_SAFE_NO_PAD.encode(x);
+        let y = URL_SAFE_NO_PAD.encode(y);
+        // RFC 7638: the thumbprint of the required members in lexicographic order.
+        let thumbprint_input = format!(r#"{{"crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}"#);
+        let kid = URL_SAFE_NO_PAD.encode(Sha256::digest(thumbprint_input.as_bytes()));
+        let public_jwk = json!({
+            "kty": "EC", "crv": "P-256", "x": x, "y": y,
+            "kid": kid, "alg": "ES256", "use": "sig",
+        });
+        Ok(Self {
+            kid,
+            secret,
+            encoding,
+            public_jwk,
+        })
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn public_jwk(&self) -> &Value {
+        &self.public_jwk
+    }
+
+    /// Signs `claims` as a compact JWS with this key's `kid`.
+    pub fn sign<C: Serialize>(&self, claims: &C) -> Result<String, JwtError> {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(JwtError::Invalid)
+    }
+}
+
+/// A JWKS document for the given keys.
+pub fn jwks<'a>(keys: impl IntoIterator<Item = &'a SigningKey>) -> Value {
+    json!({ "keys": keys.into_iter().map(|k| k.public_jwk.clone()).collect::<Vec<_>>() })
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: String,
+    kid: Option<String>,
+    alg: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+}
+
+/// Verification keys by `kid`, each with the one algorithm it may be used with.
+#[derive(Clone, Default)]
+pub struct KeySet {
+    keys: HashMap<String, (Algorithm, DecodingKey)>,
+}
+
+impl KeySet {
+    /// Parses a JWKS document. Keys without a `kid`, for encryption, or of a type or
+    /// algorithm we do not pin are skipped rather than guessed at.
+    pub fn from_jwks(doc: &Value) -> Result<Self, JwtError> {
+        let list = doc
+            .get("keys")
+            .and_then(Value::as_array)
+            .ok_or_else(|| JwtError::Key("JWKS has no `keys` array".into()))?;
+        let mut keys = HashMap::new();
+        for raw in list {
+            let Ok(jwk) = RawJwk::deserialize(raw) else { continue };
+            let Some(kid) = jwk.kid.clone() else { continue };
+            if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
+                continue;
+            }
+            if let Some(entry) = decoding_key(&jwk) {
+                keys.insert(kid, entry);
+            }
+        }
+        Ok(Self { keys })
+    }
+
+    pub fn from_signing_keys<'a>(keys: impl IntoIterator<Item = &'a SigningKey>) -> Self {
+        let doc = jwks(keys);
+        Self::from_jwks(&doc).unwrap_or_default()
+    }
+
+    pub fn get(&self, kid: &str) -> Option<&(Algorithm, DecodingKey)> {
+        self.keys.get(kid)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+fn decoding_key(jwk: &RawJwk) -> Option<(Algorithm, DecodingKey)> {
+    let (default_alg, key) = match (jwk.kty.as_str(), jwk.crv.as_deref()) {
+        ("EC", Some("P-256")) => (
+            Algorithm::ES256,
+            DecodingKey::from_ec_components(jwk.x.as_deref()?, jwk.y.as_deref()?).ok()?,
+        ),
+        ("EC", Some("P-384")) => (
+            Algorithm::ES384,
+            DecodingKey::from_ec_components(jwk.x.as_deref()?, jwk.y.as_deref()?).ok()?,
+        ),
+        ("OKP", Some("Ed25519")) => (
+            Algorithm::EdDSA,
+            DecodingKey::from_ed_components(jwk.x.as_deref()?).ok()?,
+        ),
+        ("RSA", _) => (
+            Algorithm::RS256,
+            DecodingKey::from_rsa_components(jwk.n.as_deref()?, jwk.e.as_deref()?).ok()?,
+        ),
+        _ => return None,
+    };
+    let alg = match jwk.alg.as_deref() {
+        None => default_alg,
+        Some(name) => {
+            let alg: Algorithm = name.parse().ok()?;
+            // A key may only be used with an algorithm of its own type: an RSA key
+            // declared HS256 is the classic key-confusion attack.
+            let same_family = matches!(
+                (default_alg, alg),
+                (Algorithm::RS256, Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512
+                    | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512)
+            ) || alg == default_alg;
+            if !same_family {
+                return None;
+            }
+            alg
+        }
+    };
+    Some((alg, key))
+}
+
+/// Where a verifier gets its keys.
+enum Keys {
+    Static(KeySet),
+    Remote(JwksCache),
+}
+
+/// A JWKS fetched from a service through the client, cached, refreshed on an unknown
+/// `kid` no more than once per `min_interval` (so forged `kid`s cannot make us hammer
+/// the issuer).
+pub struct JwksCache {
+    client: HttpClient,
+    service: String,
+    path: String,
+    keys: RwLock<Arc<KeySet>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    min_interval: Duration,
+}
+
+/// Fewest seconds between two JWKS fetches triggered by unknown `kid`s.
+const JWKS_MIN_REFRESH: Duration = Duration::from_secs(10);
+
+impl JwksCache {
+    pub fn new(client: HttpClient, service: &str, path: &str) -> Self {
+        Self {
+            client,
+            service: service.to_owned(),
+            path: path.to_owned(),
+            keys: RwLock::new(Arc::new(KeySet::default())),
+            last_fetch: tokio::sync::Mutex::new(None),
+            min_interval: JWKS_MIN_REFRESH,
+        }
+    }
+
+    fn cached(&self, kid: &str) -> Option<(Algorithm, DecodingKey)> {
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        keys.get(kid).cloned()
+    }
+
+    async fn key(&self, kid: &str) -> Result<(Algorithm, DecodingKey), JwtError> {
+        if let Some(k) = self.cached(kid) {
+            return Ok(k);
+        }
+        let mut last = self.last_fetch.lock().await;
+        // Another request may have refreshed while this one waited for the lock.
+        if let Some(k) = self.cached(kid) {
+            return Ok(k);
+        }
+        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
+            return Err(JwtError::UnknownKid(kid.to_owned()));
+        }
+        *last = Some(Instant::now());
+        let doc: Value = self
+            .client
+            .get_json(&self.service, &self.path)
+            .await
+            .map_err(|e| JwtError::KeysUnavailable(e.to_string()))?;
+        let set = KeySet::from_jwks(&doc)?;
+        tracing::info!(service = %self.service, keys = set.len(), "fetched JWKS");
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.cached(kid).ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
+    }
+}
+
+/// Verifies tokens of one issuer and audience.
+pub struct JwtVerifier {
+    keys: Keys,
+    issuer: String,
+    audience: String,
+    leeway: Duration,
+}
+
+impl JwtVerifier {
+    pub fn with_keys(keys: KeySet, issuer: &str, audience: &str, leeway: Duration) -> Self {
+        Self {
+            keys: Keys::Static(keys),
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            leeway,
+        }
+    }
+
+    pub fn with_jwks(cache: JwksCache, issuer: &str, audience: &str, leeway: Duration) -> Self {
+        Self {
+            keys: Keys::Remote(cache),
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            leeway,
+        }
+    }
+
+    /// Verifies signature, `iss`, `aud`, `exp`, `nbf` (with leeway) and decodes claims.
+    pub async fn verify<C: DeserializeOwned>(&self, token: &str) -> Result<C, JwtError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        let kid = header.kid.ok_or(JwtError::MissingKid)?;
+        let (alg, key) = match &self.keys {
+            Keys::Static(set) => set
+                .get(&kid)
+                .cloned()
+                .ok_or_else(|| JwtError::UnknownKid(kid.clone()))?,
+            Keys::Remote(cache) => cache.key(&kid).await?,
+        };
+        if header.alg != alg {
+            return Err(JwtError::AlgorithmMismatch);
+        }
+        let mut validation = Validation::new(alg);
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[&self.audience]);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        jsonwebtoken::decode::<C>(token, &key, &validation)
+            .map(|data| data.claims)
+            .map_err(JwtError::Invalid)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct Claims {
+        iss: String,
+        aud: String,
+        sub: String,
+        exp: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nbf: Option<u64>,
+    }
+
+    fn claims(exp_offset: i64) -> Claims {
+        Claims {
+            iss: "me".into(),
+            aud: "you".into(),
+            sub: "42".into(),
+            exp: (now_secs() as i64 + exp_offset) as u64,
+            nbf: None,
+        }
+    }
+
+    fn verifier(key: &SigningKey) -> JwtVerifier {
+        JwtVerifier::with_keys(KeySet::from_signing_keys([key]), "me", "you", Duration::from_secs(1))
+    }
+
+    #[tokio::test]
+    async fn sign_and_verify_round_trip_and_pem_persists_the_key() {
+        let key = SigningKey::generate().unwrap();
+        let token = key.sign(&claims(60)).unwrap();
+        let got: Claims = verifier(&key).verify(&token).await.unwrap();
+        assert_eq!(got.sub, "42");
+        use secrecy::ExposeSecret;
+        let again = SigningKey::from_pkcs8_pem(key.to_pkcs8_pem().unwrap().expose_secret()).unwrap();
+        assert_eq!(again.kid(), key.kid());
+        assert_eq!(key.kid().len(), 43);
+    }
+
+    #[tokio::test]
+    async fn rejects_expired_foreign_tampered_none_and_future_tokens() {
+        let key = SigningKey::generate().unwrap();
+        let v = verifier(&key);
+        let expired = key.sign(&claims(-120)).unwrap();
+        assert!(v.verify::<Claims>(&expired).await.is_err());
+
+        let other = SigningKey::generate().unwrap();
+        let mut foreign_header = Header::new(Algorithm::ES256);
+        foreign_header.kid = Some(key.kid().to_owned());
+        let foreign = jsonwebtoken::encode(&foreign_header, &claims(60), &other.encoding).unwrap();
+        assert!(matches!(v.verify::<Claims>(&foreign).await, Err(JwtError::Invalid(_))));
+
+        let good = key.sign(&claims(60)).unwrap();
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let forged_payload = URL_SAFE_NO_PAD.encode(
+            serde_json::to_vec(&Claims { sub: "1".into(), ..claims(60) }).unwrap(),
+        );
+        parts[1] = &forged_payload;
+        assert!(v.verify::<Claims>(&parts.join(".")).await.is_err());
+
+        let none_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, key.kid()));
+        let none = format!("{none_header}.{}.", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap()));
+        assert!(v.verify::<Claims>(&none).await.is_err());
+
+        let hs_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid()));
+        let hs = format!("{hs_header}.{}.c2ln", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap()));
+        assert!(v.verify::<Claims>(&hs).await.is_err());
+
+        let mut future = claims(600);
+        future.nbf = Some(now_secs() + 300);
+        let future = key.sign(&future).unwrap();
+        assert!(v.verify::<Claims>(&future).await.is_err());
+
+        let wrong_aud = key.sign(&Claims { aud: "them".into(), ..claims(60) }).unwrap();
+        assert!(v.verify::<Claims>(&wrong_aud).await.is_err());
+    }
+
+    #[test]
+    fn jwks_pins_algorithms_to_key_types() {
+        let key = SigningKey::generate().unwrap();
+        let mut jwk = key.public_jwk().clone();
+        jwk["alg"] = json!("HS256");
+        let set = KeySet::from_jwks(&json!({ "keys": [jwk] })).unwrap();
+        assert!(set.is_empty(), "an EC key declared HS256 must be refused");
+        let set = KeySet::from_jwks(&jwks([&key])).unwrap();
+        assert_eq!(set.get(key.kid()).unwrap().0, Algorithm::ES256);
+    }
+}

@@ -1,0 +1,117 @@
+//! The service chassis: what every Bazaar service gets in one call, like eShop's
+//! `AddServiceDefaults`.
+//!
+//! ```no_run
+//! # async fn demo(config: chassis::ServiceConfig) -> std::io::Result<()> {
+//! let chassis = chassis::Chassis::bind(config).await?;
+//! let routes = axum::Router::new(); // the service's own routes
+//! let router = chassis.router(routes, chassis::http::Readiness::default(),
+//!     utoipa::openapi::OpenApi::default());
+//! chassis.serve(router, chassis::shutdown::on_signal()).await
+//! # }
+//! ```
+//!
+//! Layered config ([`config`]), `/healthz` + `/readyz` + `/metrics` + `/openapi.json`
+//! and the standard middleware ([`http`]), problem+json errors ([`problem`]),
+//! problem-returning extractors ([`extract`]), the database ([`db`]), the one HTTP
+//! client ([`client`]), JWTs ([`jwt`]) and the forwarded identity ([`identity`]),
+//! graceful shutdown ([`shutdown`]).
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod config;
+pub mod db;
+pub mod extract;
+pub mod http;
+pub mod identity;
+pub mod jwt;
+pub mod problem;
+pub mod settings;
+pub mod shutdown;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+pub use problem::{FieldError, Problem};
+pub use secrecy;
+pub use telemetry;
+pub use tokio_util::sync::CancellationToken;
+
+use client::HttpClient;
+use discovery::Resolver;
+use jwt::{JwksCache, JwtVerifier};
+use settings::{HttpSettings, IdentitySettings};
+use telemetry::metrics::Metrics;
+
+/// Where a service listens.
+#[derive(Debug)]
+pub enum Listen {
+    /// Bind this address (port 0 picks a free port).
+    Addr(SocketAddr),
+    /// A socket already bound by a supervisor (`bazaar up` hands each service its
+    /// socket, so ports are known before any process starts and survive restarts).
+    Inherited(std::net::TcpListener),
+}
+
+/// What the chassis needs to run one service.
+pub struct ServiceConfig {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub listen: Listen,
+    pub http: HttpSettings,
+    pub identity: IdentitySettings,
+    pub resolver: Arc<dyn Resolver>,
+}
+
+/// A bound service with its standard parts. See the crate docs.
+pub struct Chassis {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub metrics: Metrics,
+    pub client: HttpClient,
+    pub identity: Arc<JwtVerifier>,
+    pub http: HttpSettings,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Chassis {
+    /// Binds the listener and builds the standard parts.
+    pub async fn bind(config: ServiceConfig) -> std::io::Result<Self> {
+        let listener = match config.listen {
+            Listen::Addr(addr) => tokio::net::TcpListener::bind(addr).await?,
+            Listen::Inherited(std) => {
+                std.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(std)?
+            }
+        };
+        let local_addr = listener.local_addr()?;
+        let client = HttpClient::new(
+            config.resolver,
+            config.http.client_timeout.0,
+            config.http.client_connect_timeout.0,
+        );
+        let id = &config.identity;
+        let identity = Arc::new(JwtVerifier::with_jwks(
+            JwksCache::new(client.clone(), &id.issuer_service, &id.jwks_path),
+            &id.issuer,
+            &id.audience,
+            id.leeway.0,
+        ));
+        Ok(Self {
+            name: config.name,
+            version: config.version,
+            metrics: Metrics::new(config.name),
+            client,
+            identity,
+            http: config.http,
+            listener,
+            local_addr,
+        })
+    }
+
+    /// The bound address (the real port when configured with 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}

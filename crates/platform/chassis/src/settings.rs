@@ -1,0 +1,84 @@
+//! The configuration sections the chassis itself reads. Every default is named here
+//! with the reason for its value.
+
+use std::collections::BTreeMap;
+
+use telemetry::logging::LogFormat;
+
+use crate::config::{ByteSize, HumanDuration};
+use crate::config_section;
+
+config_section! {
+    /// `[http]`: listeners, limits and timeouts shared by every service.
+    pub struct HttpSettings {
+        /// Loopback by default: a laptop shop should not be reachable from the network
+        /// unless asked.
+        pub host: String = "127.0.0.1".to_owned(),
+        /// Longest a request may take end to end before a 503; generous because the
+        /// slowest legitimate call (a login, argon2id) takes well under a second.
+        pub request_timeout: HumanDuration = HumanDuration::secs(30),
+        /// 1 MiB: far above any shop request, small enough that a flood of bodies
+        /// cannot exhaust memory.
+        pub body_limit: ByteSize = ByteSize::mib(1),
+        /// Time in-flight requests get to finish after SIGTERM before connections drop;
+        /// under the 30 s most orchestrators wait before SIGKILL.
+        pub shutdown_grace: HumanDuration = HumanDuration::secs(10),
+        /// Deadline of an outgoing call (headers), so one slow dependency cannot hold a
+        /// request for the whole request timeout.
+        pub client_timeout: HumanDuration = HumanDuration::secs(5),
+        /// Connect timeout of outgoing calls: on loopback or a LAN a connect takes
+        /// microseconds, so one second means the peer is gone.
+        pub client_connect_timeout: HumanDuration = HumanDuration::secs(1),
+    }
+}
+
+config_section! {
+    /// `[log]`
+    pub struct LogSettings {
+        /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+        pub level: String = "info,sqlx=warn,hyper=warn".to_owned(),
+        /// `json` (default) or `pretty`.
+        pub format: LogFormat = LogFormat::Json,
+    }
+}
+
+config_section! {
+    /// `[identity]`: how services verify the identity the gateway forwards.
+    pub struct IdentitySettings {
+        /// Service whose JWKS signs forwarded identities.
+        pub issuer_service: String = "gateway".to_owned(),
+        /// Path of that JWKS on the issuer.
+        pub jwks_path: String = "/.well-known/bazaar-identity-jwks.json".to_owned(),
+        /// `iss` of forwarded identity tokens.
+        pub issuer: String = "bazaar-gateway".to_owned(),
+        /// `aud` of forwarded identity tokens: only services accept them.
+        pub audience: String = "bazaar-services".to_owned(),
+        /// Lifetime of a forwarded identity: long enough for one request's fan-out,
+        /// short enough that a leaked one is soon worthless.
+        pub token_ttl: HumanDuration = HumanDuration::secs(60),
+        /// Clock skew tolerated between gateway and services.
+        pub leeway: HumanDuration = HumanDuration::secs(5),
+    }
+}
+
+config_section! {
+    /// `[discovery]`: the static backend of the `resolve(name)` seam.
+    pub struct DiscoverySettings {
+        /// Service name -> URL(s), comma separated. `bazaar up` fills this in for the
+        /// processes it starts (`BAZAAR_DISCOVERY__SERVICES__<NAME>`); `_` in a name
+        /// stands for `-`.
+        pub services: BTreeMap<String, String> = BTreeMap::new(),
+    }
+}
+
+impl DiscoverySettings {
+    /// The static resolver these settings describe.
+    pub fn resolver(&self) -> Result<discovery::StaticResolver, discovery::ResolveError> {
+        let names: Vec<(String, &str)> = self
+            .services
+            .iter()
+            .map(|(k, v)| (k.replace('_', "-"), v.as_str()))
+            .collect();
+        discovery::StaticResolver::parse(names.iter().map(|(k, v)| (k.as_str(), *v)))
+    }
+}

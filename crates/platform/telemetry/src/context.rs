@@ -1,0 +1,262 @@
+//! Correlation id and W3C `traceparent`, taken from an incoming request or generated,
+//! and propagated on outgoing calls.
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Header carrying the correlation id end to end.
+pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+/// W3C Trace Context header.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// Longest correlation id accepted from a client; longer ones are replaced, because an
+/// unbounded value would let a client bloat every log line.
+const MAX_CORRELATION_ID_LEN: usize = 128;
+
+/// A W3C trace context (version 00): trace id, this hop's span id, and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub flags: u8,
+}
+
+impl TraceContext {
+    /// A new trace, sampled.
+    pub fn new_root() -> Self {
+        let mut trace_id: [u8; 16] = rand::random();
+        if trace_id == [0; 16] {
+            trace_id[15] = 1;
+        }
+        Self {
+            trace_id,
+            span_id: new_span_id(),
+            flags: 0x01,
+        }
+    }
+
+    /// The context for a call made from this one: same trace, a new span id.
+    pub fn child(&self) -> Self {
+        Self {
+            span_id: new_span_id(),
+            ..*self
+        }
+    }
+
+    /// Parses a `traceparent` header value per W3C Trace Context level 1; `None` for
+    /// anything malformed, in which case the caller starts a new trace.
+    pub fn parse(value: &str) -> Option<Self> {
+        let parts: Vec<&str> = value.trim().split('-').collect();
+        if parts.len() < 4 {
+            return None;
+        }
+        let version = decode_hex::<1>(parts[0])?[0];
+        // Version ff is forbidden; version 00 has exactly four fields. Higher versions
+        // may append fields, which we ignore as the spec asks.
+        if version == 0xff || (version == 0 && parts.len() != 4) {
+            return None;
+        }
+        let trace_id = decode_hex::<16>(parts[1])?;
+        let span_id = decode_hex::<8>(parts[2])?;
+        let flags = decode_hex::<1>(parts[3])?[0];
+        if trace_id == [0; 16] || span_id == [0; 8] {
+            return None;
+        }
+        Some(Self {
+            trace_id,
+            span_id,
+            flags,
+        })
+    }
+
+    pub fn trace_id_hex(&self) -> String {
+        encode_hex(&self.trace_id)
+    }
+
+    pub fn span_id_hex(&self) -> String {
+        encode_hex(&self.span_id)
+    }
+
+    /// The `traceparent` header value for this context.
+    pub fn to_header(&self) -> String {
+        format!(
+            "00-{}-{}-{:02x}",
+            self.trace_id_hex(),
+            self.span_id_hex(),
+            self.flags
+        )
+    }
+}
+
+fn new_span_id() -> [u8; 8] {
+    let mut id: [u8; 8] = rand::random();
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    // Upper-case hex is invalid in traceparent.
+    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// What one request carries across every hop.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    pub correlation_id: Arc<str>,
+    /// This hop's trace context (the incoming parent's trace id, a new span id).
+    pub trace: TraceContext,
+}
+
+impl RequestContext {
+    /// Takes the correlation id and trace from incoming headers, generating what is
+    /// missing or malformed.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        let correlation_id = headers
+            .get(&CORRELATION_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| valid_correlation_id(v))
+            .map(Arc::from)
+            .unwrap_or_else(|| Arc::from(uuid::Uuid::now_v7().to_string()));
+        let trace = headers
+            .get(&TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::parse)
+            .map(|parent| parent.child())
+            .unwrap_or_else(TraceContext::new_root);
+        Self {
+            correlation_id,
+            trace,
+        }
+    }
+
+    /// A context for work not started by a request (startup, background jobs).
+    pub fn new_root() -> Self {
+        Self {
+            correlation_id: Arc::from(uuid::Uuid::now_v7().to_string()),
+            trace: TraceContext::new_root(),
+        }
+    }
+
+    /// Writes the correlation id and a child `traceparent` into outgoing headers.
+    pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(&self.correlation_id) {
+            headers.insert(CORRELATION_ID, v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&self.trace.child().to_header()) {
+            headers.insert(TRACEPARENT, v);
+        }
+    }
+}
+
+/// Correlation ids are echoed into logs and headers, so only a conservative alphabet
+/// is accepted: no spaces, quotes or control characters that could forge log fields.
+pub fn valid_correlation_id(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= MAX_CORRELATION_ID_LEN
+        && v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+}
+
+tokio::task_local! {
+    static CURRENT: RequestContext;
+}
+
+/// The context of the request this task is serving, if any.
+pub fn current() -> Option<RequestContext> {
+    CURRENT.try_with(Clone::clone).ok()
+}
+
+/// Runs `fut` with `ctx` as the current request context.
+pub async fn scope<F: Future>(ctx: RequestContext, fut: F) -> F::Output {
+    CURRENT.scope(ctx, fut).await
+}
+
+/// Injects the current context (or a fresh root one) into outgoing headers.
+pub fn inject_current(headers: &mut HeaderMap) {
+    current()
+        .unwrap_or_else(RequestContext::new_root)
+        .inject(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_children_keep_the_trace() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tc = TraceContext::parse(v).unwrap();
+        assert_eq!(tc.to_header(), v);
+        let child = tc.child();
+        assert_eq!(child.trace_id, tc.trace_id);
+        assert_ne!(child.span_id, tc.span_id);
+    }
+
+    #[test]
+    fn malformed_traceparents_are_rejected() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceContext::parse(bad).is_none(), "{bad:?} accepted");
+        }
+        // A future version may carry more fields.
+        assert!(
+            TraceContext::parse("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn correlation_id_is_kept_when_safe_and_replaced_otherwise() {
+        let mut h = HeaderMap::new();
+        h.insert(CORRELATION_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(&*RequestContext::from_headers(&h).correlation_id, "abc-123");
+        h.insert(CORRELATION_ID, HeaderValue::from_static("evil\" level=\"error"));
+        let ctx = RequestContext::from_headers(&h);
+        assert_ne!(&*ctx.correlation_id, "evil\" level=\"error");
+        assert!(valid_correlation_id(&ctx.correlation_id));
+    }
+
+    #[tokio::test]
+    async fn inject_uses_the_scoped_context() {
+        let ctx = RequestContext::new_root();
+        let id = ctx.correlation_id.clone();
+        let trace = ctx.trace.trace_id_hex();
+        let headers = scope(ctx, async {
+            let mut h = HeaderMap::new();
+            inject_current(&mut h);
+            h
+        })
+        .await;
+        assert_eq!(headers[&CORRELATION_ID], &*id);
+        let tp = TraceContext::parse(headers[&TRACEPARENT].to_str().unwrap()).unwrap();
+        assert_eq!(tp.trace_id_hex(), trace);
+    }
+}
