@@ -28,6 +28,8 @@ pub mod jwt;
 pub mod problem;
 pub mod settings;
 pub mod shutdown;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

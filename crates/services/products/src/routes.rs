@@ -1,0 +1,161 @@
+//! HTTP routes of the catalog.
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chassis::extract::{Json, Path, Query};
+use chassis::{FieldError, Problem};
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+use crate::domain::Product;
+use crate::repository;
+
+/// Page size when the caller gives none.
+const DEFAULT_LIMIT: u32 = 20;
+/// Largest page, and the most ids one batch read may ask for.
+const MAX_LIMIT: u32 = 100;
+/// Longest search text: longer is never a real search.
+const MAX_QUERY_LEN: usize = 100;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: AnyPool,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Bazaar products", description = "The catalog: public reads."),
+    paths(list_products, get_product),
+    components(schemas(Product, ProductPage, Problem, FieldError))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/products", get(list_products))
+        .route("/products/{id}", get(get_product))
+        .with_state(state)
+}
+
+/// A page of products.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ProductPage {
+    pub items: Vec<Product>,
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Page size, 1 to 100 (default 20).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Case-insensitive search in name and description.
+    q: Option<String>,
+    /// Batch read: comma-separated ids (at most 100); unknown ids are left out.
+    ids: Option<String>,
+}
+
+/// List, search, or batch-read products.
+#[utoipa::path(get, path = "/products", params(ListQuery),
+    responses((status = 200, body = ProductPage), (status = 400, body = Problem)))]
+async fn list_products(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<ProductPage>, Problem> {
+    if let Some(ids) = query.ids {
+        if query.cursor.is_some() || query.q.is_some() || query.limit.is_some() {
+            return Err(Problem::bad_request(
+                "`ids` is a batch read and cannot be combined with `cursor`, `q` or `limit`",
+            ));
+        }
+        let ids = parse_ids(&ids)?;
+        let items = repository::get_many(&state.pool, &ids).await?;
+        return Ok(Json(ProductPage {
+            items,
+            next_cursor: None,
+        }));
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        )]));
+    }
+    let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let search = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    if search.is_some_and(|q| q.chars().count() > MAX_QUERY_LEN) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "q",
+            format!("must be at most {MAX_QUERY_LEN} characters"),
+        )]));
+    }
+    // One extra row tells whether there is a next page.
+    let mut items = repository::list(&state.pool, after, search, limit + 1).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|p| encode_cursor(p.id))
+    } else {
+        None
+    };
+    Ok(Json(ProductPage { items, next_cursor }))
+}
+
+/// One product.
+#[utoipa::path(get, path = "/products/{id}",
+    params(("id" = Uuid, Path, description = "Product id")),
+    responses((status = 200, body = Product), (status = 404, body = Problem), (status = 400, body = Problem)))]
+async fn get_product(
+    State(state): State<AppState>,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Product>, Problem> {
+    repository::get(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(&format!("product {id}")))
+}
+
+fn parse_ids(raw: &str) -> Result<Vec<Uuid>, Problem> {
+    let parts: Vec<&str> = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if parts.is_empty() || parts.len() > MAX_LIMIT as usize {
+        return Err(Problem::validation(vec![FieldError::new(
+            "ids",
+            format!("give between 1 and {MAX_LIMIT} comma-separated ids"),
+        )]));
+    }
+    let mut ids = Vec::with_capacity(parts.len());
+    let mut errors = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        match Uuid::parse_str(part) {
+            Ok(id) if !ids.contains(&id) => ids.push(id),
+            Ok(_) => {}
+            Err(_) => errors.push(FieldError::new(format!("ids[{i}]"), "is not a UUID")),
+        }
+    }
+    if errors.is_empty() {
+        Ok(ids)
+    } else {
+        Err(Problem::validation(errors))
+    }
+}
+
+fn encode_cursor(id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_cursor(cursor: &str) -> Result<Uuid, Problem> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
+        .ok_or_else(|| {
+            Problem::bad_request("invalid `cursor`: pass the `next_cursor` of a previous page")
+        })
+}
