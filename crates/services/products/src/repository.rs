@@ -8,12 +8,6 @@ use crate::domain::{Product, demo_catalog};
 /// Default currency of the demo catalog.
 const CURRENCY: &str = "USD";
 
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 fn row_to_product(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
     let id: String = row.try_get("id")?;
@@ -31,7 +25,7 @@ pub async fn seed(pool: &AnyPool) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let claimed = sqlx::query("INSERT INTO catalog_tasks (name, done_at) VALUES ($1, $2)")
         .bind("seed-demo-catalog")
-        .bind(now_millis())
+        .bind(chassis::clock::now_millis())
         .execute(&mut *tx)
         .await;
     match claimed {
@@ -51,7 +45,7 @@ pub async fn seed(pool: &AnyPool) -> Result<usize, sqlx::Error> {
         .bind(description)
         .bind(*price_cents)
         .bind(CURRENCY)
-        .bind(now_millis())
+        .bind(chassis::clock::now_millis())
         .execute(&mut *tx)
         .await?;
     }

@@ -1,0 +1,61 @@
+//! Building and running the service.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use chassis::http::Readiness;
+use chassis::secrecy::ExposeSecret;
+use chassis::{CancellationToken, Chassis};
+use utoipa::OpenApi;
+
+use crate::Config;
+use crate::password::Passwords;
+use crate::routes::{self, ApiDoc, AppState};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+pub struct Application {
+    chassis: Chassis,
+    router: axum::Router,
+    db: chassis::db::Database,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
+            .await
+            .context("users database")?;
+        let keys = crate::keys::load_or_create(db.pool()).await.context("signing keys")?;
+        let signer = keys.first().cloned().context("no signing key")?;
+        let jwks = chassis::jwt::jwks(keys.iter());
+        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let state = AppState {
+            pool: db.pool().clone(),
+            passwords: Passwords::new()?,
+            signer: Arc::new(signer),
+            jwks: Arc::new(jwks),
+            token_ttl: config.settings.token_ttl.0,
+            issuer: Arc::from(config.settings.issuer.as_str()),
+            audience: Arc::from(config.settings.audience.as_str()),
+        };
+        let router = chassis.router(
+            routes::router(state),
+            Readiness {
+                database: Some(db.clone()),
+                dependencies: Vec::new(),
+            },
+            ApiDoc::openapi(),
+        );
+        Ok(Self { chassis, router, db })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.chassis.local_addr().port()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let served = self.chassis.serve(self.router, shutdown).await;
+        self.db.close().await;
+        served.context("serving HTTP")
+    }
+}
