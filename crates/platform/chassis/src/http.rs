@@ -254,3 +254,34 @@ async fn metrics(State(s): State<StdState>) -> Response {
 async fn openapi_doc(State(s): State<StdState>) -> Response {
     axum::Json((*s.openapi).clone()).into_response()
 }
+
+/// A built service ready to run: its bound chassis, its full router and its database.
+pub struct Service {
+    chassis: Chassis,
+    router: Router,
+    database: Option<Database>,
+}
+
+impl Service {
+    pub fn new(chassis: Chassis, router: Router, database: Option<Database>) -> Self {
+        Self {
+            chassis,
+            router,
+            database,
+        }
+    }
+
+    /// The bound port (the real one when configured with 0).
+    pub fn port(&self) -> u16 {
+        self.chassis.local_addr().port()
+    }
+
+    /// Serves until `shutdown`, drains, then closes the database cleanly.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let served = self.chassis.serve(self.router, shutdown).await;
+        if let Some(db) = self.database {
+            db.close().await;
+        }
+        served
+    }
+}

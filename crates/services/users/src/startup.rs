@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use chassis::http::Readiness;
+use chassis::http::{Readiness, Service};
 use chassis::secrecy::ExposeSecret;
 use chassis::{CancellationToken, Chassis};
 use utoipa::OpenApi;
@@ -14,11 +14,7 @@ use crate::routes::{self, ApiDoc, AppState};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub struct Application {
-    chassis: Chassis,
-    router: axum::Router,
-    db: chassis::db::Database,
-}
+pub struct Application(Service);
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
@@ -46,16 +42,14 @@ impl Application {
             },
             ApiDoc::openapi(),
         );
-        Ok(Self { chassis, router, db })
+        Ok(Self(Service::new(chassis, router, Some(db))))
     }
 
     pub fn port(&self) -> u16 {
-        self.chassis.local_addr().port()
+        self.0.port()
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let served = self.chassis.serve(self.router, shutdown).await;
-        self.db.close().await;
-        served.context("serving HTTP")
+        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
     }
 }

@@ -1,0 +1,188 @@
+//! Order persistence: an order and its lines are written in one transaction.
+
+use std::collections::HashMap;
+
+use sqlx::{AnyPool, Row};
+use uuid::Uuid;
+
+use crate::domain::{Order, OrderItem, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// Another request with the same idempotency key won the race.
+    #[error("idempotency key already used")]
+    DuplicateKey,
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// A new order, priced.
+pub struct NewOrder<'a> {
+    pub user_id: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub request_hash: &'a str,
+    pub items: Vec<OrderItem>,
+    pub currency: String,
+    pub total_cents: i64,
+}
+
+pub async fn insert(pool: &AnyPool, new: NewOrder<'_>) -> Result<Order, InsertError> {
+    let id = Uuid::now_v7();
+    let created_at = chassis::clock::now_millis();
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO orders (id, user_id, status, total_cents, currency, idempotency_key, request_hash, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(id.to_string())
+    .bind(new.user_id)
+    .bind(Status::Pending.as_str())
+    .bind(new.total_cents)
+    .bind(&new.currency)
+    .bind(new.idempotency_key)
+    .bind(new.request_hash)
+    .bind(created_at)
+    .execute(&mut *tx)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if chassis::db::is_unique_violation(&e) => return Err(InsertError::DuplicateKey),
+        Err(e) => return Err(e.into()),
+    }
+    for (line, item) in new.items.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO order_items (order_id, line, product_id, product_name, quantity, unit_price_cents) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(id.to_string())
+        .bind(line as i32)
+        .bind(item.product_id.to_string())
+        .bind(&item.name)
+        .bind(item.quantity)
+        .bind(item.unit_price_cents)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Order {
+        id,
+        status: Status::Pending,
+        items: new.items,
+        total_cents: new.total_cents,
+        currency: new.currency,
+        created_at: chassis::clock::rfc3339(created_at),
+    })
+}
+
+const ORDER_COLUMNS: &str = "id, status, total_cents, currency, created_at, request_hash";
+
+struct Head {
+    order: Order,
+    request_hash: String,
+}
+
+fn head_from_row(row: &sqlx::any::AnyRow) -> Result<Head, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let decode = |e: String| sqlx::Error::Decode(e.into());
+    Ok(Head {
+        order: Order {
+            id: Uuid::parse_str(&id).map_err(|e| decode(e.to_string()))?,
+            status: Status::parse(&status).ok_or_else(|| decode(format!("unknown status {status}")))?,
+            items: Vec::new(),
+            total_cents: row.try_get("total_cents")?,
+            currency: row.try_get("currency")?,
+            created_at: chassis::clock::rfc3339(row.try_get("created_at")?),
+        },
+        request_hash: row.try_get("request_hash")?,
+    })
+}
+
+/// Fills in the lines of `orders` with one query.
+async fn with_items(pool: &AnyPool, mut orders: Vec<Order>) -> Result<Vec<Order>, sqlx::Error> {
+    if orders.is_empty() {
+        return Ok(orders);
+    }
+    let placeholders: Vec<String> = (1..=orders.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT order_id, product_id, product_name, quantity, unit_price_cents FROM order_items \
+         WHERE order_id IN ({}) ORDER BY order_id, line",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for o in &orders {
+        query = query.bind(o.id.to_string());
+    }
+    let mut by_order: HashMap<String, Vec<OrderItem>> = HashMap::new();
+    for row in query.fetch_all(pool).await? {
+        let product_id: String = row.try_get("product_id")?;
+        let quantity: i64 = row.try_get("quantity")?;
+        let unit_price_cents: i64 = row.try_get("unit_price_cents")?;
+        by_order.entry(row.try_get("order_id")?).or_default().push(OrderItem {
+            product_id: Uuid::parse_str(&product_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            name: row.try_get("product_name")?,
+            quantity,
+            unit_price_cents,
+            line_total_cents: quantity.saturating_mul(unit_price_cents),
+        });
+    }
+    for o in &mut orders {
+        o.items = by_order.remove(&o.id.to_string()).unwrap_or_default();
+    }
+    Ok(orders)
+}
+
+/// The user's order placed with `key`, and the fingerprint of the request that made it.
+pub async fn by_idempotency_key(
+    pool: &AnyPool,
+    user_id: &str,
+    key: &str,
+) -> Result<Option<(Order, String)>, sqlx::Error> {
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 AND idempotency_key = $2"
+    ))
+    .bind(user_id)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let head = head_from_row(&row)?;
+    let mut orders = with_items(pool, vec![head.order]).await?;
+    Ok(orders.pop().map(|o| (o, head.request_hash)))
+}
+
+/// The user's order `id`; another user's order is `None`, like a missing one.
+pub async fn get(pool: &AnyPool, user_id: &str, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
+        .bind(id.to_string())
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let order = head_from_row(&row)?.order;
+    Ok(with_items(pool, vec![order]).await?.pop())
+}
+
+/// The user's orders, newest first, before `before` (keyset pagination).
+pub async fn list(
+    pool: &AnyPool,
+    user_id: &str,
+    before: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<Order>, sqlx::Error> {
+    // UUIDv7 text sorts by creation time; "g" sorts after every hex digit.
+    let before = before.map(|b| b.to_string()).unwrap_or_else(|| "g".to_owned());
+    let rows = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
+    ))
+    .bind(user_id)
+    .bind(before)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    let orders = rows
+        .iter()
+        .map(|r| head_from_row(r).map(|h| h.order))
+        .collect::<Result<Vec<_>, _>>()?;
+    with_items(pool, orders).await
+}

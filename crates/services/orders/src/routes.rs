@@ -1,0 +1,282 @@
+//! HTTP routes: place an order, read one, list one's own.
+
+use std::collections::HashMap;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chassis::client::HttpClient;
+use chassis::extract::{Json, Path, Query};
+use chassis::identity::Identity;
+use chassis::{FieldError, Problem};
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use utoipa::OpenApi;
+use uuid::Uuid;
+
+use crate::domain::{LineInput, Lines, Order, OrderItem, Status};
+use crate::repository::{self, InsertError, NewOrder};
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// Longest idempotency key accepted (Stripe's limit).
+const MAX_KEY_LEN: usize = 255;
+const DEFAULT_LIMIT: u32 = 20;
+const MAX_LIMIT: u32 = 100;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: AnyPool,
+    pub client: HttpClient,
+    pub max_lines: usize,
+    pub max_quantity: i64,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Bazaar orders", description = "Placing and reading orders (signed-in users)."),
+    paths(place_order, list_orders, get_order),
+    components(schemas(PlaceOrder, LineInput, Order, OrderItem, Status, OrderPage, Problem, FieldError))
+)]
+pub struct ApiDoc;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/orders", get(list_orders).post(place_order))
+        .route("/orders/{id}", get(get_order))
+        .with_state(state)
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct PlaceOrder {
+    items: Vec<LineInput>,
+}
+
+/// What `orders` reads from the catalog.
+#[derive(Debug, Deserialize)]
+struct CatalogProduct {
+    id: Uuid,
+    name: String,
+    price_cents: i64,
+    currency: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CatalogPage {
+    items: Vec<CatalogProduct>,
+}
+
+/// Place an order. With an `Idempotency-Key`, retrying the same request returns the
+/// same order; reusing the key for a different order is a 422.
+#[utoipa::path(post, path = "/orders", request_body = PlaceOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe")),
+    responses((status = 201, body = Order), (status = 401, body = Problem), (status = 422, body = Problem),
+        (status = 503, body = Problem)))]
+async fn place_order(
+    State(state): State<AppState>,
+    identity: Identity,
+    headers: HeaderMap,
+    Json(body): Json<PlaceOrder>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?;
+    let lines = Lines::parse(&body.items, state.max_lines, state.max_quantity).map_err(Problem::validation)?;
+    let fingerprint = lines.fingerprint();
+    let user = identity.subject.as_str();
+
+    if let Some(key) = key {
+        if let Some((order, hash)) = repository::by_idempotency_key(&state.pool, user, key).await? {
+            return replay(order, &hash, &fingerprint);
+        }
+    }
+    let (items, currency, total_cents) = price(&state.client, &lines).await?;
+    let inserted = repository::insert(
+        &state.pool,
+        NewOrder {
+            user_id: user,
+            idempotency_key: key,
+            request_hash: &fingerprint,
+            items,
+            currency,
+            total_cents,
+        },
+    )
+    .await;
+    match inserted {
+        Ok(order) => {
+            tracing::info!(order_id = %order.id, total_cents, "order placed");
+            Ok(created(order, false))
+        }
+        // A concurrent request with the same key won: answer as its replay.
+        Err(InsertError::DuplicateKey) => {
+            let key = key.unwrap_or_default();
+            match repository::by_idempotency_key(&state.pool, user, key).await? {
+                Some((order, hash)) => replay(order, &hash, &fingerprint),
+                None => Err(Problem::internal("idempotency key conflict without an order")),
+            }
+        }
+        Err(InsertError::Db(e)) => Err(e.into()),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Problem> {
+    let Some(value) = headers.get(&IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k)),
+        _ => Err(Problem::validation(vec![FieldError::new(
+            "Idempotency-Key",
+            format!("must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+        )])),
+    }
+}
+
+fn replay(order: Order, stored_hash: &str, fingerprint: &str) -> Result<Response, Problem> {
+    if stored_hash != fingerprint {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+        )
+        .with_detail("this Idempotency-Key was used for a different order; use a new key for a new order"));
+    }
+    Ok(created(order, true))
+}
+
+fn created(order: Order, replayed: bool) -> Response {
+    let location = HeaderValue::from_str(&format!("/orders/{}", order.id)).ok();
+    let mut response = (StatusCode::CREATED, Json(order)).into_response();
+    let headers = response.headers_mut();
+    if let Some(l) = location {
+        headers.insert(header::LOCATION, l);
+    }
+    if replayed {
+        headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Prices every line with one batch call to the catalog.
+async fn price(client: &HttpClient, lines: &Lines) -> Result<(Vec<OrderItem>, String, i64), Problem> {
+    let ids: Vec<String> = lines.product_ids().iter().map(Uuid::to_string).collect();
+    let page: CatalogPage = client
+        .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
+        .await
+        .map_err(|e| {
+            if e.is_unavailable() {
+                tracing::warn!(error = %e, "catalog unavailable");
+                Problem::unavailable("the catalog is unavailable, so the order cannot be priced; try again shortly")
+            } else {
+                Problem::internal(e)
+            }
+        })?;
+    let catalog: HashMap<Uuid, CatalogProduct> = page.items.into_iter().map(|p| (p.id, p)).collect();
+    let mut errors = Vec::new();
+    let mut items = Vec::new();
+    let mut currency: Option<String> = None;
+    let mut total: i64 = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(product) = catalog.get(&line.product_id) else {
+            errors.push(FieldError::new(format!("items[{i}].product_id"), "no such product"));
+            continue;
+        };
+        match &currency {
+            Some(c) if *c != product.currency => {
+                errors.push(FieldError::new(
+                    format!("items[{i}].product_id"),
+                    "is priced in another currency than the rest of the order",
+                ));
+                continue;
+            }
+            Some(_) => {}
+            None => currency = Some(product.currency.clone()),
+        }
+        let line_total = product.price_cents.checked_mul(line.quantity);
+        total = match line_total.and_then(|t| total.checked_add(t)) {
+            Some(t) => t,
+            None => {
+                errors.push(FieldError::new(format!("items[{i}].quantity"), "makes the total too large"));
+                continue;
+            }
+        };
+        items.push(OrderItem {
+            product_id: product.id,
+            name: product.name.clone(),
+            quantity: line.quantity,
+            unit_price_cents: product.price_cents,
+            line_total_cents: line_total.unwrap_or_default(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(Problem::validation(errors));
+    }
+    Ok((items, currency.unwrap_or_default(), total))
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OrderPage {
+    pub items: Vec<Order>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// Page size, 1 to 100 (default 20).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// The caller's orders, newest first.
+#[utoipa::path(get, path = "/orders", params(ListQuery),
+    responses((status = 200, body = OrderPage), (status = 401, body = Problem)))]
+async fn list_orders(
+    State(state): State<AppState>,
+    identity: Identity,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<OrderPage>, Problem> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        )]));
+    }
+    let before = query
+        .cursor
+        .as_deref()
+        .map(|c| {
+            URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+                .and_then(|b| Uuid::from_slice(&b).ok())
+                .ok_or_else(|| Problem::bad_request("invalid `cursor`: pass the `next_cursor` of a previous page"))
+        })
+        .transpose()?;
+    let mut items = repository::list(&state.pool, &identity.subject, before, limit + 1).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|o| URL_SAFE_NO_PAD.encode(o.id.as_bytes()))
+    } else {
+        None
+    };
+    Ok(Json(OrderPage { items, next_cursor }))
+}
+
+/// One of the caller's orders. Another user's order is a 404, as if it did not exist.
+#[utoipa::path(get, path = "/orders/{id}", params(("id" = Uuid, Path, description = "Order id")),
+    responses((status = 200, body = Order), (status = 404, body = Problem), (status = 401, body = Problem)))]
+async fn get_order(
+    State(state): State<AppState>,
+    identity: Identity,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Order>, Problem> {
+    repository::get(&state.pool, &identity.subject, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(&format!("order {id}")))
+}
