@@ -63,19 +63,26 @@ struct ObserveState {
 
 impl Chassis {
     /// Wraps a service's routes with the standard endpoints and middleware.
+    /// `openapi` is the service's contract, served at `/openapi.json`.
     pub fn router(
         &self,
         routes: Router,
         readiness: Readiness,
-        openapi: utoipa::openapi::OpenApi,
+        openapi: Option<utoipa::openapi::OpenApi>,
     ) -> Router {
-        let openapi = serde_json::to_value(&openapi).unwrap_or(Value::Null);
-        let std_routes = Router::new()
+        let mut std_routes = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics))
-            .route("/openapi.json", get(openapi_doc))
-            .with_state(StdState {
+            .route("/metrics", get(metrics));
+        // `None`: the service serves its own `/openapi.json` (the gateway merges its
+        // upstreams' documents).
+        if openapi.is_some() {
+            std_routes = std_routes.route("/openapi.json", get(openapi_doc));
+        }
+        let openapi = openapi
+            .and_then(|doc| serde_json::to_value(&doc).ok())
+            .unwrap_or(Value::Null);
+        let std_routes = std_routes.with_state(StdState {
                 name: self.name,
                 version: self.version,
                 metrics: self.metrics.clone(),
@@ -87,7 +94,6 @@ impl Chassis {
         let timeout = self.http.request_timeout.0;
         routes
             .merge(std_routes)
-            .fallback(not_found)
             .layer(axum::Extension(IdentityVerifier(self.identity.clone())))
             .layer(RequestBodyLimitLayer::new(limit))
             .layer(DefaultBodyLimit::max(limit))
@@ -187,11 +193,6 @@ async fn request_timeout(State(timeout): State<Duration>, request: Request, next
         .with_detail(format!("the request took longer than {timeout:?}"))
         .into_response(),
     }
-}
-
-async fn not_found() -> Problem {
-    Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
-        .with_detail("no resource at this path")
 }
 
 async fn healthz(State(s): State<StdState>) -> Response {

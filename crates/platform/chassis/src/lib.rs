@@ -6,7 +6,7 @@
 //! let chassis = chassis::Chassis::bind(config).await?;
 //! let routes = axum::Router::new(); // the service's own routes
 //! let router = chassis.router(routes, chassis::http::Readiness::default(),
-//!     utoipa::openapi::OpenApi::default());
+//!     Some(utoipa::openapi::OpenApi::default()));
 //! chassis.serve(router, chassis::shutdown::on_signal()).await
 //! # }
 //! ```

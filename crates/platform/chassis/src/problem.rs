@@ -236,7 +236,10 @@ pub async fn render(request: Request, next: Next) -> Response {
             rendered.headers_mut().entry(name).or_insert(value.clone());
         }
     }
-    rendered.extensions_mut().insert(problem);
+    // Keep extensions too (the gateway's route label for metrics).
+    let mut extensions = parts.extensions;
+    extensions.insert(problem);
+    *rendered.extensions_mut() = extensions;
     rendered
 }
 

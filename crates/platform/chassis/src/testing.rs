@@ -82,20 +82,28 @@ impl Drop for TestDb {
     }
 }
 
-/// A stand-in for the gateway's identity issuer: serves its JWKS on port 0.
+/// A token issuer serving its JWKS over HTTP on port 0: the gateway's identity
+/// issuer by default ([`IdentityFixture::start`]), or any issuer ([`IdentityFixture::issuer`]).
 pub struct IdentityFixture {
+    pub key: SigningKey,
     pub issuer: IdentityIssuer,
     pub url: String,
 }
 
 impl IdentityFixture {
+    /// The gateway's identity issuer, as services expect it.
     pub async fn start() -> Self {
-        let settings = IdentitySettings::default();
+        let s = IdentitySettings::default();
+        Self::issuer(&s.jwks_path, &s.issuer, &s.audience).await
+    }
+
+    /// An issuer of tokens with `iss` and `aud`, serving its JWKS at `path`.
+    pub async fn issuer(path: &str, iss: &str, aud: &str) -> Self {
         let key = SigningKey::generate().unwrap();
         let doc = jwks([&key]);
-        let issuer = IdentityIssuer::new(key, &settings.issuer, &settings.audience, settings.token_ttl.0);
+        let issuer = IdentityIssuer::new(key.clone(), iss, aud, Duration::from_secs(60));
         let app = Router::new().route(
-            &settings.jwks_path,
+            path,
             get(move || {
                 let doc = doc.clone();
                 async move { axum::Json(doc) }
@@ -107,12 +115,13 @@ impl IdentityFixture {
             let _ = axum::serve(listener, app).await;
         });
         Self {
+            key,
             issuer,
             url: format!("http://{addr}"),
         }
     }
 
-    /// A forwarded-identity token for `user`.
+    /// A valid token for `user`.
     pub fn token(&self, user: &str) -> String {
         self.issuer.mint(user, None).unwrap()
     }

@@ -1,0 +1,25 @@
+//! The API gateway: the single public entry of a set of services.
+//!
+//! Per request: path checks (dot segments, encoded separators and NUL are refused),
+//! longest-prefix routing on segment boundaries, the route's auth policy (JWT
+//! verified against the issuer's JWKS, algorithm pinned by key), removal of
+//! hop-by-hop headers and of any identity a client tries to assert, a freshly
+//! minted forwarded identity, `X-Forwarded-*`, and a streaming forward through the
+//! chassis's HTTP client (discovery, context propagation, deadline). An upstream that
+//! is down answers 502, one that is too slow 504, both as problem+json.
+//!
+//! The gateway knows nothing of any shop: routes, services and issuers come from
+//! [`Settings`].
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod configuration;
+pub mod openapi;
+pub mod proxy;
+pub mod routes;
+pub mod startup;
+
+pub use configuration::{AuthPolicy, RouteConfig, Settings};
+pub use startup::{Application, Config};
+
+pub const NAME: &str = "gateway";

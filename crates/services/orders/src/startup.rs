@@ -31,7 +31,7 @@ impl Application {
                 database: Some(db.clone()),
                 dependencies: vec![crate::PRODUCTS.to_owned()],
             },
-            ApiDoc::openapi(),
+            Some(ApiDoc::openapi()),
         );
         Ok(Self(Service::new(chassis, router, Some(db))))
     }

@@ -40,7 +40,7 @@ impl Application {
                 database: Some(db.clone()),
                 dependencies: Vec::new(),
             },
-            ApiDoc::openapi(),
+            Some(ApiDoc::openapi()),
         );
         Ok(Self(Service::new(chassis, router, Some(db))))
     }

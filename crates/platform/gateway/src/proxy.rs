@@ -1,0 +1,164 @@
+//! The forwarding core.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use chassis::Problem;
+use chassis::client::{ClientError, HttpClient};
+use chassis::http::RouteLabel;
+use chassis::identity::{IDENTITY_HEADER, IdentityIssuer};
+use chassis::jwt::JwtVerifier;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+
+use crate::auth;
+use crate::routes::{RouteTable, check_path};
+
+/// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+/// Identity a client might try to assert itself; only the gateway sets these.
+const CLIENT_IDENTITY: [HeaderName; 3] = [
+    IDENTITY_HEADER,
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-user-email"),
+];
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Headers a `Connection` list can never remove: the gateway's own.
+const PROTECTED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
+/// Everything a request needs, shared by all requests.
+pub struct Proxy {
+    pub routes: RouteTable,
+    pub client: HttpClient,
+    pub verifier: JwtVerifier,
+    pub issuer: IdentityIssuer,
+    pub upstream_timeout: Duration,
+}
+
+/// The axum handler behind every path the gateway does not serve itself.
+pub async fn handle(
+    State(proxy): State<Arc<Proxy>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    match forward(&proxy, peer, request).await {
+        Ok(response) => response,
+        Err((label, problem)) => {
+            let mut response = problem.into_response();
+            if let Some(label) = label {
+                response.extensions_mut().insert(label);
+            }
+            response
+        }
+    }
+}
+
+type Failure = (Option<RouteLabel>, Problem);
+
+async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Response, Failure> {
+    let path = request.uri().path();
+    check_path(path).map_err(|reason| (None, Problem::bad_request(format!("refused path: {reason}"))))?;
+    let route = proxy.routes.matching(path).ok_or_else(|| {
+        (
+            None,
+            Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+                .with_detail("no route serves this path"),
+        )
+    })?;
+    let label = RouteLabel(route.label.clone());
+    let fail = |p: Problem| (Some(label.clone()), p);
+
+    let caller = auth::authenticate(&proxy.verifier, route.auth, request.headers())
+        .await
+        .map_err(fail)?;
+
+    let (mut parts, body) = request.into_parts();
+    let host = parts.headers.get(header::HOST).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    for name in CLIENT_IDENTITY {
+        parts.headers.remove(name);
+    }
+    // Services get the gateway-signed identity, never the user's credential.
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::HOST);
+    if let Some(claims) = &caller {
+        let token = proxy
+            .issuer
+            .mint(&claims.sub, claims.email.as_deref())
+            .map_err(|e| fail(Problem::internal(e)))?;
+        let value = HeaderValue::from_str(&token).map_err(|e| fail(Problem::internal(e)))?;
+        parts.headers.insert(IDENTITY_HEADER, value);
+    }
+    // This gateway is the edge: what clients claim about earlier hops is not kept.
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        parts.headers.insert(X_FORWARDED_FOR, v);
+    }
+    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    match host {
+        Some(h) => {
+            parts.headers.insert(X_FORWARDED_HOST, h);
+        }
+        None => {
+            parts.headers.remove(X_FORWARDED_HOST);
+        }
+    }
+    let upstream = Request::from_parts(parts, body);
+    let response = proxy
+        .client
+        .send_with_timeout(&route.service, upstream, proxy.upstream_timeout)
+        .await
+        .map_err(|e| fail(upstream_problem(&route.service, e)))?;
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let mut response = Response::from_parts(parts, Body::new(body));
+    response.extensions_mut().insert(label);
+    Ok(response)
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !PROTECTED.contains(n) && !CLIENT_IDENTITY.contains(n))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    // `Upgrade` is hop-by-hop; WebSocket pass-through is not offered yet.
+    headers.remove(header::UPGRADE);
+}
+
+fn upstream_problem(service: &str, error: ClientError) -> Problem {
+    tracing::warn!(service, error = %error, "upstream failed");
+    match error {
+        ClientError::Timeout { after, .. } => Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "Upstream timed out",
+        )
+        .with_detail(format!("`{service}` did not answer within {after:?}")),
+        _ => Problem::new(StatusCode::BAD_GATEWAY, "upstream-unavailable", "Upstream unavailable")
+            .with_detail(format!("`{service}` cannot be reached; try again shortly")),
+    }
+}

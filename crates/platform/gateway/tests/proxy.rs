@@ -1,0 +1,261 @@
+//! The gateway in front of a recording upstream, on real ports.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::{any, get};
+use chassis::config::HumanDuration;
+use chassis::jwt::{JwtVerifier, KeySet, now_secs};
+use chassis::settings::{HttpSettings, IdentitySettings};
+use chassis::testing::IdentityFixture;
+use chassis::{Listen, ServiceConfig};
+use gateway::{AuthPolicy, RouteConfig, Settings};
+use serde_json::{Value, json};
+
+type Seen = Arc<Mutex<Vec<(String, http::HeaderMap)>>>;
+
+/// An upstream that records what reached it.
+async fn upstream(seen: Seen) -> String {
+    let record = move |req: Request| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push((req.uri().to_string(), req.headers().clone()));
+            axum::Json(json!({ "ok": true }))
+        }
+    };
+    let app = Router::new()
+        .route("/slow", get(|| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            "late"
+        }))
+        .route("/openapi.json", get(|| async {
+            axum::Json(json!({"paths": {"/open/x": {"get": {}}, "/private/y": {"get": {}}, "/elsewhere": {"get": {}}},
+                "components": {"schemas": {"Thing": {"type": "object"}}}}))
+        }))
+        .fallback(any(record));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+struct Gw {
+    url: String,
+    users: IdentityFixture,
+    identity_jwks: String,
+    seen: Seen,
+    http: reqwest::Client,
+    _dir: std::path::PathBuf,
+}
+
+async fn spawn() -> Gw {
+    let seen: Seen = Arc::default();
+    let echo = upstream(seen.clone()).await;
+    let users = IdentityFixture::issuer("/.well-known/jwks.json", "bazaar-users", "bazaar").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let resolver = chassis::settings::DiscoverySettings {
+        services: [
+            ("echo".to_owned(), echo),
+            ("users".to_owned(), users.url.clone()),
+            ("dead".to_owned(), format!("http://{dead}")),
+            ("gateway".to_owned(), url.clone()),
+        ]
+        .into(),
+    }
+    .resolver()
+    .unwrap();
+    let route = |prefix: &str, service: &str, auth| RouteConfig { prefix: prefix.into(), service: service.into(), auth };
+    let dir = std::env::temp_dir().join(format!("gw-{}", uuid::Uuid::new_v4()));
+    let app = gateway::Application::build(gateway::Config {
+        service: ServiceConfig {
+            name: gateway::NAME,
+            version: "test",
+            listen: Listen::Inherited(listener),
+            http: HttpSettings::default(),
+            identity: IdentitySettings::default(),
+            resolver: Arc::new(resolver),
+        },
+        settings: Settings {
+            upstream_timeout: HumanDuration::millis(300),
+            routes: vec![
+                route("/open", "echo", AuthPolicy::Anonymous),
+                route("/private", "echo", AuthPolicy::Required),
+                route("/maybe", "echo", AuthPolicy::Optional),
+                route("/slow", "echo", AuthPolicy::Anonymous),
+                route("/down", "dead", AuthPolicy::Anonymous),
+            ],
+            ..Settings::default()
+        },
+        data_dir: dir.clone(),
+    })
+    .await
+    .unwrap();
+    tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
+    Gw {
+        identity_jwks: format!("{url}{}", IdentitySettings::default().jwks_path),
+        url,
+        users,
+        seen,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+/// A GET sent byte for byte: HTTP clients normalize paths before sending.
+async fn raw_get(base: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+impl Gw {
+    fn seen_count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+    fn last_seen(&self) -> (String, http::HeaderMap) {
+        self.seen.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn forwards_with_forwarded_headers_and_without_client_identity() {
+    let gw = spawn().await;
+    let r = gw
+        .http
+        .get(format!("{}/open/a?b=c", gw.url))
+        .header("x-bazaar-identity", "forged")
+        .header("x-user-id", "admin")
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("authorization", "Bearer whatever")
+        .header("connection", "x-forwarded-for, x-custom")
+        .header("x-custom", "hop")
+        .header("x-correlation-id", "corr-42")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-correlation-id"], "corr-42");
+    let (uri, headers) = gw.last_seen();
+    assert_eq!(uri, "/open/a?b=c");
+    for absent in ["x-bazaar-identity", "x-user-id", "authorization", "x-custom"] {
+        assert!(!headers.contains_key(absent), "{absent} reached the upstream");
+    }
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    assert!(headers["x-forwarded-host"].to_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(headers["x-correlation-id"], "corr-42");
+    let tp = headers["traceparent"].to_str().unwrap();
+    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+    assert!(!tp.contains("00f067aa0ba902b7"), "a new span id per hop");
+}
+
+#[tokio::test]
+async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
+    let gw = spawn().await;
+    let good = gw.users.token("user-1");
+    let r = gw.http.get(format!("{}/private/y", gw.url)).bearer_auth(&good).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, headers) = gw.last_seen();
+    let forwarded = headers["x-bazaar-identity"].to_str().unwrap().to_owned();
+    let jwks: Value = gw.http.get(&gw.identity_jwks).send().await.unwrap().json().await.unwrap();
+    let verifier = JwtVerifier::with_keys(KeySet::from_jwks(&jwks).unwrap(), "bazaar-gateway", "bazaar-services", Duration::ZERO);
+    let claims: Value = verifier.verify(&forwarded).await.unwrap();
+    assert_eq!(claims["sub"], "user-1");
+
+    let before = gw.seen_count();
+    let other = IdentityFixture::issuer("/x", "bazaar-users", "bazaar").await;
+    let expired = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u", "exp": now_secs() - 3600})).unwrap();
+    let wrong_aud = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "other", "sub": "u", "exp": now_secs() + 60})).unwrap();
+    let future = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u", "exp": now_secs() + 600, "nbf": now_secs() + 300})).unwrap();
+    let parts: Vec<&str> = good.split('.').collect();
+    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": gw.users.key.kid()})), parts[1]);
+    let tampered = format!("{}.{}.{}", parts[0], b64(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "admin", "exp": now_secs() + 60})), parts[2]);
+    for (name, auth) in [
+        ("missing", None),
+        ("not bearer", Some(format!("Basic {good}"))),
+        ("garbage", Some("Bearer abc".to_owned())),
+        ("other key", Some(format!("Bearer {}", other.token("u")))),
+        ("expired", Some(format!("Bearer {expired}"))),
+        ("wrong audience", Some(format!("Bearer {wrong_aud}"))),
+        ("not yet valid", Some(format!("Bearer {future}"))),
+        ("alg none", Some(format!("Bearer {none}"))),
+        ("tampered", Some(format!("Bearer {tampered}"))),
+    ] {
+        let mut req = gw.http.get(format!("{}/private/y", gw.url));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401, "{name}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json", "{name}");
+        assert_eq!(r.headers()["www-authenticate"], "Bearer", "{name}");
+    }
+    assert_eq!(gw.seen_count(), before, "a refused request reached the upstream");
+
+    // Optional: no token passes anonymously, a bad one is refused.
+    let r = gw.http.get(format!("{}/maybe", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!gw.last_seen().1.contains_key("x-bazaar-identity"));
+    let r = gw.http.get(format!("{}/maybe", gw.url)).bearer_auth("junk").send().await.unwrap();
+    assert_eq!(r.status(), 401);
+}
+
+fn b64(v: &Value) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+#[tokio::test]
+async fn path_tricks_never_reach_the_upstream() {
+    let gw = spawn().await;
+    let before = gw.seen_count();
+    for path in ["/open/../private/y", "/open/./x", "/open/%2e%2e/private/y", "/private%2fy", "/open%5cx", "/open\\x", "/open/%00", "/open/%ff"] {
+        let head = raw_get(&gw.url, path).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{path}: {head}");
+        assert!(head.to_ascii_lowercase().contains("content-type: application/problem+json"), "{head}");
+    }
+    assert_eq!(gw.seen_count(), before);
+    let r = gw.http.get(format!("{}/nowhere", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_slow_is_504() {
+    let gw = spawn().await;
+    let r = gw.http.get(format!("{}/down/x", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], 502);
+    assert_eq!(body["instance"], "/down/x");
+    let r = gw.http.get(format!("{}/slow", gw.url)).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let metrics = gw.http.get(format!("{}/metrics", gw.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("route=\"/slow\""), "{metrics}");
+    assert!(metrics.contains("status=\"504\""));
+}
+
+#[tokio::test]
+async fn openapi_merges_routed_operations_only() {
+    let gw = spawn().await;
+    let doc: Value = gw.http.get(format!("{}/openapi.json", gw.url)).send().await.unwrap().json().await.unwrap();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/open/x"));
+    assert!(paths.contains_key("/private/y"));
+    assert!(!paths.contains_key("/elsewhere"), "unrouted paths are not exposed");
+    assert_eq!(doc["paths"]["/private/y"]["get"]["security"][0]["bearer"], json!([]));
+    assert!(doc["components"]["schemas"]["Thing"].is_object());
+    assert_eq!(doc["x-missing-services"], json!(["dead"]));
+}
