@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use discovery::{Instance, ResolveError, Resolver};
+pub use discovery::Instance;
+use discovery::{ResolveError, Resolver};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -120,10 +121,34 @@ impl HttpClient {
     pub async fn send_with_timeout(
         &self,
         service: &str,
-        mut request: Request<Body>,
+        request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
         let instance = self.pick(service)?;
+        self.send_to(service, &instance, request, timeout).await
+    }
+
+    /// The status `instance` answers to `GET path` (health probes of one instance).
+    pub async fn probe(
+        &self,
+        instance: &Instance,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<StatusCode, ClientError> {
+        let request = Request::get(path)
+            .body(Body::empty())
+            .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
+        let response = self.send_to(&instance.id, instance, request, timeout).await?;
+        Ok(response.status())
+    }
+
+    async fn send_to(
+        &self,
+        service: &str,
+        instance: &Instance,
+        mut request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
         let path_and_query = request
             .uri()
             .path_and_query()

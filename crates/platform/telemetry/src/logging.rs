@@ -34,17 +34,39 @@ pub enum LogFormat {
 /// `info` or `info,sqlx=warn`; `RUST_LOG`, when set, wins. Calling it twice is harmless
 /// (the first call wins), which keeps tests that build several services simple.
 pub fn init(service: &str, version: &str, level: &str, format: LogFormat) {
+    init_to(service, version, level, format, Sink::Stdout);
+}
+
+/// Where log lines go.
+pub enum Sink {
+    Stdout,
+    /// Appended to a file (monolith mode and the supervisor, whose terminal shows a
+    /// progress display instead).
+    File(std::fs::File),
+}
+
+/// [`init`] with an explicit destination.
+pub fn init_to(service: &str, version: &str, level: &str, format: LogFormat, sink: Sink) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let result = match format {
-        LogFormat::Json => tracing_subscriber::registry()
+    let result = match (format, sink) {
+        (LogFormat::Json, sink) => tracing_subscriber::registry()
             .with(filter)
-            .with(JsonLayer::new(service, version))
+            .with(JsonLayer::new(service, version).with_sink(sink))
             .try_init(),
-        LogFormat::Pretty => tracing_subscriber::registry()
+        (LogFormat::Pretty, Sink::Stdout) => tracing_subscriber::registry()
             .with(filter)
             .with(tracing_subscriber::fmt::layer().compact())
+            .try_init(),
+        (LogFormat::Pretty, Sink::File(file)) => tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .compact()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file)),
+            )
             .try_init(),
     };
     // Already initialised (tests, monolith): keep the first subscriber.
@@ -55,6 +77,7 @@ pub fn init(service: &str, version: &str, level: &str, format: LogFormat) {
 pub struct JsonLayer {
     service: String,
     version: String,
+    file: Option<std::sync::Mutex<std::fs::File>>,
 }
 
 impl JsonLayer {
@@ -62,7 +85,16 @@ impl JsonLayer {
         Self {
             service: service.to_owned(),
             version: version.to_owned(),
+            file: None,
         }
+    }
+
+    pub fn with_sink(mut self, sink: Sink) -> Self {
+        self.file = match sink {
+            Sink::Stdout => None,
+            Sink::File(f) => Some(std::sync::Mutex::new(f)),
+        };
+        self
     }
 }
 
@@ -153,7 +185,15 @@ where
         };
         buf.push(b'\n');
         // One write per line keeps lines whole when several threads log at once.
-        let _ = std::io::stdout().lock().write_all(&buf);
+        match &self.file {
+            None => {
+                let _ = std::io::stdout().lock().write_all(&buf);
+            }
+            Some(file) => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = file.write_all(&buf);
+            }
+        }
     }
 }
 

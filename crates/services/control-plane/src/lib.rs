@@ -1,0 +1,130 @@
+//! `control-plane`: in local mode, the one place that sees the whole shop. Today it
+//! serves `GET /v1/services`: every service discovery knows, each instance probed on
+//! `/readyz` in parallel. The embedded registry, broker log and telemetry buffer
+//! join it in their own issues.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use chassis::client::HttpClient;
+use chassis::config_section;
+use chassis::extract::Json;
+use chassis::http::{Readiness, Service};
+use chassis::{CancellationToken, Chassis, ServiceConfig};
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+use utoipa::OpenApi;
+
+pub const NAME: &str = "control-plane";
+/// How long one instance's readiness probe may take before it counts as unreachable.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+config_section! {
+    /// `[control_plane]`
+    pub struct Settings {
+        /// Listening port; 0 picks a free one.
+        pub port: u16 = 0,
+    }
+}
+
+pub struct Config {
+    pub service: ServiceConfig,
+    pub settings: Settings,
+}
+
+/// One instance's state.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub url: String,
+    /// `ready`, `not_ready` (it answered 503) or `unreachable`.
+    pub health: String,
+    pub probe_ms: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub instances: Vec<InstanceStatus>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Services {
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Bazaar control plane", description = "The shop's status."),
+    paths(services),
+    components(schemas(Services, ServiceStatus, InstanceStatus))
+)]
+struct ApiDoc;
+
+/// Every service discovery knows and the readiness of each instance.
+#[utoipa::path(get, path = "/v1/services", responses((status = 200, body = Services)))]
+async fn services(State(client): State<Arc<HttpClient>>) -> Json<Services> {
+    let names: Vec<String> = client
+        .resolver()
+        .services()
+        .into_iter()
+        .filter(|n| n != NAME)
+        .collect();
+    let statuses = join_all(names.into_iter().map(|name| {
+        let client = client.clone();
+        async move {
+            let instances = client.resolver().resolve(&name).map(|i| i.to_vec()).unwrap_or_default();
+            let probes = join_all(instances.into_iter().map(|instance| {
+                let client = client.clone();
+                async move { probe(&client, instance).await }
+            }))
+            .await;
+            ServiceStatus { name, instances: probes }
+        }
+    }))
+    .await;
+    Json(Services { services: statuses })
+}
+
+async fn probe(client: &HttpClient, instance: chassis::client::Instance) -> InstanceStatus {
+    let started = Instant::now();
+    let url = instance.base_url.to_string().trim_end_matches('/').to_owned();
+    let health = match client.probe(&instance, "/readyz", PROBE_TIMEOUT).await {
+        Ok(status) if status.is_success() => "ready",
+        Ok(_) => "not_ready",
+        Err(_) => "unreachable",
+    };
+    InstanceStatus {
+        id: instance.id,
+        url,
+        health: health.to_owned(),
+        probe_ms: started.elapsed().as_secs_f64() * 1000.0,
+    }
+}
+
+pub struct Application(Service);
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let routes = Router::new()
+            .route("/v1/services", get(services))
+            .with_state(Arc::new(chassis.client.clone()));
+        let router = chassis.router(routes, Readiness::default(), Some(ApiDoc::openapi()));
+        Ok(Self(Service::new(chassis, router, None)))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+    }
+}
+
