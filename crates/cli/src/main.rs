@@ -1,1 +1,211 @@
-fn main(){}
+//! The `bazaar` binary.
+#![forbid(unsafe_code)]
+
+mod config;
+mod ps;
+mod services;
+mod state;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use services::ServiceName;
+use up::Mode;
+
+/// Exit code for a configuration the user must fix (clap uses 2 for usage errors too).
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "bazaar",
+    version,
+    about = "A small shop built from microservices: gateway, services, discovery, events, sagas.",
+    long_about = "A small shop built from microservices, implementing the classic patterns for real.\n\n\
+        Start everything with `bazaar up`, then talk to the gateway it prints.\n\
+        Configuration is layered: defaults, then a TOML file (--config), then environment\n\
+        variables named BAZAAR_<SECTION>__<KEY> (e.g. BAZAAR_HTTP__REQUEST_TIMEOUT=10s)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the whole shop and supervise it until Ctrl-C.
+    Up {
+        /// Where databases, keys, logs and run state live [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The gateway's public port; 0 picks a free one [default: 8080]
+        #[arg(long)]
+        port: Option<u16>,
+        /// `processes`: each service its own OS process; `monolith`: all in this one.
+        #[arg(long, value_enum, default_value = "processes")]
+        mode: Mode,
+        /// A TOML configuration file (see docs/configuration.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List the running processes of the shop started from a data directory.
+    Ps {
+        /// Print a JSON array of {name, pid, url, health}.
+        #[arg(long)]
+        json: bool,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run one service alone, configured by file and environment.
+    Run {
+        #[arg(value_enum)]
+        service: ServiceName,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // A socket handed over by `bazaar up` must be taken before any thread starts.
+    let inherited = match &cli.command {
+        Command::Run { .. } => listenfd::ListenFd::from_env().take_tcp_listener(0).ok().flatten(),
+        _ => None,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match dispatch(cli.command, inherited).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(Failure::Config(errors)) => {
+                eprint!("{errors}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(Failure::Other(e)) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+enum Failure {
+    Config(chassis::config::Errors),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn load(file: Option<&std::path::Path>) -> Result<config::ShopConfig, Failure> {
+    config::load(file).map_err(Failure::Config)
+}
+
+async fn dispatch(command: Command, inherited: Option<std::net::TcpListener>) -> Result<(), Failure> {
+    match command {
+        Command::Up {
+            data_dir,
+            port,
+            mode,
+            config,
+        } => {
+            let config_file = config.map(|c| c.canonicalize().unwrap_or(c));
+            let mut shop = load(config_file.as_deref())?;
+            if let Some(dir) = data_dir {
+                shop.data_dir = dir;
+            }
+            up::run(
+                shop,
+                up::UpOptions {
+                    mode,
+                    port,
+                    config_file,
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        Command::Ps {
+            json,
+            data_dir,
+            config,
+        } => {
+            let dir = match data_dir {
+                Some(d) => d,
+                None => load(config.as_deref())?.data_dir,
+            };
+            ps::run(&dir, json).await?;
+            Ok(())
+        }
+        Command::Run { service, config } => run_one(service, config, inherited).await,
+    }
+}
+
+async fn run_one(
+    service: ServiceName,
+    config: Option<PathBuf>,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<(), Failure> {
+    let shop = load(config.as_deref())?;
+    watch_supervisor()?;
+    chassis::telemetry::logging::init(service.name(), env!("CARGO_PKG_VERSION"), &shop.log.level, shop.log.format);
+    let resolver = shop.discovery.resolver().map_err(|e| {
+        Failure::Config(chassis::config::Errors(vec![chassis::config::ConfigError {
+            key: "discovery.services".into(),
+            origin: "config".into(),
+            problem: e.to_string(),
+            fix: "give each service a URL like http://127.0.0.1:8081".into(),
+        }]))
+    })?;
+    let listen = match inherited {
+        Some(listener) => chassis::Listen::Inherited(listener),
+        None => {
+            let addr = format!("{}:{}", shop.http.host, service.port(&shop));
+            let addr = tokio::net::lookup_host(&addr)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| anyhow::anyhow!("cannot resolve the listen address {addr}; check http.host"))?;
+            chassis::Listen::Addr(addr)
+        }
+    };
+    let shutdown = chassis::shutdown::on_signal();
+    services::run(service, &shop, listen, Arc::new(resolver), shutdown)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %format!("{e:#}"), "stopped with an error");
+            Failure::Other(e)
+        })
+}
+
+/// Under `bazaar up`, die with the supervisor: the kernel sends SIGTERM if it exits,
+/// so a killed supervisor never leaves services behind.
+fn watch_supervisor() -> Result<(), Failure> {
+    let Ok(pid) = std::env::var(up::SUPERVISOR_ENV) else {
+        return Ok(());
+    };
+    #[cfg(target_os = "linux")]
+    {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+            .map_err(|e| anyhow::anyhow!("cannot watch the supervisor: {e}"))?;
+        // The supervisor may have died before the watch was set.
+        if nix::unistd::getppid().as_raw().to_string() != pid {
+            return Err(anyhow::anyhow!("the supervisor (pid {pid}) is gone").into());
+        }
+    }
+    let _ = pid;
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! JSON logs: one object per line with `timestamp`, `level`, `service`, `version`,
-//! `target`, `message`, then the fields of every enclosing span (outermost first) and
-//! the event's own fields.
+//! `target`, `message`, then the fields of every enclosing span (outermost first, so
+//! a request's `correlation_id` and `trace_id` are on each of its lines) and the
+//! event's own fields.
 //!
 //! A span field named `service` overrides the process-wide service name, so in
 //! monolith mode (every service in one process) each line still names its service.
@@ -165,6 +166,10 @@ where
         line.insert("service".into(), Value::from(self.service.as_str()));
         line.insert("version".into(), Value::from(self.version.as_str()));
         line.insert("target".into(), Value::from(event.metadata().target()));
+        let mut fields = Map::new();
+        event.record(&mut JsonVisitor(&mut fields));
+        let message = fields.remove("message").unwrap_or(Value::from(""));
+        line.insert("message".into(), message);
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
@@ -174,10 +179,6 @@ where
                 }
             }
         }
-        let mut fields = Map::new();
-        event.record(&mut JsonVisitor(&mut fields));
-        let message = fields.remove("message").unwrap_or(Value::from(""));
-        line.insert("message".into(), message);
         line.extend(fields);
         let mut buf = match serde_json::to_vec(&Value::Object(line)) {
             Ok(buf) => buf,

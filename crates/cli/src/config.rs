@@ -1,0 +1,59 @@
+//! The shop's configuration: every section of every process in one file, layered
+//! defaults -> TOML file -> `BAZAAR_<SECTION>__<KEY>` environment variables. Processes
+//! started by `bazaar up` inherit the environment and the file.
+
+use std::path::{Path, PathBuf};
+
+use chassis::config::{Errors, Source};
+use chassis::config_section;
+use chassis::settings::{DiscoverySettings, HttpSettings, IdentitySettings, LogSettings};
+use serde::Deserialize;
+
+config_section! {
+    /// The whole shop.
+    pub struct ShopConfig {
+        /// Databases, keys, logs and run state live here.
+        pub data_dir: PathBuf = PathBuf::from(".bazaar"),
+        pub http: HttpSettings,
+        pub log: LogSettings,
+        pub identity: IdentitySettings,
+        pub discovery: DiscoverySettings,
+        pub control_plane: control_plane::Settings,
+        pub users: users::Settings,
+        pub products: products::Settings,
+        pub orders: orders::Settings,
+        pub gateway: gateway::Settings,
+    }
+}
+
+#[derive(Deserialize)]
+struct ShopRoutes {
+    routes: Vec<gateway::RouteConfig>,
+}
+
+/// Loads the configuration, collecting every error.
+pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
+    let source = Source::from_process(file)?;
+    let mut config: ShopConfig = source.parse()?;
+    if config.gateway.routes.is_empty() {
+        config.gateway.routes = shop_routes();
+    }
+    Ok(config)
+}
+
+/// The shop's default route table.
+pub fn shop_routes() -> Vec<gateway::RouteConfig> {
+    toml::from_str::<ShopRoutes>(include_str!("shop-routes.toml"))
+        .map(|r| r.routes)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_embedded_routes_parse_and_validate() {
+        let routes = super::shop_routes();
+        assert_eq!(routes.len(), 6);
+        assert!(gateway::configuration::validate_routes(&routes).is_empty());
+    }
+}

@@ -1,0 +1,140 @@
+//! The shop's topology: which services exist, in which order they start, and how
+//! each is built from the shop's configuration. This is the one place that knows the
+//! whole system (eShop's AppHost).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chassis::db::Database;
+use chassis::secrecy::SecretString;
+use chassis::{CancellationToken, Listen, ServiceConfig};
+use discovery::Resolver;
+
+use crate::config::ShopConfig;
+
+/// A service of the shop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum ServiceName {
+    ControlPlane,
+    Users,
+    Products,
+    Orders,
+    Gateway,
+}
+
+impl ServiceName {
+    /// Start order: the gateway last, so that it only accepts traffic once the
+    /// services behind it are starting; stop order is the reverse.
+    pub const ALL: [ServiceName; 5] = [
+        ServiceName::ControlPlane,
+        ServiceName::Users,
+        ServiceName::Products,
+        ServiceName::Orders,
+        ServiceName::Gateway,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ServiceName::ControlPlane => control_plane::NAME,
+            ServiceName::Users => users::NAME,
+            ServiceName::Products => products::NAME,
+            ServiceName::Orders => orders::NAME,
+            ServiceName::Gateway => gateway::NAME,
+        }
+    }
+
+    /// The configured port.
+    pub fn port(self, config: &ShopConfig) -> u16 {
+        match self {
+            ServiceName::ControlPlane => config.control_plane.port,
+            ServiceName::Users => config.users.port,
+            ServiceName::Products => config.products.port,
+            ServiceName::Orders => config.orders.port,
+            ServiceName::Gateway => config.gateway.port,
+        }
+    }
+
+    /// The environment variable naming this service's URL for discovery.
+    pub fn discovery_env(self) -> String {
+        format!(
+            "BAZAAR_DISCOVERY__SERVICES__{}",
+            self.name().replace('-', "_").to_ascii_uppercase()
+        )
+    }
+}
+
+fn database_url(configured: &Option<SecretString>, data_dir: &Path, service: &str) -> SecretString {
+    configured
+        .clone()
+        .unwrap_or_else(|| SecretString::from(Database::default_url(data_dir, service)))
+}
+
+/// Builds `service` and runs it until `shutdown`.
+pub async fn run(
+    service: ServiceName,
+    config: &ShopConfig,
+    listen: Listen,
+    resolver: Arc<dyn Resolver>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let chassis = ServiceConfig {
+        name: service.name(),
+        version: env!("CARGO_PKG_VERSION"),
+        listen,
+        http: config.http.clone(),
+        identity: config.identity.clone(),
+        resolver,
+    };
+    let data_dir = config.data_dir.as_path();
+    match service {
+        ServiceName::ControlPlane => {
+            control_plane::Application::build(control_plane::Config {
+                service: chassis,
+                settings: config.control_plane.clone(),
+            })
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+        }
+        ServiceName::Users => {
+            users::Application::build(users::Config {
+                service: chassis,
+                database_url: database_url(&config.users.database_url, data_dir, users::NAME),
+                settings: config.users.clone(),
+            })
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+        }
+        ServiceName::Products => {
+            products::Application::build(products::Config {
+                service: chassis,
+                database_url: database_url(&config.products.database_url, data_dir, products::NAME),
+                settings: config.products.clone(),
+            })
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+        }
+        ServiceName::Orders => {
+            orders::Application::build(orders::Config {
+                service: chassis,
+                database_url: database_url(&config.orders.database_url, data_dir, orders::NAME),
+                settings: config.orders.clone(),
+            })
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+        }
+        ServiceName::Gateway => {
+            gateway::Application::build(gateway::Config {
+                service: chassis,
+                settings: config.gateway.clone(),
+                data_dir: config.data_dir.clone(),
+            })
+            .await?
+            .run_until_stopped(shutdown)
+            .await
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! `bazaar up`: bind every service's socket, start the services (each its own
+//! process, or all in this one), wait until each is ready, supervise, and stop them
+//! all gracefully on Ctrl-C or SIGTERM.
+//!
+//! The supervisor binds the listening sockets itself and hands each child its
+//! socket (fd 3, `LISTEN_FDS=1`, systemd's convention). So every port is known
+//! before anything starts (all URLs are passed to every service at once), port 0
+//! works, and a restarted service keeps its port while clients' connections wait
+//! in the kernel's backlog instead of being refused.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use chassis::{CancellationToken, Listen};
+use command_fds::{CommandFdExt, FdMapping};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::config::ShopConfig;
+use crate::services::{self, ServiceName};
+use crate::state::{ProcessEntry, RunState, alive};
+
+/// How long a service may take to become ready before `up` gives up.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Interval between readiness probes while starting.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// First restart delay after a crash; doubles up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A service that ran this long before crashing restarts with the initial delay.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+/// Environment variable telling a child which pid supervises it.
+pub const SUPERVISOR_ENV: &str = "_BAZAAR_SUPERVISOR_PID";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Each service its own OS process.
+    Processes,
+    /// Every service in this one process: the modular monolith.
+    Monolith,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Processes => "processes",
+            Mode::Monolith => "monolith",
+        }
+    }
+}
+
+pub struct UpOptions {
+    pub mode: Mode,
+    pub port: Option<u16>,
+    pub config_file: Option<PathBuf>,
+}
+
+struct Bound {
+    service: ServiceName,
+    listener: TcpListener,
+    url: String,
+}
+
+pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<()> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    config.data_dir = config.data_dir.canonicalize()?;
+    let data_dir = config.data_dir.clone();
+    if let Some(state) = RunState::read(&data_dir).ok().flatten() {
+        if alive(state.supervisor_pid) && state.supervisor_pid != std::process::id() {
+            bail!(
+                "a shop is already running from {} (pid {}); stop it, or pass another --data-dir",
+                data_dir.display(),
+                state.supervisor_pid
+            );
+        }
+    }
+    if let Some(port) = options.port {
+        config.gateway.port = port;
+    }
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    init_logging(&config, &logs, options.mode)?;
+
+    let bound = bind_all(&config)?;
+    let urls: Vec<(ServiceName, String)> = bound.iter().map(|b| (b.service, b.url.clone())).collect();
+    let tokens: HashMap<ServiceName, CancellationToken> =
+        ServiceName::ALL.iter().map(|s| (*s, CancellationToken::new())).collect();
+    let pids: Arc<Mutex<HashMap<ServiceName, u32>>> = Arc::default();
+    let state = RunState {
+        supervisor_pid: std::process::id(),
+        mode: options.mode.as_str().to_owned(),
+        gateway_url: url_of(&urls, ServiceName::Gateway),
+        processes: Vec::new(),
+    };
+    let writer = StateWriter {
+        data_dir: data_dir.clone(),
+        base: state,
+        urls: urls.clone(),
+        pids: pids.clone(),
+    };
+
+    let mut tasks = Vec::new();
+    match options.mode {
+        Mode::Processes => {
+            let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
+            let env = child_env(&urls, &data_dir);
+            for b in bound {
+                let child = ChildSpec {
+                    service: b.service,
+                    exe: exe.clone(),
+                    config_file: options.config_file.clone(),
+                    env: env.clone(),
+                    log: logs.join(format!("{}.log", b.service.name())),
+                    listener: b.listener,
+                };
+                let token = tokens[&b.service].clone();
+                tasks.push((b.service, tokio::spawn(supervise(child, token, pids.clone(), writer.clone()))));
+            }
+        }
+        Mode::Monolith => {
+            let resolver: Arc<dyn discovery::Resolver> = Arc::new(discovery::StaticResolver::parse(
+                urls.iter().map(|(s, u)| (s.name(), u.as_str())),
+            )?);
+            for b in bound {
+                pids.lock().unwrap_or_else(|e| e.into_inner()).insert(b.service, std::process::id());
+                let token = tokens[&b.service].clone();
+                let config = config.clone();
+                let resolver = resolver.clone();
+                let service = b.service;
+                tasks.push((
+                    service,
+                    tokio::spawn(async move {
+                        if let Err(e) = services::run(service, &config, Listen::Inherited(b.listener), resolver, token.clone()).await {
+                            eprintln!("✗ {} failed: {e:#}", service.name());
+                            tracing::error!(service = service.name(), error = %format!("{e:#}"), "service failed");
+                        }
+                    }),
+                ));
+            }
+        }
+    }
+
+    let signal = chassis::shutdown::on_signal();
+    let ready = tokio::select! {
+        r = wait_ready(&urls, &logs) => r,
+        () = signal.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(e) = ready {
+        stop_all(&tokens, tasks).await;
+        RunState::remove(&data_dir);
+        return Err(e);
+    }
+    writer.write();
+    print_summary(&urls, &data_dir, options.mode, started.elapsed());
+    signal.cancelled().await;
+    println!("Stopping…");
+    stop_all(&tokens, tasks).await;
+    RunState::remove(&data_dir);
+    println!("Stopped.");
+    Ok(())
+}
+
+fn init_logging(config: &ShopConfig, logs: &Path, mode: Mode) -> anyhow::Result<()> {
+    // The terminal shows progress and events; the log lines go to a file.
+    let name = match mode {
+        Mode::Processes => "supervisor.log",
+        Mode::Monolith => "bazaar.log",
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(logs.join(name))?;
+    chassis::telemetry::logging::init_to(
+        "bazaar",
+        env!("CARGO_PKG_VERSION"),
+        &config.log.level,
+        config.log.format,
+        chassis::telemetry::logging::Sink::File(file),
+    );
+    Ok(())
+}
+
+fn bind_all(config: &ShopConfig) -> anyhow::Result<Vec<Bound>> {
+    let host = &config.http.host;
+    let mut bound = Vec::new();
+    for service in ServiceName::ALL {
+        let port = service.port(config);
+        let listener = TcpListener::bind((host.as_str(), port)).map_err(|e| {
+            let key = match service {
+                ServiceName::Gateway => "--port or gateway.port".to_owned(),
+                other => format!("{}.port", other.name().replace('-', "_")),
+            };
+            anyhow::anyhow!(
+                "cannot listen on {host}:{port} for {}: {e}; choose a free port with {key} (0 picks one)",
+                service.name()
+            )
+        })?;
+        let addr: SocketAddr = listener.local_addr()?;
+        // A wildcard bind is reachable on loopback; advertise that.
+        let shown = if addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
+        };
+        bound.push(Bound {
+            service,
+            listener,
+            url: format!("http://{shown}"),
+        });
+    }
+    Ok(bound)
+}
+
+fn url_of(urls: &[(ServiceName, String)], service: ServiceName) -> String {
+    urls.iter()
+        .find(|(s, _)| *s == service)
+        .map(|(_, u)| u.clone())
+        .unwrap_or_default()
+}
+
+/// What every child gets on top of the inherited environment.
+fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = urls
+        .iter()
+        .map(|(s, u)| (s.discovery_env(), u.clone()))
+        .collect();
+    env.push(("BAZAAR_DATA_DIR".into(), data_dir.display().to_string()));
+    env.push((SUPERVISOR_ENV.into(), std::process::id().to_string()));
+    env.push(("LISTEN_FDS".into(), "1".into()));
+    env
+}
+
+#[derive(Clone)]
+struct StateWriter {
+    data_dir: PathBuf,
+    base: RunState,
+    urls: Vec<(ServiceName, String)>,
+    pids: Arc<Mutex<HashMap<ServiceName, u32>>>,
+}
+
+impl StateWriter {
+    fn write(&self) {
+        let pids = self.pids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut state = self.base.clone();
+        state.processes = self
+            .urls
+            .iter()
+            .map(|(s, url)| ProcessEntry {
+                name: s.name().to_owned(),
+                pid: pids.get(s).copied().unwrap_or(0),
+                url: url.clone(),
+            })
+            .collect();
+        if let Err(e) = state.write(&self.data_dir) {
+            eprintln!("! cannot write the run state: {e:#}");
+        }
+    }
+}
+
+struct ChildSpec {
+    service: ServiceName,
+    exe: PathBuf,
+    config_file: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    log: PathBuf,
+    listener: TcpListener,
+}
+
+impl ChildSpec {
+    fn spawn(&self) -> anyhow::Result<tokio::process::Child> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut command = tokio::process::Command::new(&self.exe);
+        command.arg("run").arg(self.service.name());
+        if let Some(file) = &self.config_file {
+            command.arg("--config").arg(file);
+        }
+        command
+            .envs(self.env.iter().cloned())
+            .env_remove("LISTEN_PID")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C in the terminal reaches only `up`,
+            // which then stops the services in order.
+            .process_group(0)
+            .kill_on_drop(true);
+        command.fd_mappings(vec![FdMapping {
+            parent_fd: self.listener.try_clone()?.into(),
+            child_fd: 3,
+        }])?;
+        Ok(command.spawn()?)
+    }
+}
+
+/// Runs one child, restarting it with backoff when it dies, until `stop`.
+async fn supervise(
+    child: ChildSpec,
+    stop: CancellationToken,
+    pids: Arc<Mutex<HashMap<ServiceName, u32>>>,
+    writer: StateWriter,
+) {
+    let name = child.service.name();
+    let mut backoff = INITIAL_BACKOFF;
+    let mut restarts = 0u32;
+    loop {
+        let mut process = match child.spawn() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("✗ cannot start {name}: {e:#}; retrying in {backoff:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let pid = process.id().unwrap_or(0);
+        pids.lock().unwrap_or_else(|e| e.into_inner()).insert(child.service, pid);
+        if restarts > 0 {
+            eprintln!("✓ {name} restarted (pid {pid})");
+            tracing::info!(service = name, pid, restarts, "restarted");
+            writer.write();
+        }
+        let since = Instant::now();
+        tokio::select! {
+            status = process.wait() => {
+                if stop.is_cancelled() {
+                    return;
+                }
+                if since.elapsed() > STABLE_AFTER {
+                    backoff = INITIAL_BACKOFF;
+                }
+                restarts += 1;
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                eprintln!("! {name} exited ({status}); restarting in {backoff:?} (restart {restarts}; log: {})", child.log.display());
+                tracing::warn!(service = name, %status, restarts, "exited; restarting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            () = stop.cancelled() => {
+                terminate(&mut process, name).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Time a service gets to drain after SIGTERM before SIGKILL: above the chassis's
+/// default 10 s grace period.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn terminate(process: &mut tokio::process::Child, name: &str) {
+    let Some(pid) = process.id().and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    match tokio::time::timeout(STOP_TIMEOUT, process.wait()).await {
+        Ok(_) => tracing::info!(service = name, "stopped"),
+        Err(_) => {
+            eprintln!("! {name} did not stop within {STOP_TIMEOUT:?}; killing it");
+            let _ = process.kill().await;
+        }
+    }
+}
+
+/// Stops services in reverse start order: the gateway first, so no new request
+/// reaches a service that is already stopping.
+async fn stop_all(
+    tokens: &HashMap<ServiceName, CancellationToken>,
+    tasks: Vec<(ServiceName, tokio::task::JoinHandle<()>)>,
+) {
+    for (service, task) in tasks.into_iter().rev() {
+        if let Some(t) = tokens.get(&service) {
+            t.cancel();
+        }
+        let _ = task.await;
+    }
+}
+
+/// Polls every service's `/readyz` with a live progress display.
+async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let checks = urls.iter().map(|(service, url)| {
+        let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+        bar.set_message(format!("starting {:<14} {url}", service.name()));
+        bar.enable_steady_tick(Duration::from_millis(80));
+        let client = client.clone();
+        let multi = multi.clone();
+        async move {
+            let started = Instant::now();
+            loop {
+                if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
+                    if r.status().is_success() {
+                        let line = format!("✓ {:<14} ready in {:>5.2}s  {url}", service.name(), started.elapsed().as_secs_f64());
+                        bar.finish_and_clear();
+                        if tty {
+                            let _ = multi.println(&line);
+                        } else {
+                            eprintln!("{line}");
+                        }
+                        return Ok(());
+                    }
+                }
+                if started.elapsed() > READY_TIMEOUT {
+                    bar.abandon_with_message(format!("✗ {} not ready", service.name()));
+                    bail!(
+                        "{} did not become ready within {READY_TIMEOUT:?}; see {}",
+                        service.name(),
+                        logs.join(format!("{}.log", service.name())).display()
+                    );
+                }
+                tokio::time::sleep(READY_POLL).await;
+            }
+        }
+    });
+    futures::future::try_join_all(checks).await.map(|_| ())
+}
+
+fn print_summary(urls: &[(ServiceName, String)], data_dir: &Path, mode: Mode, elapsed: Duration) {
+    println!();
+    println!("Bazaar is up in {:.2}s ({} mode).", elapsed.as_secs_f64(), mode.as_str());
+    println!();
+    for (service, url) in urls.iter().rev() {
+        let note = if *service == ServiceName::Gateway { "  <- the shop's public entry" } else { "" };
+        println!("  {:<14} {url}{note}", service.name());
+    }
+    println!();
+    println!("Data and logs: {}", data_dir.display());
+    println!("Try: curl {}/products?limit=3", url_of(urls, ServiceName::Gateway));
+    println!("Press Ctrl-C to stop.");
+}
