@@ -1,0 +1,186 @@
+//! The whole shop, started as `bazaar up` would be by a user, exercised through the
+//! gateway exactly as README.md's walkthrough does.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::Shop;
+
+/// README's walkthrough: sign up, log in, browse, order, read it back.
+async fn walkthrough(shop: &Shop) {
+    let (status, user) = shop
+        .post("/users", None, json!({"email": "ada@example.com", "name": "Ada Lovelace", "password": "correct horse battery"}))
+        .await;
+    assert_eq!(status, 201, "{user}");
+    let (status, login) = shop
+        .post("/auth/login", None, json!({"email": "ada@example.com", "password": "correct horse battery"}))
+        .await;
+    assert_eq!(status, 200, "{login}");
+    assert_eq!(login["token_type"], "Bearer");
+    let token = login["access_token"].as_str().unwrap();
+
+    let (status, me) = shop.get("/users/me", Some(token)).await;
+    assert_eq!((status, &me["id"]), (200, &user["id"]));
+
+    let (status, page) = shop.get("/products?limit=3", None).await;
+    assert_eq!(status, 200);
+    let items = page["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(page["next_cursor"].is_string());
+    let (first, second) = (&items[0], &items[1]);
+    let (status, one) = shop.get(&format!("/products/{}", first["id"].as_str().unwrap()), None).await;
+    assert_eq!((status, &one), (200, first));
+
+    let order_body = json!({"items": [
+        {"product_id": first["id"], "quantity": 2},
+        {"product_id": second["id"], "quantity": 1},
+    ]});
+    let placed = shop
+        .http
+        .post(format!("{}/orders", shop.gateway))
+        .bearer_auth(token)
+        .header("idempotency-key", "walkthrough-1")
+        .json(&order_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(placed.status().as_u16(), 201);
+    let order: Value = placed.json().await.unwrap();
+    assert_eq!(order["status"], "PENDING");
+    let expected = first["price_cents"].as_i64().unwrap() * 2 + second["price_cents"].as_i64().unwrap();
+    assert_eq!(order["total_cents"], expected);
+
+    let (status, read) = shop.get(&format!("/orders/{}", order["id"].as_str().unwrap()), Some(token)).await;
+    assert_eq!((status, &read), (200, &order));
+    let (status, mine) = shop.get("/orders", Some(token)).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["items"][0]["id"], order["id"]);
+}
+
+#[tokio::test]
+async fn processes_mode_walkthrough_supervision_and_clean_stop() {
+    let mut shop = Shop::up("processes", &[]);
+    walkthrough(&shop).await;
+
+    // Every process is listed, each its own pid, all ready.
+    let ps = shop.ps();
+    let names: Vec<&str> = ps.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["control-plane", "users", "products", "orders", "gateway"]);
+    assert!(ps.iter().all(|p| p["health"] == "ready"), "{ps:?}");
+    let mut pids: Vec<i64> = ps.iter().map(|p| p["pid"].as_i64().unwrap()).collect();
+    pids.dedup();
+    assert_eq!(pids.len(), 5);
+
+    // A crashed service is restarted on the same port; its data survives.
+    let orders_pid = shop.pid_of("orders");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(orders_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ps = shop.ps();
+        let orders = ps.iter().find(|p| p["name"] == "orders").unwrap();
+        if orders["pid"].as_i64().unwrap() as i32 != orders_pid && orders["health"] == "ready" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "orders was not restarted: {ps:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = shop.login_with("ada@example.com", "correct horse battery").await;
+    let (status, mine) = shop.get("/orders", Some(&token)).await;
+    assert_eq!(status, 200);
+    assert_eq!(mine["items"].as_array().unwrap().len(), 1);
+
+    // Ctrl-C stops everything and leaves no process behind.
+    let pids: Vec<i32> = shop.ps().iter().map(|p| p["pid"].as_i64().unwrap() as i32).collect();
+    let status = shop.interrupt();
+    assert!(status.success(), "{status:?}");
+    for pid in pids {
+        assert!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err(),
+            "process {pid} survived Ctrl-C"
+        );
+    }
+    assert!(!shop.data_dir.join("run/state.json").exists());
+}
+
+#[tokio::test]
+async fn monolith_mode_serves_the_same_contracts() {
+    let mut shop = Shop::up("monolith", &[]);
+    walkthrough(&shop).await;
+    let ps = shop.ps();
+    assert_eq!(ps.len(), 5);
+    let up_pid = shop.child.id() as i64;
+    assert!(ps.iter().all(|p| p["pid"] == up_pid), "one process: {ps:?}");
+    assert!(shop.interrupt().success());
+}
+
+#[tokio::test]
+async fn services_refuse_identities_that_did_not_come_from_the_gateway() {
+    let shop = Shop::up("processes", &[]);
+    let (user_id, token) = shop.user().await;
+    let orders = shop.url("orders");
+    let forged_key = chassis::jwt::SigningKey::generate().unwrap();
+    let forged = chassis::identity::IdentityIssuer::new(forged_key, "bazaar-gateway", "bazaar-services", Duration::from_secs(60))
+        .mint(&user_id, None)
+        .unwrap();
+    for (name, header, value) in [
+        ("no identity", None, String::new()),
+        ("bare user id", Some("x-user-id"), user_id.clone()),
+        ("user id as identity", Some("x-bazaar-identity"), user_id.clone()),
+        ("identity signed by another key", Some("x-bazaar-identity"), forged),
+        ("the user's own access token as identity", Some("x-bazaar-identity"), token.clone()),
+    ] {
+        let mut req = shop.http.get(format!("{orders}/orders"));
+        if let Some(h) = header {
+            req = req.header(h, value);
+        }
+        let r = req.bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 401, "{name}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json", "{name}");
+    }
+}
+
+#[tokio::test]
+async fn runs_on_postgresql_with_a_database_per_service() {
+    let base = std::env::var("BAZAAR_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let urls: Vec<(String, String)> = ["users", "products", "orders"]
+        .iter()
+        .map(|s| (format!("BAZAAR_{}__DATABASE_URL", s.to_uppercase()), format!("{base}/bazaar_it_{run}_{s}")))
+        .collect();
+    let env: Vec<(&str, &str)> = urls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut shop = Shop::up("processes", &env);
+    walkthrough(&shop).await;
+    assert!(shop.interrupt().success());
+    sqlx::any::install_default_drivers();
+    for (_, url) in &urls {
+        let _ = <sqlx::Any as sqlx::migrate::MigrateDatabase>::force_drop_database(url).await;
+    }
+}
+
+#[test]
+fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
+    let dir = std::env::temp_dir().join(format!("bazaar-cfg-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bazaar.toml");
+    std::fs::write(
+        &file,
+        "[http]\nrequest_timeout = \"soon\"\nbody_limt = 10\n\n[gateway]\nport = \"eighty\"\n",
+    )
+    .unwrap();
+    for args in [vec!["up", "--data-dir"], vec!["run", "orders", "--data-dir"]] {
+        let mut command = std::process::Command::new(support::BIN);
+        command.args(&args[..args.len() - 1]).arg("--config").arg(&file);
+        let out = command.output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.starts_with("3 configuration errors"), "{stderr}");
+        for key in ["`http.request_timeout`", "`http.body_limt`", "`gateway.port`"] {
+            assert!(stderr.contains(key), "{key} not reported: {stderr}");
+        }
+        assert!(stderr.contains("did you mean `http.body_limit`?"), "{stderr}");
+    }
+    assert!(!dir.join(".bazaar").exists(), "nothing was started or written");
+}
