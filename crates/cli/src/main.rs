@@ -74,10 +74,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // A socket handed over by `bazaar up` must be taken before any thread starts.
     let inherited = match &cli.command {
-        Command::Run { .. } => listenfd::ListenFd::from_env().take_tcp_listener(0).ok().flatten(),
+        Command::Run { .. } => listenfd::ListenFd::from_env()
+            .take_tcp_listener(0)
+            .ok()
+            .flatten(),
         _ => None,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -114,7 +120,10 @@ fn load(file: Option<&std::path::Path>) -> Result<config::ShopConfig, Failure> {
     config::load(file).map_err(Failure::Config)
 }
 
-async fn dispatch(command: Command, inherited: Option<std::net::TcpListener>) -> Result<(), Failure> {
+async fn dispatch(
+    command: Command,
+    inherited: Option<std::net::TcpListener>,
+) -> Result<(), Failure> {
     match command {
         Command::Up {
             data_dir,
@@ -161,14 +170,21 @@ async fn run_one(
 ) -> Result<(), Failure> {
     let shop = load(config.as_deref())?;
     watch_supervisor()?;
-    chassis::telemetry::logging::init(service.name(), env!("CARGO_PKG_VERSION"), &shop.log.level, shop.log.format);
+    chassis::telemetry::logging::init(
+        service.name(),
+        env!("CARGO_PKG_VERSION"),
+        &shop.log.level,
+        shop.log.format,
+    );
     let resolver = shop.discovery.resolver().map_err(|e| {
-        Failure::Config(chassis::config::Errors(vec![chassis::config::ConfigError {
-            key: "discovery.services".into(),
-            origin: "config".into(),
-            problem: e.to_string(),
-            fix: "give each service a URL like http://127.0.0.1:8081".into(),
-        }]))
+        Failure::Config(chassis::config::Errors(vec![
+            chassis::config::ConfigError {
+                key: "discovery.services".into(),
+                origin: "config".into(),
+                problem: e.to_string(),
+                fix: "give each service a URL like http://127.0.0.1:8081".into(),
+            },
+        ]))
     })?;
     let listen = match inherited {
         Some(listener) => chassis::Listen::Inherited(listener),
@@ -178,7 +194,9 @@ async fn run_one(
                 .await
                 .ok()
                 .and_then(|mut a| a.next())
-                .ok_or_else(|| anyhow::anyhow!("cannot resolve the listen address {addr}; check http.host"))?;
+                .ok_or_else(|| {
+                    anyhow::anyhow!("cannot resolve the listen address {addr}; check http.host")
+                })?;
             chassis::Listen::Addr(addr)
         }
     };

@@ -54,6 +54,8 @@ impl RunState {
 
 /// Whether a process with this pid exists.
 pub fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_ok()
 }

@@ -69,18 +69,23 @@ struct Bound {
 
 pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<()> {
     let started = Instant::now();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
     config.data_dir = config.data_dir.canonicalize()?;
     let data_dir = config.data_dir.clone();
-    if let Some(state) = RunState::read(&data_dir).ok().flatten() {
-        if alive(state.supervisor_pid) && state.supervisor_pid != std::process::id() {
-            bail!(
-                "a shop is already running from {} (pid {}); stop it, or pass another --data-dir",
-                data_dir.display(),
-                state.supervisor_pid
-            );
-        }
+    if let Some(state) = RunState::read(&data_dir).ok().flatten()
+        && alive(state.supervisor_pid)
+        && state.supervisor_pid != std::process::id()
+    {
+        bail!(
+            "a shop is already running from {} (pid {}); stop it, or pass another --data-dir",
+            data_dir.display(),
+            state.supervisor_pid
+        );
     }
     if let Some(port) = options.port {
         config.gateway.port = port;
@@ -90,9 +95,12 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     init_logging(&config, &logs, options.mode)?;
 
     let bound = bind_all(&config)?;
-    let urls: Vec<(ServiceName, String)> = bound.iter().map(|b| (b.service, b.url.clone())).collect();
-    let tokens: HashMap<ServiceName, CancellationToken> =
-        ServiceName::ALL.iter().map(|s| (*s, CancellationToken::new())).collect();
+    let urls: Vec<(ServiceName, String)> =
+        bound.iter().map(|b| (b.service, b.url.clone())).collect();
+    let tokens: HashMap<ServiceName, CancellationToken> = ServiceName::ALL
+        .iter()
+        .map(|s| (*s, CancellationToken::new()))
+        .collect();
     let pids: Arc<Mutex<HashMap<ServiceName, u32>>> = Arc::default();
     let state = RunState {
         supervisor_pid: std::process::id(),
@@ -122,15 +130,20 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
                     listener: b.listener,
                 };
                 let token = tokens[&b.service].clone();
-                tasks.push((b.service, tokio::spawn(supervise(child, token, pids.clone(), writer.clone()))));
+                tasks.push((
+                    b.service,
+                    tokio::spawn(supervise(child, token, pids.clone(), writer.clone())),
+                ));
             }
         }
         Mode::Monolith => {
-            let resolver: Arc<dyn discovery::Resolver> = Arc::new(discovery::StaticResolver::parse(
-                urls.iter().map(|(s, u)| (s.name(), u.as_str())),
-            )?);
+            let resolver: Arc<dyn discovery::Resolver> = Arc::new(
+                discovery::StaticResolver::parse(urls.iter().map(|(s, u)| (s.name(), u.as_str())))?,
+            );
             for b in bound {
-                pids.lock().unwrap_or_else(|e| e.into_inner()).insert(b.service, std::process::id());
+                pids.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(b.service, std::process::id());
                 let token = tokens[&b.service].clone();
                 let config = config.clone();
                 let resolver = resolver.clone();
@@ -276,7 +289,10 @@ struct ChildSpec {
 
 impl ChildSpec {
     fn spawn(&self) -> anyhow::Result<tokio::process::Child> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let mut command = tokio::process::Command::new(&self.exe);
         command.arg("run").arg(self.service.name());
         if let Some(file) = &self.config_file {
@@ -324,7 +340,9 @@ async fn supervise(
             }
         };
         let pid = process.id().unwrap_or(0);
-        pids.lock().unwrap_or_else(|e| e.into_inner()).insert(child.service, pid);
+        pids.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(child.service, pid);
         if restarts > 0 {
             eprintln!("✓ {name} restarted (pid {pid})");
             tracing::info!(service = name, pid, restarts, "restarted");
@@ -391,10 +409,13 @@ async fn stop_all(
 
 /// Polls every service's `/readyz` with a live progress display.
 async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()?;
     let tty = std::io::stderr().is_terminal();
     let multi = MultiProgress::new();
-    let style = ProgressStyle::with_template("{spinner} {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let style = ProgressStyle::with_template("{spinner} {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
     let checks = urls.iter().map(|(service, url)| {
         let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
         bar.set_message(format!("starting {:<14} {url}", service.name()));
@@ -404,17 +425,20 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
         async move {
             let started = Instant::now();
             loop {
-                if let Ok(r) = client.get(format!("{url}/readyz")).send().await {
-                    if r.status().is_success() {
-                        let line = format!("✓ {:<14} ready in {:>5.2}s  {url}", service.name(), started.elapsed().as_secs_f64());
-                        bar.finish_and_clear();
-                        if tty {
-                            let _ = multi.println(&line);
-                        } else {
-                            eprintln!("{line}");
-                        }
-                        return Ok(());
+                let ready = client.get(format!("{url}/readyz")).send().await;
+                if ready.is_ok_and(|r| r.status().is_success()) {
+                    let line = format!(
+                        "✓ {:<14} ready in {:>5.2}s  {url}",
+                        service.name(),
+                        started.elapsed().as_secs_f64()
+                    );
+                    bar.finish_and_clear();
+                    if tty {
+                        let _ = multi.println(&line);
+                    } else {
+                        eprintln!("{line}");
                     }
+                    return Ok(());
                 }
                 if started.elapsed() > READY_TIMEOUT {
                     bar.abandon_with_message(format!("✗ {} not ready", service.name()));
@@ -433,14 +457,25 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
 
 fn print_summary(urls: &[(ServiceName, String)], data_dir: &Path, mode: Mode, elapsed: Duration) {
     println!();
-    println!("Bazaar is up in {:.2}s ({} mode).", elapsed.as_secs_f64(), mode.as_str());
+    println!(
+        "Bazaar is up in {:.2}s ({} mode).",
+        elapsed.as_secs_f64(),
+        mode.as_str()
+    );
     println!();
     for (service, url) in urls.iter().rev() {
-        let note = if *service == ServiceName::Gateway { "  <- the shop's public entry" } else { "" };
+        let note = if *service == ServiceName::Gateway {
+            "  <- the shop's public entry"
+        } else {
+            ""
+        };
         println!("  {:<14} {url}{note}", service.name());
     }
     println!();
     println!("Data and logs: {}", data_dir.display());
-    println!("Try: curl {}/products?limit=3", url_of(urls, ServiceName::Gateway));
+    println!(
+        "Try: curl {}/products?limit=3",
+        url_of(urls, ServiceName::Gateway)
+    );
     println!("Press Ctrl-C to stop.");
 }

@@ -16,7 +16,11 @@ async fn walkthrough(shop: &Shop) {
         .await;
     assert_eq!(status, 201, "{user}");
     let (status, login) = shop
-        .post("/auth/login", None, json!({"email": "ada@example.com", "password": "correct horse battery"}))
+        .post(
+            "/auth/login",
+            None,
+            json!({"email": "ada@example.com", "password": "correct horse battery"}),
+        )
         .await;
     assert_eq!(status, 200, "{login}");
     assert_eq!(login["token_type"], "Bearer");
@@ -31,7 +35,12 @@ async fn walkthrough(shop: &Shop) {
     assert_eq!(items.len(), 3);
     assert!(page["next_cursor"].is_string());
     let (first, second) = (&items[0], &items[1]);
-    let (status, one) = shop.get(&format!("/products/{}", first["id"].as_str().unwrap()), None).await;
+    let (status, one) = shop
+        .get(
+            &format!("/products/{}", first["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
     assert_eq!((status, &one), (200, first));
 
     let order_body = json!({"items": [
@@ -50,10 +59,16 @@ async fn walkthrough(shop: &Shop) {
     assert_eq!(placed.status().as_u16(), 201);
     let order: Value = placed.json().await.unwrap();
     assert_eq!(order["status"], "PENDING");
-    let expected = first["price_cents"].as_i64().unwrap() * 2 + second["price_cents"].as_i64().unwrap();
+    let expected =
+        first["price_cents"].as_i64().unwrap() * 2 + second["price_cents"].as_i64().unwrap();
     assert_eq!(order["total_cents"], expected);
 
-    let (status, read) = shop.get(&format!("/orders/{}", order["id"].as_str().unwrap()), Some(token)).await;
+    let (status, read) = shop
+        .get(
+            &format!("/orders/{}", order["id"].as_str().unwrap()),
+            Some(token),
+        )
+        .await;
     assert_eq!((status, &read), (200, &order));
     let (status, mine) = shop.get("/orders", Some(token)).await;
     assert_eq!(status, 200);
@@ -68,7 +83,10 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     // Every process is listed, each its own pid, all ready.
     let ps = shop.ps();
     let names: Vec<&str> = ps.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["control-plane", "users", "products", "orders", "gateway"]);
+    assert_eq!(
+        names,
+        ["control-plane", "users", "products", "orders", "gateway"]
+    );
     assert!(ps.iter().all(|p| p["health"] == "ready"), "{ps:?}");
     let mut pids: Vec<i64> = ps.iter().map(|p| p["pid"].as_i64().unwrap()).collect();
     pids.dedup();
@@ -76,7 +94,11 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
 
     // A crashed service is restarted on the same port; its data survives.
     let orders_pid = shop.pid_of("orders");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(orders_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(orders_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let ps = shop.ps();
@@ -84,16 +106,25 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         if orders["pid"].as_i64().unwrap() as i32 != orders_pid && orders["health"] == "ready" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "orders was not restarted: {ps:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orders was not restarted: {ps:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let token = shop.login_with("ada@example.com", "correct horse battery").await;
+    let token = shop
+        .login_with("ada@example.com", "correct horse battery")
+        .await;
     let (status, mine) = shop.get("/orders", Some(&token)).await;
     assert_eq!(status, 200);
     assert_eq!(mine["items"].as_array().unwrap().len(), 1);
 
     // Ctrl-C stops everything and leaves no process behind.
-    let pids: Vec<i32> = shop.ps().iter().map(|p| p["pid"].as_i64().unwrap() as i32).collect();
+    let pids: Vec<i32> = shop
+        .ps()
+        .iter()
+        .map(|p| p["pid"].as_i64().unwrap() as i32)
+        .collect();
     let status = shop.interrupt();
     assert!(status.success(), "{status:?}");
     for pid in pids {
@@ -122,15 +153,32 @@ async fn services_refuse_identities_that_did_not_come_from_the_gateway() {
     let (user_id, token) = shop.user().await;
     let orders = shop.url("orders");
     let forged_key = chassis::jwt::SigningKey::generate().unwrap();
-    let forged = chassis::identity::IdentityIssuer::new(forged_key, "bazaar-gateway", "bazaar-services", Duration::from_secs(60))
-        .mint(&user_id, None)
-        .unwrap();
+    let forged = chassis::identity::IdentityIssuer::new(
+        forged_key,
+        "bazaar-gateway",
+        "bazaar-services",
+        Duration::from_secs(60),
+    )
+    .mint(&user_id, None)
+    .unwrap();
     for (name, header, value) in [
         ("no identity", None, String::new()),
         ("bare user id", Some("x-user-id"), user_id.clone()),
-        ("user id as identity", Some("x-bazaar-identity"), user_id.clone()),
-        ("identity signed by another key", Some("x-bazaar-identity"), forged),
-        ("the user's own access token as identity", Some("x-bazaar-identity"), token.clone()),
+        (
+            "user id as identity",
+            Some("x-bazaar-identity"),
+            user_id.clone(),
+        ),
+        (
+            "identity signed by another key",
+            Some("x-bazaar-identity"),
+            forged,
+        ),
+        (
+            "the user's own access token as identity",
+            Some("x-bazaar-identity"),
+            token.clone(),
+        ),
     ] {
         let mut req = shop.http.get(format!("{orders}/orders"));
         if let Some(h) = header {
@@ -138,17 +186,27 @@ async fn services_refuse_identities_that_did_not_come_from_the_gateway() {
         }
         let r = req.bearer_auth(&token).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 401, "{name}");
-        assert_eq!(r.headers()["content-type"], "application/problem+json", "{name}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
     }
 }
 
 #[tokio::test]
 async fn runs_on_postgresql_with_a_database_per_service() {
-    let base = std::env::var("BAZAAR_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let base = std::env::var("BAZAAR_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let run = uuid::Uuid::new_v4().simple().to_string();
     let urls: Vec<(String, String)> = ["users", "products", "orders"]
         .iter()
-        .map(|s| (format!("BAZAAR_{}__DATABASE_URL", s.to_uppercase()), format!("{base}/bazaar_it_{run}_{s}")))
+        .map(|s| {
+            (
+                format!("BAZAAR_{}__DATABASE_URL", s.to_uppercase()),
+                format!("{base}/bazaar_it_{run}_{s}"),
+            )
+        })
         .collect();
     let env: Vec<(&str, &str)> = urls.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut shop = Shop::up("processes", &env);
@@ -170,17 +228,33 @@ fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
         "[http]\nrequest_timeout = \"soon\"\nbody_limt = 10\n\n[gateway]\nport = \"eighty\"\n",
     )
     .unwrap();
-    for args in [vec!["up", "--data-dir"], vec!["run", "orders", "--data-dir"]] {
+    for args in [
+        vec!["up", "--data-dir"],
+        vec!["run", "orders", "--data-dir"],
+    ] {
         let mut command = std::process::Command::new(support::BIN);
-        command.args(&args[..args.len() - 1]).arg("--config").arg(&file);
+        command
+            .args(&args[..args.len() - 1])
+            .arg("--config")
+            .arg(&file);
         let out = command.output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.starts_with("3 configuration errors"), "{stderr}");
-        for key in ["`http.request_timeout`", "`http.body_limt`", "`gateway.port`"] {
+        for key in [
+            "`http.request_timeout`",
+            "`http.body_limt`",
+            "`gateway.port`",
+        ] {
             assert!(stderr.contains(key), "{key} not reported: {stderr}");
         }
-        assert!(stderr.contains("did you mean `http.body_limit`?"), "{stderr}");
+        assert!(
+            stderr.contains("did you mean `http.body_limit`?"),
+            "{stderr}"
+        );
     }
-    assert!(!dir.join(".bazaar").exists(), "nothing was started or written");
+    assert!(
+        !dir.join(".bazaar").exists(),
+        "nothing was started or written"
+    );
 }

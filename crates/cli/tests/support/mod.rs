@@ -21,7 +21,8 @@ pub struct Shop {
 impl Shop {
     /// `bazaar up --port 0` in `mode`, with extra environment.
     pub fn up(mode: &str, env: &[(&str, &str)]) -> Shop {
-        let data_dir = std::env::temp_dir().join(format!("bazaar-it-{}", uuid::Uuid::new_v4().simple()));
+        let data_dir =
+            std::env::temp_dir().join(format!("bazaar-it-{}", uuid::Uuid::new_v4().simple()));
         let mut command = Command::new(BIN);
         command
             .args(["up", "--port", "0", "--mode", mode, "--data-dir"])
@@ -50,28 +51,54 @@ impl Shop {
         }
         // Keep draining stdout so the supervisor never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let gateway = urls.iter().find(|(n, _)| n == "gateway").expect("no gateway URL printed").1.clone();
-        Shop { child, gateway, urls, data_dir, http: reqwest::Client::new() }
+        let gateway = urls
+            .iter()
+            .find(|(n, _)| n == "gateway")
+            .expect("no gateway URL printed")
+            .1
+            .clone();
+        Shop {
+            child,
+            gateway,
+            urls,
+            data_dir,
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn url(&self, service: &str) -> String {
-        self.urls.iter().find(|(n, _)| n == service).unwrap().1.clone()
+        self.urls
+            .iter()
+            .find(|(n, _)| n == service)
+            .unwrap()
+            .1
+            .clone()
     }
 
     /// `bazaar ps --json` for this shop.
     pub fn ps(&self) -> Vec<Value> {
-        let out = Command::new(BIN).args(["ps", "--json", "--data-dir"]).arg(&self.data_dir).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["ps", "--json", "--data-dir"])
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
     pub fn pid_of(&self, name: &str) -> i32 {
-        self.ps().iter().find(|p| p["name"] == name).unwrap()["pid"].as_i64().unwrap() as i32
+        self.ps().iter().find(|p| p["name"] == name).unwrap()["pid"]
+            .as_i64()
+            .unwrap() as i32
     }
 
     /// Sends SIGINT (Ctrl-C) and waits for `up` to exit.
     pub fn interrupt(&mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -83,7 +110,10 @@ impl Shop {
     }
 
     pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{path}", self.gateway)).json(&body);
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.gateway))
+            .json(&body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -103,9 +133,18 @@ impl Shop {
     /// Signs up a fresh user and returns (user id, access token).
     pub async fn user(&self) -> (String, String) {
         let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
-        let (status, user) = self.post("/users", None, json!({"email": email, "name": "Test", "password": "password123"})).await;
+        let (status, user) = self
+            .post(
+                "/users",
+                None,
+                json!({"email": email, "name": "Test", "password": "password123"}),
+            )
+            .await;
         assert_eq!(status, 201, "{user}");
-        (user["id"].as_str().unwrap().to_owned(), self.login(&email).await)
+        (
+            user["id"].as_str().unwrap().to_owned(),
+            self.login(&email).await,
+        )
     }
 
     pub async fn login(&self, email: &str) -> String {
@@ -113,21 +152,35 @@ impl Shop {
     }
 
     pub async fn login_with(&self, email: &str, password: &str) -> String {
-        let (status, token) = self.post("/auth/login", None, json!({"email": email, "password": password})).await;
+        let (status, token) = self
+            .post(
+                "/auth/login",
+                None,
+                json!({"email": email, "password": password}),
+            )
+            .await;
         assert_eq!(status, 200, "{token}");
         token["access_token"].as_str().unwrap().to_owned()
     }
 
     pub async fn product_ids(&self, n: usize) -> Vec<String> {
         let (_, page) = self.get(&format!("/products?limit={n}"), None).await;
-        page["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect()
+        page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect()
     }
 }
 
 impl Drop for Shop {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.data_dir);

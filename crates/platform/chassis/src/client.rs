@@ -138,7 +138,9 @@ impl HttpClient {
         let request = Request::get(path)
             .body(Body::empty())
             .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
-        let response = self.send_to(&instance.id, instance, request, timeout).await?;
+        let response = self
+            .send_to(&instance.id, instance, request, timeout)
+            .await?;
         Ok(response.status())
     }
 

@@ -165,7 +165,10 @@ impl Source {
                         key: path[..=i].join("."),
                         origin: format!("env {var}"),
                         problem: "this key is a value, not a section".into(),
-                        fix: format!("set BAZAAR_{} instead", path[..=i].join("__").to_ascii_uppercase()),
+                        fix: format!(
+                            "set BAZAAR_{} instead",
+                            path[..=i].join("__").to_ascii_uppercase()
+                        ),
                     });
                     return;
                 }
@@ -283,7 +286,11 @@ impl<'a> Node<'a> {
                         .unwrap_or_else(|| {
                             format!(
                                 "remove it; known keys here: {}",
-                                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                                if known.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    known.join(", ")
+                                }
                             )
                         });
                     errors.push(ConfigError {
@@ -316,9 +323,9 @@ impl<'a> Node<'a> {
         let result = match (first, raw) {
             (Ok(v), _) => Ok(v),
             // Environment values arrive as strings: read "8080" as 8080, "true" as true.
-            (Err(e), toml::Value::String(s)) if self.source.is_env(&key) => {
-                parse_env_scalar(s).and_then(|v| T::deserialize(v).ok()).ok_or(e)
-            }
+            (Err(e), toml::Value::String(s)) if self.source.is_env(&key) => parse_env_scalar(s)
+                .and_then(|v| T::deserialize(v).ok())
+                .ok_or(e),
             (Err(e), _) => Err(e),
         };
         match result {
@@ -430,11 +437,13 @@ impl HumanDuration {
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map(HumanDuration).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration `{s}` ({e}); write it like \"30s\", \"500ms\" or \"2m\""
-            ))
-        })
+        humantime::parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration `{s}` ({e}); write it like \"30s\", \"500ms\" or \"2m\""
+                ))
+            })
     }
 }
 
@@ -455,9 +464,7 @@ impl ByteSize {
     /// Parses `"1MiB"`-style sizes.
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num.parse().ok()?;
         let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -523,7 +530,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cfg-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "limit = \"2MiB\"\n[http]\nport = 9000\nname = \"file\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "limit = \"2MiB\"\n[http]\nport = 9000\nname = \"file\"\n",
+        )
+        .unwrap();
         let src = Source::load(
             Some(&file),
             env(&[("BAZAAR_HTTP__NAME", "1234"), ("OTHER", "x")]),

@@ -64,15 +64,17 @@ impl Database {
         } else {
             return Err(DbError::UnsupportedUrl(redact(url)));
         };
-        if backend == Backend::Sqlite {
-            if let Some(dir) = sqlite_path(url).and_then(|p| p.parent().map(Path::to_owned)) {
-                if !dir.as_os_str().is_empty() {
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| DbError::Create(sqlx::Error::Io(e)))?;
-                }
-            }
+        let sqlite_dir = (backend == Backend::Sqlite)
+            .then(|| sqlite_path(url).and_then(Path::parent))
+            .flatten()
+            .filter(|dir| !dir.as_os_str().is_empty());
+        if let Some(dir) = sqlite_dir {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::Create(sqlx::Error::Io(e)))?;
         }
-        if !sqlx::Any::database_exists(url).await.map_err(DbError::Create)? {
+        if !sqlx::Any::database_exists(url)
+            .await
+            .map_err(DbError::Create)?
+        {
             sqlx::Any::create_database(url)
                 .await
                 .map_err(DbError::Create)?;
@@ -144,7 +146,9 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
 }
 
 fn sqlite_path(url: &str) -> Option<&Path> {
-    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = rest.split('?').next()?;
     (!path.is_empty() && path != ":memory:").then(|| Path::new(path))
 }
@@ -176,7 +180,10 @@ mod tests {
 
     #[test]
     fn sqlite_paths() {
-        assert_eq!(sqlite_path("sqlite:///tmp/a.db?mode=rwc"), Some(Path::new("/tmp/a.db")));
+        assert_eq!(
+            sqlite_path("sqlite:///tmp/a.db?mode=rwc"),
+            Some(Path::new("/tmp/a.db"))
+        );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
     }
 }

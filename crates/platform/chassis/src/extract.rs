@@ -30,9 +30,10 @@ impl From<JsonRejection> for Problem {
                 "Unsupported media type",
             )
             .with_detail("send the body as JSON with `Content-Type: application/json`"),
-            JsonRejection::JsonSyntaxError(e) => {
-                Problem::bad_request(format!("the body is not valid JSON: {}", inner_message(&e.body_text())))
-            }
+            JsonRejection::JsonSyntaxError(e) => Problem::bad_request(format!(
+                "the body is not valid JSON: {}",
+                inner_message(&e.body_text())
+            )),
             JsonRejection::JsonDataError(e) => {
                 let text = inner_message(&e.body_text());
                 Problem::validation(vec![field_error_from_serde(&text)])
@@ -59,14 +60,16 @@ fn inner_message(text: &str) -> String {
 /// Turns `items[0].quantity: invalid value ...` or `missing field `email`` into a
 /// field error.
 fn field_error_from_serde(text: &str) -> FieldError {
-    if let Some(rest) = text.split_once("missing field `").map(|(_, r)| r) {
-        if let Some((name, _)) = rest.split_once('`') {
-            let prefix = text
-                .split_once(": missing field")
-                .map(|(p, _)| format!("{p}."))
-                .unwrap_or_default();
-            return FieldError::new(format!("{prefix}{name}"), "is required");
-        }
+    let missing = text
+        .split_once("missing field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name);
+    if let Some(name) = missing {
+        let prefix = text
+            .split_once(": missing field")
+            .map(|(p, _)| format!("{p}."))
+            .unwrap_or_default();
+        return FieldError::new(format!("{prefix}{name}"), "is required");
     }
     match text.split_once(": ") {
         Some((path, msg)) if !path.contains(' ') => FieldError::new(path, strip_position(msg)),
@@ -118,7 +121,10 @@ mod tests {
             field_error_from_serde(
                 "items[0].quantity: invalid value: integer `-1`, expected u32 at line 1 column 30"
             ),
-            FieldError::new("items[0].quantity", "invalid value: integer `-1`, expected u32")
+            FieldError::new(
+                "items[0].quantity",
+                "invalid value: integer `-1`, expected u32"
+            )
         );
     }
 }

@@ -83,13 +83,13 @@ impl Chassis {
             .and_then(|doc| serde_json::to_value(&doc).ok())
             .unwrap_or(Value::Null);
         let std_routes = std_routes.with_state(StdState {
-                name: self.name,
-                version: self.version,
-                metrics: self.metrics.clone(),
-                readiness,
-                resolver: self.client.resolver().clone(),
-                openapi: Arc::new(openapi),
-            });
+            name: self.name,
+            version: self.version,
+            metrics: self.metrics.clone(),
+            readiness,
+            resolver: self.client.resolver().clone(),
+            openapi: Arc::new(openapi),
+        });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
         let timeout = self.http.request_timeout.0;
         routes
@@ -161,7 +161,12 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
         .instrument(span.clone())
         .await;
     let route = route
-        .or_else(|| response.extensions().get::<RouteLabel>().map(|r| r.0.to_string()))
+        .or_else(|| {
+            response
+                .extensions()
+                .get::<RouteLabel>()
+                .map(|r| r.0.to_string())
+        })
         .unwrap_or_else(|| UNMATCHED_ROUTE.to_owned());
     let status = response.status();
     let elapsed = started.elapsed();
@@ -182,7 +187,11 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
     response
 }
 
-async fn request_timeout(State(timeout): State<Duration>, request: Request, next: Next) -> Response {
+async fn request_timeout(
+    State(timeout): State<Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
@@ -212,10 +221,7 @@ async fn readyz(State(s): State<StdState>) -> Response {
     let deps = join_all(s.readiness.dependencies.iter().map(|d| {
         let resolver = s.resolver.clone();
         async move {
-            let result = resolver
-                .resolve(d)
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+            let result = resolver.resolve(d).map(|_| ()).map_err(|e| e.to_string());
             (d.clone(), result)
         }
     }))
@@ -225,7 +231,8 @@ async fn readyz(State(s): State<StdState>) -> Response {
         checks.insert(format!("dependency:{dep}"), check_value(result));
     }
     if ready {
-        axum::Json(json!({ "status": "ready", "service": s.name, "checks": checks })).into_response()
+        axum::Json(json!({ "status": "ready", "service": s.name, "checks": checks }))
+            .into_response()
     } else {
         Problem::new(StatusCode::SERVICE_UNAVAILABLE, "not-ready", "Not ready")
             .with_detail("a readiness check failed; see `checks`")

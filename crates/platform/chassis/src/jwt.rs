@@ -50,7 +50,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,7 +62,8 @@ impl SigningKey {
     }
 
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, JwtError> {
-        let secret = p256::SecretKey::from_pkcs8_pem(pem).map_err(|e| JwtError::Key(e.to_string()))?;
+        let secret =
+            p256::SecretKey::from_pkcs8_pem(pem).map_err(|e| JwtError::Key(e.to_string()))?;
         Self::from_secret(secret)
     }
 
@@ -74,7 +77,9 @@ impl SigningKey {
     }
 
     fn from_secret(secret: p256::SecretKey) -> Result<Self, JwtError> {
-        let der = secret.to_pkcs8_der().map_err(|e| JwtError::Key(e.to_string()))?;
+        let der = secret
+            .to_pkcs8_der()
+            .map_err(|e| JwtError::Key(e.to_string()))?;
         let encoding = EncodingKey::from_ec_der(der.as_bytes());
         let point = secret.public_key().to_encoded_point(false);
         let (Some(x), Some(y)) = (point.x(), point.y()) else {
@@ -148,7 +153,9 @@ impl KeySet {
             .ok_or_else(|| JwtError::Key("JWKS has no `keys` array".into()))?;
         let mut keys = HashMap::new();
         for raw in list {
-            let Ok(jwk) = RawJwk::deserialize(raw) else { continue };
+            let Ok(jwk) = RawJwk::deserialize(raw) else {
+                continue;
+            };
             let Some(kid) = jwk.kid.clone() else { continue };
             if jwk.use_.as_deref().is_some_and(|u| u != "sig") {
                 continue;
@@ -206,8 +213,15 @@ fn decoding_key(jwk: &RawJwk) -> Option<(Algorithm, DecodingKey)> {
             // declared HS256 is the classic key-confusion attack.
             let same_family = matches!(
                 (default_alg, alg),
-                (Algorithm::RS256, Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512
-                    | Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512)
+                (
+                    Algorithm::RS256,
+                    Algorithm::RS256
+                        | Algorithm::RS384
+                        | Algorithm::RS512
+                        | Algorithm::PS256
+                        | Algorithm::PS384
+                        | Algorithm::PS512
+                )
             ) || alg == default_alg;
             if !same_family {
                 return None;
@@ -221,7 +235,7 @@ fn decoding_key(jwk: &RawJwk) -> Option<(Algorithm, DecodingKey)> {
 /// Where a verifier gets its keys.
 enum Keys {
     Static(KeySet),
-    Remote(JwksCache),
+    Remote(Box<JwksCache>),
 }
 
 /// A JWKS fetched from a service through the client, cached, refreshed on an unknown
@@ -277,7 +291,8 @@ impl JwksCache {
         let set = KeySet::from_jwks(&doc)?;
         tracing::info!(service = %self.service, keys = set.len(), "fetched JWKS");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-        self.cached(kid).ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
+        self.cached(kid)
+            .ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
     }
 }
 
@@ -301,7 +316,7 @@ impl JwtVerifier {
 
     pub fn with_jwks(cache: JwksCache, issuer: &str, audience: &str, leeway: Duration) -> Self {
         Self {
-            keys: Keys::Remote(cache),
+            keys: Keys::Remote(Box::new(cache)),
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             leeway,
@@ -367,7 +382,12 @@ mod tests {
     }
 
     fn verifier(key: &SigningKey) -> JwtVerifier {
-        JwtVerifier::with_keys(KeySet::from_signing_keys([key]), "me", "you", Duration::from_secs(1))
+        JwtVerifier::with_keys(
+            KeySet::from_signing_keys([key]),
+            "me",
+            "you",
+            Duration::from_secs(1),
+        )
     }
 
     #[tokio::test]
@@ -377,7 +397,8 @@ mod tests {
         let got: Claims = verifier(&key).verify(&token).await.unwrap();
         assert_eq!(got.sub, "42");
         use secrecy::ExposeSecret;
-        let again = SigningKey::from_pkcs8_pem(key.to_pkcs8_pem().unwrap().expose_secret()).unwrap();
+        let again =
+            SigningKey::from_pkcs8_pem(key.to_pkcs8_pem().unwrap().expose_secret()).unwrap();
         assert_eq!(again.kid(), key.kid());
         assert_eq!(key.kid().len(), 43);
     }
@@ -393,22 +414,37 @@ mod tests {
         let mut foreign_header = Header::new(Algorithm::ES256);
         foreign_header.kid = Some(key.kid().to_owned());
         let foreign = jsonwebtoken::encode(&foreign_header, &claims(60), &other.encoding).unwrap();
-        assert!(matches!(v.verify::<Claims>(&foreign).await, Err(JwtError::Invalid(_))));
+        assert!(matches!(
+            v.verify::<Claims>(&foreign).await,
+            Err(JwtError::Invalid(_))
+        ));
 
         let good = key.sign(&claims(60)).unwrap();
         let mut parts: Vec<&str> = good.split('.').collect();
         let forged_payload = URL_SAFE_NO_PAD.encode(
-            serde_json::to_vec(&Claims { sub: "1".into(), ..claims(60) }).unwrap(),
+            serde_json::to_vec(&Claims {
+                sub: "1".into(),
+                ..claims(60)
+            })
+            .unwrap(),
         );
         parts[1] = &forged_payload;
         assert!(v.verify::<Claims>(&parts.join(".")).await.is_err());
 
-        let none_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, key.kid()));
-        let none = format!("{none_header}.{}.", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap()));
+        let none_header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"none","kid":"{}"}}"#, key.kid()));
+        let none = format!(
+            "{none_header}.{}.",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap())
+        );
         assert!(v.verify::<Claims>(&none).await.is_err());
 
-        let hs_header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid()));
-        let hs = format!("{hs_header}.{}.c2ln", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap()));
+        let hs_header =
+            URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"HS256","kid":"{}"}}"#, key.kid()));
+        let hs = format!(
+            "{hs_header}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(60)).unwrap())
+        );
         assert!(v.verify::<Claims>(&hs).await.is_err());
 
         let mut future = claims(600);
@@ -416,7 +452,12 @@ mod tests {
         let future = key.sign(&future).unwrap();
         assert!(v.verify::<Claims>(&future).await.is_err());
 
-        let wrong_aud = key.sign(&Claims { aud: "them".into(), ..claims(60) }).unwrap();
+        let wrong_aud = key
+            .sign(&Claims {
+                aud: "them".into(),
+                ..claims(60)
+            })
+            .unwrap();
         assert!(v.verify::<Claims>(&wrong_aud).await.is_err());
     }
 

@@ -12,8 +12,8 @@ use std::fmt;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use http::StatusCode;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use serde::Serialize;
 use serde_json::{Map, Value};
 

@@ -70,7 +70,10 @@ impl Drop for TestDb {
                 let url = self.url.clone();
                 // Drop on a separate runtime: Drop may run inside or outside one.
                 let _ = std::thread::spawn(move || {
-                    if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
                         rt.block_on(async {
                             let _ = sqlx::Any::force_drop_database(&url).await;
                         });
@@ -128,7 +131,11 @@ impl IdentityFixture {
 }
 
 /// A service config on 127.0.0.1:0 resolving `services` (name, url) plus the gateway.
-pub fn service_config(name: &'static str, identity: &IdentityFixture, services: &[(&str, &str)]) -> ServiceConfig {
+pub fn service_config(
+    name: &'static str,
+    identity: &IdentityFixture,
+    services: &[(&str, &str)],
+) -> ServiceConfig {
     let mut entries: Vec<(&str, &str)> = services.to_vec();
     entries.push(("gateway", identity.url.as_str()));
     let http = HttpSettings {

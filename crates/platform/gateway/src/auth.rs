@@ -40,17 +40,23 @@ pub async fn authenticate(
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         })
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| Problem::unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        .ok_or_else(|| {
+            Problem::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?;
     match verifier.verify::<AccessClaims>(token).await {
         Ok(claims) => Ok(Some(claims)),
         Err(JwtError::KeysUnavailable(e)) => {
             tracing::warn!(error = %e, "cannot fetch the token issuer's keys");
-            Err(Problem::unavailable("tokens cannot be verified right now; try again shortly"))
+            Err(Problem::unavailable(
+                "tokens cannot be verified right now; try again shortly",
+            ))
         }
         Err(e) => {
             // The reason is logged, not told: it would help an attacker tune a forgery.
             tracing::info!(reason = %e, "access token refused");
-            Err(Problem::unauthorized("the access token is invalid or expired; log in again"))
+            Err(Problem::unauthorized(
+                "the access token is invalid or expired; log in again",
+            ))
         }
     }
 }

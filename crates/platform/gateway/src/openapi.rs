@@ -31,20 +31,29 @@ pub async fn merged(State(proxy): State<Arc<Proxy>>) -> Response {
                 continue;
             }
         };
-        if let Some(found) = doc.pointer("/components/schemas").and_then(Value::as_object) {
+        if let Some(found) = doc
+            .pointer("/components/schemas")
+            .and_then(Value::as_object)
+        {
             schemas.extend(found.clone());
         }
-        let Some(found) = doc.get("paths").and_then(Value::as_object) else { continue };
+        let Some(found) = doc.get("paths").and_then(Value::as_object) else {
+            continue;
+        };
         for (path, item) in found {
-            let Some(route) = proxy.routes.matching(path).filter(|r| &r.service == service) else {
+            let Some(route) = proxy
+                .routes
+                .matching(path)
+                .filter(|r| &r.service == service)
+            else {
                 continue;
             };
             let mut item = item.clone();
-            if route.auth == AuthPolicy::Required {
-                if let Some(ops) = item.as_object_mut() {
-                    for op in ops.values_mut().filter_map(Value::as_object_mut) {
-                        op.insert("security".into(), json!([{ "bearer": [] }]));
-                    }
+            if route.auth == AuthPolicy::Required
+                && let Some(ops) = item.as_object_mut()
+            {
+                for op in ops.values_mut().filter_map(Value::as_object_mut) {
+                    op.insert("security".into(), json!([{ "bearer": [] }]));
                 }
             }
             paths.insert(path.clone(), item);

@@ -72,7 +72,12 @@ type Failure = (Option<RouteLabel>, Problem);
 
 async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Response, Failure> {
     let path = request.uri().path();
-    check_path(path).map_err(|reason| (None, Problem::bad_request(format!("refused path: {reason}"))))?;
+    check_path(path).map_err(|reason| {
+        (
+            None,
+            Problem::bad_request(format!("refused path: {reason}")),
+        )
+    })?;
     let route = proxy.routes.matching(path).ok_or_else(|| {
         (
             None,
@@ -108,7 +113,9 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
     if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
         parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     match host {
         Some(h) => {
             parts.headers.insert(X_FORWARDED_HOST, h);
@@ -158,7 +165,11 @@ fn upstream_problem(service: &str, error: ClientError) -> Problem {
             "Upstream timed out",
         )
         .with_detail(format!("`{service}` did not answer within {after:?}")),
-        _ => Problem::new(StatusCode::BAD_GATEWAY, "upstream-unavailable", "Upstream unavailable")
-            .with_detail(format!("`{service}` cannot be reached; try again shortly")),
+        _ => Problem::new(
+            StatusCode::BAD_GATEWAY,
+            "upstream-unavailable",
+            "Upstream unavailable",
+        )
+        .with_detail(format!("`{service}` cannot be reached; try again shortly")),
     }
 }

@@ -30,7 +30,7 @@ impl RouteTable {
                 label: Arc::from(c.prefix.as_str()),
             })
             .collect();
-        routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Self { routes }
     }
 
@@ -39,7 +39,8 @@ impl RouteTable {
         self.routes.iter().find(|r| {
             r.prefix == "/"
                 || path == r.prefix
-                || (path.starts_with(&r.prefix) && path.as_bytes().get(r.prefix.len()) == Some(&b'/'))
+                || (path.starts_with(&r.prefix)
+                    && path.as_bytes().get(r.prefix.len()) == Some(&b'/'))
         })
     }
 
@@ -69,9 +70,12 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or("malformed percent-encoding")?;
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .ok_or("malformed percent-encoding")?;
                 let text = std::str::from_utf8(hex).map_err(|_| "malformed percent-encoding")?;
-                let byte = u8::from_str_radix(text, 16).map_err(|_| "malformed percent-encoding")?;
+                let byte =
+                    u8::from_str_radix(text, 16).map_err(|_| "malformed percent-encoding")?;
                 if matches!(byte, b'/' | b'\\' | 0) {
                     return Err("encoded `/`, `\\` or NUL in the path");
                 }
@@ -97,7 +101,11 @@ mod tests {
     use super::*;
 
     fn table() -> RouteTable {
-        let r = |prefix: &str, service: &str, auth| RouteConfig { prefix: prefix.into(), service: service.into(), auth };
+        let r = |prefix: &str, service: &str, auth| RouteConfig {
+            prefix: prefix.into(),
+            service: service.into(),
+            auth,
+        };
         RouteTable::new(&[
             r("/users", "users", AuthPolicy::Anonymous),
             r("/users/me", "users", AuthPolicy::Required),
@@ -111,7 +119,10 @@ mod tests {
         let hit = |p: &str| t.matching(p).map(|r| (r.prefix.as_str(), r.auth));
         assert_eq!(hit("/users"), Some(("/users", AuthPolicy::Anonymous)));
         assert_eq!(hit("/users/me"), Some(("/users/me", AuthPolicy::Required)));
-        assert_eq!(hit("/users/me/x"), Some(("/users/me", AuthPolicy::Required)));
+        assert_eq!(
+            hit("/users/me/x"),
+            Some(("/users/me", AuthPolicy::Required))
+        );
         assert_eq!(hit("/users/meow"), Some(("/users", AuthPolicy::Anonymous)));
         assert_eq!(hit("/ordersx"), None);
         assert_eq!(hit("/orders/1"), Some(("/orders", AuthPolicy::Required)));
@@ -121,13 +132,30 @@ mod tests {
     #[test]
     fn path_tricks_are_refused() {
         for bad in [
-            "/products/../orders", "/products/%2e%2e/orders", "/products/.%2E/orders", "/./orders",
-            "/orders%2F1", "/orders%2f1", "/orders%5c1", "/orders\\1", "/orders%00", "/orders%zz",
-            "/orders%", "/orders/%ff", "relative",
+            "/products/../orders",
+            "/products/%2e%2e/orders",
+            "/products/.%2E/orders",
+            "/./orders",
+            "/orders%2F1",
+            "/orders%2f1",
+            "/orders%5c1",
+            "/orders\\1",
+            "/orders%00",
+            "/orders%zz",
+            "/orders%",
+            "/orders/%ff",
+            "relative",
         ] {
             assert!(check_path(bad).is_err(), "{bad} accepted");
         }
-        for good in ["/", "/orders", "/orders/", "/products/caf%C3%A9", "/a.b/c..d", "/x%20y"] {
+        for good in [
+            "/",
+            "/orders",
+            "/orders/",
+            "/products/caf%C3%A9",
+            "/a.b/c..d",
+            "/x%20y",
+        ] {
             assert!(check_path(good).is_ok(), "{good} refused");
         }
     }

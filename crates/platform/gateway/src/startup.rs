@@ -41,7 +41,9 @@ impl Application {
             .unwrap_or_else(|| config.data_dir.join("gateway").join("identity-key.pem"));
         let key = load_or_create_key(&key_file)?;
         let identity = config.service.identity.clone();
-        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
         let auth = &settings.auth;
         let verifier = JwtVerifier::with_jwks(
             JwksCache::new(chassis.client.clone(), &auth.jwks_service, &auth.jwks_path),
@@ -55,7 +57,12 @@ impl Application {
             routes,
             client: chassis.client.clone(),
             verifier,
-            issuer: IdentityIssuer::new(key, &identity.issuer, &identity.audience, identity.token_ttl.0),
+            issuer: IdentityIssuer::new(
+                key,
+                &identity.issuer,
+                &identity.audience,
+                identity.token_ttl.0,
+            ),
             upstream_timeout: settings.upstream_timeout.0,
         });
         let own = Router::new()
@@ -63,7 +70,14 @@ impl Application {
             .route("/openapi.json", get(crate::openapi::merged))
             .fallback(proxy::handle)
             .with_state(proxy);
-        let router = chassis.router(own, Readiness { database: None, dependencies }, None);
+        let router = chassis.router(
+            own,
+            Readiness {
+                database: None,
+                dependencies,
+            },
+            None,
+        );
         Ok(Self(Service::new(chassis, router, None)))
     }
 
@@ -72,7 +86,10 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+        self.0
+            .run_until_stopped(shutdown)
+            .await
+            .context("serving HTTP")
     }
 }
 

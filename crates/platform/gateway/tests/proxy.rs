@@ -22,7 +22,9 @@ async fn upstream(seen: Seen) -> String {
     let record = move |req: Request| {
         let seen = seen.clone();
         async move {
-            seen.lock().unwrap().push((req.uri().to_string(), req.headers().clone()));
+            seen.lock()
+                .unwrap()
+                .push((req.uri().to_string(), req.headers().clone()));
             axum::Json(json!({ "ok": true }))
         }
     };
@@ -55,7 +57,10 @@ async fn spawn() -> Gw {
     let seen: Seen = Arc::default();
     let echo = upstream(seen.clone()).await;
     let users = IdentityFixture::issuer("/.well-known/jwks.json", "bazaar-users", "bazaar").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let resolver = chassis::settings::DiscoverySettings {
@@ -69,7 +74,11 @@ async fn spawn() -> Gw {
     }
     .resolver()
     .unwrap();
-    let route = |prefix: &str, service: &str, auth| RouteConfig { prefix: prefix.into(), service: service.into(), auth };
+    let route = |prefix: &str, service: &str, auth| RouteConfig {
+        prefix: prefix.into(),
+        service: service.into(),
+        auth,
+    };
     let dir = std::env::temp_dir().join(format!("gw-{}", uuid::Uuid::new_v4()));
     let app = gateway::Application::build(gateway::Config {
         service: ServiceConfig {
@@ -140,7 +149,10 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
         .header("connection", "x-forwarded-for, x-custom")
         .header("x-custom", "hop")
         .header("x-correlation-id", "corr-42")
-        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
         .send()
         .await
         .unwrap();
@@ -148,15 +160,31 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
     assert_eq!(r.headers()["x-correlation-id"], "corr-42");
     let (uri, headers) = gw.last_seen();
     assert_eq!(uri, "/open/a?b=c");
-    for absent in ["x-bazaar-identity", "x-user-id", "authorization", "x-custom"] {
-        assert!(!headers.contains_key(absent), "{absent} reached the upstream");
+    for absent in [
+        "x-bazaar-identity",
+        "x-user-id",
+        "authorization",
+        "x-custom",
+    ] {
+        assert!(
+            !headers.contains_key(absent),
+            "{absent} reached the upstream"
+        );
     }
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
-    assert!(headers["x-forwarded-host"].to_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        headers["x-forwarded-host"]
+            .to_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     assert_eq!(headers["x-correlation-id"], "corr-42");
     let tp = headers["traceparent"].to_str().unwrap();
-    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
     assert!(!tp.contains("00f067aa0ba902b7"), "a new span id per hop");
 }
 
@@ -164,23 +192,63 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
 async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
     let gw = spawn().await;
     let good = gw.users.token("user-1");
-    let r = gw.http.get(format!("{}/private/y", gw.url)).bearer_auth(&good).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/private/y", gw.url))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let (_, headers) = gw.last_seen();
     let forwarded = headers["x-bazaar-identity"].to_str().unwrap().to_owned();
-    let jwks: Value = gw.http.get(&gw.identity_jwks).send().await.unwrap().json().await.unwrap();
-    let verifier = JwtVerifier::with_keys(KeySet::from_jwks(&jwks).unwrap(), "bazaar-gateway", "bazaar-services", Duration::ZERO);
+    let jwks: Value = gw
+        .http
+        .get(&gw.identity_jwks)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let verifier = JwtVerifier::with_keys(
+        KeySet::from_jwks(&jwks).unwrap(),
+        "bazaar-gateway",
+        "bazaar-services",
+        Duration::ZERO,
+    );
     let claims: Value = verifier.verify(&forwarded).await.unwrap();
     assert_eq!(claims["sub"], "user-1");
 
     let before = gw.seen_count();
     let other = IdentityFixture::issuer("/x", "bazaar-users", "bazaar").await;
-    let expired = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u", "exp": now_secs() - 3600})).unwrap();
-    let wrong_aud = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "other", "sub": "u", "exp": now_secs() + 60})).unwrap();
+    let expired = gw
+        .users
+        .key
+        .sign(
+            &json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u", "exp": now_secs() - 3600}),
+        )
+        .unwrap();
+    let wrong_aud = gw
+        .users
+        .key
+        .sign(&json!({"iss": "bazaar-users", "aud": "other", "sub": "u", "exp": now_secs() + 60}))
+        .unwrap();
     let future = gw.users.key.sign(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u", "exp": now_secs() + 600, "nbf": now_secs() + 300})).unwrap();
     let parts: Vec<&str> = good.split('.').collect();
-    let none = format!("{}.{}.", b64(&json!({"alg": "none", "kid": gw.users.key.kid()})), parts[1]);
-    let tampered = format!("{}.{}.{}", parts[0], b64(&json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "admin", "exp": now_secs() + 60})), parts[2]);
+    let none = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "kid": gw.users.key.kid()})),
+        parts[1]
+    );
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        b64(
+            &json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "admin", "exp": now_secs() + 60})
+        ),
+        parts[2]
+    );
     for (name, auth) in [
         ("missing", None),
         ("not bearer", Some(format!("Basic {good}"))),
@@ -198,16 +266,35 @@ async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), 401, "{name}");
-        assert_eq!(r.headers()["content-type"], "application/problem+json", "{name}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{name}"
+        );
         assert_eq!(r.headers()["www-authenticate"], "Bearer", "{name}");
     }
-    assert_eq!(gw.seen_count(), before, "a refused request reached the upstream");
+    assert_eq!(
+        gw.seen_count(),
+        before,
+        "a refused request reached the upstream"
+    );
 
     // Optional: no token passes anonymously, a bad one is refused.
-    let r = gw.http.get(format!("{}/maybe", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/maybe", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(!gw.last_seen().1.contains_key("x-bazaar-identity"));
-    let r = gw.http.get(format!("{}/maybe", gw.url)).bearer_auth("junk").send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/maybe", gw.url))
+        .bearer_auth("junk")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
 }
 
@@ -220,13 +307,31 @@ fn b64(v: &Value) -> String {
 async fn path_tricks_never_reach_the_upstream() {
     let gw = spawn().await;
     let before = gw.seen_count();
-    for path in ["/open/../private/y", "/open/./x", "/open/%2e%2e/private/y", "/private%2fy", "/open%5cx", "/open\\x", "/open/%00", "/open/%ff"] {
+    for path in [
+        "/open/../private/y",
+        "/open/./x",
+        "/open/%2e%2e/private/y",
+        "/private%2fy",
+        "/open%5cx",
+        "/open\\x",
+        "/open/%00",
+        "/open/%ff",
+    ] {
         let head = raw_get(&gw.url, path).await;
         assert!(head.starts_with("HTTP/1.1 400"), "{path}: {head}");
-        assert!(head.to_ascii_lowercase().contains("content-type: application/problem+json"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{head}"
+        );
     }
     assert_eq!(gw.seen_count(), before);
-    let r = gw.http.get(format!("{}/nowhere", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/nowhere", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
@@ -234,15 +339,33 @@ async fn path_tricks_never_reach_the_upstream() {
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_is_504() {
     let gw = spawn().await;
-    let r = gw.http.get(format!("{}/down/x", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/down/x", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], 502);
     assert_eq!(body["instance"], "/down/x");
-    let r = gw.http.get(format!("{}/slow", gw.url)).send().await.unwrap();
+    let r = gw
+        .http
+        .get(format!("{}/slow", gw.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let metrics = gw.http.get(format!("{}/metrics", gw.url)).send().await.unwrap().text().await.unwrap();
+    let metrics = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("route=\"/slow\""), "{metrics}");
     assert!(metrics.contains("status=\"504\""));
 }
@@ -250,12 +373,26 @@ async fn upstream_down_is_502_and_slow_is_504() {
 #[tokio::test]
 async fn openapi_merges_routed_operations_only() {
     let gw = spawn().await;
-    let doc: Value = gw.http.get(format!("{}/openapi.json", gw.url)).send().await.unwrap().json().await.unwrap();
+    let doc: Value = gw
+        .http
+        .get(format!("{}/openapi.json", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.contains_key("/open/x"));
     assert!(paths.contains_key("/private/y"));
-    assert!(!paths.contains_key("/elsewhere"), "unrouted paths are not exposed");
-    assert_eq!(doc["paths"]["/private/y"]["get"]["security"][0]["bearer"], json!([]));
+    assert!(
+        !paths.contains_key("/elsewhere"),
+        "unrouted paths are not exposed"
+    );
+    assert_eq!(
+        doc["paths"]["/private/y"]["get"]["security"][0]["bearer"],
+        json!([])
+    );
     assert!(doc["components"]["schemas"]["Thing"].is_object());
     assert_eq!(doc["x-missing-services"], json!(["dead"]));
 }

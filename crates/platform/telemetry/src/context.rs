@@ -100,7 +100,11 @@ fn new_span_id() -> [u8; 8] {
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     // Upper-case hex is invalid in traceparent.
-    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != N * 2
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut out = [0u8; N];
@@ -172,8 +176,7 @@ impl RequestContext {
 pub fn valid_correlation_id(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= MAX_CORRELATION_ID_LEN
-        && v
-            .bytes()
+        && v.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
 }
 
@@ -238,7 +241,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(CORRELATION_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(&*RequestContext::from_headers(&h).correlation_id, "abc-123");
-        h.insert(CORRELATION_ID, HeaderValue::from_static("evil\" level=\"error"));
+        h.insert(
+            CORRELATION_ID,
+            HeaderValue::from_static("evil\" level=\"error"),
+        );
         let ctx = RequestContext::from_headers(&h);
         assert_ne!(&*ctx.correlation_id, "evil\" level=\"error");
         assert!(valid_correlation_id(&ctx.correlation_id));

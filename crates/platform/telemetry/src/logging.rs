@@ -200,9 +200,11 @@ where
 
 fn now_rfc3339() -> String {
     static FALLBACK: OnceLock<String> = OnceLock::new();
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_else(|_| {
-        FALLBACK
-            .get_or_init(|| "1970-01-01T00:00:00Z".to_owned())
-            .clone()
-    })
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| {
+            FALLBACK
+                .get_or_init(|| "1970-01-01T00:00:00Z".to_owned())
+                .clone()
+        })
 }

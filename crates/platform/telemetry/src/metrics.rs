@@ -44,9 +44,8 @@ impl Metrics {
             )]
             .into_iter(),
         );
-        let http_server = Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            new_histogram,
-        );
+        let http_server =
+            Family::<HttpLabels, Histogram, fn() -> Histogram>::new_with_constructor(new_histogram);
         registry.register_with_unit(
             "http_server_request_duration",
             "Duration of HTTP server requests",

@@ -78,13 +78,20 @@ async fn services(State(client): State<Arc<HttpClient>>) -> Json<Services> {
     let statuses = join_all(names.into_iter().map(|name| {
         let client = client.clone();
         async move {
-            let instances = client.resolver().resolve(&name).map(|i| i.to_vec()).unwrap_or_default();
+            let instances = client
+                .resolver()
+                .resolve(&name)
+                .map(|i| i.to_vec())
+                .unwrap_or_default();
             let probes = join_all(instances.into_iter().map(|instance| {
                 let client = client.clone();
                 async move { probe(&client, instance).await }
             }))
             .await;
-            ServiceStatus { name, instances: probes }
+            ServiceStatus {
+                name,
+                instances: probes,
+            }
         }
     }))
     .await;
@@ -93,7 +100,11 @@ async fn services(State(client): State<Arc<HttpClient>>) -> Json<Services> {
 
 async fn probe(client: &HttpClient, instance: chassis::client::Instance) -> InstanceStatus {
     let started = Instant::now();
-    let url = instance.base_url.to_string().trim_end_matches('/').to_owned();
+    let url = instance
+        .base_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_owned();
     let health = match client.probe(&instance, "/readyz", PROBE_TIMEOUT).await {
         Ok(status) if status.is_success() => "ready",
         Ok(_) => "not_ready",
@@ -111,7 +122,9 @@ pub struct Application(Service);
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
         let routes = Router::new()
             .route("/v1/services", get(services))
             .with_state(Arc::new(chassis.client.clone()));
@@ -124,7 +137,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+        self.0
+            .run_until_stopped(shutdown)
+            .await
+            .context("serving HTTP")
     }
 }
-

@@ -16,10 +16,17 @@ async fn reports_ready_and_unreachable_services() {
     .unwrap();
     let peer = format!("http://127.0.0.1:{}", other.port());
     tokio::spawn(other.run_until_stopped(chassis::CancellationToken::new()));
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let dead = format!("http://{dead}");
     let app = control_plane::Application::build(control_plane::Config {
-        service: service_config(control_plane::NAME, &identity, &[("peer", &peer), ("ghost", &dead)]),
+        service: service_config(
+            control_plane::NAME,
+            &identity,
+            &[("peer", &peer), ("ghost", &dead)],
+        ),
         settings: control_plane::Settings::default(),
     })
     .await
@@ -27,9 +34,19 @@ async fn reports_ready_and_unreachable_services() {
     let url = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
 
-    let body: Value = reqwest::get(format!("{url}/v1/services")).await.unwrap().json().await.unwrap();
+    let body: Value = reqwest::get(format!("{url}/v1/services"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let health = |name: &str| {
-        body["services"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap()["instances"][0]["health"]
+        body["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()["instances"][0]["health"]
             .as_str()
             .unwrap()
             .to_owned()

@@ -24,7 +24,11 @@ pub struct Line {
 pub struct Lines(Vec<Line>);
 
 impl Lines {
-    pub fn parse(input: &[LineInput], max_lines: usize, max_quantity: i64) -> Result<Self, Vec<FieldError>> {
+    pub fn parse(
+        input: &[LineInput],
+        max_lines: usize,
+        max_quantity: i64,
+    ) -> Result<Self, Vec<FieldError>> {
         if input.is_empty() || input.len() > max_lines {
             return Err(vec![FieldError::new(
                 "items",
@@ -44,7 +48,10 @@ impl Lines {
                 }
                 Ok(id) => Some(id),
                 Err(_) => {
-                    errors.push(FieldError::new(format!("items[{i}].product_id"), "is not a UUID"));
+                    errors.push(FieldError::new(
+                        format!("items[{i}].product_id"),
+                        "is not a UUID",
+                    ));
                     None
                 }
             };
@@ -55,10 +62,17 @@ impl Lines {
                 ));
             }
             if let Some(product_id) = product_id {
-                lines.push(Line { product_id, quantity: raw.quantity });
+                lines.push(Line {
+                    product_id,
+                    quantity: raw.quantity,
+                });
             }
         }
-        if errors.is_empty() { Ok(Self(lines)) } else { Err(errors) }
+        if errors.is_empty() {
+            Ok(Self(lines))
+        } else {
+            Err(errors)
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Line> {
@@ -140,19 +154,44 @@ mod tests {
     use super::*;
 
     fn input(id: &str, q: i64) -> LineInput {
-        LineInput { product_id: id.into(), quantity: q }
+        LineInput {
+            product_id: id.into(),
+            quantity: q,
+        }
     }
 
     #[test]
     fn lines_are_validated_together() {
         let a = Uuid::now_v7().to_string();
-        let errs = Lines::parse(&[input(&a, 0), input("x", 2), input(&a, 1), input(&Uuid::now_v7().to_string(), 1001)], 100, 1000)
-            .unwrap_err();
+        let errs = Lines::parse(
+            &[
+                input(&a, 0),
+                input("x", 2),
+                input(&a, 1),
+                input(&Uuid::now_v7().to_string(), 1001),
+            ],
+            100,
+            1000,
+        )
+        .unwrap_err();
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["items[0].quantity", "items[1].product_id", "items[2].product_id", "items[3].quantity"]);
+        assert_eq!(
+            fields,
+            [
+                "items[0].quantity",
+                "items[1].product_id",
+                "items[2].product_id",
+                "items[3].quantity"
+            ]
+        );
         assert!(Lines::parse(&[], 100, 1000).is_err());
-        let many: Vec<LineInput> = (0..101).map(|_| input(&Uuid::now_v7().to_string(), 1)).collect();
-        assert_eq!(Lines::parse(&many, 100, 1000).unwrap_err()[0].field, "items");
+        let many: Vec<LineInput> = (0..101)
+            .map(|_| input(&Uuid::now_v7().to_string(), 1))
+            .collect();
+        assert_eq!(
+            Lines::parse(&many, 100, 1000).unwrap_err()[0].field,
+            "items"
+        );
     }
 
     #[test]

@@ -88,7 +88,8 @@ fn head_from_row(row: &sqlx::any::AnyRow) -> Result<Head, sqlx::Error> {
     Ok(Head {
         order: Order {
             id: Uuid::parse_str(&id).map_err(|e| decode(e.to_string()))?,
-            status: Status::parse(&status).ok_or_else(|| decode(format!("unknown status {status}")))?,
+            status: Status::parse(&status)
+                .ok_or_else(|| decode(format!("unknown status {status}")))?,
             items: Vec::new(),
             total_cents: row.try_get("total_cents")?,
             currency: row.try_get("currency")?,
@@ -118,13 +119,17 @@ async fn with_items(pool: &AnyPool, mut orders: Vec<Order>) -> Result<Vec<Order>
         let product_id: String = row.try_get("product_id")?;
         let quantity: i64 = row.try_get("quantity")?;
         let unit_price_cents: i64 = row.try_get("unit_price_cents")?;
-        by_order.entry(row.try_get("order_id")?).or_default().push(OrderItem {
-            product_id: Uuid::parse_str(&product_id).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-            name: row.try_get("product_name")?,
-            quantity,
-            unit_price_cents,
-            line_total_cents: quantity.saturating_mul(unit_price_cents),
-        });
+        by_order
+            .entry(row.try_get("order_id")?)
+            .or_default()
+            .push(OrderItem {
+                product_id: Uuid::parse_str(&product_id)
+                    .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                name: row.try_get("product_name")?,
+                quantity,
+                unit_price_cents,
+                line_total_cents: quantity.saturating_mul(unit_price_cents),
+            });
     }
     for o in &mut orders {
         o.items = by_order.remove(&o.id.to_string()).unwrap_or_default();
@@ -153,11 +158,13 @@ pub async fn by_idempotency_key(
 
 /// The user's order `id`; another user's order is `None`, like a missing one.
 pub async fn get(pool: &AnyPool, user_id: &str, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"))
-        .bind(id.to_string())
-        .bind(user_id)
-        .fetch_optional(pool)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1 AND user_id = $2"
+    ))
+    .bind(id.to_string())
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let order = head_from_row(&row)?.order;
     Ok(with_items(pool, vec![order]).await?.pop())
@@ -171,7 +178,9 @@ pub async fn list(
     limit: u32,
 ) -> Result<Vec<Order>, sqlx::Error> {
     // UUIDv7 text sorts by creation time; "g" sorts after every hex digit.
-    let before = before.map(|b| b.to_string()).unwrap_or_else(|| "g".to_owned());
+    let before = before
+        .map(|b| b.to_string())
+        .unwrap_or_else(|| "g".to_owned());
     let rows = sqlx::query(&format!(
         "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"
     ))

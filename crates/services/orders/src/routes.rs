@@ -38,9 +38,14 @@ pub struct AppState {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Bazaar orders", description = "Placing and reading orders (signed-in users)."),
+    info(
+        title = "Bazaar orders",
+        description = "Placing and reading orders (signed-in users)."
+    ),
     paths(place_order, list_orders, get_order),
-    components(schemas(PlaceOrder, LineInput, Order, OrderItem, Status, OrderPage, Problem, FieldError))
+    components(schemas(
+        PlaceOrder, LineInput, Order, OrderItem, Status, OrderPage, Problem, FieldError
+    ))
 )]
 pub struct ApiDoc;
 
@@ -83,14 +88,15 @@ async fn place_order(
     Json(body): Json<PlaceOrder>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
-    let lines = Lines::parse(&body.items, state.max_lines, state.max_quantity).map_err(Problem::validation)?;
+    let lines = Lines::parse(&body.items, state.max_lines, state.max_quantity)
+        .map_err(Problem::validation)?;
     let fingerprint = lines.fingerprint();
     let user = identity.subject.as_str();
 
-    if let Some(key) = key {
-        if let Some((order, hash)) = repository::by_idempotency_key(&state.pool, user, key).await? {
-            return replay(order, &hash, &fingerprint);
-        }
+    if let Some(key) = key
+        && let Some((order, hash)) = repository::by_idempotency_key(&state.pool, user, key).await?
+    {
+        return replay(order, &hash, &fingerprint);
     }
     let (items, currency, total_cents) = price(&state.client, &lines).await?;
     let inserted = repository::insert(
@@ -115,7 +121,9 @@ async fn place_order(
             let key = key.unwrap_or_default();
             match repository::by_idempotency_key(&state.pool, user, key).await? {
                 Some((order, hash)) => replay(order, &hash, &fingerprint),
-                None => Err(Problem::internal("idempotency key conflict without an order")),
+                None => Err(Problem::internal(
+                    "idempotency key conflict without an order",
+                )),
             }
         }
         Err(InsertError::Db(e)) => Err(e.into()),
@@ -127,7 +135,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Problem> {
         return Ok(None);
     };
     match value.to_str() {
-        Ok(k) if !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()) => Ok(Some(k)),
+        Ok(k)
+            if !k.is_empty()
+                && k.len() <= MAX_KEY_LEN
+                && k.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(Some(k))
+        }
         _ => Err(Problem::validation(vec![FieldError::new(
             "Idempotency-Key",
             format!("must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
@@ -142,7 +156,9 @@ fn replay(order: Order, stored_hash: &str, fingerprint: &str) -> Result<Response
             "idempotency-key-reused",
             "Idempotency key reused",
         )
-        .with_detail("this Idempotency-Key was used for a different order; use a new key for a new order"));
+        .with_detail(
+            "this Idempotency-Key was used for a different order; use a new key for a new order",
+        ));
     }
     Ok(created(order, true))
 }
@@ -161,7 +177,10 @@ fn created(order: Order, replayed: bool) -> Response {
 }
 
 /// Prices every line with one batch call to the catalog.
-async fn price(client: &HttpClient, lines: &Lines) -> Result<(Vec<OrderItem>, String, i64), Problem> {
+async fn price(
+    client: &HttpClient,
+    lines: &Lines,
+) -> Result<(Vec<OrderItem>, String, i64), Problem> {
     let ids: Vec<String> = lines.product_ids().iter().map(Uuid::to_string).collect();
     let page: CatalogPage = client
         .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
@@ -169,19 +188,25 @@ async fn price(client: &HttpClient, lines: &Lines) -> Result<(Vec<OrderItem>, St
         .map_err(|e| {
             if e.is_unavailable() {
                 tracing::warn!(error = %e, "catalog unavailable");
-                Problem::unavailable("the catalog is unavailable, so the order cannot be priced; try again shortly")
+                Problem::unavailable(
+                    "the catalog is unavailable, so the order cannot be priced; try again shortly",
+                )
             } else {
                 Problem::internal(e)
             }
         })?;
-    let catalog: HashMap<Uuid, CatalogProduct> = page.items.into_iter().map(|p| (p.id, p)).collect();
+    let catalog: HashMap<Uuid, CatalogProduct> =
+        page.items.into_iter().map(|p| (p.id, p)).collect();
     let mut errors = Vec::new();
     let mut items = Vec::new();
     let mut currency: Option<String> = None;
     let mut total: i64 = 0;
     for (i, line) in lines.iter().enumerate() {
         let Some(product) = catalog.get(&line.product_id) else {
-            errors.push(FieldError::new(format!("items[{i}].product_id"), "no such product"));
+            errors.push(FieldError::new(
+                format!("items[{i}].product_id"),
+                "no such product",
+            ));
             continue;
         };
         match &currency {
@@ -199,7 +224,10 @@ async fn price(client: &HttpClient, lines: &Lines) -> Result<(Vec<OrderItem>, St
         total = match line_total.and_then(|t| total.checked_add(t)) {
             Some(t) => t,
             None => {
-                errors.push(FieldError::new(format!("items[{i}].quantity"), "makes the total too large"));
+                errors.push(FieldError::new(
+                    format!("items[{i}].quantity"),
+                    "makes the total too large",
+                ));
                 continue;
             }
         };
@@ -254,13 +282,19 @@ async fn list_orders(
                 .decode(c)
                 .ok()
                 .and_then(|b| Uuid::from_slice(&b).ok())
-                .ok_or_else(|| Problem::bad_request("invalid `cursor`: pass the `next_cursor` of a previous page"))
+                .ok_or_else(|| {
+                    Problem::bad_request(
+                        "invalid `cursor`: pass the `next_cursor` of a previous page",
+                    )
+                })
         })
         .transpose()?;
     let mut items = repository::list(&state.pool, &identity.subject, before, limit + 1).await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|o| URL_SAFE_NO_PAD.encode(o.id.as_bytes()))
+        items
+            .last()
+            .map(|o| URL_SAFE_NO_PAD.encode(o.id.as_bytes()))
     } else {
         None
     };

@@ -18,7 +18,9 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("orders database")?;
-        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
         let state = AppState {
             pool: db.pool().clone(),
             client: chassis.client.clone(),
@@ -41,6 +43,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+        self.0
+            .run_until_stopped(shutdown)
+            .await
+            .context("serving HTTP")
     }
 }

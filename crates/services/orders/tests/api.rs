@@ -27,19 +27,36 @@ async fn spawn(engine: Engine) -> Shop {
     tokio::spawn(products.run_until_stopped(chassis::CancellationToken::new()));
     let shop = spawn_orders(engine, &identity, &products_url).await;
     let http = reqwest::Client::new();
-    let page: Value = http.get(format!("{products_url}/products?limit=5")).send().await.unwrap().json().await.unwrap();
+    let page: Value = http
+        .get(format!("{products_url}/products?limit=5"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let items = page["items"].as_array().unwrap();
     Shop {
         orders: shop.0,
         http,
-        product_ids: items.iter().map(|p| p["id"].as_str().unwrap().to_owned()).collect(),
-        prices: items.iter().map(|p| p["price_cents"].as_i64().unwrap()).collect(),
+        product_ids: items
+            .iter()
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+            .collect(),
+        prices: items
+            .iter()
+            .map(|p| p["price_cents"].as_i64().unwrap())
+            .collect(),
         identity,
         _dbs: (products_db, shop.1),
     }
 }
 
-async fn spawn_orders(engine: Engine, identity: &IdentityFixture, products_url: &str) -> (String, TestDb) {
+async fn spawn_orders(
+    engine: Engine,
+    identity: &IdentityFixture,
+    products_url: &str,
+) -> (String, TestDb) {
     let db = TestDb::new(engine);
     let app = orders::Application::build(orders::Config {
         service: service_config(orders::NAME, identity, &[("products", products_url)]),
@@ -70,7 +87,10 @@ impl Shop {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
     async fn count(&self, user: &str) -> usize {
-        self.get(user, "/orders?limit=100").await.1["items"].as_array().unwrap().len()
+        self.get(user, "/orders?limit=100").await.1["items"]
+            .as_array()
+            .unwrap()
+            .len()
     }
 }
 
@@ -88,7 +108,10 @@ async fn ordering(engine: Engine) {
     assert_eq!(order["status"], "PENDING");
     assert_eq!(order["items"][0]["unit_price_cents"], shop.prices[0]);
     assert_eq!(order["total_cents"], shop.prices[0] * 2 + shop.prices[1]);
-    assert_eq!(location, format!("/orders/{}", order["id"].as_str().unwrap()));
+    assert_eq!(
+        location,
+        format!("/orders/{}", order["id"].as_str().unwrap())
+    );
 
     let (status, read) = shop.get(&user, &location).await;
     assert_eq!(status, 200);
@@ -105,7 +128,9 @@ async fn ordering(engine: Engine) {
     let (_, page) = shop.get(&user, "/orders?limit=3").await;
     assert_eq!(page["items"].as_array().unwrap().len(), 3);
     let cursor = page["next_cursor"].as_str().unwrap();
-    let (_, rest) = shop.get(&user, &format!("/orders?limit=3&cursor={cursor}")).await;
+    let (_, rest) = shop
+        .get(&user, &format!("/orders?limit=3&cursor={cursor}"))
+        .await;
     assert_eq!(rest["items"].as_array().unwrap().len(), 1);
     assert_eq!(rest["items"][0]["id"], order["id"]);
     assert!(rest["next_cursor"].is_null());
@@ -126,7 +151,12 @@ async fn idempotency_key_gives_one_order() {
     let shop = spawn(Engine::Sqlite).await;
     let user = uuid::Uuid::now_v7().to_string();
     let body = json!({"items": [{"product_id": shop.product_ids[2], "quantity": 1}]});
-    let send = |body: Value| shop.post(&user).header("idempotency-key", "k-1").json(&body).send();
+    let send = |body: Value| {
+        shop.post(&user)
+            .header("idempotency-key", "k-1")
+            .json(&body)
+            .send()
+    };
     // Concurrent retries of one request.
     let (a, b) = tokio::join!(send(body.clone()), send(body.clone()));
     let (a, b) = (a.unwrap(), b.unwrap());
@@ -147,7 +177,10 @@ async fn idempotency_key_gives_one_order() {
 async fn products_down_is_a_clear_503() {
     let identity = IdentityFixture::start().await;
     // A port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let (orders, _db) = spawn_orders(Engine::Sqlite, &identity, &format!("http://{dead}")).await;
     let r = reqwest::Client::new()
         .post(format!("{orders}/orders"))

@@ -34,7 +34,11 @@ pub fn demo_catalog() -> Vec<(String, String, i64)> {
         for (j, (noun, blurb)) in NOUNS.iter().enumerate() {
             let n = (i * NOUNS.len() + j) as i64;
             let name = format!("{adjective} {noun}");
-            let description = format!("A {} {}, {blurb}.", adjective.to_lowercase(), noun.to_lowercase());
+            let description = format!(
+                "A {} {}, {blurb}.",
+                adjective.to_lowercase(),
+                noun.to_lowercase()
+            );
             let price_cents = 499 + (n * 737) % 9_000;
             out.push((name, description, price_cents));
         }

@@ -8,7 +8,6 @@ use crate::domain::{Product, demo_catalog};
 /// Default currency of the demo catalog.
 const CURRENCY: &str = "USD";
 
-
 fn row_to_product(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
     let id: String = row.try_get("id")?;
     Ok(Product {
@@ -113,5 +112,7 @@ pub async fn list(
 }
 
 fn escape_like(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_")
+    s.replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
 }

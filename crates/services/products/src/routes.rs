@@ -123,7 +123,11 @@ async fn get_product(
 }
 
 fn parse_ids(raw: &str) -> Result<Vec<Uuid>, Problem> {
-    let parts: Vec<&str> = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let parts: Vec<&str> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if parts.is_empty() || parts.len() > MAX_LIMIT as usize {
         return Err(Problem::validation(vec![FieldError::new(
             "ids",

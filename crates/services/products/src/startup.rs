@@ -19,12 +19,16 @@ impl Application {
             .await
             .context("products database")?;
         if config.settings.seed {
-            let added = crate::repository::seed(db.pool()).await.context("seeding the catalog")?;
+            let added = crate::repository::seed(db.pool())
+                .await
+                .context("seeding the catalog")?;
             if added > 0 {
                 tracing::info!(products = added, "seeded the demo catalog");
             }
         }
-        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
         let routes = routes::router(AppState {
             pool: db.pool().clone(),
         });
@@ -44,6 +48,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+        self.0
+            .run_until_stopped(shutdown)
+            .await
+            .context("serving HTTP")
     }
 }

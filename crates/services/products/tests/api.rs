@@ -24,12 +24,22 @@ async fn spawn(engine: Engine) -> App {
     .unwrap();
     let url = format!("http://127.0.0.1:{}", app.port());
     tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
-    App { url, http: reqwest::Client::new(), _db: db, _identity: identity }
+    App {
+        url,
+        http: reqwest::Client::new(),
+        _db: db,
+        _identity: identity,
+    }
 }
 
 impl App {
     async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.url)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -77,7 +87,12 @@ async fn catalog_behaviour(engine: Engine) {
         .get(&format!("/products?ids={},{unknown},{}", seen[3], seen[1]))
         .await;
     assert_eq!(status, 200);
-    let ids: Vec<&str> = batch["items"].as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = batch["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [seen[3].as_str(), seen[1].as_str()]);
 
     let (status, one) = app.get(&format!("/products/{}", seen[0])).await;
@@ -109,15 +124,29 @@ async fn bad_reads_are_clear_problems() {
         (format!("/products?q={}", "x".repeat(101)), 422),
         ("/nothing-here".to_owned(), 404),
     ] {
-        let r = app.http.get(format!("{}{path}", app.url)).send().await.unwrap();
+        let r = app
+            .http
+            .get(format!("{}{path}", app.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), status, "{path}");
-        assert_eq!(r.headers()["content-type"], "application/problem+json", "{path}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{path}"
+        );
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["status"], status, "{path}");
         assert!(body["title"].is_string() && body["type"].is_string());
         assert_eq!(body["instance"], path.split('?').next().unwrap());
     }
-    let r = app.http.delete(format!("{}/products", app.url)).send().await.unwrap();
+    let r = app
+        .http
+        .delete(format!("{}/products", app.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 405);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
@@ -142,12 +171,32 @@ async fn standard_endpoints_and_correlation() {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-correlation-id"], "test-corr-1");
-    let r = app.http.get(format!("{}/products?limit=1", app.url)).send().await.unwrap();
-    assert!(!r.headers()["x-correlation-id"].is_empty(), "generated when absent");
+    let r = app
+        .http
+        .get(format!("{}/products?limit=1", app.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !r.headers()["x-correlation-id"].is_empty(),
+        "generated when absent"
+    );
 
-    app.get(&format!("/products/{}", uuid::Uuid::now_v7())).await;
-    let metrics = app.http.get(format!("{}/metrics", app.url)).send().await.unwrap().text().await.unwrap();
+    app.get(&format!("/products/{}", uuid::Uuid::now_v7()))
+        .await;
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("http_server_request_duration_seconds_bucket{"));
     assert!(metrics.contains("route=\"/products/{id}\""), "{metrics}");
-    assert!(!metrics.contains("route=\"/products/0"), "raw paths must never be labels");
+    assert!(
+        !metrics.contains("route=\"/products/0"),
+        "raw paths must never be labels"
+    );
 }

@@ -17,7 +17,8 @@ impl Email {
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         let email = raw.trim().to_lowercase();
         let invalid = || FieldError::new("email", "must be an e-mail address like ada@example.com");
-        if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(invalid());
         }
         let (local, domain) = email.split_once('@').ok_or_else(invalid)?;
@@ -96,8 +97,21 @@ mod tests {
 
     #[test]
     fn emails() {
-        assert_eq!(Email::parse(" Ada@Example.COM ").unwrap().as_str(), "ada@example.com");
-        for bad in ["", "ada", "ada@", "@example.com", "ada@example", "a da@example.com", "ada@.com", "ada@example..com", "a@b@c.com"] {
+        assert_eq!(
+            Email::parse(" Ada@Example.COM ").unwrap().as_str(),
+            "ada@example.com"
+        );
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a da@example.com",
+            "ada@.com",
+            "ada@example..com",
+            "a@b@c.com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -110,6 +124,9 @@ mod tests {
         assert!(Password::parse("short".into()).is_err());
         assert!(Password::parse("x".repeat(1025)).is_err());
         assert!(Password::parse("long enough".into()).is_ok());
-        assert_eq!(format!("{:?}", Password::parse("long enough".into()).unwrap()), "Password(***)");
+        assert_eq!(
+            format!("{:?}", Password::parse("long enough".into()).unwrap()),
+            "Password(***)"
+        );
     }
 }

@@ -5,7 +5,6 @@ use chassis::jwt::SigningKey;
 use chassis::secrecy::ExposeSecret;
 use sqlx::{AnyPool, Row};
 
-
 /// Every unretired key, oldest first; creates the first one on a new database.
 pub async fn load_or_create(pool: &AnyPool) -> anyhow::Result<Vec<SigningKey>> {
     let mut keys = load(pool).await?;

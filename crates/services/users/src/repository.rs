@@ -22,7 +22,6 @@ pub enum InsertError {
     Db(#[from] sqlx::Error),
 }
 
-
 pub async fn insert(
     pool: &AnyPool,
     email: &Email,

@@ -83,7 +83,10 @@ impl From<UserRecord> for UserView {
 /// Create an account.
 #[utoipa::path(post, path = "/users", request_body = SignUp,
     responses((status = 201, body = UserView), (status = 409, body = Problem), (status = 422, body = Problem)))]
-async fn sign_up(State(state): State<AppState>, Json(body): Json<SignUp>) -> Result<Response, Problem> {
+async fn sign_up(
+    State(state): State<AppState>,
+    Json(body): Json<SignUp>,
+) -> Result<Response, Problem> {
     let email = Email::parse(&body.email);
     let name = UserName::parse(&body.name);
     let password = Password::parse(body.password);
@@ -102,7 +105,9 @@ async fn sign_up(State(state): State<AppState>, Json(body): Json<SignUp>) -> Res
     let record = match repository::insert(&state.pool, &email, &name, &hash).await {
         Ok(r) => r,
         Err(InsertError::DuplicateEmail) => {
-            return Err(Problem::conflict("an account with this e-mail address already exists"));
+            return Err(Problem::conflict(
+                "an account with this e-mail address already exists",
+            ));
         }
         Err(InsertError::Db(e)) => return Err(e.into()),
     };
@@ -145,7 +150,10 @@ struct AccessClaims<'a> {
 /// Exchange e-mail and password for an access token.
 #[utoipa::path(post, path = "/auth/login", request_body = Login,
     responses((status = 200, body = TokenResponse), (status = 401, body = Problem)))]
-async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> Result<Response, Problem> {
+async fn login(
+    State(state): State<AppState>,
+    Json(body): Json<Login>,
+) -> Result<Response, Problem> {
     // An unparseable e-mail is treated as unknown: same answer, same work.
     let record = match Email::parse(&body.email) {
         Ok(email) => repository::by_email(&state.pool, &email).await?,
@@ -153,10 +161,15 @@ async fn login(State(state): State<AppState>, Json(body): Json<Login>) -> Result
     };
     let ok = state
         .passwords
-        .verify(body.password, record.as_ref().map(|r| r.password_hash.clone()))
+        .verify(
+            body.password,
+            record.as_ref().map(|r| r.password_hash.clone()),
+        )
         .await;
     let Some(user) = record.filter(|_| ok) else {
-        return Err(Problem::unauthorized("the e-mail address or the password is wrong"));
+        return Err(Problem::unauthorized(
+            "the e-mail address or the password is wrong",
+        ));
     };
     let now = now_secs();
     let ttl = state.token_ttl.as_secs();

@@ -21,10 +21,14 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("users database")?;
-        let keys = crate::keys::load_or_create(db.pool()).await.context("signing keys")?;
+        let keys = crate::keys::load_or_create(db.pool())
+            .await
+            .context("signing keys")?;
         let signer = keys.first().cloned().context("no signing key")?;
         let jwks = chassis::jwt::jwks(keys.iter());
-        let chassis = Chassis::bind(config.service).await.context("binding the listener")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
         let state = AppState {
             pool: db.pool().clone(),
             passwords: Passwords::new()?,
@@ -50,6 +54,9 @@ impl Application {
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0.run_until_stopped(shutdown).await.context("serving HTTP")
+        self.0
+            .run_until_stopped(shutdown)
+            .await
+            .context("serving HTTP")
     }
 }

@@ -28,12 +28,24 @@ async fn spawn_on(db: &TestDb) -> App {
     let url = format!("http://127.0.0.1:{}", app.port());
     let stop = chassis::CancellationToken::new();
     let done = tokio::spawn(app.run_until_stopped(stop.clone()));
-    App { url, http: reqwest::Client::new(), identity, stop, done }
+    App {
+        url,
+        http: reqwest::Client::new(),
+        identity,
+        stop,
+        done,
+    }
 }
 
 impl App {
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
     async fn get_as(&self, path: &str, identity: Option<&str>) -> (u16, Value) {
@@ -54,7 +66,10 @@ async fn accounts(engine: Engine) {
     let db = TestDb::new(engine);
     let app = spawn_on(&db).await;
     let (status, user) = app
-        .post("/users", json!({"email": "Ada@Example.com", "name": "Ada", "password": "correct horse"}))
+        .post(
+            "/users",
+            json!({"email": "Ada@Example.com", "name": "Ada", "password": "correct horse"}),
+        )
         .await;
     assert_eq!(status, 201, "{user}");
     assert_eq!(user["email"], "ada@example.com");
@@ -62,12 +77,18 @@ async fn accounts(engine: Engine) {
     assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
 
     let (status, dup) = app
-        .post("/users", json!({"email": "ada@example.com", "name": "Other", "password": "another one"}))
+        .post(
+            "/users",
+            json!({"email": "ada@example.com", "name": "Other", "password": "another one"}),
+        )
         .await;
     assert_eq!(status, 409, "{dup}");
 
     let (status, token) = app
-        .post("/auth/login", json!({"email": "ada@example.com", "password": "correct horse"}))
+        .post(
+            "/auth/login",
+            json!({"email": "ada@example.com", "password": "correct horse"}),
+        )
         .await;
     assert_eq!(status, 200, "{token}");
     assert_eq!(token["token_type"], "Bearer");
@@ -78,12 +99,22 @@ async fn accounts(engine: Engine) {
     let header = jsonwebtoken::decode_header(token["access_token"].as_str().unwrap()).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES256);
     assert!(header.kid.is_some());
-    let verifier = JwtVerifier::with_keys(KeySet::from_jwks(&jwks).unwrap(), "bazaar-users", "bazaar", Duration::ZERO);
-    let claims: Value = verifier.verify(token["access_token"].as_str().unwrap()).await.unwrap();
+    let verifier = JwtVerifier::with_keys(
+        KeySet::from_jwks(&jwks).unwrap(),
+        "bazaar-users",
+        "bazaar",
+        Duration::ZERO,
+    );
+    let claims: Value = verifier
+        .verify(token["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
     assert_eq!(claims["sub"], id.as_str());
 
     // /users/me needs the gateway-signed identity.
-    let (status, me) = app.get_as("/users/me", Some(&app.identity.token(&id))).await;
+    let (status, me) = app
+        .get_as("/users/me", Some(&app.identity.token(&id)))
+        .await;
     assert_eq!(status, 200, "{me}");
     assert_eq!(me["name"], "Ada");
     let kid = header.kid.unwrap();
@@ -94,7 +125,10 @@ async fn accounts(engine: Engine) {
     let (_, jwks_again) = again.get_as("/.well-known/jwks.json", None).await;
     assert_eq!(jwks_again["keys"][0]["kid"], kid.as_str());
     let (status, _) = again
-        .post("/auth/login", json!({"email": "ada@example.com", "password": "correct horse"}))
+        .post(
+            "/auth/login",
+            json!({"email": "ada@example.com", "password": "correct horse"}),
+        )
         .await;
     assert_eq!(status, 200);
 }
@@ -113,12 +147,21 @@ async fn accounts_on_postgres() {
 async fn wrong_password_and_unknown_user_look_the_same() {
     let db = TestDb::new(Engine::Sqlite);
     let app = spawn_on(&db).await;
-    app.post("/users", json!({"email": "bo@example.com", "name": "Bo", "password": "password1"})).await;
+    app.post(
+        "/users",
+        json!({"email": "bo@example.com", "name": "Bo", "password": "password1"}),
+    )
+    .await;
     let mut timings = Vec::new();
     let mut bodies = Vec::new();
-    for (email, password) in [("bo@example.com", "wrong-password"), ("nobody@example.com", "password1")] {
+    for (email, password) in [
+        ("bo@example.com", "wrong-password"),
+        ("nobody@example.com", "password1"),
+    ] {
         let started = Instant::now();
-        let (status, mut body) = app.post("/auth/login", json!({"email": email, "password": password})).await;
+        let (status, mut body) = app
+            .post("/auth/login", json!({"email": email, "password": password}))
+            .await;
         timings.push(started.elapsed());
         assert_eq!(status, 401);
         body.as_object_mut().unwrap().remove("correlation_id");
@@ -127,22 +170,40 @@ async fn wrong_password_and_unknown_user_look_the_same() {
     assert_eq!(bodies[0], bodies[1]);
     // Both run one argon2 verification; a skipped hash would be ~100x faster.
     let (a, b) = (timings[0].as_secs_f64(), timings[1].as_secs_f64());
-    assert!(a.min(b) / a.max(b) > 0.2, "timings differ too much: {timings:?}");
+    assert!(
+        a.min(b) / a.max(b) > 0.2,
+        "timings differ too much: {timings:?}"
+    );
 }
 
 #[tokio::test]
 async fn bad_sign_ups_name_every_field_and_write_nothing() {
     let db = TestDb::new(Engine::Sqlite);
     let app = spawn_on(&db).await;
-    let (status, body) = app.post("/users", json!({"email": "nope", "name": " ", "password": "short"})).await;
+    let (status, body) = app
+        .post(
+            "/users",
+            json!({"email": "nope", "name": " ", "password": "short"}),
+        )
+        .await;
     assert_eq!(status, 422);
-    let fields: Vec<&str> = body["errors"].as_array().unwrap().iter().map(|e| e["field"].as_str().unwrap()).collect();
+    let fields: Vec<&str> = body["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
     assert_eq!(fields, ["email", "name", "password"]);
     let (status, body) = app.post("/users", json!({"email": "x@example.com"})).await;
     assert_eq!(status, 422);
     assert_eq!(body["errors"][0]["field"], "name");
     // Nothing was written: the address is still free.
-    let (status, _) = app.post("/users", json!({"email": "x@example.com", "name": "X", "password": "password1"})).await;
+    let (status, _) = app
+        .post(
+            "/users",
+            json!({"email": "x@example.com", "name": "X", "password": "password1"}),
+        )
+        .await;
     assert_eq!(status, 201);
 }
 
@@ -150,7 +211,12 @@ async fn bad_sign_ups_name_every_field_and_write_nothing() {
 async fn me_refuses_missing_forged_and_foreign_identities() {
     let db = TestDb::new(Engine::Sqlite);
     let app = spawn_on(&db).await;
-    let (_, user) = app.post("/users", json!({"email": "c@example.com", "name": "C", "password": "password1"})).await;
+    let (_, user) = app
+        .post(
+            "/users",
+            json!({"email": "c@example.com", "name": "C", "password": "password1"}),
+        )
+        .await;
     let id = user["id"].as_str().unwrap();
     let (status, body) = app.get_as("/users/me", None).await;
     assert_eq!(status, 401, "{body}");
@@ -159,7 +225,13 @@ async fn me_refuses_missing_forged_and_foreign_identities() {
     let other = IdentityFixture::start().await;
     let (status, _) = app.get_as("/users/me", Some(&other.token(id))).await;
     assert_eq!(status, 401, "an identity signed by another key");
-    let r = app.http.get(format!("{}/users/me", app.url)).header("x-user-id", id).send().await.unwrap();
+    let r = app
+        .http
+        .get(format!("{}/users/me", app.url))
+        .header("x-user-id", id)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status().as_u16(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
 }
