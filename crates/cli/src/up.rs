@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
         pids: pids.clone(),
     };
 
+    // Services report here when they cannot start, so `up` fails fast instead of
+    // waiting for the readiness timeout.
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let starting = Arc::new(AtomicBool::new(true));
     let mut tasks = Vec::new();
     match options.mode {
         Mode::Processes => {
@@ -129,11 +134,14 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
                     log: logs.join(format!("{}.log", b.service.name())),
                     listener: b.listener,
                 };
-                let token = tokens[&b.service].clone();
-                tasks.push((
-                    b.service,
-                    tokio::spawn(supervise(child, token, pids.clone(), writer.clone())),
-                ));
+                let watch = Watch {
+                    stop: tokens[&b.service].clone(),
+                    pids: pids.clone(),
+                    writer: writer.clone(),
+                    starting: starting.clone(),
+                    fail: fail_tx.clone(),
+                };
+                tasks.push((b.service, tokio::spawn(supervise(child, watch))));
             }
         }
         Mode::Monolith => {
@@ -148,12 +156,14 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
                 let config = config.clone();
                 let resolver = resolver.clone();
                 let service = b.service;
+                let fail = fail_tx.clone();
                 tasks.push((
                     service,
                     tokio::spawn(async move {
-                        if let Err(e) = services::run(service, &config, Listen::Inherited(b.listener), resolver, token.clone()).await {
-                            eprintln!("✗ {} failed: {e:#}", service.name());
+                        let listen = Listen::Inherited(b.listener);
+                        if let Err(e) = services::run(service, &config, listen, resolver, token).await {
                             tracing::error!(service = service.name(), error = %format!("{e:#}"), "service failed");
+                            let _ = fail.send(format!("{} failed: {e:#}", service.name()));
                         }
                     }),
                 ));
@@ -164,8 +174,10 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     let signal = chassis::shutdown::on_signal();
     let ready = tokio::select! {
         r = wait_ready(&urls, &logs) => r,
+        Some(reason) = fail_rx.recv() => Err(anyhow::anyhow!(reason)),
         () = signal.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
     };
+    starting.store(false, Ordering::Relaxed);
     if let Err(e) = ready {
         stop_all(&tokens, tasks).await;
         RunState::remove(&data_dir);
@@ -316,13 +328,23 @@ impl ChildSpec {
     }
 }
 
-/// Runs one child, restarting it with backoff when it dies, until `stop`.
-async fn supervise(
-    child: ChildSpec,
+/// What a supervising task shares with `up`.
+struct Watch {
     stop: CancellationToken,
     pids: Arc<Mutex<HashMap<ServiceName, u32>>>,
     writer: StateWriter,
-) {
+    /// True until every service was ready once.
+    starting: Arc<AtomicBool>,
+    fail: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+/// Crashes while the shop is starting after which `up` gives up: a service that
+/// dies this often before ever being ready has a problem a restart will not fix.
+const STARTUP_CRASHES: u32 = 3;
+
+/// Runs one child, restarting it with backoff when it dies, until `stop`.
+async fn supervise(child: ChildSpec, watch: Watch) {
+    let Watch { stop, pids, writer, starting, fail } = watch;
     let name = child.service.name();
     let mut backoff = INITIAL_BACKOFF;
     let mut restarts = 0u32;
@@ -359,6 +381,14 @@ async fn supervise(
                 }
                 restarts += 1;
                 let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                if starting.load(Ordering::Relaxed) && restarts >= STARTUP_CRASHES {
+                    let _ = fail.send(format!(
+                        "{name} exited {restarts} times while starting ({status}); last lines of {}:\n{}",
+                        child.log.display(),
+                        tail(&child.log, 10)
+                    ));
+                    return;
+                }
                 eprintln!("! {name} exited ({status}); restarting in {backoff:?} (restart {restarts}; log: {})", child.log.display());
                 tracing::warn!(service = name, %status, restarts, "exited; restarting");
                 tokio::select! {
@@ -373,6 +403,13 @@ async fn supervise(
             }
         }
     }
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Time a service gets to drain after SIGTERM before SIGKILL: above the chassis's

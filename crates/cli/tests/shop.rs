@@ -92,6 +92,36 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     pids.dedup();
     assert_eq!(pids.len(), 5);
 
+    // One correlation id follows an order through gateway -> orders -> products, on
+    // a JSON log line of each.
+    let (_, token) = shop.user().await;
+    let product = shop.product_ids(1).await.remove(0);
+    let correlation = format!("e2e-{}", uuid::Uuid::new_v4().simple());
+    let r = shop
+        .http
+        .post(format!("{}/orders", shop.gateway))
+        .bearer_auth(&token)
+        .header("x-correlation-id", &correlation)
+        .json(&json!({"items": [{"product_id": product, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-correlation-id"], correlation.as_str());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut traces = Vec::new();
+    for service in ["gateway", "orders", "products"] {
+        let log = std::fs::read_to_string(shop.data_dir.join(format!("logs/{service}.log"))).unwrap();
+        let line = log.lines().find(|l| l.contains(&correlation)).unwrap_or_else(|| panic!("{service} never logged {correlation}"));
+        let line: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(line["correlation_id"], correlation.as_str());
+        assert_eq!(line["service"], service);
+        for field in ["timestamp", "level", "version", "message", "trace_id"] {
+            assert!(line[field].is_string(), "{field} missing in {line}");
+        }
+        traces.push(line["trace_id"].clone());
+    }
+    assert!(traces.windows(2).all(|w| w[0] == w[1]), "one trace across services: {traces:?}");
+
     // A crashed service is restarted on the same port; its data survives.
     let orders_pid = shop.pid_of("orders");
     nix::sys::signal::kill(
@@ -257,4 +287,24 @@ fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
         !dir.join(".bazaar").exists(),
         "nothing was started or written"
     );
+}
+
+#[test]
+fn up_fails_fast_naming_a_service_that_cannot_start_and_leaves_nothing_running() {
+    let dir = std::env::temp_dir().join(format!("bazaar-fail-{}", uuid::Uuid::new_v4().simple()));
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(support::BIN)
+        .args(["up", "--port", "0", "--data-dir"])
+        .arg(&dir)
+        .env("BAZAAR_ORDERS__DATABASE_URL", "mysql://nowhere/orders")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("orders exited 3 times while starting"), "{stderr}");
+    assert!(stderr.contains("unsupported database URL scheme"), "the cause is shown: {stderr}");
+    assert!(started.elapsed() < Duration::from_secs(30), "not the readiness timeout");
+    let ps = std::process::Command::new(support::BIN).args(["ps", "--json", "--data-dir"]).arg(&dir).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "[]");
+    let _ = std::fs::remove_dir_all(&dir);
 }
