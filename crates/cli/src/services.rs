@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use anyhow::Context;
 use chassis::db::Database;
 use chassis::secrecy::SecretString;
 use chassis::{CancellationToken, Listen, ServiceConfig};
@@ -86,15 +87,13 @@ pub async fn run(
         resolver,
     };
     let data_dir = config.data_dir.as_path();
-    match service {
+    let built = match service {
         ServiceName::ControlPlane => {
             control_plane::Application::build(control_plane::Config {
                 service: chassis,
                 settings: config.control_plane.clone(),
             })
             .await?
-            .run_until_stopped(shutdown)
-            .await
         }
         ServiceName::Users => {
             users::Application::build(users::Config {
@@ -103,8 +102,6 @@ pub async fn run(
                 settings: config.users.clone(),
             })
             .await?
-            .run_until_stopped(shutdown)
-            .await
         }
         ServiceName::Products => {
             products::Application::build(products::Config {
@@ -113,8 +110,6 @@ pub async fn run(
                 settings: config.products.clone(),
             })
             .await?
-            .run_until_stopped(shutdown)
-            .await
         }
         ServiceName::Orders => {
             orders::Application::build(orders::Config {
@@ -123,8 +118,6 @@ pub async fn run(
                 settings: config.orders.clone(),
             })
             .await?
-            .run_until_stopped(shutdown)
-            .await
         }
         ServiceName::Gateway => {
             gateway::Application::build(gateway::Config {
@@ -133,8 +126,10 @@ pub async fn run(
                 data_dir: config.data_dir.clone(),
             })
             .await?
-            .run_until_stopped(shutdown)
-            .await
         }
-    }
+    };
+    built
+        .run_until_stopped(shutdown)
+        .await
+        .context("serving HTTP")
 }

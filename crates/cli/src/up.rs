@@ -344,7 +344,13 @@ const STARTUP_CRASHES: u32 = 3;
 
 /// Runs one child, restarting it with backoff when it dies, until `stop`.
 async fn supervise(child: ChildSpec, watch: Watch) {
-    let Watch { stop, pids, writer, starting, fail } = watch;
+    let Watch {
+        stop,
+        pids,
+        writer,
+        starting,
+        fail,
+    } = watch;
     let name = child.service.name();
     let mut backoff = INITIAL_BACKOFF;
     let mut restarts = 0u32;

@@ -110,8 +110,12 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut traces = Vec::new();
     for service in ["gateway", "orders", "products"] {
-        let log = std::fs::read_to_string(shop.data_dir.join(format!("logs/{service}.log"))).unwrap();
-        let line = log.lines().find(|l| l.contains(&correlation)).unwrap_or_else(|| panic!("{service} never logged {correlation}"));
+        let log =
+            std::fs::read_to_string(shop.data_dir.join(format!("logs/{service}.log"))).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains(&correlation))
+            .unwrap_or_else(|| panic!("{service} never logged {correlation}"));
         let line: Value = serde_json::from_str(line).unwrap();
         assert_eq!(line["correlation_id"], correlation.as_str());
         assert_eq!(line["service"], service);
@@ -120,7 +124,10 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         }
         traces.push(line["trace_id"].clone());
     }
-    assert!(traces.windows(2).all(|w| w[0] == w[1]), "one trace across services: {traces:?}");
+    assert!(
+        traces.windows(2).all(|w| w[0] == w[1]),
+        "one trace across services: {traces:?}"
+    );
 
     // A crashed service is restarted on the same port; its data survives.
     let orders_pid = shop.pid_of("orders");
@@ -301,10 +308,23 @@ fn up_fails_fast_naming_a_service_that_cannot_start_and_leaves_nothing_running()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("orders exited 3 times while starting"), "{stderr}");
-    assert!(stderr.contains("unsupported database URL scheme"), "the cause is shown: {stderr}");
-    assert!(started.elapsed() < Duration::from_secs(30), "not the readiness timeout");
-    let ps = std::process::Command::new(support::BIN).args(["ps", "--json", "--data-dir"]).arg(&dir).output().unwrap();
+    assert!(
+        stderr.contains("orders exited 3 times while starting"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("unsupported database URL scheme"),
+        "the cause is shown: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not the readiness timeout"
+    );
+    let ps = std::process::Command::new(support::BIN)
+        .args(["ps", "--json", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "[]");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,23 +32,50 @@ async fn app() -> (Router, IdentityFixture) {
     config.http.body_limit = ByteSize(1024);
     config.http.request_timeout = HumanDuration::millis(200);
     let chassis = Chassis::bind(config).await.unwrap();
-    let routes = Router::new()
-        .route("/items", post(|Json(_): Json<Item>| async { StatusCode::CREATED }))
-        .route("/items/{id}", get(|chassis::extract::Path(id): chassis::extract::Path<u32>| async move { id.to_string() }))
-        .route("/slow", get(|| async {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            "late"
-        }))
-        .route("/panic", get(|| async {
-            #[allow(clippy::panic)]
-            if true {
-                panic!("boom");
-            }
-            ""
-        }))
-        .route("/teapot", get(|| async { Problem::new(StatusCode::IM_A_TEAPOT, "teapot", "I am a teapot") }))
-        .route("/whoami", get(|id: chassis::identity::Identity| async move { id.subject }));
-    let router = chassis.router(routes, Readiness::default(), Some(utoipa::openapi::OpenApi::default()));
+    let routes =
+        Router::new()
+            .route(
+                "/items",
+                post(|Json(_): Json<Item>| async { StatusCode::CREATED }),
+            )
+            .route(
+                "/items/{id}",
+                get(
+                    |chassis::extract::Path(id): chassis::extract::Path<u32>| async move {
+                        id.to_string()
+                    },
+                ),
+            )
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route(
+                "/panic",
+                get(|| async {
+                    #[allow(clippy::panic)]
+                    if true {
+                        panic!("boom");
+                    }
+                    ""
+                }),
+            )
+            .route(
+                "/teapot",
+                get(|| async { Problem::new(StatusCode::IM_A_TEAPOT, "teapot", "I am a teapot") }),
+            )
+            .route(
+                "/whoami",
+                get(|id: chassis::identity::Identity| async move { id.subject }),
+            );
+    let router = chassis.router(
+        routes,
+        Readiness::default(),
+        Some(utoipa::openapi::OpenApi::default()),
+    );
     (router, identity)
 }
 
@@ -56,41 +83,101 @@ async fn call(router: &Router, request: Request<Body>) -> (StatusCode, http::Hea
     let response = router.clone().oneshot(request).await.unwrap();
     let (parts, body) = response.into_parts();
     let bytes = body.collect().await.unwrap().to_bytes();
-    (parts.status, parts.headers, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        parts.status,
+        parts.headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn json_post(path: &str, body: &str) -> Request<Body> {
-    Request::post(path).header("content-type", "application/json").body(Body::from(body.to_owned())).unwrap()
+    Request::post(path)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_owned()))
+        .unwrap()
 }
 
 #[tokio::test]
 async fn client_mistakes_are_problems_with_the_right_status() {
     let (router, _id) = app().await;
     let cases: Vec<(&str, Request<Body>, StatusCode)> = vec![
-        ("malformed JSON", json_post("/items", "{"), StatusCode::BAD_REQUEST),
-        ("missing field", json_post("/items", r#"{"name":"x"}"#), StatusCode::UNPROCESSABLE_ENTITY),
-        ("wrong type", json_post("/items", r#"{"name":"x","count":-1}"#), StatusCode::UNPROCESSABLE_ENTITY),
-        ("no content type", Request::post("/items").body(Body::from("{}")).unwrap(), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        ("too large", json_post("/items", &format!(r#"{{"name":"{}","count":1}}"#, "x".repeat(2000))), StatusCode::PAYLOAD_TOO_LARGE),
-        ("bad path parameter", Request::get("/items/abc").body(Body::empty()).unwrap(), StatusCode::BAD_REQUEST),
-        ("unknown path", Request::get("/nope").body(Body::empty()).unwrap(), StatusCode::NOT_FOUND),
-        ("wrong method", Request::delete("/items").body(Body::empty()).unwrap(), StatusCode::METHOD_NOT_ALLOWED),
-        ("no identity", Request::get("/whoami").body(Body::empty()).unwrap(), StatusCode::UNAUTHORIZED),
+        (
+            "malformed JSON",
+            json_post("/items", "{"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "missing field",
+            json_post("/items", r#"{"name":"x"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "wrong type",
+            json_post("/items", r#"{"name":"x","count":-1}"#),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "no content type",
+            Request::post("/items").body(Body::from("{}")).unwrap(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "too large",
+            json_post(
+                "/items",
+                &format!(r#"{{"name":"{}","count":1}}"#, "x".repeat(2000)),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "bad path parameter",
+            Request::get("/items/abc").body(Body::empty()).unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "unknown path",
+            Request::get("/nope").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "wrong method",
+            Request::delete("/items").body(Body::empty()).unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "no identity",
+            Request::get("/whoami").body(Body::empty()).unwrap(),
+            StatusCode::UNAUTHORIZED,
+        ),
     ];
     for (name, request, status) in cases {
         let path = request.uri().path().to_owned();
         let (got, headers, body) = call(&router, request).await;
         assert_eq!(got, status, "{name}: {body}");
-        assert_eq!(headers["content-type"], "application/problem+json", "{name}");
+        assert_eq!(
+            headers["content-type"], "application/problem+json",
+            "{name}"
+        );
         assert_eq!(body["status"], status.as_u16(), "{name}");
         assert_eq!(body["instance"], path.as_str(), "{name}");
         assert!(body["correlation_id"].is_string(), "{name}");
-        assert_eq!(body["correlation_id"], headers["x-correlation-id"].to_str().unwrap(), "{name}");
+        assert_eq!(
+            body["correlation_id"],
+            headers["x-correlation-id"].to_str().unwrap(),
+            "{name}"
+        );
     }
     let (_, _, body) = call(&router, json_post("/items", r#"{"name":"x"}"#)).await;
     assert_eq!(body["errors"][0]["field"], "count");
-    let (_, headers, _) = call(&router, Request::delete("/items").body(Body::empty()).unwrap()).await;
-    assert_eq!(headers["allow"], "POST", "headers of the original response are kept");
+    let (_, headers, _) = call(
+        &router,
+        Request::delete("/items").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        headers["allow"], "POST",
+        "headers of the original response are kept"
+    );
 }
 
 #[tokio::test]
@@ -99,10 +186,18 @@ async fn timeouts_panics_and_handler_problems() {
     let (status, _, body) = call(&router, Request::get("/slow").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["type"], "tag:bazaar.dev,2026:problem/timeout");
-    let (status, _, body) = call(&router, Request::get("/panic").body(Body::empty()).unwrap()).await;
+    let (status, _, body) =
+        call(&router, Request::get("/panic").body(Body::empty()).unwrap()).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(!body["detail"].as_str().unwrap().contains("boom"), "internals never leak");
-    let (status, _, body) = call(&router, Request::get("/teapot").body(Body::empty()).unwrap()).await;
+    assert!(
+        !body["detail"].as_str().unwrap().contains("boom"),
+        "internals never leak"
+    );
+    let (status, _, body) = call(
+        &router,
+        Request::get("/teapot").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::IM_A_TEAPOT);
     assert_eq!(body["instance"], "/teapot");
 }
@@ -121,31 +216,76 @@ async fn identity_and_context_headers() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"user-7");
 
-    let (status, _, body) = call(&router, Request::get("/healthz").body(Body::empty()).unwrap()).await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
-    let (status, _, _) = call(&router, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    let (status, _, body) = call(
+        &router,
+        Request::get("/healthz").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+    let (status, _, _) = call(
+        &router,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let (status, _, _) = call(&router, Request::get("/items/5").body(Body::empty()).unwrap()).await;
+    let (status, _, _) = call(
+        &router,
+        Request::get("/items/5").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
-    let response = router.clone().oneshot(Request::get("/metrics").body(Body::empty()).unwrap()).await.unwrap();
-    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let response = router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(text.contains(r#"route="/whoami""#), "{text}");
     assert!(text.contains(r#"route="/items/{id}""#), "{text}");
-    assert!(!text.contains(r#"route="/items/5""#), "raw paths are never labels");
+    assert!(
+        !text.contains(r#"route="/items/5""#),
+        "raw paths are never labels"
+    );
 }
 
 #[tokio::test]
 async fn readiness_fails_when_a_dependency_cannot_be_resolved() {
     let identity = IdentityFixture::start().await;
-    let chassis = Chassis::bind(service_config("demo", &identity, &[])).await.unwrap();
+    let chassis = Chassis::bind(service_config("demo", &identity, &[]))
+        .await
+        .unwrap();
     let router = chassis.router(
         Router::new(),
-        Readiness { database: None, dependencies: vec!["nowhere".into()] },
+        Readiness {
+            database: None,
+            dependencies: vec!["nowhere".into()],
+        },
         None,
     );
-    let (status, _, body) = call(&router, Request::get("/readyz").body(Body::empty()).unwrap()).await;
+    let (status, _, body) = call(
+        &router,
+        Request::get("/readyz").body(Body::empty()).unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(body["checks"]["dependency:nowhere"].as_str().unwrap().contains("nowhere"));
+    assert!(
+        body["checks"]["dependency:nowhere"]
+            .as_str()
+            .unwrap()
+            .contains("nowhere")
+    );
 }
 
 #[tokio::test]
@@ -155,19 +295,34 @@ async fn shutdown_drains_in_flight_requests_then_stops_accepting() {
     config.http.shutdown_grace = HumanDuration::secs(5);
     let chassis = Chassis::bind(config).await.unwrap();
     let addr = chassis.local_addr();
-    let routes = Router::new().route("/work", get(|| async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        "done"
-    }));
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = started.clone();
+    let routes = Router::new().route(
+        "/work",
+        get(move || {
+            let signal = signal.clone();
+            async move {
+                signal.notify_one();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                "done"
+            }
+        }),
+    );
     let router = chassis.router(routes, Readiness::default(), None);
     let stop = chassis::CancellationToken::new();
     let server = tokio::spawn(chassis.serve(router, stop.clone()));
     let in_flight = tokio::spawn(reqwest::get(format!("http://{addr}/work")));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down only once the request is being handled.
+    started.notified().await;
     stop.cancel();
     let response = in_flight.await.unwrap().unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await.unwrap(), "done");
     server.await.unwrap().unwrap();
-    assert!(reqwest::get(format!("http://{addr}/healthz")).await.is_err(), "still accepting after shutdown");
+    assert!(
+        reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .is_err(),
+        "still accepting after shutdown"
+    );
 }

@@ -13,7 +13,7 @@ use chassis::http::{Readiness, Service};
 use chassis::identity::IdentityIssuer;
 use chassis::jwt::{JwksCache, JwtVerifier, SigningKey};
 use chassis::secrecy::ExposeSecret;
-use chassis::{CancellationToken, Chassis, ServiceConfig};
+use chassis::{Chassis, ServiceConfig};
 
 use crate::configuration::{Settings, validate_routes};
 use crate::proxy::{self, Proxy};
@@ -26,10 +26,11 @@ pub struct Config {
     pub data_dir: PathBuf,
 }
 
-pub struct Application(Service);
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let settings = config.settings;
         let errors = validate_routes(&settings.routes);
         if !errors.is_empty() {
@@ -78,18 +79,7 @@ impl Application {
             },
             None,
         );
-        Ok(Self(Service::new(chassis, router, None)))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.0.port()
-    }
-
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0
-            .run_until_stopped(shutdown)
-            .await
-            .context("serving HTTP")
+        Ok(Service::new(chassis, router, None))
     }
 }
 

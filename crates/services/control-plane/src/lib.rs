@@ -15,7 +15,7 @@ use chassis::client::HttpClient;
 use chassis::config_section;
 use chassis::extract::Json;
 use chassis::http::{Readiness, Service};
-use chassis::{CancellationToken, Chassis, ServiceConfig};
+use chassis::{Chassis, ServiceConfig};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
@@ -118,10 +118,11 @@ async fn probe(client: &HttpClient, instance: chassis::client::Instance) -> Inst
     }
 }
 
-pub struct Application(Service);
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
@@ -129,17 +130,6 @@ impl Application {
             .route("/v1/services", get(services))
             .with_state(Arc::new(chassis.client.clone()));
         let router = chassis.router(routes, Readiness::default(), Some(ApiDoc::openapi()));
-        Ok(Self(Service::new(chassis, router, None)))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.0.port()
-    }
-
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0
-            .run_until_stopped(shutdown)
-            .await
-            .context("serving HTTP")
+        Ok(Service::new(chassis, router, None))
     }
 }

@@ -163,3 +163,64 @@ fn decode_cursor(cursor: &str) -> Result<Uuid, Problem> {
             Problem::bad_request("invalid `cursor`: pass the `next_cursor` of a previous page")
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use chassis::testing::{Engine, TestDb};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    async fn routes() -> (Router, TestDb) {
+        let db = TestDb::new(Engine::Sqlite);
+        let database = chassis::db::Database::connect(&db.url, &crate::startup::MIGRATOR)
+            .await
+            .unwrap();
+        repository::seed(database.pool()).await.unwrap();
+        (
+            router(AppState {
+                pool: database.pool().clone(),
+            }),
+            db,
+        )
+    }
+
+    async fn get(router: &Router, uri: &str) -> (u16, serde_json::Value) {
+        let response = router
+            .clone()
+            .oneshot(axum::http::Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn batch_reads_dedupe_and_refuse_mixing_with_paging() {
+        let (router, _db) = routes().await;
+        let (_, page) = get(&router, "/products?limit=2").await;
+        let a = page["items"][0]["id"].as_str().unwrap().to_owned();
+        let (status, batch) = get(&router, &format!("/products?ids={a},{a}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(batch["items"].as_array().unwrap().len(), 1);
+        let (status, _) = get(&router, &format!("/products?ids={a}&limit=5")).await;
+        assert_eq!(status, 400);
+        let ids = vec![a.as_str(); 101].join(",");
+        let (status, body) = get(&router, &format!("/products?ids={ids}")).await;
+        assert_eq!(
+            (status, &body["errors"][0]["field"]),
+            (422, &serde_json::json!("ids"))
+        );
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        assert!(decode_cursor("not base64!").is_err());
+        assert!(decode_cursor("AAAA").is_err());
+    }
+}

@@ -1,20 +1,21 @@
 //! Building and running the service.
 
 use anyhow::Context;
+use chassis::Chassis;
 use chassis::http::{Readiness, Service};
 use chassis::secrecy::ExposeSecret;
-use chassis::{CancellationToken, Chassis};
 use utoipa::OpenApi;
 
 use crate::Config;
 use crate::routes::{self, ApiDoc, AppState};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-pub struct Application(Service);
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("products database")?;
@@ -40,17 +41,6 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        Ok(Self(Service::new(chassis, router, Some(db))))
-    }
-
-    pub fn port(&self) -> u16 {
-        self.0.port()
-    }
-
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        self.0
-            .run_until_stopped(shutdown)
-            .await
-            .context("serving HTTP")
+        Ok(Service::new(chassis, router, Some(db)))
     }
 }
