@@ -1,0 +1,9 @@
+//! Resilience for calls between services, as tower layers (what Resilience4j and
+//! Polly are to the JVM and .NET). Each layer is its own module with tower's shape:
+//! `Xxx<S>`, `XxxLayer`, a response future, an error type.
+//!
+//! - [`circuit_breaker`]: sliding-window breaker with half-open trials, operator
+//!   overrides, listeners and metrics.
+#![forbid(unsafe_code)]
+
+pub mod circuit_breaker;
