@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use chassis::config::{Errors, Source};
 use chassis::config_section;
-use chassis::settings::{DiscoverySettings, HttpSettings, IdentitySettings, LogSettings};
+use chassis::settings::{
+    BreakerSettings, DiscoverySettings, HttpSettings, IdentitySettings, LogSettings,
+};
 use serde::Deserialize;
 
 config_section! {
@@ -18,6 +20,7 @@ config_section! {
         pub log: LogSettings,
         pub identity: IdentitySettings,
         pub discovery: DiscoverySettings,
+        pub breaker: BreakerSettings,
         pub control_plane: control_plane::Settings,
         pub users: users::Settings,
         pub products: products::Settings,
@@ -35,6 +38,10 @@ struct ShopRoutes {
 pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let source = Source::from_process(file)?;
     let mut config: ShopConfig = source.parse()?;
+    let invalid = config.breaker.validate();
+    if !invalid.is_empty() {
+        return Err(Errors(invalid));
+    }
     if config.gateway.routes.is_empty() {
         config.gateway.routes = shop_routes();
     }

@@ -373,7 +373,7 @@ async fn supervise(child: ChildSpec, watch: Watch) {
             .insert(child.service, pid);
         if restarts > 0 {
             eprintln!("✓ {name} restarted (pid {pid})");
-            tracing::info!(service = name, pid, restarts, "restarted");
+            tracing::info!(child = name, pid, restarts, "restarted");
             writer.write();
         }
         let since = Instant::now();
@@ -396,7 +396,7 @@ async fn supervise(child: ChildSpec, watch: Watch) {
                     return;
                 }
                 eprintln!("! {name} exited ({status}); restarting in {backoff:?} (restart {restarts}; log: {})", child.log.display());
-                tracing::warn!(service = name, %status, restarts, "exited; restarting");
+                tracing::warn!(child = name, %status, restarts, "exited; restarting");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return,
@@ -428,7 +428,7 @@ async fn terminate(process: &mut tokio::process::Child, name: &str) {
     };
     let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     match tokio::time::timeout(STOP_TIMEOUT, process.wait()).await {
-        Ok(_) => tracing::info!(service = name, "stopped"),
+        Ok(_) => tracing::info!(child = name, "stopped"),
         Err(_) => {
             eprintln!("! {name} did not stop within {STOP_TIMEOUT:?}; killing it");
             let _ = process.kill().await;

@@ -328,3 +328,80 @@ fn up_fails_fast_naming_a_service_that_cannot_start_and_leaves_nothing_running()
     assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "[]");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
+    let shop = Shop::up(
+        "processes",
+        &[
+            ("BAZAAR_BREAKER__WINDOW_SIZE", "3"),
+            ("BAZAAR_BREAKER__MINIMUM_CALLS", "3"),
+            ("BAZAAR_BREAKER__PERMITTED_IN_HALF_OPEN", "1"),
+            ("BAZAAR_BREAKER__WAIT_IN_OPEN", "1s"),
+            ("BAZAAR_HTTP__CLIENT_TIMEOUT", "300ms"),
+        ],
+    );
+    let (_, token) = shop.user().await;
+    let product = shop.product_ids(1).await.remove(0);
+    let order = json!({"items": [{"product_id": product, "quantity": 1}]});
+    let products = nix::unistd::Pid::from_raw(shop.pid_of("products"));
+    nix::sys::signal::kill(products, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+    // Each call waits out the client deadline, and counts as a failure.
+    for _ in 0..3 {
+        let (status, body) = shop.post("/orders", Some(&token), order.clone()).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    let orders = shop.url("orders");
+    let breakers: Value = shop
+        .http
+        .get(format!("{orders}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let catalog = breakers["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "products")
+        .unwrap()
+        .clone();
+    assert_eq!(catalog["state"], "OPEN", "{breakers}");
+
+    // Open: the next order fails fast, with a clear problem and Retry-After.
+    let started = std::time::Instant::now();
+    let r = shop
+        .http
+        .post(format!("{}/orders", shop.gateway))
+        .bearer_auth(&token)
+        .json(&order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(r.headers().contains_key("retry-after"));
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // Thawed: after the wait, a trial call goes through and orders flow again.
+    nix::sys::signal::kill(products, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, _) = shop.post("/orders", Some(&token), order.clone()).await;
+        if status == 201 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orders did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

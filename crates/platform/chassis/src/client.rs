@@ -11,6 +11,9 @@ use axum::body::Body;
 use bytes::Bytes;
 pub use discovery::Instance;
 use discovery::{ResolveError, Resolver};
+use resilience::circuit_breaker::Outcome;
+
+use crate::breakers::Breakers;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -55,6 +58,12 @@ pub enum ClientError {
     Body { service: String, reason: String },
     #[error("invalid request URI: {0}")]
     InvalidUri(String),
+    /// Not attempted: the breaker in front of `service` is open.
+    #[error("{service} is failing; calls are paused by its circuit breaker")]
+    CircuitOpen {
+        service: String,
+        retry_after: Option<Duration>,
+    },
 }
 
 impl ClientError {
@@ -66,6 +75,7 @@ impl ClientError {
                 | ClientError::Connect { .. }
                 | ClientError::Timeout { .. }
                 | ClientError::Request { .. }
+                | ClientError::CircuitOpen { .. }
         ) || matches!(self, ClientError::Status { status, .. } if status.is_server_error())
     }
 }
@@ -75,12 +85,18 @@ impl ClientError {
 pub struct HttpClient {
     inner: Client<HttpConnector, Body>,
     resolver: Arc<dyn Resolver>,
+    breakers: Arc<Breakers>,
     timeout: Duration,
     next: Arc<AtomicUsize>,
 }
 
 impl HttpClient {
-    pub fn new(resolver: Arc<dyn Resolver>, timeout: Duration, connect_timeout: Duration) -> Self {
+    pub fn new(
+        resolver: Arc<dyn Resolver>,
+        breakers: Arc<Breakers>,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -90,6 +106,7 @@ impl HttpClient {
         Self {
             inner,
             resolver,
+            breakers,
             timeout,
             next: Arc::new(AtomicUsize::new(0)),
         }
@@ -97,6 +114,11 @@ impl HttpClient {
 
     pub fn resolver(&self) -> &Arc<dyn Resolver> {
         &self.resolver
+    }
+
+    /// The circuit breakers of this client's downstream services.
+    pub fn breakers(&self) -> &Arc<Breakers> {
+        &self.breakers
     }
 
     /// Round robin over the resolved instances.
@@ -117,7 +139,8 @@ impl HttpClient {
         self.send_with_timeout(service, request, self.timeout).await
     }
 
-    /// [`send`](Self::send) with an explicit deadline.
+    /// [`send`](Self::send) with an explicit deadline, through `service`'s circuit
+    /// breaker: errors, timeouts and 5xx answers count as failures.
     pub async fn send_with_timeout(
         &self,
         service: &str,
@@ -125,7 +148,30 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
         let instance = self.pick(service)?;
-        self.send_to(service, &instance, request, timeout).await
+        let Some(breaker) = self.breakers.get(service) else {
+            return self.send_to(service, &instance, request, timeout).await;
+        };
+        let permit = breaker
+            .try_acquire()
+            .map_err(|rejected| ClientError::CircuitOpen {
+                service: service.to_owned(),
+                retry_after: rejected.retry_after,
+            })?;
+        let started = tokio::time::Instant::now();
+        // If the caller gives up (drops this future), the guard records a failure.
+        let guard = RecordOnDrop {
+            breaker: &breaker,
+            permit: Some(permit),
+            started,
+        };
+        let result = self.send_to(service, &instance, request, timeout).await;
+        let outcome = match &result {
+            Ok(r) if r.status().is_server_error() => Outcome::Failure,
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failure,
+        };
+        guard.finish(outcome);
+        result
     }
 
     /// The status `instance` answers to `GET path` (health probes of one instance).
@@ -220,6 +266,31 @@ impl HttpClient {
             service: service.to_owned(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// Records a failure if the call is abandoned before it ends (its future dropped),
+/// so a half-open breaker never loses a trial slot.
+struct RecordOnDrop<'a> {
+    breaker: &'a resilience::circuit_breaker::Breaker,
+    permit: Option<resilience::circuit_breaker::Permit>,
+    started: tokio::time::Instant,
+}
+
+impl RecordOnDrop<'_> {
+    fn finish(mut self, outcome: Outcome) {
+        if let Some(permit) = self.permit.take() {
+            self.breaker.record(permit, outcome, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for RecordOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.breaker
+                .record(permit, Outcome::Failure, self.started.elapsed());
+        }
     }
 }
 

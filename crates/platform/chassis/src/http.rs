@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures::future::join_all;
 use http::{HeaderValue, StatusCode};
 use serde_json::{Value, json};
@@ -52,6 +52,7 @@ struct StdState {
     metrics: Metrics,
     readiness: Readiness,
     resolver: Arc<dyn discovery::Resolver>,
+    breakers: Arc<crate::breakers::Breakers>,
     openapi: Arc<Value>,
 }
 
@@ -73,7 +74,9 @@ impl Chassis {
         let mut std_routes = Router::new()
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics));
+            .route("/metrics", get(metrics))
+            .route("/admin/breakers", get(list_breakers))
+            .route("/admin/breakers/{name}/{action}", post(change_breaker));
         // `None`: the service serves its own `/openapi.json` (the gateway merges its
         // upstreams' documents).
         if openapi.is_some() {
@@ -88,6 +91,7 @@ impl Chassis {
             metrics: self.metrics.clone(),
             readiness,
             resolver: self.client.resolver().clone(),
+            breakers: self.client.breakers().clone(),
             openapi: Arc::new(openapi),
         });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
@@ -257,6 +261,61 @@ async fn metrics(State(s): State<StdState>) -> Response {
         s.metrics.encode(),
     )
         .into_response()
+}
+
+/// Admin endpoints answer only callers on this machine: they change how the service
+/// treats its dependencies, and services may listen on a shared network.
+fn admin_allowed(request: &Request) -> Result<(), Problem> {
+    let local = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .is_some_and(|c| c.0.ip().is_loopback());
+    if local {
+        Ok(())
+    } else {
+        Err(
+            Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden")
+                .with_detail("admin endpoints answer only on loopback"),
+        )
+    }
+}
+
+/// `GET /admin/breakers`: every downstream breaker's state and window.
+async fn list_breakers(State(s): State<StdState>, request: Request) -> Response {
+    if let Err(p) = admin_allowed(&request) {
+        return p.into_response();
+    }
+    axum::Json(json!({ "breakers": s.breakers.snapshots() })).into_response()
+}
+
+/// `POST /admin/breakers/{name}/{action}`: `force-open`, `force-closed` (back to a
+/// fresh CLOSED) or `disable`.
+async fn change_breaker(
+    State(s): State<StdState>,
+    axum::extract::Path((name, action)): axum::extract::Path<(String, String)>,
+    request: Request,
+) -> Response {
+    if let Err(p) = admin_allowed(&request) {
+        return p.into_response();
+    }
+    if s.resolver.resolve(&name).is_err() {
+        return Problem::not_found(&format!("downstream service `{name}`")).into_response();
+    }
+    let Some(breaker) = s.breakers.get(&name) else {
+        return Problem::internal("breaker unavailable").into_response();
+    };
+    match action.as_str() {
+        "force-open" => breaker.force_open(),
+        "force-closed" => breaker.force_closed(),
+        "disable" => breaker.disable(),
+        other => {
+            return Problem::bad_request(format!(
+                "unknown action `{other}`; use force-open, force-closed or disable"
+            ))
+            .into_response();
+        }
+    }
+    axum::Json(breaker.snapshot()).into_response()
 }
 
 async fn openapi_doc(State(s): State<StdState>) -> Response {

@@ -289,7 +289,7 @@ impl JwksCache {
             .await
             .map_err(|e| JwtError::KeysUnavailable(e.to_string()))?;
         let set = KeySet::from_jwks(&doc)?;
-        tracing::info!(service = %self.service, keys = set.len(), "fetched JWKS");
+        tracing::info!(issuer = %self.service, keys = set.len(), "fetched JWKS");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.cached(kid)
             .ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))

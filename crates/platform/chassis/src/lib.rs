@@ -18,6 +18,7 @@
 //! graceful shutdown ([`shutdown`]).
 #![forbid(unsafe_code)]
 
+pub mod breakers;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -43,7 +44,7 @@ pub use tokio_util::sync::CancellationToken;
 use client::HttpClient;
 use discovery::Resolver;
 use jwt::{JwksCache, JwtVerifier};
-use settings::{HttpSettings, IdentitySettings};
+use settings::{BreakerSettings, HttpSettings, IdentitySettings};
 use telemetry::metrics::Metrics;
 
 /// Where a service listens.
@@ -63,6 +64,7 @@ pub struct ServiceConfig {
     pub listen: Listen,
     pub http: HttpSettings,
     pub identity: IdentitySettings,
+    pub breaker: BreakerSettings,
     pub resolver: Arc<dyn Resolver>,
 }
 
@@ -89,8 +91,21 @@ impl Chassis {
             }
         };
         let local_addr = listener.local_addr()?;
+        let metrics = Metrics::new(config.name);
+        let breaker_metrics = resilience::circuit_breaker::BreakerMetrics::default();
+        breaker_metrics.register(&metrics);
+        let breakers = breakers::Breakers::new(
+            config.breaker.config(),
+            config.breaker.enabled,
+            breaker_metrics,
+        )
+        .map_err(|errors| {
+            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, text.join("; "))
+        })?;
         let client = HttpClient::new(
             config.resolver,
+            Arc::new(breakers),
             config.http.client_timeout.0,
             config.http.client_connect_timeout.0,
         );
@@ -104,7 +119,7 @@ impl Chassis {
         Ok(Self {
             name: config.name,
             version: config.version,
-            metrics: Metrics::new(config.name),
+            metrics,
             client,
             identity,
             http: config.http,

@@ -82,3 +82,68 @@ impl DiscoverySettings {
         discovery::StaticResolver::parse(names.iter().map(|(k, v)| (k.as_str(), *v)))
     }
 }
+
+config_section! {
+    /// `[breaker]`: the circuit breaker in front of each downstream service, on every
+    /// outgoing call of the chassis client (services and the gateway alike).
+    pub struct BreakerSettings {
+        /// Off turns every breaker to DISABLED (calls pass, nothing is recorded).
+        pub enabled: bool = true,
+        /// Rates are judged over the last this-many calls.
+        pub window_size: u32 = 100,
+        /// Percent of failures (errors, timeouts, 5xx) that opens the breaker.
+        pub failure_rate_threshold: f64 = 50.0,
+        /// Percent of slow calls that opens it; 100 means only all-slow windows do.
+        pub slow_call_rate_threshold: f64 = 100.0,
+        /// A call this slow counts as slow: the client deadline's order of magnitude.
+        pub slow_call_duration: HumanDuration = HumanDuration::secs(5),
+        /// Calls in the window before rates mean anything.
+        pub minimum_calls: u32 = 20,
+        /// Trial calls in half-open; all must mostly succeed to close again.
+        pub permitted_in_half_open: u32 = 5,
+        /// First wait before trial calls; long enough for a restart to finish.
+        pub wait_in_open: HumanDuration = HumanDuration::secs(5),
+        /// Each consecutive opening multiplies the wait, so a dead dependency is
+        /// probed less and less often.
+        pub wait_multiplier: f64 = 2.0,
+        pub max_wait_in_open: HumanDuration = HumanDuration::secs(60),
+    }
+}
+
+impl BreakerSettings {
+    /// The breaker configuration these settings describe.
+    pub fn config(&self) -> resilience::circuit_breaker::Config {
+        resilience::circuit_breaker::Config {
+            window: resilience::circuit_breaker::Window::Count(self.window_size),
+            failure_rate_threshold: self.failure_rate_threshold,
+            slow_call_rate_threshold: self.slow_call_rate_threshold,
+            slow_call_duration: self.slow_call_duration.0,
+            minimum_calls: self.minimum_calls,
+            permitted_in_half_open: self.permitted_in_half_open,
+            wait_in_open: self.wait_in_open.0,
+            wait_multiplier: self.wait_multiplier,
+            max_wait_in_open: self.max_wait_in_open.0,
+        }
+    }
+
+    /// Every invalid setting, as configuration errors.
+    pub fn validate(&self) -> Vec<crate::config::ConfigError> {
+        self.config()
+            .validate()
+            .into_iter()
+            .map(|e| crate::config::ConfigError {
+                key: format!(
+                    "breaker.{}",
+                    if e.field == "window" {
+                        "window_size"
+                    } else {
+                        e.field
+                    }
+                ),
+                origin: "configuration".into(),
+                problem: e.problem.into(),
+                fix: "see docs/configuration.md for the allowed range".into(),
+            })
+            .collect()
+    }
+}

@@ -326,3 +326,84 @@ async fn shutdown_drains_in_flight_requests_then_stops_accepting() {
         "still accepting after shutdown"
     );
 }
+
+#[tokio::test]
+async fn admin_breakers_answer_loopback_and_force_open_stops_calls() {
+    let identity = IdentityFixture::start().await;
+    let config = service_config("demo", &identity, &[("peer", &identity.url)]);
+    let chassis = Chassis::bind(config).await.unwrap();
+    let addr = chassis.local_addr();
+    let client = chassis.client.clone();
+    let router = chassis.router(Router::new(), Readiness::default(), None);
+    tokio::spawn(chassis.serve(router, chassis::CancellationToken::new()));
+    let http = reqwest::Client::new();
+
+    let r = http
+        .post(format!("http://{addr}/admin/breakers/peer/force-open"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let err = client
+        .get_json::<Value>("peer", "/anything")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, chassis::client::ClientError::CircuitOpen { .. }),
+        "{err}"
+    );
+
+    let list: Value = http
+        .get(format!("http://{addr}/admin/breakers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["breakers"][0]["name"], "peer");
+    assert_eq!(list["breakers"][0]["state"], "FORCED_OPEN");
+
+    let r = http
+        .post(format!("http://{addr}/admin/breakers/peer/force-closed"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("http://{addr}/admin/breakers/nobody/force-open"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http
+        .post(format!("http://{addr}/admin/breakers/peer/explode"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"bazaar_circuit_state{service="demo",breaker="peer"} 0"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_refuse_callers_that_are_not_local() {
+    // Through oneshot there is no peer address, which counts as not local.
+    let (router, _id) = app().await;
+    let (status, _, _) = call(
+        &router,
+        Request::get("/admin/breakers").body(Body::empty()).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}

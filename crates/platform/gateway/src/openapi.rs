@@ -26,7 +26,7 @@ pub async fn merged(State(proxy): State<Arc<Proxy>>) -> Response {
         let doc = match doc {
             Ok(d) => d,
             Err(e) => {
-                tracing::warn!(service, error = %e, "cannot fetch an upstream OpenAPI document");
+                tracing::warn!(upstream = %service, error = %e, "cannot fetch an upstream OpenAPI document");
                 missing.push(service.clone());
                 continue;
             }

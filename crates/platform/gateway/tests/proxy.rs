@@ -87,6 +87,7 @@ async fn spawn() -> Gw {
             listen: Listen::Inherited(listener),
             http: HttpSettings::default(),
             identity: IdentitySettings::default(),
+            breaker: chassis::settings::BreakerSettings::default(),
             resolver: Arc::new(resolver),
         },
         settings: Settings {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chassis::client::HttpClient;
+use chassis::client::{ClientError, HttpClient};
 use chassis::extract::{Json, Path, Query};
 use chassis::identity::Identity;
 use chassis::{FieldError, Problem};
@@ -185,15 +185,21 @@ async fn price(
     let page: CatalogPage = client
         .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
         .await
-        .map_err(|e| {
-            if e.is_unavailable() {
+        .map_err(|e| match e {
+            ClientError::CircuitOpen { retry_after, .. } => {
+                let seconds = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1);
+                Problem::unavailable(
+                    "the catalog has been failing, so pricing is paused; try again shortly",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
+            }
+            e if e.is_unavailable() => {
                 tracing::warn!(error = %e, "catalog unavailable");
                 Problem::unavailable(
                     "the catalog is unavailable, so the order cannot be priced; try again shortly",
                 )
-            } else {
-                Problem::internal(e)
             }
+            e => Problem::internal(e),
         })?;
     let catalog: HashMap<Uuid, CatalogProduct> =
         page.items.into_iter().map(|p| (p.id, p)).collect();
