@@ -60,6 +60,7 @@ struct StdState {
 struct ObserveState {
     service: &'static str,
     metrics: Metrics,
+    request_timeout: Duration,
 }
 
 impl Chassis {
@@ -110,6 +111,7 @@ impl Chassis {
                 ObserveState {
                     service: self.name,
                     metrics: self.metrics.clone(),
+                    request_timeout: timeout,
                 },
                 observe,
             ))
@@ -146,7 +148,10 @@ impl Chassis {
 /// Request context, span, metrics, correlation id echo and the access log line.
 async fn observe(State(state): State<ObserveState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let ctx = RequestContext::from_headers(request.headers());
+    // The caller's deadline, tightened to this service's own request timeout; work
+    // past it is dropped, and calls made meanwhile carry what is left.
+    let ctx =
+        RequestContext::from_headers(request.headers()).with_deadline_within(state.request_timeout);
     let method = request.method().clone();
     let route = request
         .extensions()
@@ -191,19 +196,24 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
     response
 }
 
+/// Drops the handler when the request's deadline passes (the caller's, or this
+/// service's own `request_timeout`, whichever comes first).
 async fn request_timeout(
     State(timeout): State<Duration>,
     request: Request,
     next: Next,
 ) -> Response {
-    match tokio::time::timeout(timeout, next.run(request)).await {
+    let deadline = telemetry::context::current()
+        .and_then(|c| c.deadline)
+        .unwrap_or_else(|| tokio::time::Instant::now() + timeout);
+    match tokio::time::timeout_at(deadline, next.run(request)).await {
         Ok(response) => response,
         Err(_) => Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "timeout",
             "Request timed out",
         )
-        .with_detail(format!("the request took longer than {timeout:?}"))
+        .with_detail("the request's deadline passed before it was done; its work was stopped")
         .into_response(),
     }
 }

@@ -407,3 +407,104 @@ async fn admin_endpoints_refuse_callers_that_are_not_local() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn a_passed_deadline_stops_the_work_and_calls_carry_the_time_left() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let identity = IdentityFixture::start().await;
+    // Downstream: reports the deadline it was given.
+    let downstream = Chassis::bind(service_config("down", &identity, &[]))
+        .await
+        .unwrap();
+    let down_addr = downstream.local_addr();
+    let echo = Router::new().route(
+        "/deadline",
+        get(|headers: http::HeaderMap| async move {
+            axum::Json(serde_json::json!({ "ms": headers.get("x-bazaar-deadline").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) }))
+        }),
+    );
+    let echo = downstream.router(echo, Readiness::default(), None);
+    tokio::spawn(downstream.serve(echo, chassis::CancellationToken::new()));
+
+    let up = Chassis::bind(service_config(
+        "up",
+        &identity,
+        &[("down", &format!("http://{down_addr}"))],
+    ))
+    .await
+    .unwrap();
+    let addr = up.local_addr();
+    let client = up.client.clone();
+    let finished = std::sync::Arc::new(AtomicU32::new(0));
+    let done = finished.clone();
+    let routes =
+        Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let done = done.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        done.fetch_add(1, Ordering::SeqCst);
+                        "done"
+                    }
+                }),
+            )
+            .route(
+                "/ask",
+                get(move || {
+                    let client = client.clone();
+                    async move {
+                        axum::Json(client.get_json::<Value>("down", "/deadline").await.unwrap())
+                    }
+                }),
+            );
+    let router = up.router(routes, Readiness::default(), None);
+    tokio::spawn(up.serve(router, chassis::CancellationToken::new()));
+    let http = reqwest::Client::new();
+
+    let started = std::time::Instant::now();
+    let r = http
+        .get(format!("http://{addr}/slow"))
+        .header("x-bazaar-deadline", "100")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(350),
+        "answered at the deadline"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        0,
+        "the handler's work was stopped"
+    );
+
+    let asked: Value = http
+        .get(format!("http://{addr}/ask"))
+        .header("x-bazaar-deadline", "1500")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ms = asked["ms"].as_u64().unwrap();
+    assert!(
+        ms > 1000 && ms <= 1500,
+        "the downstream was given the time left: {ms}"
+    );
+    // Without a caller deadline, the downstream gets this call's own deadline (2 s in tests).
+    let asked: Value = http
+        .get(format!("http://{addr}/ask"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ms = asked["ms"].as_u64().unwrap();
+    assert!(ms > 1500 && ms <= 2000, "{ms}");
+}

@@ -4,13 +4,20 @@
 use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::time::Instant;
 
 /// Header carrying the correlation id end to end.
 pub const CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 /// W3C Trace Context header.
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// The time the caller still waits for this request, in milliseconds. Relative (like
+/// gRPC's `grpc-timeout`), so clocks need not agree.
+pub const DEADLINE: HeaderName = HeaderName::from_static("x-bazaar-deadline");
+/// Longest deadline honoured from a header: beyond it the value is a mistake.
+const MAX_DEADLINE: Duration = Duration::from_secs(3600);
 /// Longest correlation id accepted from a client; longer ones are replaced, because an
 /// unbounded value would let a client bloat every log line.
 const MAX_CORRELATION_ID_LEN: usize = 128;
@@ -128,6 +135,8 @@ pub struct RequestContext {
     pub correlation_id: Arc<str>,
     /// This hop's trace context (the incoming parent's trace id, a new span id).
     pub trace: TraceContext,
+    /// When the caller stops waiting: work past it is wasted.
+    pub deadline: Option<Instant>,
 }
 
 impl RequestContext {
@@ -146,10 +155,29 @@ impl RequestContext {
             .and_then(TraceContext::parse)
             .map(|parent| parent.child())
             .unwrap_or_else(TraceContext::new_root);
+        let deadline = headers
+            .get(&DEADLINE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| Instant::now() + Duration::from_millis(ms).min(MAX_DEADLINE));
         Self {
             correlation_id,
             trace,
+            deadline,
         }
+    }
+
+    /// Tightens the deadline to at most `limit` from now (a service's own timeout).
+    pub fn with_deadline_within(mut self, limit: Duration) -> Self {
+        let own = Instant::now() + limit;
+        self.deadline = Some(self.deadline.map_or(own, |d| d.min(own)));
+        self
+    }
+
+    /// Time left before the deadline, if there is one.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// A context for work not started by a request (startup, background jobs).
@@ -157,11 +185,16 @@ impl RequestContext {
         Self {
             correlation_id: Arc::from(uuid::Uuid::now_v7().to_string()),
             trace: TraceContext::new_root(),
+            deadline: None,
         }
     }
 
-    /// Writes the correlation id and a child `traceparent` into outgoing headers.
+    /// Writes the correlation id, a child `traceparent` and the time left into
+    /// outgoing headers.
     pub fn inject(&self, headers: &mut HeaderMap) {
+        if let Some(left) = self.remaining() {
+            set_deadline(headers, left);
+        }
         if let Ok(v) = HeaderValue::from_str(&self.correlation_id) {
             headers.insert(CORRELATION_ID, v);
         }
@@ -169,6 +202,14 @@ impl RequestContext {
             headers.insert(TRACEPARENT, v);
         }
     }
+}
+
+/// Writes the deadline header: `left`, in whole milliseconds.
+pub fn set_deadline(headers: &mut HeaderMap, left: Duration) {
+    headers.insert(
+        DEADLINE,
+        HeaderValue::from(u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
+    );
 }
 
 /// Correlation ids are echoed into logs and headers, so only a conservative alphabet
@@ -248,6 +289,31 @@ mod tests {
         let ctx = RequestContext::from_headers(&h);
         assert_ne!(&*ctx.correlation_id, "evil\" level=\"error");
         assert!(valid_correlation_id(&ctx.correlation_id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_are_read_tightened_and_passed_on_as_time_left() {
+        let mut h = HeaderMap::new();
+        h.insert(DEADLINE, HeaderValue::from_static("800"));
+        let ctx = RequestContext::from_headers(&h).with_deadline_within(Duration::from_secs(2));
+        assert_eq!(
+            ctx.remaining(),
+            Some(Duration::from_millis(800)),
+            "the caller's is tighter"
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let mut out = HeaderMap::new();
+        ctx.inject(&mut out);
+        assert_eq!(out[&DEADLINE], "500");
+        let own = RequestContext::from_headers(&HeaderMap::new())
+            .with_deadline_within(Duration::from_secs(2));
+        assert_eq!(own.remaining(), Some(Duration::from_secs(2)));
+        h.insert(DEADLINE, HeaderValue::from_static("soon"));
+        assert_eq!(
+            RequestContext::from_headers(&h).deadline,
+            None,
+            "garbage is ignored"
+        );
     }
 
     #[tokio::test]
