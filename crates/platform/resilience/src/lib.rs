@@ -4,6 +4,10 @@
 //!
 //! - [`circuit_breaker`]: sliding-window breaker with half-open trials, operator
 //!   overrides, listeners and metrics.
+//! - [`bulkhead`]: bounded concurrency with a bounded queue wait.
+//! - [`retry`]: attempts, full-jitter backoff, `Retry-After`, idempotency, budget.
 #![forbid(unsafe_code)]
 
+pub mod bulkhead;
 pub mod circuit_breaker;
+pub mod retry;
