@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use chassis::config::{Errors, Source};
 use chassis::config_section;
 use chassis::settings::{
-    BreakerSettings, DiscoverySettings, HttpSettings, IdentitySettings, LogSettings,
+    BreakerSettings, BulkheadSettings, DiscoverySettings, HttpSettings, IdentitySettings,
+    LogSettings, RetrySettings,
 };
 use serde::Deserialize;
 
@@ -21,6 +22,8 @@ config_section! {
         pub identity: IdentitySettings,
         pub discovery: DiscoverySettings,
         pub breaker: BreakerSettings,
+        pub retry: RetrySettings,
+        pub bulkhead: BulkheadSettings,
         pub control_plane: control_plane::Settings,
         pub users: users::Settings,
         pub products: products::Settings,
@@ -38,7 +41,7 @@ struct ShopRoutes {
 pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let source = Source::from_process(file)?;
     let mut config: ShopConfig = source.parse()?;
-    let invalid = config.breaker.validate();
+    let invalid = config.resilience().validate();
     if !invalid.is_empty() {
         return Err(Errors(invalid));
     }
@@ -46,6 +49,17 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
         config.gateway.routes = shop_routes();
     }
     Ok(config)
+}
+
+impl ShopConfig {
+    /// The chassis client's resilience settings.
+    pub fn resilience(&self) -> chassis::settings::ResilienceSettings {
+        chassis::settings::ResilienceSettings {
+            breaker: self.breaker.clone(),
+            retry: self.retry.clone(),
+            bulkhead: self.bulkhead.clone(),
+        }
+    }
 }
 
 /// The shop's default route table.

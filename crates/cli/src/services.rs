@@ -84,7 +84,7 @@ pub async fn run(
         listen,
         http: config.http.clone(),
         identity: config.identity.clone(),
-        breaker: config.breaker.clone(),
+        resilience: config.resilience(),
         resolver,
     };
     let data_dir = config.data_dir.as_path();

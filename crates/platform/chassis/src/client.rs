@@ -13,7 +13,7 @@ pub use discovery::Instance;
 use discovery::{ResolveError, Resolver};
 use resilience::circuit_breaker::Outcome;
 
-use crate::breakers::Breakers;
+use crate::downstreams::{Downstream, Downstreams};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -53,6 +53,7 @@ pub enum ClientError {
         service: String,
         status: StatusCode,
         body: String,
+        retry_after: Option<Duration>,
     },
     #[error("{service} sent an unreadable body: {reason}")]
     Body { service: String, reason: String },
@@ -64,9 +65,33 @@ pub enum ClientError {
         service: String,
         retry_after: Option<Duration>,
     },
+    /// Not attempted: too many calls to `service` are in flight already.
+    #[error("too many calls to {service} are in flight")]
+    BulkheadFull { service: String },
 }
 
 impl ClientError {
+    /// Whether another attempt may succeed: the call failed on the way, or the
+    /// server said it could not serve this time. Fast rejections (open breaker, full
+    /// bulkhead) are not retried: they exist to shed load.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Request { .. } => true,
+            ClientError::Status { status, .. } => resilience::retry::is_retryable_status(*status),
+            _ => false,
+        }
+    }
+
+    /// The server's `Retry-After`, when it sent one.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Whether the dependency is down or slow (as opposed to answering with an error).
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -76,6 +101,7 @@ impl ClientError {
                 | ClientError::Timeout { .. }
                 | ClientError::Request { .. }
                 | ClientError::CircuitOpen { .. }
+                | ClientError::BulkheadFull { .. }
         ) || matches!(self, ClientError::Status { status, .. } if status.is_server_error())
     }
 }
@@ -85,7 +111,7 @@ impl ClientError {
 pub struct HttpClient {
     inner: Client<HttpConnector, Body>,
     resolver: Arc<dyn Resolver>,
-    breakers: Arc<Breakers>,
+    downstreams: Arc<Downstreams>,
     timeout: Duration,
     next: Arc<AtomicUsize>,
 }
@@ -93,7 +119,7 @@ pub struct HttpClient {
 impl HttpClient {
     pub fn new(
         resolver: Arc<dyn Resolver>,
-        breakers: Arc<Breakers>,
+        downstreams: Arc<Downstreams>,
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Self {
@@ -106,7 +132,7 @@ impl HttpClient {
         Self {
             inner,
             resolver,
-            breakers,
+            downstreams,
             timeout,
             next: Arc::new(AtomicUsize::new(0)),
         }
@@ -116,9 +142,9 @@ impl HttpClient {
         &self.resolver
     }
 
-    /// The circuit breakers of this client's downstream services.
-    pub fn breakers(&self) -> &Arc<Breakers> {
-        &self.breakers
+    /// The resilience state (breakers, retry budgets, bulkheads) per downstream.
+    pub fn downstreams(&self) -> &Arc<Downstreams> {
+        &self.downstreams
     }
 
     /// Round robin over the resolved instances.
@@ -139,16 +165,36 @@ impl HttpClient {
         self.send_with_timeout(service, request, self.timeout).await
     }
 
-    /// [`send`](Self::send) with an explicit deadline, through `service`'s circuit
-    /// breaker: errors, timeouts and 5xx answers count as failures.
+    /// [`send`](Self::send) with an explicit deadline, through `service`'s bulkhead
+    /// and circuit breaker (errors, timeouts and 5xx answers count as failures).
+    /// Not retried: the body streams and cannot be sent twice.
     pub async fn send_with_timeout(
         &self,
         service: &str,
         request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
+        let downstream = self.downstreams.get(service);
+        self.attempt(service, &downstream, request, timeout).await
+    }
+
+    /// One attempt: bulkhead -> breaker -> deadline.
+    async fn attempt(
+        &self,
+        service: &str,
+        downstream: &Downstream,
+        request: Request<Body>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, ClientError> {
         let instance = self.pick(service)?;
-        let Some(breaker) = self.breakers.get(service) else {
+        let _slot = downstream
+            .bulkhead
+            .enter()
+            .await
+            .map_err(|_| ClientError::BulkheadFull {
+                service: service.to_owned(),
+            })?;
+        let Some(breaker) = &downstream.breaker else {
             return self.send_to(service, &instance, request, timeout).await;
         };
         let permit = breaker
@@ -157,12 +203,11 @@ impl HttpClient {
                 service: service.to_owned(),
                 retry_after: rejected.retry_after,
             })?;
-        let started = tokio::time::Instant::now();
         // If the caller gives up (drops this future), the guard records a failure.
         let guard = RecordOnDrop {
-            breaker: &breaker,
+            breaker,
             permit: Some(permit),
-            started,
+            started: tokio::time::Instant::now(),
         };
         let result = self.send_to(service, &instance, request, timeout).await;
         let outcome = match &result {
@@ -244,10 +289,43 @@ impl HttpClient {
         }
     }
 
-    /// GETs JSON from `service`; a non-2xx answer is [`ClientError::Status`].
+    /// GETs JSON from `service`; a non-2xx answer is [`ClientError::Status`]. Being
+    /// idempotent, the read is retried on connect errors, timeouts and 502/503/504/429
+    /// answers, with backoff, within the request's deadline and the retry budget.
     pub async fn get_json<T: DeserializeOwned>(
         &self,
         service: &str,
+        path_and_query: &str,
+    ) -> Result<T, ClientError> {
+        let downstream = self.downstreams.get(service);
+        downstream.retry.on_request();
+        let mut attempt = 1;
+        loop {
+            let result = self
+                .get_json_once(service, &downstream, path_and_query)
+                .await;
+            let retry_after = match &result {
+                Err(e) if e.is_retryable() => e.retry_after(),
+                _ => return result,
+            };
+            let left = telemetry::context::current().and_then(|c| c.remaining());
+            match downstream.retry.next_delay(attempt, retry_after, left) {
+                Some(delay) => {
+                    if let Err(e) = &result {
+                        tracing::info!(upstream = service, attempt, ?delay, error = %e, "retrying");
+                    }
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                None => return result,
+            }
+        }
+    }
+
+    async fn get_json_once<T: DeserializeOwned>(
+        &self,
+        service: &str,
+        downstream: &Downstream,
         path_and_query: &str,
     ) -> Result<T, ClientError> {
         let request = Request::get(path_and_query)
@@ -255,8 +333,11 @@ impl HttpClient {
             .body(Body::empty())
             .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let response = self.send(service, request).await?;
+        let response = self
+            .attempt(service, downstream, request, self.timeout)
+            .await?;
         let status = response.status();
+        let retry_after = resilience::retry::retry_after(response.headers());
         let body = tokio::time::timeout_at(deadline, read_limited(response.into_body()))
             .await
             .map_err(|_| ClientError::Timeout {
@@ -272,6 +353,7 @@ impl HttpClient {
                 service: service.to_owned(),
                 status,
                 body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+                retry_after,
             });
         }
         serde_json::from_slice(&body).map_err(|e| ClientError::Body {

@@ -52,7 +52,7 @@ struct StdState {
     metrics: Metrics,
     readiness: Readiness,
     resolver: Arc<dyn discovery::Resolver>,
-    breakers: Arc<crate::breakers::Breakers>,
+    downstreams: Arc<crate::downstreams::Downstreams>,
     openapi: Arc<Value>,
 }
 
@@ -92,7 +92,7 @@ impl Chassis {
             metrics: self.metrics.clone(),
             readiness,
             resolver: self.client.resolver().clone(),
-            breakers: self.client.breakers().clone(),
+            downstreams: self.client.downstreams().clone(),
             openapi: Arc::new(openapi),
         });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
@@ -295,7 +295,7 @@ async fn list_breakers(State(s): State<StdState>, request: Request) -> Response 
     if let Err(p) = admin_allowed(&request) {
         return p.into_response();
     }
-    axum::Json(json!({ "breakers": s.breakers.snapshots() })).into_response()
+    axum::Json(json!({ "breakers": s.downstreams.snapshots() })).into_response()
 }
 
 /// `POST /admin/breakers/{name}/{action}`: `force-open`, `force-closed` (back to a
@@ -311,7 +311,7 @@ async fn change_breaker(
     if s.resolver.resolve(&name).is_err() {
         return Problem::not_found(&format!("downstream service `{name}`")).into_response();
     }
-    let Some(breaker) = s.breakers.get(&name) else {
+    let Some(breaker) = s.downstreams.get(&name).breaker.clone() else {
         return Problem::internal("breaker unavailable").into_response();
     };
     match action.as_str() {

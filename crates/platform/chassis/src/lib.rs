@@ -18,11 +18,11 @@
 //! graceful shutdown ([`shutdown`]).
 #![forbid(unsafe_code)]
 
-pub mod breakers;
 pub mod client;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod downstreams;
 pub mod extract;
 pub mod http;
 pub mod identity;
@@ -44,7 +44,7 @@ pub use tokio_util::sync::CancellationToken;
 use client::HttpClient;
 use discovery::Resolver;
 use jwt::{JwksCache, JwtVerifier};
-use settings::{BreakerSettings, HttpSettings, IdentitySettings};
+use settings::{HttpSettings, IdentitySettings, ResilienceSettings};
 use telemetry::metrics::Metrics;
 
 /// Where a service listens.
@@ -64,7 +64,7 @@ pub struct ServiceConfig {
     pub listen: Listen,
     pub http: HttpSettings,
     pub identity: IdentitySettings,
-    pub breaker: BreakerSettings,
+    pub resilience: ResilienceSettings,
     pub resolver: Arc<dyn Resolver>,
 }
 
@@ -94,18 +94,13 @@ impl Chassis {
         let metrics = Metrics::new(config.name);
         let breaker_metrics = resilience::circuit_breaker::BreakerMetrics::default();
         breaker_metrics.register(&metrics);
-        let breakers = breakers::Breakers::new(
-            config.breaker.config(),
-            config.breaker.enabled,
-            breaker_metrics,
-        )
-        .map_err(|errors| {
-            let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, text.join("; "))
-        })?;
+        let downstreams = downstreams::Downstreams::new(config.resilience, breaker_metrics)
+            .map_err(|errors| {
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, errors.join("; "))
+            })?;
         let client = HttpClient::new(
             config.resolver,
-            Arc::new(breakers),
+            Arc::new(downstreams),
             config.http.client_timeout.0,
             config.http.client_connect_timeout.0,
         );

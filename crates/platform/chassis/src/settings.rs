@@ -147,3 +147,98 @@ impl BreakerSettings {
             .collect()
     }
 }
+
+config_section! {
+    /// `[retry]`: retries of idempotent calls between services (reads through the
+    /// chassis client), within the request's deadline and a budget.
+    pub struct RetrySettings {
+        /// Attempts in all, the first included.
+        pub max_attempts: u32 = 3,
+        /// Backoff base: the ceiling doubles per attempt; the delay is random below it.
+        pub base_delay: HumanDuration = HumanDuration::millis(25),
+        pub max_delay: HumanDuration = HumanDuration::secs(1),
+        /// Retries allowed per request, over 10 s: 0.2 caps the extra load at 20%,
+        /// so retries never multiply an outage.
+        pub budget_ratio: f32 = 0.2,
+    }
+}
+
+config_section! {
+    /// `[bulkhead]`: concurrent calls allowed to each downstream service.
+    pub struct BulkheadSettings {
+        /// Calls in flight to one service; beyond it, calls wait up to `max_wait`.
+        pub max_concurrent: usize = 256,
+        /// A call that cannot start this soon fails fast (503) instead of queueing.
+        pub max_wait: HumanDuration = HumanDuration::millis(20),
+    }
+}
+
+/// The client's resilience settings, together.
+#[derive(Clone, Debug, Default)]
+pub struct ResilienceSettings {
+    pub breaker: BreakerSettings,
+    pub retry: RetrySettings,
+    pub bulkhead: BulkheadSettings,
+}
+
+fn invalid(key: &str, problem: &str, fix: &str) -> crate::config::ConfigError {
+    crate::config::ConfigError {
+        key: key.to_owned(),
+        origin: "configuration".into(),
+        problem: problem.to_owned(),
+        fix: fix.to_owned(),
+    }
+}
+
+impl RetrySettings {
+    /// Every invalid setting, as configuration errors.
+    pub fn validate(&self) -> Vec<crate::config::ConfigError> {
+        let mut errors = Vec::new();
+        if self.max_attempts == 0 {
+            errors.push(invalid(
+                "retry.max_attempts",
+                "must be at least 1",
+                "use 1 to disable retries",
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.budget_ratio) {
+            errors.push(invalid(
+                "retry.budget_ratio",
+                "must be between 0 and 10",
+                "use 0.2 for at most 20% extra load",
+            ));
+        }
+        if self.max_delay < self.base_delay {
+            errors.push(invalid(
+                "retry.max_delay",
+                "must be at least retry.base_delay",
+                "raise max_delay",
+            ));
+        }
+        errors
+    }
+}
+
+impl BulkheadSettings {
+    /// Every invalid setting, as configuration errors.
+    pub fn validate(&self) -> Vec<crate::config::ConfigError> {
+        if self.max_concurrent == 0 {
+            return vec![invalid(
+                "bulkhead.max_concurrent",
+                "must be at least 1",
+                "use 256, the default",
+            )];
+        }
+        Vec::new()
+    }
+}
+
+impl ResilienceSettings {
+    /// Every invalid setting of the three sections.
+    pub fn validate(&self) -> Vec<crate::config::ConfigError> {
+        let mut errors = self.breaker.validate();
+        errors.extend(self.retry.validate());
+        errors.extend(self.bulkhead.validate());
+        errors
+    }
+}

@@ -148,7 +148,7 @@ pub fn service_config(
         listen: Listen::Addr("127.0.0.1:0".parse().unwrap()),
         http,
         identity: IdentitySettings::default(),
-        breaker: crate::settings::BreakerSettings::default(),
+        resilience: crate::settings::ResilienceSettings::default(),
         resolver: Arc::new(StaticResolver::parse(entries).unwrap()),
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use chassis::config::{ByteSize, HumanDuration};
 use chassis::extract::Json;
@@ -507,4 +508,68 @@ async fn a_passed_deadline_stops_the_work_and_calls_carry_the_time_left() {
         .unwrap();
     let ms = asked["ms"].as_u64().unwrap();
     assert!(ms > 1500 && ms <= 2000, "{ms}");
+}
+
+#[tokio::test]
+async fn reads_are_retried_on_unavailable_answers_but_not_on_errors_of_the_request() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let seen = std::sync::Arc::new(AtomicU32::new(0));
+    let count = seen.clone();
+    // 503 twice, then 200; `/broken` always 500; `/down` always 503.
+    let app = Router::new()
+        .route(
+            "/flaky",
+            get(move || {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 2 {
+                        (StatusCode::SERVICE_UNAVAILABLE, "busy").into_response()
+                    } else {
+                        axum::Json(serde_json::json!({"ok": true})).into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/broken",
+            get(|| async { StatusCode::INTERNAL_SERVER_ERROR }),
+        )
+        .route("/down", get(|| async { StatusCode::SERVICE_UNAVAILABLE }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(AtomicU32::new(0));
+    let counted = hits.clone();
+    let app = app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            next.run(req)
+        },
+    ));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let identity = IdentityFixture::start().await;
+    let chassis = Chassis::bind(service_config("demo", &identity, &[("flaky", &url)]))
+        .await
+        .unwrap();
+
+    let ok: Value = chassis.client.get_json("flaky", "/flaky").await.unwrap();
+    assert_eq!(ok["ok"], true);
+    assert_eq!(seen.load(Ordering::SeqCst), 3, "two retries, then success");
+
+    hits.store(0, Ordering::SeqCst);
+    let err = chassis
+        .client
+        .get_json::<Value>("flaky", "/broken")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, chassis::client::ClientError::Status { status, .. } if status == 500));
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "a 500 is not retried");
+
+    hits.store(0, Ordering::SeqCst);
+    let err = chassis
+        .client
+        .get_json::<Value>("flaky", "/down")
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable());
+    assert_eq!(hits.load(Ordering::SeqCst), 3, "at most max_attempts");
 }

@@ -87,7 +87,7 @@ async fn spawn() -> Gw {
             listen: Listen::Inherited(listener),
             http: HttpSettings::default(),
             identity: IdentitySettings::default(),
-            breaker: chassis::settings::BreakerSettings::default(),
+            resilience: chassis::settings::ResilienceSettings::default(),
             resolver: Arc::new(resolver),
         },
         settings: Settings {
