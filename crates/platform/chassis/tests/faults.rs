@@ -1,0 +1,138 @@
+//! The client's resilience against a fault-injecting server on a real port: hangs,
+//! errors, and recovery.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use chassis::Chassis;
+use chassis::client::ClientError;
+use chassis::config::HumanDuration;
+use chassis::testing::{IdentityFixture, service_config};
+use resilience::circuit_breaker::State;
+use serde_json::Value;
+
+const NORMAL: u8 = 0;
+const HANG: u8 = 1;
+const UNAVAILABLE: u8 = 2;
+
+struct Faulty {
+    url: String,
+    mode: Arc<AtomicU8>,
+    requests: Arc<AtomicU32>,
+}
+
+async fn faulty() -> Faulty {
+    let mode = Arc::new(AtomicU8::new(NORMAL));
+    let requests = Arc::new(AtomicU32::new(0));
+    let (m, r) = (mode.clone(), requests.clone());
+    let app = Router::new().route(
+        "/data",
+        get(move || {
+            let (m, r) = (m.clone(), r.clone());
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                match m.load(Ordering::SeqCst) {
+                    HANG => std::future::pending::<axum::response::Response>().await,
+                    UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                    _ => axum::Json(serde_json::json!({"ok": true})).into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Faulty {
+        url,
+        mode,
+        requests,
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_dependency_costs_a_bounded_wait_then_fails_fast_and_recovers() {
+    let dep = faulty().await;
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    config.http.client_timeout = HumanDuration::millis(100);
+    let b = &mut config.resilience.breaker;
+    b.window_size = 10;
+    b.minimum_calls = 5;
+    b.wait_in_open = HumanDuration::millis(500);
+    b.permitted_in_half_open = 2;
+    let chassis = Chassis::bind(config).await.unwrap();
+    let client = chassis.client.clone();
+
+    dep.mode.store(HANG, Ordering::SeqCst);
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let err = client.get_json::<Value>("dep", "/data").await.unwrap_err();
+        latencies.push(started.elapsed());
+        assert!(err.is_unavailable(), "{err}");
+    }
+    latencies.sort();
+    let p99 = latencies[98];
+    // Three attempts of 100 ms and their backoff bound the worst call; once the
+    // breaker is open, calls fail in microseconds.
+    assert!(p99 < Duration::from_millis(600), "p99 {p99:?}");
+    assert!(
+        latencies[50] < Duration::from_millis(5),
+        "median {:?}: the breaker did not open",
+        latencies[50]
+    );
+    let breaker = client.downstreams().get("dep").breaker.clone().unwrap();
+    assert_eq!(breaker.state(), State::Open);
+    let reached = dep.requests.load(Ordering::SeqCst);
+    assert!(
+        reached <= 12,
+        "{reached} requests reached a dependency known to hang"
+    );
+
+    // The dependency recovers: after the wait, trial calls pass and close the breaker.
+    dep.mode.store(NORMAL, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..2 {
+        let ok: Value = client.get_json("dep", "/data").await.unwrap();
+        assert_eq!(ok["ok"], true);
+    }
+    assert_eq!(breaker.state(), State::Closed);
+}
+
+#[tokio::test]
+async fn retries_stay_within_the_budget_when_everything_fails() {
+    let dep = faulty().await;
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    // No breaker: the budget alone must bound the extra load.
+    config.resilience.breaker.enabled = false;
+    config.resilience.retry.base_delay = HumanDuration::millis(0);
+    config.resilience.retry.max_delay = HumanDuration::millis(0);
+    let chassis = Chassis::bind(config).await.unwrap();
+    dep.mode.store(UNAVAILABLE, Ordering::SeqCst);
+    let calls = 1_000;
+    for _ in 0..calls {
+        let err = chassis
+            .client
+            .get_json::<Value>("dep", "/data")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Status { status, .. } if status == StatusCode::SERVICE_UNAVAILABLE)
+        );
+    }
+    let reached = dep.requests.load(Ordering::SeqCst);
+    let retries = reached - calls;
+    // 20% of the calls, plus the budget's floor of 10 retries/s kept for 10 s.
+    assert!(
+        retries <= calls / 5 + 100,
+        "{retries} retries for {calls} calls"
+    );
+    assert!(retries >= calls / 5, "the budget allows 20%: {retries}");
+}
