@@ -16,7 +16,7 @@ use super::{Breaker, Classify, Outcome, Permit};
 
 /// Records a failure unless the call finished: a call that never ends (an outer
 /// timeout dropped it) is a failed one.
-struct Guard {
+pub struct Guard {
     breaker: Arc<Breaker>,
     permit: Permit,
     started: Instant,
@@ -46,7 +46,7 @@ pin_project! {
         Running {
             #[pin]
             future: F,
-            guard: Option<GuardBox>,
+            guard: Option<Guard>,
             classify: C,
         },
         Rejected {
@@ -55,19 +55,22 @@ pin_project! {
     }
 }
 
-/// Boxed so the future stays small; the guard is only touched at the end.
-pub struct GuardBox(Box<Guard>);
-
 impl<F, C> ResponseFuture<F, C> {
-    pub(super) fn running(future: F, breaker: Arc<Breaker>, permit: Permit, classify: C) -> Self {
+    pub(super) fn running(
+        future: F,
+        breaker: Arc<Breaker>,
+        permit: Permit,
+        started: Instant,
+        classify: C,
+    ) -> Self {
         ResponseFuture::Running {
             future,
-            guard: Some(GuardBox(Box::new(Guard {
+            guard: Some(Guard {
                 breaker,
                 permit,
-                started: Instant::now(),
+                started,
                 finished: false,
-            }))),
+            }),
             classify,
         }
     }
@@ -99,7 +102,7 @@ where
                 classify,
             } => {
                 let result = std::task::ready!(future.poll(cx));
-                if let Some(GuardBox(g)) = guard.take() {
+                if let Some(g) = guard.take() {
                     g.finish(classify.classify(result.as_ref()));
                 }
                 Poll::Ready(result.map_err(Into::into))

@@ -62,11 +62,14 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        match self.breaker.try_acquire() {
+        // One clock reading serves the admission and the call's start.
+        let now = tokio::time::Instant::now();
+        match self.breaker.try_acquire_at(now) {
             Ok(permit) => ResponseFuture::running(
                 self.inner.call(request),
                 self.breaker.clone(),
                 permit,
+                now,
                 self.classify.clone(),
             ),
             Err(rejected) => ResponseFuture::rejected(Open {

@@ -92,7 +92,12 @@ impl Breaker {
 
     /// Leave for one call now.
     pub fn try_acquire(&self) -> Result<Permit, Rejected> {
-        let (result, transition) = self.core().acquire(Instant::now());
+        self.try_acquire_at(Instant::now())
+    }
+
+    /// [`try_acquire`](Self::try_acquire) with a clock reading the caller already has.
+    pub fn try_acquire_at(&self, now: Instant) -> Result<Permit, Rejected> {
+        let (result, transition) = self.core().acquire(now);
         self.after(transition);
         if result.is_err()
             && let Some(m) = &self.metrics
