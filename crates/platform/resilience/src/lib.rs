@@ -6,8 +6,12 @@
 //!   overrides, listeners and metrics.
 //! - [`bulkhead`]: bounded concurrency with a bounded queue wait.
 //! - [`retry`]: attempts, full-jitter backoff, `Retry-After`, idempotency, budget.
+//! - [`rate_limit`]: a client-side GCRA rate limiter that paces or rejects.
+//! - [`fallback`]: a typed fallback whose answers are marked degraded.
 #![forbid(unsafe_code)]
 
 pub mod bulkhead;
 pub mod circuit_breaker;
+pub mod fallback;
+pub mod rate_limit;
 pub mod retry;

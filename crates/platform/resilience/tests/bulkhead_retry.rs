@@ -127,3 +127,61 @@ async fn retry_after_is_honoured() {
     assert_eq!(response.status(), 200);
     assert_eq!(started.elapsed(), Duration::from_secs(3));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_rate_limiter_paces_within_its_wait_and_rejects_beyond() {
+    use resilience::rate_limit::error::Limited;
+    use resilience::rate_limit::{Limiter, RateLimitLayer};
+    let limiter = Limiter::new("dep", 10.0, 1, Duration::from_millis(250)).unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(limiter))
+        .service_fn(|_: ()| async { Ok::<_, BoxError>(tokio::time::Instant::now()) });
+    let started = tokio::time::Instant::now();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        times.push(svc.ready().await.unwrap().call(()).await.unwrap() - started);
+    }
+    assert_eq!(
+        times,
+        [
+            Duration::ZERO,
+            Duration::from_millis(100),
+            Duration::from_millis(200)
+        ]
+    );
+    // Three calls at once: the third would wait 300 ms > 250 ms.
+    let now = tokio::time::Instant::now();
+    let a = svc.ready().await.unwrap().call(());
+    let b = svc.ready().await.unwrap().call(());
+    let c = svc.ready().await.unwrap().call(());
+    let err = c.await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Limited>().unwrap().retry_after,
+        Duration::from_millis(300)
+    );
+    assert_eq!(a.await.unwrap() - now, Duration::from_millis(100));
+    assert_eq!(b.await.unwrap() - now, Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn the_fallback_answers_marked_degraded() {
+    use resilience::fallback::{DEGRADED_HEADER, FallbackLayer};
+    let failing =
+        tower::service_fn(|_: ()| async { Err::<http::Response<String>, BoxError>("down".into()) });
+    let fallback = |_e: BoxError| Ok::<_, BoxError>(http::Response::new("cached".to_owned()));
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(fallback))
+        .service(failing);
+    let response = svc.ready().await.unwrap().call(()).await.unwrap();
+    assert_eq!(response.body(), "cached");
+    assert_eq!(response.headers()[DEGRADED_HEADER], "true");
+
+    let working = tower::service_fn(|_: ()| async {
+        Ok::<_, BoxError>(http::Response::new("live".to_owned()))
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(FallbackLayer::new(fallback))
+        .service(working);
+    let response = svc.ready().await.unwrap().call(()).await.unwrap();
+    assert!(!response.headers().contains_key(DEGRADED_HEADER));
+}
