@@ -2,13 +2,14 @@
 //! defaults -> TOML file -> `BAZAAR_<SECTION>__<KEY>` environment variables. Processes
 //! started by `bazaar up` inherit the environment and the file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use chassis::config::{Errors, Source};
 use chassis::config_section;
 use chassis::settings::{
-    BreakerSettings, BulkheadSettings, DiscoverySettings, HttpSettings, IdentitySettings,
-    LogSettings, RetrySettings,
+    BreakerSettings, BulkheadSettings, DiscoverySettings, DownstreamSettings, HttpSettings,
+    IdentitySettings, LogSettings, RetrySettings,
 };
 use serde::Deserialize;
 
@@ -24,6 +25,8 @@ config_section! {
         pub breaker: BreakerSettings,
         pub retry: RetrySettings,
         pub bulkhead: BulkheadSettings,
+        /// Per downstream service overrides: `[downstream.products]`.
+        pub downstream: BTreeMap<String, DownstreamSettings> = BTreeMap::new(),
         pub control_plane: control_plane::Settings,
         pub users: users::Settings,
         pub products: products::Settings,
@@ -58,6 +61,7 @@ impl ShopConfig {
             breaker: self.breaker.clone(),
             retry: self.retry.clone(),
             bulkhead: self.bulkhead.clone(),
+            downstream: self.downstream.clone(),
         }
     }
 }

@@ -68,6 +68,12 @@ pub enum ClientError {
     /// Not attempted: too many calls to `service` are in flight already.
     #[error("too many calls to {service} are in flight")]
     BulkheadFull { service: String },
+    /// Not attempted: this client's rate limit for `service` is used up.
+    #[error("calls to {service} are over this client's rate limit")]
+    RateLimited {
+        service: String,
+        retry_after: Duration,
+    },
 }
 
 impl ClientError {
@@ -87,7 +93,9 @@ impl ClientError {
     /// The server's `Retry-After`, when it sent one.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ClientError::Status { retry_after, .. } => *retry_after,
+            ClientError::Status { retry_after, .. }
+            | ClientError::CircuitOpen { retry_after, .. } => *retry_after,
+            ClientError::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -102,6 +110,7 @@ impl ClientError {
                 | ClientError::Request { .. }
                 | ClientError::CircuitOpen { .. }
                 | ClientError::BulkheadFull { .. }
+                | ClientError::RateLimited { .. }
         ) || matches!(self, ClientError::Status { status, .. } if status.is_server_error())
     }
 }
@@ -162,7 +171,12 @@ impl HttpClient {
         service: &str,
         request: Request<Body>,
     ) -> Result<Response<Incoming>, ClientError> {
-        self.send_with_timeout(service, request, self.timeout).await
+        let timeout = self
+            .downstreams
+            .get(service)
+            .timeout
+            .unwrap_or(self.timeout);
+        self.send_with_timeout(service, request, timeout).await
     }
 
     /// [`send`](Self::send) with an explicit deadline, through `service`'s bulkhead
@@ -175,7 +189,27 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
         let downstream = self.downstreams.get(service);
+        self.pace(service, &downstream).await?;
         self.attempt(service, &downstream, request, timeout).await
+    }
+
+    /// The rate limiter, once per call (before retries): waits for the call's turn,
+    /// or rejects it when the turn is too far.
+    async fn pace(&self, service: &str, downstream: &Downstream) -> Result<(), ClientError> {
+        let Some(limiter) = &downstream.limiter else {
+            return Ok(());
+        };
+        match limiter.reserve(tokio::time::Instant::now()) {
+            Ok(delay) if delay.is_zero() => Ok(()),
+            Ok(delay) => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+            Err(retry_after) => Err(ClientError::RateLimited {
+                service: service.to_owned(),
+                retry_after,
+            }),
+        }
     }
 
     /// One attempt: bulkhead -> breaker -> deadline.
@@ -298,28 +332,43 @@ impl HttpClient {
         path_and_query: &str,
     ) -> Result<T, ClientError> {
         let downstream = self.downstreams.get(service);
-        downstream.retry.on_request();
-        let mut attempt = 1;
-        loop {
-            let result = self
-                .get_json_once(service, &downstream, path_and_query)
-                .await;
-            let retry_after = match &result {
-                Err(e) if e.is_retryable() => e.retry_after(),
-                _ => return result,
-            };
-            let left = telemetry::context::current().and_then(|c| c.remaining());
-            match downstream.retry.next_delay(attempt, retry_after, left) {
-                Some(delay) => {
-                    if let Err(e) = &result {
-                        tracing::info!(upstream = service, attempt, ?delay, error = %e, "retrying");
+        self.pace(service, &downstream).await?;
+        let attempt_timeout = downstream.timeout.unwrap_or(self.timeout);
+        let total = downstream
+            .total_timeout
+            .unwrap_or(attempt_timeout * downstream.retry.max_attempts);
+        let attempts = async {
+            downstream.retry.on_request();
+            let mut attempt = 1;
+            loop {
+                let result = self
+                    .get_json_once(service, &downstream, path_and_query, attempt_timeout)
+                    .await;
+                let retry_after = match &result {
+                    Err(e) if e.is_retryable() => e.retry_after(),
+                    _ => return result,
+                };
+                let left = telemetry::context::current().and_then(|c| c.remaining());
+                match downstream.retry.next_delay(attempt, retry_after, left) {
+                    Some(delay) => {
+                        if let Err(e) = &result {
+                            tracing::info!(upstream = service, attempt, ?delay, error = %e, "retrying");
+                        }
+                        tokio::time::sleep(delay).await;
+                        attempt += 1;
                     }
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
+                    None => return result,
                 }
-                None => return result,
             }
-        }
+        };
+        tokio::time::timeout(total, attempts)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::Timeout {
+                    service: service.to_owned(),
+                    after: total,
+                })
+            })
     }
 
     async fn get_json_once<T: DeserializeOwned>(
@@ -327,6 +376,7 @@ impl HttpClient {
         service: &str,
         downstream: &Downstream,
         path_and_query: &str,
+        timeout: Duration,
     ) -> Result<T, ClientError> {
         let request = Request::get(path_and_query)
             .header(http::header::ACCEPT, "application/json")
@@ -342,7 +392,7 @@ impl HttpClient {
             .await
             .map_err(|_| ClientError::Timeout {
                 service: service.to_owned(),
-                after: self.timeout,
+                after: timeout,
             })?
             .map_err(|reason| ClientError::Body {
                 service: service.to_owned(),

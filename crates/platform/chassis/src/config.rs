@@ -211,8 +211,20 @@ impl Source {
         }
     }
 
-    fn is_env(&self, key: &str) -> bool {
-        self.env_keys.contains_key(key)
+    /// `value` with every string set from the environment read as a TOML scalar
+    /// where it is one.
+    fn coerce_env(&self, key: &str, value: &toml::Value) -> toml::Value {
+        match value {
+            toml::Value::String(s) if self.env_keys.contains_key(key) => {
+                parse_env_scalar(s).unwrap_or_else(|| value.clone())
+            }
+            toml::Value::Table(t) => toml::Value::Table(
+                t.iter()
+                    .map(|(k, v)| (k.clone(), self.coerce_env(&format!("{key}.{k}"), v)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
     }
 }
 
@@ -320,13 +332,11 @@ impl<'a> Node<'a> {
         let raw = t.get(field)?;
         let key = self.key(field);
         let first = T::deserialize(raw.clone());
-        let result = match (first, raw) {
-            (Ok(v), _) => Ok(v),
-            // Environment values arrive as strings: read "8080" as 8080, "true" as true.
-            (Err(e), toml::Value::String(s)) if self.source.is_env(&key) => parse_env_scalar(s)
-                .and_then(|v| T::deserialize(v).ok())
-                .ok_or(e),
-            (Err(e), _) => Err(e),
+        let result = match first {
+            Ok(v) => Ok(v),
+            // Environment values arrive as strings: read "8080" as 8080, "true" as true,
+            // here or anywhere inside a table set from the environment.
+            Err(e) => T::deserialize(self.source.coerce_env(&key, raw)).map_err(|_| e),
         };
         match result {
             Ok(v) => Some(v),
@@ -565,6 +575,36 @@ mod tests {
         assert!(errs.0[0].fix.contains("did you mean `http.port`"));
         assert_eq!(errs.0[1].origin, "env BAZAAR_HTTP__PORT");
         assert!(errs.to_string().starts_with("4 configuration errors"));
+    }
+
+    #[test]
+    fn env_values_inside_a_table_leaf_are_typed() {
+        #[derive(serde::Deserialize, Debug, PartialEq, Clone)]
+        struct Entry {
+            rate: f64,
+            name: String,
+        }
+        crate::config_section! {
+            pub struct WithMap {
+                pub items: std::collections::BTreeMap<String, Entry> = Default::default(),
+            }
+        }
+        let src = Source::load(
+            None,
+            env(&[
+                ("BAZAAR_ITEMS__A__RATE", "2.5"),
+                ("BAZAAR_ITEMS__A__NAME", "abc"),
+            ]),
+        )
+        .unwrap();
+        let cfg: WithMap = src.parse().unwrap();
+        assert_eq!(
+            cfg.items["a"],
+            Entry {
+                rate: 2.5,
+                name: "abc".into()
+            }
+        );
     }
 
     #[test]

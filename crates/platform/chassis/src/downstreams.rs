@@ -8,15 +8,21 @@ use std::sync::{Arc, Mutex};
 
 use resilience::bulkhead::Compartment;
 use resilience::circuit_breaker::{Breaker, BreakerMetrics, Snapshot};
+use resilience::rate_limit::Limiter;
 use resilience::retry::RetryPolicy;
 
 use crate::settings::ResilienceSettings;
 
-/// The resilience state of one downstream service.
+/// The resilience state of one downstream service, in the order a call meets it:
+/// rate limiter -> total timeout -> retry -> bulkhead -> breaker -> attempt timeout.
 pub struct Downstream {
-    pub breaker: Option<Arc<Breaker>>,
+    pub limiter: Option<Arc<Limiter>>,
+    pub total_timeout: Option<std::time::Duration>,
     pub retry: Arc<RetryPolicy>,
     pub bulkhead: Arc<Compartment>,
+    pub breaker: Option<Arc<Breaker>>,
+    /// Deadline of one attempt, when this service overrides the client's.
+    pub timeout: Option<std::time::Duration>,
 }
 
 pub struct Downstreams {
@@ -49,7 +55,7 @@ impl Downstreams {
         if let Some(d) = map.get(service) {
             return d.clone();
         }
-        let s = &self.settings;
+        let (s, o) = self.settings.for_service(service);
         // The configuration was validated in `new`, so the builder succeeds.
         let breaker = Breaker::builder(service, s.breaker.config())
             .ok()
@@ -59,8 +65,17 @@ impl Downstreams {
         {
             b.disable();
         }
+        let limiter = o.rate_limit.and_then(|rate| {
+            Limiter::new(
+                service,
+                rate,
+                o.rate_limit_burst.unwrap_or(1),
+                o.rate_limit_max_wait.map(|d| d.0).unwrap_or_default(),
+            )
+        });
         let downstream = Arc::new(Downstream {
-            breaker,
+            limiter,
+            total_timeout: o.total_timeout.map(|d| d.0),
             retry: RetryPolicy::new(
                 s.retry.max_attempts,
                 s.retry.base_delay.0,
@@ -68,6 +83,8 @@ impl Downstreams {
                 s.retry.budget_ratio,
             ),
             bulkhead: Compartment::new(service, s.bulkhead.max_concurrent, s.bulkhead.max_wait.0),
+            breaker,
+            timeout: o.timeout.map(|d| d.0),
         });
         map.insert(service.to_owned(), downstream.clone());
         downstream

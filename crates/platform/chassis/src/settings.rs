@@ -179,6 +179,8 @@ pub struct ResilienceSettings {
     pub breaker: BreakerSettings,
     pub retry: RetrySettings,
     pub bulkhead: BulkheadSettings,
+    /// Per-service overrides, by service name (`_` for `-`).
+    pub downstream: std::collections::BTreeMap<String, DownstreamSettings>,
 }
 
 fn invalid(key: &str, problem: &str, fix: &str) -> crate::config::ConfigError {
@@ -234,11 +236,96 @@ impl BulkheadSettings {
 }
 
 impl ResilienceSettings {
-    /// Every invalid setting of the three sections.
+    /// Every invalid setting, global and per downstream service.
     pub fn validate(&self) -> Vec<crate::config::ConfigError> {
         let mut errors = self.breaker.validate();
         errors.extend(self.retry.validate());
         errors.extend(self.bulkhead.validate());
+        for (name, o) in &self.downstream {
+            let (merged, _) = self.for_service(name);
+            let prefix = format!("downstream.{name}.");
+            let renamed = |e: crate::config::ConfigError, key: &str| crate::config::ConfigError {
+                key: format!("{prefix}{key}"),
+                ..e
+            };
+            for e in merged
+                .breaker
+                .validate()
+                .into_iter()
+                .chain(merged.retry.validate())
+                .chain(merged.bulkhead.validate())
+            {
+                let key = e.key.replace('.', "_");
+                errors.push(renamed(e, &key));
+            }
+            if let Some(rate) = o.rate_limit
+                && (!rate.is_finite() || rate <= 0.0)
+            {
+                errors.push(invalid(
+                    &format!("{prefix}rate_limit"),
+                    "must be a positive number of calls per second",
+                    "remove it for no limit",
+                ));
+            }
+            if o.rate_limit_burst == Some(0) {
+                errors.push(invalid(
+                    &format!("{prefix}rate_limit_burst"),
+                    "must be at least 1",
+                    "use 1 for no burst",
+                ));
+            }
+        }
         errors
+    }
+}
+
+/// `[downstream.<service>]`: overrides of the client pipeline for one downstream
+/// service; every key is optional and falls back to the global sections.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamSettings {
+    /// Deadline of one attempt (default `http.client_timeout`).
+    pub timeout: Option<HumanDuration>,
+    /// Deadline of a call with all its retries (default: attempts x timeout).
+    pub total_timeout: Option<HumanDuration>,
+    /// Calls per second this client sends at most (default: no limit).
+    pub rate_limit: Option<f64>,
+    /// Calls allowed at once above the rate (default 1).
+    pub rate_limit_burst: Option<u32>,
+    /// How long a call may wait for its turn before it is rejected (default 0).
+    pub rate_limit_max_wait: Option<HumanDuration>,
+    pub retry_max_attempts: Option<u32>,
+    pub bulkhead_max_concurrent: Option<usize>,
+    pub breaker_enabled: Option<bool>,
+    pub breaker_failure_rate_threshold: Option<f64>,
+    pub breaker_minimum_calls: Option<u32>,
+    pub breaker_wait_in_open: Option<HumanDuration>,
+}
+
+impl ResilienceSettings {
+    /// The settings for `service`: the global sections with its overrides applied.
+    pub fn for_service(&self, service: &str) -> (ResilienceSettings, DownstreamSettings) {
+        let key = service.replace('-', "_");
+        let o = self.downstream.get(&key).cloned().unwrap_or_default();
+        let mut s = self.clone();
+        if let Some(v) = o.retry_max_attempts {
+            s.retry.max_attempts = v;
+        }
+        if let Some(v) = o.bulkhead_max_concurrent {
+            s.bulkhead.max_concurrent = v;
+        }
+        if let Some(v) = o.breaker_enabled {
+            s.breaker.enabled = v;
+        }
+        if let Some(v) = o.breaker_failure_rate_threshold {
+            s.breaker.failure_rate_threshold = v;
+        }
+        if let Some(v) = o.breaker_minimum_calls {
+            s.breaker.minimum_calls = v;
+        }
+        if let Some(v) = o.breaker_wait_in_open {
+            s.breaker.wait_in_open = v;
+        }
+        (s, o)
     }
 }

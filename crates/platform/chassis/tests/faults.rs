@@ -136,3 +136,57 @@ async fn retries_stay_within_the_budget_when_everything_fails() {
     );
     assert!(retries >= calls / 5, "the budget allows 20%: {retries}");
 }
+
+#[tokio::test]
+async fn per_service_overrides_rate_limit_one_downstream_only() {
+    let dep = faulty().await;
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config(
+        "caller",
+        &identity,
+        &[("dep", &dep.url), ("other", &dep.url)],
+    );
+    config.resilience.downstream.insert(
+        "dep".into(),
+        chassis::settings::DownstreamSettings {
+            rate_limit: Some(2.0),
+            rate_limit_burst: Some(1),
+            ..Default::default()
+        },
+    );
+    assert!(config.resilience.validate().is_empty());
+    let chassis = Chassis::bind(config).await.unwrap();
+    let client = chassis.client.clone();
+    client.get_json::<Value>("dep", "/data").await.unwrap();
+    let err = client.get_json::<Value>("dep", "/data").await.unwrap_err();
+    match err {
+        ClientError::RateLimited { retry_after, .. } => {
+            assert!(retry_after <= Duration::from_millis(500))
+        }
+        other => panic!("expected a rate-limit rejection, got {other}"),
+    }
+    for _ in 0..5 {
+        client.get_json::<Value>("other", "/data").await.unwrap();
+    }
+}
+
+#[test]
+fn invalid_overrides_are_configuration_errors() {
+    let mut settings = chassis::settings::ResilienceSettings::default();
+    settings.downstream.insert(
+        "products".into(),
+        chassis::settings::DownstreamSettings {
+            rate_limit: Some(-1.0),
+            retry_max_attempts: Some(0),
+            ..Default::default()
+        },
+    );
+    let keys: Vec<String> = settings.validate().into_iter().map(|e| e.key).collect();
+    assert_eq!(
+        keys,
+        [
+            "downstream.products.retry_max_attempts",
+            "downstream.products.rate_limit"
+        ]
+    );
+}

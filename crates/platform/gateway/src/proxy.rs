@@ -159,15 +159,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn upstream_problem(service: &str, error: ClientError) -> Problem {
     tracing::warn!(upstream = service, error = %error, "upstream failed");
     match error {
-        ClientError::CircuitOpen { retry_after, .. } => {
-            let seconds = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1);
+        ClientError::CircuitOpen { .. }
+        | ClientError::RateLimited { .. }
+        | ClientError::BulkheadFull { .. } => {
+            let seconds = error.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1);
             Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream-circuit-open",
                 "Upstream paused",
             )
             .with_detail(format!(
-                "`{service}` has been failing, so calls to it are paused; try again shortly"
+                "calls to `{service}` are paused or over capacity ({error}); try again shortly"
             ))
             .with_header(http::header::RETRY_AFTER, HeaderValue::from(seconds))
         }

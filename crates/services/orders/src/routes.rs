@@ -186,10 +186,12 @@ async fn price(
         .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
         .await
         .map_err(|e| match e {
-            ClientError::CircuitOpen { retry_after, .. } => {
-                let seconds = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1);
+            e @ (ClientError::CircuitOpen { .. }
+            | ClientError::RateLimited { .. }
+            | ClientError::BulkheadFull { .. }) => {
+                let seconds = e.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1);
                 Problem::unavailable(
-                    "the catalog has been failing, so pricing is paused; try again shortly",
+                    "the catalog has been failing or is busy, so pricing is paused; try again shortly",
                 )
                 .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
             }
