@@ -296,15 +296,12 @@ impl HttpClient {
         telemetry::context::inject_current(request.headers_mut());
         // Never wait past the request's own deadline, and tell the callee how long
         // this call will wait so it can stop in time.
-        let timeout = telemetry::context::current()
-            .and_then(|c| c.remaining())
-            .map_or(timeout, |left| left.min(timeout));
-        if timeout.is_zero() {
+        let Some(timeout) = resilience::timeout::effective(timeout) else {
             return Err(ClientError::Timeout {
                 service: service.to_owned(),
-                after: timeout,
+                after: Duration::ZERO,
             });
-        }
+        };
         telemetry::context::set_deadline(request.headers_mut(), timeout);
         match tokio::time::timeout(timeout, self.inner.request(request)).await {
             Err(_) => Err(ClientError::Timeout {

@@ -190,3 +190,91 @@ fn invalid_overrides_are_configuration_errors() {
         ]
     );
 }
+
+#[tokio::test]
+async fn connection_resets_are_retried_and_reported_as_unavailable() {
+    // A server that accepts and closes every connection without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicU32::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    let identity = IdentityFixture::start().await;
+    let chassis = Chassis::bind(service_config("caller", &identity, &[("reset", &url)]))
+        .await
+        .unwrap();
+    let err = chassis
+        .client
+        .get_json::<Value>("reset", "/data")
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 3, "three attempts");
+}
+
+#[tokio::test]
+async fn a_slow_body_is_cut_at_the_attempt_deadline() {
+    use axum::body::Body;
+    let app = Router::new().route(
+        "/data",
+        get(|| async {
+            let chunks = futures::stream::unfold(0u8, |n| async move {
+                if n > 0 {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+                Some((
+                    Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{")),
+                    n + 1,
+                ))
+            });
+            Body::from_stream(chunks)
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("slow", &url)]);
+    config.http.client_timeout = HumanDuration::millis(150);
+    let chassis = Chassis::bind(config).await.unwrap();
+    let started = Instant::now();
+    let err = chassis
+        .client
+        .get_json::<Value>("slow", "/data")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_full_bulkhead_rejects_at_once() {
+    let dep = faulty().await;
+    dep.mode.store(HANG, Ordering::SeqCst);
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    config.resilience.bulkhead.max_concurrent = 1;
+    config.resilience.bulkhead.max_wait = HumanDuration::millis(10);
+    config.http.client_timeout = HumanDuration::millis(500);
+    let chassis = Chassis::bind(config).await.unwrap();
+    let client = chassis.client.clone();
+    let first = tokio::spawn({
+        let client = client.clone();
+        async move { client.get_json::<Value>("dep", "/data").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let err = client.get_json::<Value>("dep", "/data").await.unwrap_err();
+    assert!(matches!(err, ClientError::BulkheadFull { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert!(first.await.unwrap().is_err());
+}

@@ -8,6 +8,7 @@
 //! - [`retry`]: attempts, full-jitter backoff, `Retry-After`, idempotency, budget.
 //! - [`rate_limit`]: a client-side GCRA rate limiter that paces or rejects.
 //! - [`fallback`]: a typed fallback whose answers are marked degraded.
+//! - [`timeout`]: a per-call deadline within the request's own, told to the callee.
 #![forbid(unsafe_code)]
 
 pub mod bulkhead;
@@ -15,3 +16,4 @@ pub mod circuit_breaker;
 pub mod fallback;
 pub mod rate_limit;
 pub mod retry;
+pub mod timeout;

@@ -185,3 +185,83 @@ async fn the_fallback_answers_marked_degraded() {
     let response = svc.ready().await.unwrap().call(()).await.unwrap();
     assert!(!response.headers().contains_key(DEGRADED_HEADER));
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_layer_limits_calls_and_tells_the_callee() {
+    use resilience::timeout::DeadlineLayer;
+    use resilience::timeout::error::Elapsed;
+    let svc = tower::service_fn(|req: http::Request<()>| async move {
+        let told: u64 = req.headers()["x-bazaar-deadline"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(told / 2)).await;
+        Ok::<_, BoxError>(told)
+    });
+    let mut svc = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_millis(300)))
+        .service(svc);
+    let told = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(()))
+        .await
+        .unwrap();
+    assert_eq!(told, 300);
+    // Within a request that has 100 ms left, the call gets (and is told) 100 ms.
+    let ctx = telemetry::context::RequestContext::new_root()
+        .with_deadline_within(Duration::from_millis(100));
+    let told = telemetry::context::scope(ctx, async {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(http::Request::new(()))
+            .await
+    })
+    .await
+    .unwrap();
+    assert_eq!(told, 100);
+    let slow = tower::service_fn(|_: http::Request<()>| async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Ok::<_, BoxError>(())
+    });
+    let mut slow = ServiceBuilder::new()
+        .layer(DeadlineLayer::new(Duration::from_millis(300)))
+        .service(slow);
+    let err = slow
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<Elapsed>().unwrap().0,
+        Duration::from_millis(300)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_idempotent_retries_only_when_configured() {
+    let policy = RetryPolicy::new(
+        3,
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+        0.5,
+    )
+    .retrying_non_idempotent();
+    assert!(!policy.idempotent_only);
+    let calls = Arc::new(AtomicU32::new(0));
+    let mut svc = ServiceBuilder::new()
+        .layer(RetryLayer::new(HttpRetry::new(policy)))
+        .service(flaky(1, calls.clone(), None));
+    let post = http::Request::post("/orders")
+        .header("idempotency-key", "k")
+        .body("order".to_owned())
+        .unwrap();
+    let response = svc.ready().await.unwrap().call(post).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

@@ -36,7 +36,7 @@ impl<B: Clone, R, E> tower::retry::Policy<http::Request<B>, http::Response<R>, E
             Ok(_) => return None,
             Err(_) => None,
         };
-        if !is_idempotent(request.method()) {
+        if self.policy.idempotent_only && !is_idempotent(request.method()) {
             return None;
         }
         let delay = self.policy.next_delay(self.attempt, wait, None)?;
@@ -45,7 +45,7 @@ impl<B: Clone, R, E> tower::retry::Policy<http::Request<B>, http::Response<R>, E
     }
 
     fn clone_request(&mut self, request: &http::Request<B>) -> Option<http::Request<B>> {
-        if !is_idempotent(request.method()) {
+        if self.policy.idempotent_only && !is_idempotent(request.method()) {
             return None;
         }
         let mut clone = http::Request::new(request.body().clone());

@@ -20,6 +20,9 @@ pub struct RetryPolicy {
     pub max_attempts: u32,
     pub base_delay: Duration,
     pub max_delay: Duration,
+    /// Retry only idempotent methods (the default); turn off only for a downstream
+    /// whose non-idempotent endpoints deduplicate (idempotency keys).
+    pub idempotent_only: bool,
     budget: TpsBudget,
 }
 
@@ -40,8 +43,20 @@ impl RetryPolicy {
             max_attempts: max_attempts.max(1),
             base_delay,
             max_delay,
+            idempotent_only: true,
             budget: TpsBudget::new(BUDGET_TTL, BUDGET_MIN_PER_SEC, budget_ratio),
         })
+    }
+
+    /// Allows retrying non-idempotent requests too (see `idempotent_only`).
+    pub fn retrying_non_idempotent(self: Arc<Self>) -> Arc<Self> {
+        match Arc::try_unwrap(self) {
+            Ok(mut p) => {
+                p.idempotent_only = false;
+                Arc::new(p)
+            }
+            Err(shared) => shared,
+        }
     }
 
     /// Counts a first attempt towards the budget.
