@@ -17,3 +17,11 @@ pub mod fallback;
 pub mod rate_limit;
 pub mod retry;
 pub mod timeout;
+
+/// The error a rejecting future was built with; a second poll (a contract breach by
+/// the caller) gets an error rather than a panic.
+pub(crate) fn take_error<E: Into<tower::BoxError>>(slot: &mut Option<E>) -> tower::BoxError {
+    slot.take()
+        .map(Into::into)
+        .unwrap_or_else(|| "polled after completion".into())
+}

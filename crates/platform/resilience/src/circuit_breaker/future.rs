@@ -90,12 +90,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Rejected { error } => {
-                let error = error.take().map(BoxError::from);
-                Poll::Ready(Err(
-                    error.unwrap_or_else(|| "polled after completion".into())
-                ))
-            }
+            Proj::Rejected { error } => Poll::Ready(Err(crate::take_error(error))),
             Proj::Running {
                 future,
                 guard,

@@ -93,10 +93,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Limited { error } => Poll::Ready(Err(error
-                .take()
-                .map(BoxError::from)
-                .unwrap_or_else(|| "polled after completion".into()))),
+            Proj::Limited { error } => Poll::Ready(Err(crate::take_error(error))),
             Proj::Waiting { sleep, inner } => {
                 if let Some(s) = sleep.as_mut() {
                     std::task::ready!(s.as_mut().poll(cx));

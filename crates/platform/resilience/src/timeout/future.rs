@@ -50,10 +50,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Proj::Expired { error } => Poll::Ready(Err(error
-                .take()
-                .map(BoxError::from)
-                .unwrap_or_else(|| "polled after completion".into()))),
+            Proj::Expired { error } => Poll::Ready(Err(crate::take_error(error))),
             Proj::Running {
                 inner,
                 sleep,
