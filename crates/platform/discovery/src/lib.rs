@@ -13,6 +13,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -1,7 +1,8 @@
-//! `control-plane`: in local mode, the one place that sees the whole shop. Today it
-//! serves `GET /v1/services`: every service discovery knows, each instance probed on
-//! `/readyz` in parallel. The embedded registry, broker log and telemetry buffer
-//! join it in their own issues.
+//! `control-plane`: in local mode, the one place that sees the whole shop. It serves
+//! `GET /v1/services` (every service discovery knows, each instance probed on
+//! `/readyz` in parallel) and hosts the embedded registry with its Consul-compatible
+//! API (`/v1/agent/...`, `/v1/health/...`, `/v1/catalog/...`) and health checker. The
+//! broker log and telemetry buffer join it in their own issues.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -126,9 +127,12 @@ impl Application {
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
+        let registry = Arc::new(discovery::registry::Registry::new());
+        discovery::registry::checks::spawn(registry.clone());
         let routes = Router::new()
             .route("/v1/services", get(services))
-            .with_state(Arc::new(chassis.client.clone()));
+            .with_state(Arc::new(chassis.client.clone()))
+            .merge(discovery::registry::api::router(registry));
         let router = chassis.router(routes, Readiness::default(), Some(ApiDoc::openapi()));
         Ok(Service::new(chassis, router, None))
     }

@@ -54,3 +54,43 @@ async fn reports_ready_and_unreachable_services() {
     assert_eq!(health("peer"), "ready");
     assert_eq!(health("ghost"), "unreachable");
 }
+
+#[tokio::test]
+async fn hosts_the_registry_api() {
+    let identity = IdentityFixture::start().await;
+    let app = control_plane::Application::build(control_plane::Config {
+        service: service_config(control_plane::NAME, &identity, &[]),
+        settings: control_plane::Settings::default(),
+    })
+    .await
+    .unwrap();
+    let url = format!("http://127.0.0.1:{}", app.port());
+    tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{url}/v1/agent/service/register"))
+        .json(&serde_json::json!({"Name": "orders", "ID": "orders-1", "Port": 8081}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Vec<Value> = http
+        .get(format!("{url}/v1/health/service/orders?passing"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list[0]["Service"]["Port"], 8081);
+    // A bad registration keeps its field errors through the chassis's problem layer.
+    let r = http
+        .put(format!("{url}/v1/agent/service/register"))
+        .json(&serde_json::json!({"Port": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["field"], "Name");
+}
