@@ -9,7 +9,6 @@ mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use services::ServiceName;
@@ -176,7 +175,7 @@ async fn run_one(
         &shop.log.level,
         shop.log.format,
     );
-    let resolver = shop.discovery.resolver().map_err(|e| {
+    let resolver = shop.discovery.build_resolver().map_err(|e| {
         Failure::Config(chassis::config::Errors(vec![
             chassis::config::ConfigError {
                 key: "discovery.services".into(),
@@ -201,7 +200,7 @@ async fn run_one(
         }
     };
     let shutdown = chassis::shutdown::on_signal();
-    services::run(service, &shop, listen, Arc::new(resolver), shutdown)
+    services::run(service, &shop, listen, resolver, shutdown)
         .await
         .map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "stopped with an error");

@@ -86,6 +86,7 @@ pub async fn run(
         identity: config.identity.clone(),
         resilience: config.resilience(),
         resolver,
+        registry_url: config.discovery.registry_url.clone(),
     };
     let data_dir = config.data_dir.as_path();
     let built = match service {

@@ -145,9 +145,17 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
             }
         }
         Mode::Monolith => {
-            let resolver: Arc<dyn discovery::Resolver> = Arc::new(
-                discovery::StaticResolver::parse(urls.iter().map(|(s, u)| (s.name(), u.as_str())))?,
-            );
+            // The same discovery as the processes get: the control plane's registry,
+            // with the supervisor's map as the fallback.
+            let mut discovery = config.discovery.clone();
+            for (s, u) in &urls {
+                discovery
+                    .services
+                    .insert(s.name().replace('-', "_"), u.clone());
+            }
+            discovery.registry_url = Some(url_of(&urls, ServiceName::ControlPlane));
+            config.discovery = discovery.clone();
+            let resolver = discovery.build_resolver()?;
             for b in bound {
                 pids.lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -258,6 +266,11 @@ fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, St
         .map(|(s, u)| (s.discovery_env(), u.clone()))
         .collect();
     env.push(("BAZAAR_DATA_DIR".into(), data_dir.display().to_string()));
+    // Services register with the control plane's registry and resolve through it.
+    env.push((
+        "BAZAAR_DISCOVERY__REGISTRY_URL".into(),
+        url_of(urls, ServiceName::ControlPlane),
+    ));
     env.push((SUPERVISOR_ENV.into(), std::process::id().to_string()));
     env.push(("LISTEN_FDS".into(), "1".into()));
     env

@@ -92,6 +92,36 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     pids.dedup();
     assert_eq!(pids.len(), 5);
 
+    // Every service registered itself with the control plane's registry, with a
+    // passing health check.
+    let registry = shop.url("control-plane");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut healthy = Vec::new();
+        for name in ["users", "products", "orders", "gateway"] {
+            let list: Vec<Value> = shop
+                .http
+                .get(format!("{registry}/v1/health/service/{name}?passing"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if list.len() == 1 {
+                healthy.push(name);
+            }
+        }
+        if healthy.len() == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "registered and passing: {healthy:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // One correlation id follows an order through gateway -> orders -> products, on
     // a JSON log line of each.
     let (_, token) = shop.user().await;

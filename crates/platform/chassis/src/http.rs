@@ -124,6 +124,14 @@ impl Chassis {
         let addr = self.local_addr;
         let service = self.name;
         tracing::info!(%addr, "listening");
+        let registration = self.registry.clone().map(|client| {
+            let id = format!("{service}-{}-{}", addr.ip(), addr.port());
+            let task = tokio::spawn(keep_registered(
+                client.clone(),
+                registration_document(service, &id, addr),
+            ));
+            (client, id, task)
+        });
         let server = axum::serve(
             self.listener,
             router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -136,12 +144,61 @@ impl Chassis {
                 tokio::time::sleep(grace).await;
             } => Ok(false),
         }?;
+        if let Some((client, id, task)) = registration {
+            task.abort();
+            if let Err(e) = client.deregister(&id).await {
+                tracing::warn!(error = %e, "could not deregister");
+            }
+        }
         if drained {
             tracing::info!(service, "stopped; all requests drained");
         } else {
             tracing::warn!(service, grace = ?grace, "grace period over; dropped remaining connections");
         }
         Ok(())
+    }
+}
+
+/// Interval of the registry's health check on each instance.
+const CHECK_INTERVAL: &str = "1s";
+/// An instance critical this long is dropped from the registry: a crashed process
+/// that never deregistered leaves no ghost behind.
+const DEREGISTER_AFTER: &str = "30s";
+/// Registrations are repeated this often, so a restarted registry is refilled.
+const REREGISTER_EVERY: Duration = Duration::from_secs(15);
+
+fn registration_document(service: &str, id: &str, addr: SocketAddr) -> Value {
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        addr.ip().to_string()
+    };
+    json!({
+        "Name": service, "ID": id, "Address": host, "Port": addr.port(),
+        "Check": {
+            "HTTP": format!("http://{host}:{}/healthz", addr.port()),
+            "Interval": CHECK_INTERVAL, "Timeout": "1s",
+            "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
+        },
+    })
+}
+
+/// Registers now, then again periodically (the registry may have restarted).
+async fn keep_registered(client: discovery::consul::ConsulClient, document: Value) {
+    let mut registered = false;
+    loop {
+        match client.register(&document).await {
+            Ok(()) if !registered => {
+                tracing::info!("registered with the registry");
+                registered = true;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "registration failed; will retry");
+                registered = false;
+            }
+        }
+        tokio::time::sleep(REREGISTER_EVERY).await;
     }
 }
 

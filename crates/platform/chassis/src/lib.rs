@@ -66,6 +66,8 @@ pub struct ServiceConfig {
     pub identity: IdentitySettings,
     pub resilience: ResilienceSettings,
     pub resolver: Arc<dyn Resolver>,
+    /// Where to register this service (a Consul-compatible registry), if anywhere.
+    pub registry_url: Option<String>,
 }
 
 /// A bound service with its standard parts. See the crate docs.
@@ -76,6 +78,7 @@ pub struct Chassis {
     pub client: HttpClient,
     pub identity: Arc<JwtVerifier>,
     pub http: HttpSettings,
+    registry: Option<discovery::consul::ConsulClient>,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
 }
@@ -118,6 +121,10 @@ impl Chassis {
             client,
             identity,
             http: config.http,
+            registry: config
+                .registry_url
+                .as_deref()
+                .map(discovery::consul::ConsulClient::new),
             listener,
             local_addr,
         })

@@ -68,10 +68,29 @@ config_section! {
         /// processes it starts (`BAZAAR_DISCOVERY__SERVICES__<NAME>`); `_` in a name
         /// stands for `-`.
         pub services: BTreeMap<String, String> = BTreeMap::new(),
+        /// A Consul-compatible registry (the control plane's, or a Consul agent): when
+        /// set, each service registers itself there with an HTTP health check and
+        /// resolves peers from it, `services` serving as the fallback.
+        pub registry_url: Option<String> = None,
     }
 }
 
 impl DiscoverySettings {
+    /// The resolver these settings describe: the registry (with the static map as
+    /// fallback) when `registry_url` is set, else the static map.
+    pub fn build_resolver(
+        &self,
+    ) -> Result<std::sync::Arc<dyn discovery::Resolver>, discovery::ResolveError> {
+        let fallback = self.resolver()?;
+        Ok(match &self.registry_url {
+            Some(url) => std::sync::Arc::new(discovery::consul::RegistryResolver::new(
+                discovery::consul::ConsulClient::new(url),
+                fallback,
+            )),
+            None => std::sync::Arc::new(fallback),
+        })
+    }
+
     /// The static resolver these settings describe.
     pub fn resolver(&self) -> Result<discovery::StaticResolver, discovery::ResolveError> {
         let names: Vec<(String, &str)> = self

@@ -13,6 +13,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod consul;
 pub mod registry;
 
 use std::collections::HashMap;

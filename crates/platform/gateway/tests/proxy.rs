@@ -71,6 +71,7 @@ async fn spawn() -> Gw {
             ("gateway".to_owned(), url.clone()),
         ]
         .into(),
+        registry_url: None,
     }
     .resolver()
     .unwrap();
@@ -89,6 +90,7 @@ async fn spawn() -> Gw {
             identity: IdentitySettings::default(),
             resilience: chassis::settings::ResilienceSettings::default(),
             resolver: Arc::new(resolver),
+            registry_url: None,
         },
         settings: Settings {
             upstream_timeout: HumanDuration::millis(300),
