@@ -44,12 +44,22 @@ struct ShopRoutes {
 pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let source = Source::from_process(file)?;
     let mut config: ShopConfig = source.parse()?;
-    let invalid = config.resilience().validate();
-    if !invalid.is_empty() {
-        return Err(Errors(invalid));
-    }
     if config.gateway.routes.is_empty() {
         config.gateway.routes = shop_routes();
+    }
+    let mut invalid = config.resilience().validate();
+    invalid.extend(
+        gateway::configuration::validate_routes(&config.gateway.routes)
+            .into_iter()
+            .map(|problem| chassis::config::ConfigError {
+                key: "gateway.routes".into(),
+                origin: "configuration".into(),
+                problem,
+                fix: "see docs/configuration.md for the route fields".into(),
+            }),
+    );
+    if !invalid.is_empty() {
+        return Err(Errors(invalid));
     }
     Ok(config)
 }
@@ -75,6 +85,17 @@ pub fn shop_routes() -> Vec<gateway::RouteConfig> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_example_configuration_is_complete_and_valid() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/bazaar.toml");
+        let source = chassis::config::Source::load(Some(&path), Vec::new()).unwrap();
+        let config: super::ShopConfig = source.parse().unwrap();
+        assert_eq!(config.gateway.routes, super::shop_routes());
+        assert!(config.resilience().validate().is_empty());
+        assert!(config.downstream.contains_key("products"));
+    }
+
     #[test]
     fn the_embedded_routes_parse_and_validate() {
         let routes = super::shop_routes();

@@ -263,7 +263,7 @@ async fn services_refuse_identities_that_did_not_come_from_the_gateway() {
 
 #[tokio::test]
 async fn runs_on_postgresql_with_a_database_per_service() {
-    let base = std::env::var("BAZAAR_TEST_POSTGRES_URL")
+    let base = std::env::var("POSTGRES_TEST_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     let run = uuid::Uuid::new_v4().simple().to_string();
     let urls: Vec<(String, String)> = ["users", "products", "orders"]
@@ -295,13 +295,12 @@ fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
         "[http]\nrequest_timeout = \"soon\"\nbody_limt = 10\n\n[gateway]\nport = \"eighty\"\n",
     )
     .unwrap();
-    for args in [
-        vec!["up", "--data-dir"],
-        vec!["run", "orders", "--data-dir"],
-    ] {
+    for args in [vec!["up"], vec!["run", "orders"]] {
         let mut command = std::process::Command::new(support::BIN);
+        // Run in `dir`, so the default data directory would be `dir/.bazaar`.
         command
-            .args(&args[..args.len() - 1])
+            .current_dir(&dir)
+            .args(&args)
             .arg("--config")
             .arg(&file);
         let out = command.output().unwrap();

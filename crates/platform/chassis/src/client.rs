@@ -379,10 +379,8 @@ impl HttpClient {
             .header(http::header::ACCEPT, "application/json")
             .body(Body::empty())
             .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let response = self
-            .attempt(service, downstream, request, self.timeout)
-            .await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let response = self.attempt(service, downstream, request, timeout).await?;
         let status = response.status();
         let retry_after = resilience::retry::retry_after(response.headers());
         let body = tokio::time::timeout_at(deadline, read_limited(response.into_body()))

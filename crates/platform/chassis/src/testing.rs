@@ -16,9 +16,9 @@ use crate::jwt::{SigningKey, jwks};
 use crate::settings::{HttpSettings, IdentitySettings};
 use crate::{Listen, ServiceConfig};
 
-/// Base URL of the PostgreSQL used by tests; override with `BAZAAR_TEST_POSTGRES_URL`.
+/// Base URL of the PostgreSQL used by tests; override with `POSTGRES_TEST_URL`.
 pub fn postgres_base_url() -> String {
-    std::env::var("BAZAAR_TEST_POSTGRES_URL")
+    std::env::var("POSTGRES_TEST_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 

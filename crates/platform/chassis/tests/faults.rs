@@ -170,6 +170,39 @@ async fn per_service_overrides_rate_limit_one_downstream_only() {
     }
 }
 
+#[tokio::test]
+async fn a_per_service_timeout_overrides_the_client_default() {
+    let dep = faulty().await;
+    dep.mode.store(HANG, Ordering::SeqCst);
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    config.http.client_timeout = HumanDuration::secs(5);
+    config.resilience.downstream.insert(
+        "dep".into(),
+        chassis::settings::DownstreamSettings {
+            timeout: Some(HumanDuration::millis(100)),
+            retry_max_attempts: Some(1),
+            ..Default::default()
+        },
+    );
+    let chassis = Chassis::bind(config).await.unwrap();
+    let started = Instant::now();
+    let err = chassis
+        .client
+        .get_json::<Value>("dep", "/data")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Timeout { after, .. } if after == Duration::from_millis(100)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn invalid_overrides_are_configuration_errors() {
     let mut settings = chassis::settings::ResilienceSettings::default();

@@ -64,7 +64,7 @@ pub struct ListQuery {
 
 /// List, search, or batch-read products.
 #[utoipa::path(get, path = "/products", params(ListQuery),
-    responses((status = 200, body = ProductPage), (status = 400, body = Problem)))]
+    responses((status = 200, body = ProductPage), (status = 400, body = Problem), (status = 422, body = Problem)))]
 async fn list_products(
     State(state): State<AppState>,
     Query(query): Query<ListQuery>,
