@@ -112,15 +112,10 @@ impl IdentityFixture {
                 async move { axum::Json(doc) }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr: SocketAddr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
         Self {
             key,
             issuer,
-            url: format!("http://{addr}"),
+            url: serve(app).await,
         }
     }
 
@@ -128,6 +123,16 @@ impl IdentityFixture {
     pub fn token(&self, user: &str) -> String {
         self.issuer.mint(user, None).unwrap()
     }
+}
+
+/// Serves `app` on 127.0.0.1:0 in the background; returns its base URL.
+pub async fn serve(app: Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
 }
 
 /// A service config on 127.0.0.1:0 resolving `services` (name, url) plus the gateway.

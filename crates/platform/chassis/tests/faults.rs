@@ -45,9 +45,7 @@ async fn faulty() -> Faulty {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = chassis::testing::serve(app).await;
     Faulty {
         url,
         mode,
@@ -268,9 +266,7 @@ async fn a_slow_body_is_cut_at_the_attempt_deadline() {
             Body::from_stream(chunks)
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = chassis::testing::serve(app).await;
     let identity = IdentityFixture::start().await;
     let mut config = service_config("caller", &identity, &[("slow", &url)]);
     config.http.client_timeout = HumanDuration::millis(150);

@@ -38,10 +38,7 @@ async fn upstream(seen: Seen) -> String {
                 "components": {"schemas": {"Thing": {"type": "object"}}}}))
         }))
         .fallback(any(record));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    chassis::testing::serve(app).await
 }
 
 struct Gw {
