@@ -245,8 +245,7 @@ impl HttpClient {
         };
         let result = self.send_to(service, &instance, request, timeout).await;
         let outcome = match &result {
-            Ok(r) if r.status().is_server_error() => Outcome::Failure,
-            Ok(_) => Outcome::Success,
+            Ok(r) => downstream.classification.classify(r.status()),
             Err(_) => Outcome::Failure,
         };
         guard.finish(outcome);

@@ -23,6 +23,8 @@ pub struct Downstream {
     pub breaker: Option<Arc<Breaker>>,
     /// Deadline of one attempt, when this service overrides the client's.
     pub timeout: Option<std::time::Duration>,
+    /// Which answers the breaker counts as failures or ignores.
+    pub classification: crate::settings::BreakerSettings,
 }
 
 pub struct Downstreams {
@@ -85,6 +87,7 @@ impl Downstreams {
             bulkhead: Compartment::new(service, s.bulkhead.max_concurrent, s.bulkhead.max_wait.0),
             breaker,
             timeout: o.timeout.map(|d| d.0),
+            classification: s.breaker.clone(),
         });
         map.insert(service.to_owned(), downstream.clone());
         downstream
@@ -104,6 +107,38 @@ impl Downstreams {
 
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
+    use resilience::circuit_breaker::Outcome;
+
+    use crate::settings::BreakerSettings;
+
+    #[test]
+    fn statuses_are_classified_as_configured() {
+        let default = BreakerSettings::default();
+        assert_eq!(
+            default.classify(StatusCode::SERVICE_UNAVAILABLE),
+            Outcome::Failure
+        );
+        assert_eq!(default.classify(StatusCode::NOT_FOUND), Outcome::Success);
+        let chosen = BreakerSettings {
+            failure_statuses: vec![503, 429],
+            ignored_statuses: vec![501],
+            ..BreakerSettings::default()
+        };
+        assert_eq!(
+            chosen.classify(StatusCode::INTERNAL_SERVER_ERROR),
+            Outcome::Success
+        );
+        assert_eq!(
+            chosen.classify(StatusCode::TOO_MANY_REQUESTS),
+            Outcome::Failure
+        );
+        assert_eq!(
+            chosen.classify(StatusCode::NOT_IMPLEMENTED),
+            Outcome::Ignored
+        );
+    }
+
     #[test]
     fn default_settings_are_valid() {
         assert!(

@@ -108,8 +108,16 @@ config_section! {
     pub struct BreakerSettings {
         /// Off turns every breaker to DISABLED (calls pass, nothing is recorded).
         pub enabled: bool = true,
-        /// Rates are judged over the last this-many calls.
+        /// `count`: rates over the last `window_size` calls; `time`: over the calls
+        /// of the last `window_size` seconds.
+        pub window_type: WindowType = WindowType::Count,
+        /// Calls (count window) or seconds (time window) rates are judged over.
         pub window_size: u32 = 100,
+        /// Statuses counted as failures; empty means every 5xx. Errors and
+        /// timeouts always count.
+        pub failure_statuses: Vec<u16> = Vec::new(),
+        /// Statuses that count for nothing (neither success nor failure).
+        pub ignored_statuses: Vec<u16> = Vec::new(),
         /// Percent of failures (errors, timeouts, 5xx) that opens the breaker.
         pub failure_rate_threshold: f64 = 50.0,
         /// Percent of slow calls that opens it; 100 means only all-slow windows do.
@@ -129,11 +137,39 @@ config_section! {
     }
 }
 
+/// The kind of sliding window a breaker judges rates over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowType {
+    Count,
+    Time,
+}
+
 impl BreakerSettings {
+    /// How the breaker classifies an answer with `status`.
+    pub fn classify(&self, status: http::StatusCode) -> resilience::circuit_breaker::Outcome {
+        use resilience::circuit_breaker::Outcome;
+        let code = status.as_u16();
+        if self.ignored_statuses.contains(&code) {
+            Outcome::Ignored
+        } else if (self.failure_statuses.is_empty() && status.is_server_error())
+            || self.failure_statuses.contains(&code)
+        {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        }
+    }
+
     /// The breaker configuration these settings describe.
     pub fn config(&self) -> resilience::circuit_breaker::Config {
         resilience::circuit_breaker::Config {
-            window: resilience::circuit_breaker::Window::Count(self.window_size),
+            window: match self.window_type {
+                WindowType::Count => resilience::circuit_breaker::Window::Count(self.window_size),
+                WindowType::Time => resilience::circuit_breaker::Window::Time(
+                    std::time::Duration::from_secs(u64::from(self.window_size)),
+                ),
+            },
             failure_rate_threshold: self.failure_rate_threshold,
             slow_call_rate_threshold: self.slow_call_rate_threshold,
             slow_call_duration: self.slow_call_duration.0,

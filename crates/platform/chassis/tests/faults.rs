@@ -20,6 +20,10 @@ use serde_json::Value;
 const NORMAL: u8 = 0;
 const HANG: u8 = 1;
 const UNAVAILABLE: u8 = 2;
+/// Answers 200 after 80 ms.
+const SLOW: u8 = 3;
+/// Answers 503 to one request in three, 200 otherwise.
+const FLAKY: u8 = 4;
 
 struct Faulty {
     url: String,
@@ -37,9 +41,15 @@ async fn faulty() -> Faulty {
             let (m, r) = (m.clone(), r.clone());
             async move {
                 r.fetch_add(1, Ordering::SeqCst);
+                let n = r.load(Ordering::SeqCst);
                 match m.load(Ordering::SeqCst) {
                     HANG => std::future::pending::<axum::response::Response>().await,
                     UNAVAILABLE => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                    SLOW => {
+                        tokio::time::sleep(Duration::from_millis(80)).await;
+                        axum::Json(serde_json::json!({"ok": true})).into_response()
+                    }
+                    FLAKY if n % 3 == 0 => StatusCode::SERVICE_UNAVAILABLE.into_response(),
                     _ => axum::Json(serde_json::json!({"ok": true})).into_response(),
                 }
             }
@@ -306,4 +316,63 @@ async fn a_full_bulkhead_rejects_at_once() {
     assert!(matches!(err, ClientError::BulkheadFull { .. }), "{err}");
     assert!(started.elapsed() < Duration::from_millis(100));
     assert!(first.await.unwrap().is_err());
+}
+
+#[tokio::test]
+async fn steady_latency_trips_the_slow_call_rate_and_calls_then_fail_fast() {
+    let dep = faulty().await;
+    dep.mode.store(SLOW, Ordering::SeqCst);
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    let b = &mut config.resilience.breaker;
+    b.window_size = 5;
+    b.minimum_calls = 5;
+    b.slow_call_duration = HumanDuration::millis(50);
+    b.slow_call_rate_threshold = 60.0;
+    let chassis = Chassis::bind(config).await.unwrap();
+    for _ in 0..5 {
+        let ok: Value = chassis.client.get_json("dep", "/data").await.unwrap();
+        assert_eq!(ok["ok"], true, "slow but answering");
+    }
+    let started = Instant::now();
+    let err = chassis
+        .client
+        .get_json::<Value>("dep", "/data")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::CircuitOpen { .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_millis(20));
+}
+
+#[tokio::test]
+async fn retries_hide_an_error_rate_within_the_budget() {
+    let dep = faulty().await;
+    dep.mode.store(FLAKY, Ordering::SeqCst);
+    let identity = IdentityFixture::start().await;
+    let mut config = service_config("caller", &identity, &[("dep", &dep.url)]);
+    config.resilience.breaker.enabled = false;
+    let chassis = Chassis::bind(config).await.unwrap();
+    let calls = 300;
+    let mut failed = 0;
+    for _ in 0..calls {
+        if chassis
+            .client
+            .get_json::<Value>("dep", "/data")
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    // One request in three fails; a retry almost always succeeds.
+    assert_eq!(
+        failed, 0,
+        "{failed} of {calls} calls failed despite retries"
+    );
+    let reached = dep.requests.load(Ordering::SeqCst);
+    let retries = reached - calls;
+    assert!(
+        retries >= calls / 3 - 1 && retries <= calls / 2,
+        "{retries} retries for {calls} calls"
+    );
 }

@@ -57,6 +57,56 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
+    // The whole pipeline in Polly's order, on an HTTP request, over a bare service.
+    let mut group = c.benchmark_group("pipeline");
+    let http_service = || {
+        tower::service_fn(|_req: http::Request<()>| {
+            std::future::ready(Ok::<_, Infallible>(http::Response::new(())))
+        })
+    };
+    let mut bare_http = http_service();
+    group.bench_function("http service, bare", |b| {
+        b.to_async(&rt).iter(|| {
+            let fut = bare_http.call(http::Request::new(()));
+            async move { fut.await.unwrap() }
+        })
+    });
+    let limiter =
+        resilience::rate_limit::Limiter::new("bench", 1e9, 1_000_000, Duration::ZERO).unwrap();
+    let policy = resilience::retry::RetryPolicy::new(
+        3,
+        Duration::from_millis(10),
+        Duration::from_millis(100),
+        0.2,
+    );
+    let compartment =
+        resilience::bulkhead::Compartment::new("bench", 1024, Duration::from_millis(10));
+    let pipeline_breaker = Breaker::new("pipeline", Config::default()).unwrap();
+    let mut pipeline = ServiceBuilder::new()
+        .layer(resilience::rate_limit::RateLimitLayer::new(limiter))
+        .layer(resilience::timeout::DeadlineLayer::new(
+            Duration::from_secs(5),
+        ))
+        .layer(tower::retry::RetryLayer::new(
+            resilience::retry::HttpRetry::new(policy),
+        ))
+        .layer(resilience::bulkhead::BulkheadLayer::new(compartment))
+        .layer(CircuitBreakerLayer::new(
+            pipeline_breaker,
+            resilience::circuit_breaker::ServerErrorsFail,
+        ))
+        .service(http_service());
+    // Every layer here is always ready once its inner service is.
+    rt.block_on(async { pipeline.ready().await.map(|_| ()) })
+        .unwrap();
+    group.bench_function("http service + full pipeline", |b| {
+        b.to_async(&rt).iter(|| {
+            let fut = pipeline.call(http::Request::new(()));
+            async move { fut.await.unwrap() }
+        })
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("rejection");
     let open = Breaker::new("open", Config::default()).unwrap();
     open.force_open();
