@@ -4,6 +4,7 @@
 mod config;
 mod ps;
 mod services;
+mod services_cmd;
 mod state;
 mod up;
 
@@ -52,6 +53,17 @@ enum Command {
     /// List the running processes of the shop started from a data directory.
     Ps {
         /// Print a JSON array of {name, pid, url, health}.
+        #[arg(long)]
+        json: bool,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// List the services in the running shop's registry, each instance with its health.
+    Services {
+        /// Print a JSON array of {service, id, address, health}.
         #[arg(long)]
         json: bool,
         /// The shop's data directory [default: .bazaar]
@@ -156,6 +168,18 @@ async fn dispatch(
                 None => load(config.as_deref())?.data_dir,
             };
             ps::run(&dir, json).await?;
+            Ok(())
+        }
+        Command::Services {
+            json,
+            data_dir,
+            config,
+        } => {
+            let dir = match data_dir {
+                Some(d) => d,
+                None => load(config.as_deref())?.data_dir,
+            };
+            services_cmd::run(&dir, json).await?;
             Ok(())
         }
         Command::Run { service, config } => run_one(service, config, inherited).await,

@@ -122,6 +122,26 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // `bazaar services` lists them from the registry.
+    let out = std::process::Command::new(support::BIN)
+        .args(["services", "--json", "--data-dir"])
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["users", "products", "orders", "gateway"] {
+        let row = listed
+            .iter()
+            .find(|r| r["service"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {listed:?}"));
+        assert_eq!(row["health"], "passing");
+    }
+
     // One correlation id follows an order through gateway -> orders -> products, on
     // a JSON log line of each.
     let (_, token) = shop.user().await;
