@@ -3,6 +3,8 @@
 //! -> deadline. The resilience layers (breaker, retry budget) slot in here, so every
 //! caller gets them at once.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,7 +15,18 @@ pub use discovery::Instance;
 use discovery::{ResolveError, Resolver};
 use resilience::circuit_breaker::Outcome;
 
+use resilience::bulkhead::BulkheadLayer;
+use resilience::circuit_breaker::CircuitBreakerLayer;
+use resilience::rate_limit::RateLimitLayer;
+use resilience::retry::HttpRetry;
+use tower::retry::RetryLayer;
+use tower::util::BoxCloneSyncService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
 use crate::downstreams::{Downstream, Downstreams};
+
+/// One attempt at a downstream service, as a boxed tower stack.
+type Attempt = BoxCloneSyncService<Request<Body>, Response<Incoming>, BoxError>;
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -68,6 +81,9 @@ pub enum ClientError {
     /// Not attempted: too many calls to `service` are in flight already.
     #[error("too many calls to {service} are in flight")]
     BulkheadFull { service: String },
+    /// Any other failure of the call stack.
+    #[error("{service}: {reason}")]
+    Other { service: String, reason: String },
     /// Not attempted: this client's rate limit for `service` is used up.
     #[error("calls to {service} are over this client's rate limit")]
     RateLimited {
@@ -179,8 +195,8 @@ impl HttpClient {
         self.send_with_timeout(service, request, timeout).await
     }
 
-    /// [`send`](Self::send) with an explicit deadline, through `service`'s bulkhead
-    /// and circuit breaker (errors, timeouts and 5xx answers count as failures).
+    /// [`send`](Self::send) with an explicit deadline, through `service`'s stack of
+    /// resilience layers: rate limit -> bulkhead -> circuit breaker -> the attempt.
     /// Not retried: the body streams and cannot be sent twice.
     pub async fn send_with_timeout(
         &self,
@@ -189,67 +205,46 @@ impl HttpClient {
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
         let downstream = self.downstreams.get(service);
-        self.pace(service, &downstream).await?;
-        self.attempt(service, &downstream, request, timeout).await
+        let stack = ServiceBuilder::new()
+            .option_layer(downstream.limiter.clone().map(RateLimitLayer::new))
+            .service(self.attempt_stack(service, &downstream, timeout));
+        // Boxed with its types spelled out (see `get_json`).
+        let call: Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>> =
+            Box::pin(stack.oneshot(request));
+        call.await.map_err(|e| client_error(service, e))
     }
 
-    /// The rate limiter, once per call (before retries): waits for the call's turn,
-    /// or rejects it when the turn is too far.
-    async fn pace(&self, service: &str, downstream: &Downstream) -> Result<(), ClientError> {
-        let Some(limiter) = &downstream.limiter else {
-            return Ok(());
-        };
-        match limiter.reserve(tokio::time::Instant::now()) {
-            Ok(delay) if delay.is_zero() => Ok(()),
-            Ok(delay) => {
-                tokio::time::sleep(delay).await;
-                Ok(())
+    /// One attempt as a tower stack of the resilience layers: bulkhead -> circuit
+    /// breaker (classifying answers as configured) -> pick an instance and send with
+    /// the deadline.
+    fn attempt_stack(&self, service: &str, downstream: &Downstream, timeout: Duration) -> Attempt {
+        let client = self.clone();
+        let name: Arc<str> = Arc::from(service);
+        let send = tower::service_fn(move |request: Request<Body>| {
+            let (client, name) = (client.clone(), name.clone());
+            async move {
+                let instance = client.pick(&name)?;
+                client.send_to(&name, &instance, request, timeout).await
             }
-            Err(retry_after) => Err(ClientError::RateLimited {
-                service: service.to_owned(),
-                retry_after,
-            }),
+        });
+        let bulkhead = BulkheadLayer::new(downstream.bulkhead.clone());
+        match &downstream.breaker {
+            Some(breaker) => {
+                let settings = downstream.classification.clone();
+                let classify = move |result: Result<&Response<Incoming>, &ClientError>| match result
+                {
+                    Ok(r) => settings.classify(r.status()),
+                    Err(_) => Outcome::Failure,
+                };
+                BoxCloneSyncService::new(
+                    ServiceBuilder::new()
+                        .layer(bulkhead)
+                        .layer(CircuitBreakerLayer::new(breaker.clone(), classify))
+                        .service(send),
+                )
+            }
+            None => BoxCloneSyncService::new(ServiceBuilder::new().layer(bulkhead).service(send)),
         }
-    }
-
-    /// One attempt: bulkhead -> breaker -> deadline.
-    async fn attempt(
-        &self,
-        service: &str,
-        downstream: &Downstream,
-        request: Request<Body>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, ClientError> {
-        let instance = self.pick(service)?;
-        let _slot = downstream
-            .bulkhead
-            .enter()
-            .await
-            .map_err(|_| ClientError::BulkheadFull {
-                service: service.to_owned(),
-            })?;
-        let Some(breaker) = &downstream.breaker else {
-            return self.send_to(service, &instance, request, timeout).await;
-        };
-        let permit = breaker
-            .try_acquire()
-            .map_err(|rejected| ClientError::CircuitOpen {
-                service: service.to_owned(),
-                retry_after: rejected.retry_after,
-            })?;
-        // If the caller gives up (drops this future), the guard records a failure.
-        let guard = RecordOnDrop {
-            breaker,
-            permit: Some(permit),
-            started: tokio::time::Instant::now(),
-        };
-        let result = self.send_to(service, &instance, request, timeout).await;
-        let outcome = match &result {
-            Ok(r) => downstream.classification.classify(r.status()),
-            Err(_) => Outcome::Failure,
-        };
-        guard.finish(outcome);
-        result
     }
 
     /// The status `instance` answers to `GET path` (health probes of one instance).
@@ -320,115 +315,91 @@ impl HttpClient {
     }
 
     /// GETs JSON from `service`; a non-2xx answer is [`ClientError::Status`]. Being
-    /// idempotent, the read is retried on connect errors, timeouts and 502/503/504/429
-    /// answers, with backoff, within the request's deadline and the retry budget.
+    /// idempotent, the read goes through the retry layer too: rate limit -> total
+    /// timeout -> retry (connect errors, timeouts, 502/503/504/429, with backoff,
+    /// within the request's deadline and the budget) -> bulkhead -> breaker -> attempt.
     pub async fn get_json<T: DeserializeOwned>(
         &self,
         service: &str,
         path_and_query: &str,
     ) -> Result<T, ClientError> {
         let downstream = self.downstreams.get(service);
-        self.pace(service, &downstream).await?;
         let attempt_timeout = downstream.timeout.unwrap_or(self.timeout);
         let total = downstream
             .total_timeout
             .unwrap_or(attempt_timeout * downstream.retry.max_attempts);
-        let attempts = async {
-            downstream.retry.on_request();
-            let mut attempt = 1;
-            loop {
-                let result = self
-                    .get_json_once(service, &downstream, path_and_query, attempt_timeout)
-                    .await;
-                let retry_after = match &result {
-                    Err(e) if e.is_retryable() => e.retry_after(),
-                    _ => return result,
-                };
-                let left = telemetry::context::current().and_then(|c| c.remaining());
-                match downstream.retry.next_delay(attempt, retry_after, left) {
-                    Some(delay) => {
-                        if let Err(e) = &result {
-                            tracing::info!(upstream = service, attempt, ?delay, error = %e, "retrying");
-                        }
-                        tokio::time::sleep(delay).await;
-                        attempt += 1;
-                    }
-                    None => return result,
-                }
-            }
-        };
-        tokio::time::timeout(total, attempts)
-            .await
-            .unwrap_or_else(|_| {
-                Err(ClientError::Timeout {
-                    service: service.to_owned(),
-                    after: total,
-                })
-            })
-    }
-
-    async fn get_json_once<T: DeserializeOwned>(
-        &self,
-        service: &str,
-        downstream: &Downstream,
-        path_and_query: &str,
-        timeout: Duration,
-    ) -> Result<T, ClientError> {
+        let stack = ServiceBuilder::new()
+            .option_layer(downstream.limiter.clone().map(RateLimitLayer::new))
+            .layer(RetryLayer::new(HttpRetry::new(downstream.retry.clone())))
+            .map_request(|request: Request<Bytes>| request.map(Body::from))
+            .service(self.attempt_stack(service, &downstream, attempt_timeout));
         let request = Request::get(path_and_query)
             .header(http::header::ACCEPT, "application/json")
-            .body(Body::empty())
+            .body(Bytes::new())
             .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let response = self.attempt(service, downstream, request, timeout).await?;
-        let status = response.status();
-        let retry_after = resilience::retry::retry_after(response.headers());
-        let body = tokio::time::timeout_at(deadline, read_limited(response.into_body()))
-            .await
-            .map_err(|_| ClientError::Timeout {
+        // Boxed with its types spelled out: `Send` inference through the layers'
+        // `BoxError` trips rustc's higher-ranked lifetime check in callers otherwise.
+        let call: Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send>> =
+            Box::pin(stack.oneshot(request));
+        let read = async {
+            let response = call.await.map_err(|e| client_error(service, e))?;
+            let status = response.status();
+            let retry_after = resilience::retry::retry_after(response.headers());
+            let body =
+                read_limited(response.into_body())
+                    .await
+                    .map_err(|reason| ClientError::Body {
+                        service: service.to_owned(),
+                        reason,
+                    })?;
+            if !status.is_success() {
+                return Err(ClientError::Status {
+                    service: service.to_owned(),
+                    status,
+                    body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
+                    retry_after,
+                });
+            }
+            serde_json::from_slice(&body).map_err(|e| ClientError::Body {
                 service: service.to_owned(),
-                after: timeout,
-            })?
-            .map_err(|reason| ClientError::Body {
+                reason: e.to_string(),
+            })
+        };
+        tokio::time::timeout(total, read).await.unwrap_or_else(|_| {
+            Err(ClientError::Timeout {
                 service: service.to_owned(),
-                reason,
-            })?;
-        if !status.is_success() {
-            return Err(ClientError::Status {
-                service: service.to_owned(),
-                status,
-                body: String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned(),
-                retry_after,
-            });
-        }
-        serde_json::from_slice(&body).map_err(|e| ClientError::Body {
-            service: service.to_owned(),
-            reason: e.to_string(),
+                after: total,
+            })
         })
     }
 }
 
-/// Records a failure if the call is abandoned before it ends (its future dropped),
-/// so a half-open breaker never loses a trial slot.
-struct RecordOnDrop<'a> {
-    breaker: &'a resilience::circuit_breaker::Breaker,
-    permit: Option<resilience::circuit_breaker::Permit>,
-    started: tokio::time::Instant,
-}
-
-impl RecordOnDrop<'_> {
-    fn finish(mut self, outcome: Outcome) {
-        if let Some(permit) = self.permit.take() {
-            self.breaker.record(permit, outcome, self.started.elapsed());
-        }
+/// The [`ClientError`] a failure of the layer stack stands for.
+fn client_error(service: &str, error: BoxError) -> ClientError {
+    let error = match error.downcast::<ClientError>() {
+        Ok(e) => return *e,
+        Err(e) => e,
+    };
+    if let Some(open) = error.downcast_ref::<resilience::circuit_breaker::error::Open>() {
+        return ClientError::CircuitOpen {
+            service: service.to_owned(),
+            retry_after: open.retry_after,
+        };
     }
-}
-
-impl Drop for RecordOnDrop<'_> {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.breaker
-                .record(permit, Outcome::Failure, self.started.elapsed());
-        }
+    if error.is::<resilience::bulkhead::error::Full>() {
+        return ClientError::BulkheadFull {
+            service: service.to_owned(),
+        };
+    }
+    if let Some(limited) = error.downcast_ref::<resilience::rate_limit::error::Limited>() {
+        return ClientError::RateLimited {
+            service: service.to_owned(),
+            retry_after: limited.retry_after,
+        };
+    }
+    ClientError::Other {
+        service: service.to_owned(),
+        reason: error.to_string(),
     }
 }
 

@@ -20,13 +20,22 @@ impl HttpRetry {
     }
 }
 
-impl<B: Clone, R, E> tower::retry::Policy<http::Request<B>, http::Response<R>, E> for HttpRetry {
+/// Errors that are the resilience stack shedding load: retrying them would defeat it.
+fn is_rejection(error: &tower::BoxError) -> bool {
+    error.is::<crate::circuit_breaker::error::Open>()
+        || error.is::<crate::bulkhead::error::Full>()
+        || error.is::<crate::rate_limit::error::Limited>()
+}
+
+impl<B: Clone, R> tower::retry::Policy<http::Request<B>, http::Response<R>, tower::BoxError>
+    for HttpRetry
+{
     type Future = Pin<Box<dyn Future<Output = ()> + Send>>;
 
     fn retry(
         &mut self,
         request: &mut http::Request<B>,
-        result: &mut Result<http::Response<R>, E>,
+        result: &mut Result<http::Response<R>, tower::BoxError>,
     ) -> Option<Self::Future> {
         if self.attempt == 1 {
             self.policy.on_request();
@@ -34,12 +43,14 @@ impl<B: Clone, R, E> tower::retry::Policy<http::Request<B>, http::Response<R>, E
         let wait = match result {
             Ok(r) if is_retryable_status(r.status()) => retry_after(r.headers()),
             Ok(_) => return None,
+            Err(e) if is_rejection(e) => return None,
             Err(_) => None,
         };
         if self.policy.idempotent_only && !is_idempotent(request.method()) {
             return None;
         }
-        let delay = self.policy.next_delay(self.attempt, wait, None)?;
+        let left = telemetry::context::current().and_then(|c| c.remaining());
+        let delay = self.policy.next_delay(self.attempt, wait, left)?;
         self.attempt += 1;
         Some(Box::pin(tokio::time::sleep(delay)))
     }
