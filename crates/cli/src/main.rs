@@ -49,6 +49,9 @@ enum Command {
         /// A TOML configuration file (see docs/configuration.md).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Run several instances of a service, e.g. `--scale orders=3` (repeatable).
+        #[arg(long, value_name = "SERVICE=N", value_parser = parse_scale)]
+        scale: Vec<(ServiceName, usize)>,
     },
     /// List the running processes of the shop started from a data directory.
     Ps {
@@ -116,6 +119,28 @@ fn main() -> ExitCode {
     })
 }
 
+/// Most instances of one service `--scale` starts: this is a laptop.
+const MAX_SCALE: usize = 16;
+
+/// Parses `orders=3`.
+fn parse_scale(raw: &str) -> Result<(ServiceName, usize), String> {
+    use clap::ValueEnum;
+    let (name, count) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("`{raw}`: write SERVICE=N, e.g. orders=3"))?;
+    let service = ServiceName::from_str(name, true).map_err(|_| {
+        format!(
+            "`{name}` is not a service; use one of control-plane, users, products, orders, gateway"
+        )
+    })?;
+    let count: usize = count
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_SCALE).contains(n))
+        .ok_or_else(|| format!("`{count}`: the instance count must be 1 to {MAX_SCALE}"))?;
+    Ok((service, count))
+}
+
 enum Failure {
     Config(chassis::config::Errors),
     Other(anyhow::Error),
@@ -141,6 +166,7 @@ async fn dispatch(
             port,
             mode,
             config,
+            scale,
         } => {
             let config_file = config.map(|c| c.canonicalize().unwrap_or(c));
             let mut shop = load(config_file.as_deref())?;
@@ -153,6 +179,7 @@ async fn dispatch(
                     mode,
                     port,
                     config_file,
+                    scale,
                 },
             )
             .await?;

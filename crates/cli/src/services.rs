@@ -54,14 +54,6 @@ impl ServiceName {
             ServiceName::Gateway => config.gateway.port,
         }
     }
-
-    /// The environment variable naming this service's URL for discovery.
-    pub fn discovery_env(self) -> String {
-        format!(
-            "BAZAAR_DISCOVERY__SERVICES__{}",
-            self.name().replace('-', "_").to_ascii_uppercase()
-        )
-    }
 }
 
 fn database_url(configured: &Option<SecretString>, data_dir: &Path, service: &str) -> SecretString {

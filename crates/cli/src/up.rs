@@ -60,10 +60,14 @@ pub struct UpOptions {
     pub mode: Mode,
     pub port: Option<u16>,
     pub config_file: Option<PathBuf>,
+    /// Instances per service beyond one (`--scale orders=3`).
+    pub scale: Vec<(ServiceName, usize)>,
 }
 
 struct Bound {
     service: ServiceName,
+    /// `orders` for the first instance, `orders-2`, `orders-3`... for the others.
+    label: String,
     listener: TcpListener,
     url: String,
 }
@@ -95,14 +99,12 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     std::fs::create_dir_all(&logs)?;
     init_logging(&config, &logs, options.mode)?;
 
-    let bound = bind_all(&config)?;
+    let bound = bind_all(&config, &options.scale)?;
     let urls: Vec<(ServiceName, String)> =
         bound.iter().map(|b| (b.service, b.url.clone())).collect();
-    let tokens: HashMap<ServiceName, CancellationToken> = ServiceName::ALL
-        .iter()
-        .map(|s| (*s, CancellationToken::new()))
-        .collect();
-    let pids: Arc<Mutex<HashMap<ServiceName, u32>>> = Arc::default();
+    let labels: Vec<String> = bound.iter().map(|b| b.label.clone()).collect();
+    let tokens: Vec<CancellationToken> = bound.iter().map(|_| CancellationToken::new()).collect();
+    let pids: Arc<Mutex<HashMap<usize, u32>>> = Arc::default();
     let state = RunState {
         supervisor_pid: std::process::id(),
         mode: options.mode.as_str().to_owned(),
@@ -125,48 +127,46 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
         Mode::Processes => {
             let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
             let env = child_env(&urls, &data_dir);
-            for b in bound {
+            for (index, b) in bound.into_iter().enumerate() {
                 let child = ChildSpec {
                     service: b.service,
+                    index,
+                    log: logs.join(format!("{}.log", b.label)),
+                    label: b.label,
                     exe: exe.clone(),
                     config_file: options.config_file.clone(),
                     env: env.clone(),
-                    log: logs.join(format!("{}.log", b.service.name())),
                     listener: b.listener,
                 };
                 let watch = Watch {
-                    stop: tokens[&b.service].clone(),
+                    stop: tokens[index].clone(),
                     pids: pids.clone(),
                     writer: writer.clone(),
                     starting: starting.clone(),
                     fail: fail_tx.clone(),
                 };
-                tasks.push((b.service, tokio::spawn(supervise(child, watch))));
+                tasks.push((index, tokio::spawn(supervise(child, watch))));
             }
         }
         Mode::Monolith => {
             // The same discovery as the processes get: the control plane's registry,
             // with the supervisor's map as the fallback.
             let mut discovery = config.discovery.clone();
-            for (s, u) in &urls {
-                discovery
-                    .services
-                    .insert(s.name().replace('-', "_"), u.clone());
-            }
+            discovery.services.extend(discovery_map(&urls));
             discovery.registry_url = Some(url_of(&urls, ServiceName::ControlPlane));
             config.discovery = discovery.clone();
             let resolver = discovery.build_resolver()?;
-            for b in bound {
+            for (index, b) in bound.into_iter().enumerate() {
                 pids.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(b.service, std::process::id());
-                let token = tokens[&b.service].clone();
+                    .insert(index, std::process::id());
+                let token = tokens[index].clone();
                 let config = config.clone();
                 let resolver = resolver.clone();
                 let service = b.service;
                 let fail = fail_tx.clone();
                 tasks.push((
-                    service,
+                    index,
                     tokio::spawn(async move {
                         let listen = Listen::Inherited(b.listener);
                         if let Err(e) = services::run(service, &config, listen, resolver, token).await {
@@ -181,7 +181,7 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
 
     let signal = chassis::shutdown::on_signal();
     let ready = tokio::select! {
-        r = wait_ready(&urls, &logs) => r,
+        r = wait_ready(&urls, &labels, &logs) => r,
         Some(reason) = fail_rx.recv() => Err(anyhow::anyhow!(reason)),
         () = signal.cancelled() => Err(anyhow::anyhow!("interrupted while starting")),
     };
@@ -192,7 +192,7 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
         return Err(e);
     }
     writer.write();
-    print_summary(&urls, &data_dir, options.mode, started.elapsed());
+    print_summary(&urls, &labels, &data_dir, options.mode, started.elapsed());
     signal.cancelled().await;
     println!("Stopping…");
     stop_all(&tokens, tasks).await;
@@ -221,11 +221,20 @@ fn init_logging(config: &ShopConfig, logs: &Path, mode: Mode) -> anyhow::Result<
     Ok(())
 }
 
-fn bind_all(config: &ShopConfig) -> anyhow::Result<Vec<Bound>> {
+fn bind_all(config: &ShopConfig, scale: &[(ServiceName, usize)]) -> anyhow::Result<Vec<Bound>> {
     let host = &config.http.host;
     let mut bound = Vec::new();
-    for service in ServiceName::ALL {
-        let port = service.port(config);
+    let instances = ServiceName::ALL.iter().flat_map(|s| {
+        let count = scale.iter().find(|(n, _)| n == s).map_or(1, |(_, c)| *c);
+        (0..count).map(move |i| (*s, i))
+    });
+    for (service, instance) in instances {
+        // Extra instances take free ports: a fixed port fits one listener.
+        let port = if instance == 0 {
+            service.port(config)
+        } else {
+            0
+        };
         let listener = TcpListener::bind((host.as_str(), port)).map_err(|e| {
             let key = match service {
                 ServiceName::Gateway => "--port or gateway.port".to_owned(),
@@ -245,6 +254,11 @@ fn bind_all(config: &ShopConfig) -> anyhow::Result<Vec<Bound>> {
         };
         bound.push(Bound {
             service,
+            label: if instance == 0 {
+                service.name().to_owned()
+            } else {
+                format!("{}-{}", service.name(), instance + 1)
+            },
             listener,
             url: format!("http://{shown}"),
         });
@@ -259,11 +273,29 @@ fn url_of(urls: &[(ServiceName, String)], service: ServiceName) -> String {
         .unwrap_or_default()
 }
 
+/// Service name (config spelling, `_` for `-`) -> its instances' URLs, comma separated.
+fn discovery_map(urls: &[(ServiceName, String)]) -> std::collections::BTreeMap<String, String> {
+    let mut map: std::collections::BTreeMap<String, String> = Default::default();
+    for (s, u) in urls {
+        let entry = map.entry(s.name().replace('-', "_")).or_default();
+        if !entry.is_empty() {
+            entry.push(',');
+        }
+        entry.push_str(u);
+    }
+    map
+}
+
 /// What every child gets on top of the inherited environment.
 fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = urls
-        .iter()
-        .map(|(s, u)| (s.discovery_env(), u.clone()))
+    let mut env: Vec<(String, String)> = discovery_map(urls)
+        .into_iter()
+        .map(|(name, u)| {
+            (
+                format!("BAZAAR_DISCOVERY__SERVICES__{}", name.to_ascii_uppercase()),
+                u,
+            )
+        })
         .collect();
     env.push(("BAZAAR_DATA_DIR".into(), data_dir.display().to_string()));
     // Services register with the control plane's registry and resolve through it.
@@ -281,7 +313,7 @@ struct StateWriter {
     data_dir: PathBuf,
     base: RunState,
     urls: Vec<(ServiceName, String)>,
-    pids: Arc<Mutex<HashMap<ServiceName, u32>>>,
+    pids: Arc<Mutex<HashMap<usize, u32>>>,
 }
 
 impl StateWriter {
@@ -291,9 +323,10 @@ impl StateWriter {
         state.processes = self
             .urls
             .iter()
-            .map(|(s, url)| ProcessEntry {
+            .enumerate()
+            .map(|(i, (s, url))| ProcessEntry {
                 name: s.name().to_owned(),
-                pid: pids.get(s).copied().unwrap_or(0),
+                pid: pids.get(&i).copied().unwrap_or(0),
                 url: url.clone(),
             })
             .collect();
@@ -305,6 +338,9 @@ impl StateWriter {
 
 struct ChildSpec {
     service: ServiceName,
+    /// Position among every instance `up` runs.
+    index: usize,
+    label: String,
     exe: PathBuf,
     config_file: Option<PathBuf>,
     env: Vec<(String, String)>,
@@ -344,7 +380,7 @@ impl ChildSpec {
 /// What a supervising task shares with `up`.
 struct Watch {
     stop: CancellationToken,
-    pids: Arc<Mutex<HashMap<ServiceName, u32>>>,
+    pids: Arc<Mutex<HashMap<usize, u32>>>,
     writer: StateWriter,
     /// True until every service was ready once.
     starting: Arc<AtomicBool>,
@@ -364,7 +400,7 @@ async fn supervise(child: ChildSpec, watch: Watch) {
         starting,
         fail,
     } = watch;
-    let name = child.service.name();
+    let name = child.label.as_str();
     let mut backoff = INITIAL_BACKOFF;
     let mut restarts = 0u32;
     loop {
@@ -383,7 +419,7 @@ async fn supervise(child: ChildSpec, watch: Watch) {
         let pid = process.id().unwrap_or(0);
         pids.lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(child.service, pid);
+            .insert(child.index, pid);
         if restarts > 0 {
             eprintln!("✓ {name} restarted (pid {pid})");
             tracing::info!(child = name, pid, restarts, "restarted");
@@ -451,12 +487,9 @@ async fn terminate(process: &mut tokio::process::Child, name: &str) {
 
 /// Stops services in reverse start order: the gateway first, so no new request
 /// reaches a service that is already stopping.
-async fn stop_all(
-    tokens: &HashMap<ServiceName, CancellationToken>,
-    tasks: Vec<(ServiceName, tokio::task::JoinHandle<()>)>,
-) {
-    for (service, task) in tasks.into_iter().rev() {
-        if let Some(t) = tokens.get(&service) {
+async fn stop_all(tokens: &[CancellationToken], tasks: Vec<(usize, tokio::task::JoinHandle<()>)>) {
+    for (index, task) in tasks.into_iter().rev() {
+        if let Some(t) = tokens.get(index) {
             t.cancel();
         }
         let _ = task.await;
@@ -464,7 +497,11 @@ async fn stop_all(
 }
 
 /// Polls every service's `/readyz` with a live progress display.
-async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Result<()> {
+async fn wait_ready(
+    urls: &[(ServiceName, String)],
+    labels: &[String],
+    logs: &Path,
+) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(1))
         .build()?;
@@ -472,9 +509,9 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{spinner} {msg}")
         .unwrap_or_else(|_| ProgressStyle::default_spinner());
-    let checks = urls.iter().map(|(service, url)| {
+    let checks = urls.iter().zip(labels).map(|((_, url), label)| {
         let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
-        bar.set_message(format!("starting {:<14} {url}", service.name()));
+        bar.set_message(format!("starting {label:<14} {url}"));
         bar.enable_steady_tick(Duration::from_millis(80));
         let client = client.clone();
         let multi = multi.clone();
@@ -484,8 +521,7 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
                 let ready = client.get(format!("{url}/readyz")).send().await;
                 if ready.is_ok_and(|r| r.status().is_success()) {
                     let line = format!(
-                        "✓ {:<14} ready in {:>5.2}s  {url}",
-                        service.name(),
+                        "✓ {label:<14} ready in {:>5.2}s  {url}",
                         started.elapsed().as_secs_f64()
                     );
                     bar.finish_and_clear();
@@ -497,11 +533,10 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
                     return Ok(());
                 }
                 if started.elapsed() > READY_TIMEOUT {
-                    bar.abandon_with_message(format!("✗ {} not ready", service.name()));
+                    bar.abandon_with_message(format!("✗ {label} not ready"));
                     bail!(
-                        "{} did not become ready within {READY_TIMEOUT:?}; see {}",
-                        service.name(),
-                        logs.join(format!("{}.log", service.name())).display()
+                        "{label} did not become ready within {READY_TIMEOUT:?}; see {}",
+                        logs.join(format!("{label}.log")).display()
                     );
                 }
                 tokio::time::sleep(READY_POLL).await;
@@ -511,7 +546,13 @@ async fn wait_ready(urls: &[(ServiceName, String)], logs: &Path) -> anyhow::Resu
     futures::future::try_join_all(checks).await.map(|_| ())
 }
 
-fn print_summary(urls: &[(ServiceName, String)], data_dir: &Path, mode: Mode, elapsed: Duration) {
+fn print_summary(
+    urls: &[(ServiceName, String)],
+    labels: &[String],
+    data_dir: &Path,
+    mode: Mode,
+    elapsed: Duration,
+) {
     println!();
     println!(
         "Bazaar is up in {:.2}s ({} mode).",
@@ -519,13 +560,13 @@ fn print_summary(urls: &[(ServiceName, String)], data_dir: &Path, mode: Mode, el
         mode.as_str()
     );
     println!();
-    for (service, url) in urls.iter().rev() {
+    for ((service, url), label) in urls.iter().zip(labels).rev() {
         let note = if *service == ServiceName::Gateway {
             "  <- the shop's public entry"
         } else {
             ""
         };
-        println!("  {:<14} {url}{note}", service.name());
+        println!("  {label:<14} {url}{note}");
     }
     println!();
     println!("Data and logs: {}", data_dir.display());

@@ -454,3 +454,47 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test]
+async fn scaled_orders_share_the_load_behind_the_gateway() {
+    let mut shop = Shop::up_with_args("processes", &["--scale", "orders=2"], &[]);
+    let ps = shop.ps();
+    let orders: Vec<&Value> = ps.iter().filter(|p| p["name"] == "orders").collect();
+    assert_eq!(orders.len(), 2, "{ps:?}");
+    assert_ne!(orders[0]["pid"], orders[1]["pid"]);
+    let (_, token) = shop.user().await;
+    let product = shop.product_ids(1).await.remove(0);
+    for _ in 0..10 {
+        let (status, body) = shop
+            .post(
+                "/orders",
+                Some(&token),
+                json!({"items": [{"product_id": product, "quantity": 1}]}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    // Both instances took orders, and both see all of them (one database).
+    for log in ["orders.log", "orders-2.log"] {
+        let text = std::fs::read_to_string(shop.data_dir.join("logs").join(log)).unwrap();
+        assert!(text.contains("order placed"), "{log} placed no order");
+    }
+    let (_, mine) = shop.get("/orders?limit=100", Some(&token)).await;
+    assert_eq!(mine["items"].as_array().unwrap().len(), 10);
+    assert!(shop.interrupt().success());
+}
+
+#[test]
+fn a_bad_scale_is_a_usage_error() {
+    for bad in ["orders", "nobody=2", "orders=0", "orders=99"] {
+        let out = std::process::Command::new(support::BIN)
+            .args(["up", "--scale", bad])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--scale"),
+            "{bad}"
+        );
+    }
+}

@@ -21,12 +21,18 @@ pub struct Shop {
 impl Shop {
     /// `bazaar up --port 0` in `mode`, with extra environment.
     pub fn up(mode: &str, env: &[(&str, &str)]) -> Shop {
+        Self::up_with_args(mode, &[], env)
+    }
+
+    /// [`Shop::up`] with extra `bazaar up` arguments.
+    pub fn up_with_args(mode: &str, args: &[&str], env: &[(&str, &str)]) -> Shop {
         let data_dir =
             std::env::temp_dir().join(format!("bazaar-it-{}", uuid::Uuid::new_v4().simple()));
         let mut command = Command::new(BIN);
         command
             .args(["up", "--port", "0", "--mode", mode, "--data-dir"])
             .arg(&data_dir)
+            .args(args)
             .env("BAZAAR_LOG__LEVEL", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
