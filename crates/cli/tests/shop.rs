@@ -498,3 +498,85 @@ fn a_bad_scale_is_a_usage_error() {
         );
     }
 }
+
+/// Places `n` orders through the gateway; returns how many failed.
+async fn place_orders(shop: &Shop, token: &str, product: &str, n: usize) -> usize {
+    let mut failed = 0;
+    for _ in 0..n {
+        let (status, _) = shop
+            .post(
+                "/orders",
+                Some(token),
+                json!({"items": [{"product_id": product, "quantity": 1}]}),
+            )
+            .await;
+        if status != 201 {
+            failed += 1;
+        }
+    }
+    failed
+}
+
+#[tokio::test]
+async fn an_instance_killed_or_the_registry_frozen_costs_no_orders() {
+    let shop = Shop::up_with_args("processes", &["--scale", "orders=3"], &[]);
+    let (_, token) = shop.user().await;
+    let product = shop.product_ids(1).await.remove(0);
+    assert_eq!(place_orders(&shop, &token, &product, 6).await, 0);
+
+    // kill -9 one of three orders instances while orders flow.
+    let victim = shop
+        .ps()
+        .into_iter()
+        .filter(|p| p["name"] == "orders")
+        .nth(1)
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(victim["pid"].as_i64().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let during = place_orders(&shop, &token, &product, 30).await;
+    println!("orders failed while one of three instances was down: {during} of 30");
+    assert!(
+        during <= 3,
+        "{during} of 30 orders failed while an instance restarted"
+    );
+    // The restarted instance rejoins: three passing orders instances again.
+    let registry = shop.url("control-plane");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let list: Vec<Value> = shop
+            .http
+            .get(format!("{registry}/v1/health/service/orders?passing"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if list.len() == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restarted instance did not rejoin: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        place_orders(&shop, &token, &product, 10).await,
+        0,
+        "no failure after the restart"
+    );
+
+    // The registry frozen for 10 s: services keep calling each other on the last
+    // known instances.
+    let control_plane = nix::unistd::Pid::from_raw(shop.pid_of("control-plane"));
+    nix::sys::signal::kill(control_plane, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    while started.elapsed() < Duration::from_secs(10) {
+        failed += place_orders(&shop, &token, &product, 5).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nix::sys::signal::kill(control_plane, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(failed, 0, "orders failed while the registry was down");
+}
