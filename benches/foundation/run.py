@@ -40,6 +40,7 @@ def up(binary, data_dir):
     proc = subprocess.Popen(
         [binary, "up", "--port", "0", "--data-dir", data_dir],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "BAZAAR_CONTROL_PLANE__PORT": "0"},
     )
     urls = {}
     for line in proc.stdout:

@@ -353,6 +353,7 @@ fn up_fails_fast_naming_a_service_that_cannot_start_and_leaves_nothing_running()
         .args(["up", "--port", "0", "--data-dir"])
         .arg(&dir)
         .env("BAZAAR_ORDERS__DATABASE_URL", "mysql://nowhere/orders")
+        .env("BAZAAR_CONTROL_PLANE__PORT", "0")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -34,6 +34,8 @@ impl Shop {
             .arg(&data_dir)
             .args(args)
             .env("BAZAAR_LOG__LEVEL", "info")
+            // Shops run in parallel here: none may take the registry's fixed port.
+            .env("BAZAAR_CONTROL_PLANE__PORT", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {

@@ -28,8 +28,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 config_section! {
     /// `[control_plane]`
     pub struct Settings {
-        /// Listening port; 0 picks a free one.
-        pub port: u16 = 0,
+        /// Listening port: Consul's, so Consul clients find the embedded registry
+        /// where they look by default; 0 picks a free one.
+        pub port: u16 = 8500,
     }
 }
 
