@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod checks;
+pub mod eureka;
 pub mod model;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,149 @@
+//! The Eureka REST subset: a JVM-style client's calls, against the same registry
+//! Consul clients see.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use discovery::registry::{Registry, api, checks, eureka};
+use serde_json::{Value, json};
+
+async fn start() -> String {
+    let registry = Arc::new(Registry::new());
+    checks::spawn(registry.clone());
+    let app = api::router(registry.clone()).merge(eureka::router(registry));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn instance(id: &str, lease_secs: u64) -> Value {
+    json!({"instance": {
+        "instanceId": id, "hostName": "127.0.0.1", "app": "INVENTORY", "ipAddr": "127.0.0.1",
+        "status": "UP", "port": {"$": 8085, "@enabled": "true"}, "vipAddress": "inventory",
+        "dataCenterInfo": {"@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn"},
+        "leaseInfo": {"renewalIntervalInSecs": 1, "durationInSecs": lease_secs},
+    }})
+}
+
+#[tokio::test]
+async fn register_renew_lapse_evict_and_cancel() {
+    let url = start().await;
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/eureka/apps/INVENTORY"))
+        .json(&instance("inv-1", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let app: Value = http
+        .get(format!("{url}/eureka/apps/INVENTORY"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(app["application"]["instance"][0]["status"], "UP");
+    assert_eq!(app["application"]["instance"][0]["port"]["$"], 8085);
+    // Consul clients see the same instance.
+    let passing: Vec<Value> = http
+        .get(format!("{url}/v1/health/service/inventory?passing"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(passing[0]["Service"]["ID"], "inv-1");
+
+    assert_eq!(
+        http.put(format!("{url}/eureka/apps/INVENTORY/inv-1"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.put(format!("{url}/eureka/apps/INVENTORY/ghost"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // No renewal: the lease lapses (DOWN), then the instance is evicted.
+    let started = Instant::now();
+    loop {
+        let r = http
+            .get(format!("{url}/eureka/apps/INVENTORY"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 404 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never evicted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    http.post(format!("{url}/eureka/apps/INVENTORY"))
+        .json(&instance("inv-2", 90))
+        .send()
+        .await
+        .unwrap();
+    let all: Value = http
+        .get(format!("{url}/eureka/apps"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["applications"]["application"][0]["name"], "INVENTORY");
+    assert_eq!(
+        http.delete(format!("{url}/eureka/apps/INVENTORY/inv-2"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{url}/eureka/apps/INVENTORY"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn bad_instances_are_400s_naming_the_field() {
+    let url = start().await;
+    let http = reqwest::Client::new();
+    for (body, field) in [
+        (json!({}), "instance"),
+        (json!({"instance": {"port": 1}}), "instance.ipAddr"),
+        (
+            json!({"instance": {"ipAddr": "127.0.0.1", "port": {"$": 70000}}}),
+            "instance.port",
+        ),
+    ] {
+        let r = http
+            .post(format!("{url}/eureka/apps/X"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let problem: Value = r.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["field"], field);
+    }
+}
