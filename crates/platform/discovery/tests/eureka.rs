@@ -2,21 +2,12 @@
 //! Consul clients see.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use discovery::registry::{Registry, api, checks, eureka};
-use serde_json::{Value, json};
+mod common;
 
-async fn start() -> String {
-    let registry = Arc::new(Registry::new());
-    checks::spawn(registry.clone());
-    let app = api::router(registry.clone()).merge(eureka::router(registry));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
+use common::start;
+use serde_json::{Value, json};
 
 fn instance(id: &str, lease_secs: u64) -> Value {
     json!({"instance": {

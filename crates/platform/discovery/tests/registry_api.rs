@@ -2,19 +2,14 @@
 //! HTTP, TCP and TTL checks.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use discovery::registry::{Registry, api, checks};
+mod common;
+
 use serde_json::{Value, json};
 
 async fn start() -> (String, reqwest::Client) {
-    let registry = Arc::new(Registry::new());
-    checks::spawn(registry.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, api::router(registry)).await });
-    (url, reqwest::Client::new())
+    (common::start().await, reqwest::Client::new())
 }
 
 /// A live instance answering its health check.

@@ -133,8 +133,7 @@ impl Application {
         let routes = Router::new()
             .route("/v1/services", get(services))
             .with_state(Arc::new(chassis.client.clone()))
-            .merge(discovery::registry::api::router(registry.clone()))
-            .merge(discovery::registry::eureka::router(registry));
+            .merge(discovery::registry::router(registry));
         let router = chassis.router(routes, Readiness::default(), Some(ApiDoc::openapi()));
         Ok(Service::new(chassis, router, None))
     }

@@ -16,6 +16,11 @@ use tokio::time::Instant;
 
 pub use model::{CheckKind, CheckSpec, FieldProblem, Health, Registration, parse_registration};
 
+/// Both APIs over one registry: Consul's and Eureka's clients see the same instances.
+pub fn router(registry: std::sync::Arc<Registry>) -> axum::Router {
+    api::router(registry.clone()).merge(eureka::router(registry))
+}
+
 /// One check's live state.
 #[derive(Clone, Debug)]
 pub struct CheckState {
