@@ -296,6 +296,7 @@ impl ResilienceSettings {
         let mut errors = self.breaker.validate();
         errors.extend(self.retry.validate());
         errors.extend(self.bulkhead.validate());
+        let global = errors.clone();
         for (name, o) in &self.downstream {
             let (merged, _) = self.for_service(name);
             let prefix = format!("downstream.{name}.");
@@ -310,6 +311,11 @@ impl ResilienceSettings {
                 .chain(merged.retry.validate())
                 .chain(merged.bulkhead.validate())
             {
+                // A global mistake is reported once, under its own key, not again
+                // for every service that inherits it.
+                if global.iter().any(|g| g.key == e.key) {
+                    continue;
+                }
                 let key = e.key.replace('.', "_");
                 errors.push(renamed(e, &key));
             }

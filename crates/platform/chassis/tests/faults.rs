@@ -376,3 +376,19 @@ async fn retries_hide_an_error_rate_within_the_budget() {
         "{retries} retries for {calls} calls"
     );
 }
+
+#[test]
+fn a_global_mistake_is_reported_once_not_per_service() {
+    let mut settings = chassis::settings::ResilienceSettings::default();
+    settings.retry.max_attempts = 0;
+    settings.downstream.insert(
+        "products".into(),
+        chassis::settings::DownstreamSettings::default(),
+    );
+    settings.downstream.insert(
+        "users".into(),
+        chassis::settings::DownstreamSettings::default(),
+    );
+    let keys: Vec<String> = settings.validate().into_iter().map(|e| e.key).collect();
+    assert_eq!(keys, ["retry.max_attempts"]);
+}
