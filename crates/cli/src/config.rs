@@ -48,6 +48,7 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
         config.gateway.routes = shop_routes();
     }
     let mut invalid = config.resilience().validate();
+    invalid.extend(config.discovery.build().err());
     invalid.extend(
         gateway::configuration::validate_routes(&config.gateway.routes)
             .into_iter()

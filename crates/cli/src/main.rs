@@ -226,16 +226,10 @@ async fn run_one(
         &shop.log.level,
         shop.log.format,
     );
-    let resolver = shop.discovery.build_resolver().map_err(|e| {
-        Failure::Config(chassis::config::Errors(vec![
-            chassis::config::ConfigError {
-                key: "discovery.services".into(),
-                origin: "config".into(),
-                problem: e.to_string(),
-                fix: "give each service a URL like http://127.0.0.1:8081".into(),
-            },
-        ]))
-    })?;
+    let discovery = shop
+        .discovery
+        .build()
+        .map_err(|e| Failure::Config(chassis::config::Errors(vec![e])))?;
     let listen = match inherited {
         Some(listener) => chassis::Listen::Inherited(listener),
         None => {
@@ -251,7 +245,7 @@ async fn run_one(
         }
     };
     let shutdown = chassis::shutdown::on_signal();
-    services::run(service, &shop, listen, resolver, shutdown)
+    services::run(service, &shop, listen, discovery, shutdown)
         .await
         .map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "stopped with an error");

@@ -3,13 +3,11 @@
 //! whole system (eShop's AppHost).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
 use chassis::db::Database;
 use chassis::secrecy::SecretString;
 use chassis::{CancellationToken, Listen, ServiceConfig};
-use discovery::Resolver;
 
 use crate::config::ShopConfig;
 
@@ -67,7 +65,7 @@ pub async fn run(
     service: ServiceName,
     config: &ShopConfig,
     listen: Listen,
-    resolver: Arc<dyn Resolver>,
+    discovery: chassis::settings::Discovery,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let chassis = ServiceConfig {
@@ -77,8 +75,8 @@ pub async fn run(
         http: config.http.clone(),
         identity: config.identity.clone(),
         resilience: config.resilience(),
-        resolver,
-        registry_url: config.discovery.registry_url.clone(),
+        resolver: discovery.resolver,
+        registrar: discovery.registrar,
     };
     let data_dir = config.data_dir.as_path();
     let built = match service {

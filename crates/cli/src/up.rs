@@ -155,21 +155,21 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
             discovery.services.extend(discovery_map(&urls));
             discovery.registry_url = Some(url_of(&urls, ServiceName::ControlPlane));
             config.discovery = discovery.clone();
-            let resolver = discovery.build_resolver()?;
+            let built = discovery.build().map_err(|e| anyhow::anyhow!("{e}"))?;
             for (index, b) in bound.into_iter().enumerate() {
                 pids.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(index, std::process::id());
                 let token = tokens[index].clone();
                 let config = config.clone();
-                let resolver = resolver.clone();
+                let discovery = built.clone();
                 let service = b.service;
                 let fail = fail_tx.clone();
                 tasks.push((
                     index,
                     tokio::spawn(async move {
                         let listen = Listen::Inherited(b.listener);
-                        if let Err(e) = services::run(service, &config, listen, resolver, token).await {
+                        if let Err(e) = services::run(service, &config, listen, discovery, token).await {
                             tracing::error!(service = service.name(), error = %format!("{e:#}"), "service failed");
                             let _ = fail.send(format!("{} failed: {e:#}", service.name()));
                         }

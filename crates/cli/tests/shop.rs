@@ -581,3 +581,55 @@ async fn an_instance_killed_or_the_registry_frozen_costs_no_orders() {
     nix::sys::signal::kill(control_plane, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(failed, 0, "orders failed while the registry was down");
 }
+
+#[tokio::test]
+async fn runs_on_etcd_discovery_with_every_instance_under_a_lease() {
+    let etcd = discovery::testing::Etcd::start();
+    let env = [
+        ("BAZAAR_DISCOVERY__BACKEND", "etcd"),
+        ("BAZAAR_DISCOVERY__ETCD_URL", etcd.url.as_str()),
+    ];
+    let mut shop = Shop::up_with_args("processes", &["--scale", "orders=2"], &env);
+    let etcd_client = discovery::etcd::EtcdClient::new(&etcd.url, discovery::etcd::DEFAULT_PREFIX);
+    // Every process announced itself in etcd (registration runs right after bind).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for (service, count) in [("users", 1), ("products", 1), ("orders", 2), ("gateway", 1)] {
+        loop {
+            let found = etcd_client.instances(service).await.unwrap();
+            if found.len() == count {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{service}: {found:?} in etcd, expected {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    walkthrough(&shop).await;
+    // The gateway balances over what etcd lists, and says so in its metrics.
+    let metrics = shop
+        .http
+        .get(format!("{}/metrics", shop.gateway))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("bazaar_discovery_instances") && l.contains("upstream=\"orders\""))
+        .unwrap_or_else(|| panic!("no discovery gauge for orders in:\n{metrics}"));
+    assert!(line.ends_with(" 2"), "{line}");
+    assert!(metrics.contains("bazaar_discovery_stale{"), "{metrics}");
+    // A graceful stop revokes every lease at once, without waiting for the TTL.
+    assert!(shop.interrupt().success());
+    for service in ["users", "products", "orders", "gateway"] {
+        assert_eq!(
+            etcd_client.instances(service).await.unwrap(),
+            vec![],
+            "{service}"
+        );
+    }
+}

@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::future::join_all;
 use http::{HeaderValue, StatusCode};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -54,6 +56,56 @@ struct StdState {
     resolver: Arc<dyn discovery::Resolver>,
     downstreams: Arc<crate::downstreams::Downstreams>,
     openapi: Arc<Value>,
+    discovery: DiscoveryMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
+}
+
+/// What discovery currently serves for each known service, read at scrape time.
+#[derive(Clone)]
+pub(crate) struct DiscoveryMetrics {
+    instances: Family<UpstreamLabel, Gauge>,
+    stale: Family<UpstreamLabel, Gauge>,
+}
+
+impl DiscoveryMetrics {
+    pub(crate) fn new(metrics: &Metrics) -> Self {
+        let this = Self {
+            instances: Family::default(),
+            stale: Family::default(),
+        };
+        metrics.register(
+            "bazaar_discovery_instances",
+            "Instances discovery serves for a service",
+            this.instances.clone(),
+        );
+        metrics.register(
+            "bazaar_discovery_stale",
+            "1 while discovery serves a last known set because its backend is unreachable",
+            this.stale.clone(),
+        );
+        this
+    }
+
+    fn refresh(&self, resolver: &dyn discovery::Resolver, names: &[String]) {
+        let mut all = resolver.services();
+        all.extend(names.iter().cloned());
+        all.sort();
+        all.dedup();
+        for name in all {
+            let count = resolver.resolve(&name).map(|i| i.len()).unwrap_or(0);
+            let label = UpstreamLabel { upstream: name };
+            self.instances
+                .get_or_create(&label)
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+            self.stale
+                .get_or_create(&label)
+                .set(i64::from(resolver.stale(&label.upstream)));
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -94,6 +146,7 @@ impl Chassis {
             resolver: self.client.resolver().clone(),
             downstreams: self.client.downstreams().clone(),
             openapi: Arc::new(openapi),
+            discovery: self.discovery_metrics.clone(),
         });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
         let timeout = self.http.request_timeout.0;
@@ -124,13 +177,11 @@ impl Chassis {
         let addr = self.local_addr;
         let service = self.name;
         tracing::info!(%addr, "listening");
-        let registration = self.registry.clone().map(|client| {
-            let id = format!("{service}-{}-{}", addr.ip(), addr.port());
-            let task = tokio::spawn(keep_registered(
-                client.clone(),
-                registration_document(service, &id, addr),
-            ));
-            (client, id, task)
+        let registration = self.registrar.clone().map(|registrar| {
+            let registration = registration_of(service, addr);
+            let id = registration.id.clone();
+            let task = tokio::spawn(keep_registered(registrar.clone(), registration));
+            (registrar, id, task)
         });
         let server = axum::serve(
             self.listener,
@@ -144,9 +195,9 @@ impl Chassis {
                 tokio::time::sleep(grace).await;
             } => Ok(false),
         }?;
-        if let Some((client, id, task)) = registration {
+        if let Some((registrar, id, task)) = registration {
             task.abort();
-            if let Err(e) = client.deregister(&id).await {
+            if let Err(e) = registrar.deregister(&id).await {
                 tracing::warn!(error = %e, "could not deregister");
             }
         }
@@ -160,45 +211,58 @@ impl Chassis {
 }
 
 /// Interval of the registry's health check on each instance.
-const CHECK_INTERVAL: &str = "1s";
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// An instance critical this long is dropped from the registry: a crashed process
 /// that never deregistered leaves no ghost behind.
-const DEREGISTER_AFTER: &str = "30s";
-/// Registrations are repeated this often, so a restarted registry is refilled.
-const REREGISTER_EVERY: Duration = Duration::from_secs(15);
+const DEREGISTER_AFTER: Duration = Duration::from_secs(30);
 
-fn registration_document(service: &str, id: &str, addr: SocketAddr) -> Value {
+fn registration_of(service: &str, addr: SocketAddr) -> discovery::Registration {
     let host = if addr.ip().is_unspecified() {
         "127.0.0.1".to_owned()
     } else {
         addr.ip().to_string()
     };
-    json!({
-        "Name": service, "ID": id, "Address": host, "Port": addr.port(),
-        "Check": {
-            "HTTP": format!("http://{host}:{}/healthz", addr.port()),
-            "Interval": CHECK_INTERVAL, "Timeout": "1s",
-            "DeregisterCriticalServiceAfter": DEREGISTER_AFTER,
-        },
-    })
+    let mut registration = discovery::Registration::http(service, &host, addr.port());
+    registration.check_interval = CHECK_INTERVAL;
+    registration.deregister_after = DEREGISTER_AFTER;
+    registration
+        .meta
+        .insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    registration
 }
 
-/// Registers now, then again periodically (the registry may have restarted).
-async fn keep_registered(client: discovery::consul::ConsulClient, document: Value) {
+/// Registers now, then refreshes as often as the backend needs (a restarted
+/// registry is refilled, a lease kept alive).
+async fn keep_registered(
+    registrar: Arc<dyn discovery::Registrar>,
+    registration: discovery::Registration,
+) {
     let mut registered = false;
+    let mut failures = 0u32;
     loop {
-        match client.register(&document).await {
+        match registrar.register(&registration).await {
             Ok(()) if !registered => {
-                tracing::info!("registered with the registry");
+                tracing::info!(id = %registration.id, "registered with discovery");
                 registered = true;
+                failures = 0;
             }
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "registration failed; will retry");
+                // Once when it starts failing, then every half minute: an outage
+                // should not flood the log.
+                if failures.is_multiple_of(30) {
+                    tracing::warn!(error = %e, failures, "registration failed; retrying every second");
+                }
+                failures += 1;
                 registered = false;
             }
         }
-        tokio::time::sleep(REREGISTER_EVERY).await;
+        let pause = if registered {
+            registrar.refresh_every()
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -320,6 +384,8 @@ fn check_value(result: Result<(), String>) -> Value {
 }
 
 async fn metrics(State(s): State<StdState>) -> Response {
+    s.discovery
+        .refresh(s.resolver.as_ref(), &s.readiness.dependencies);
     (
         [(
             http::header::CONTENT_TYPE,

@@ -66,8 +66,8 @@ pub struct ServiceConfig {
     pub identity: IdentitySettings,
     pub resilience: ResilienceSettings,
     pub resolver: Arc<dyn Resolver>,
-    /// Where to register this service (a Consul-compatible registry), if anywhere.
-    pub registry_url: Option<String>,
+    /// Where this service announces itself (registry, etcd), if anywhere.
+    pub registrar: Option<Arc<dyn discovery::Registrar>>,
 }
 
 /// A bound service with its standard parts. See the crate docs.
@@ -78,7 +78,8 @@ pub struct Chassis {
     pub client: HttpClient,
     pub identity: Arc<JwtVerifier>,
     pub http: HttpSettings,
-    registry: Option<discovery::consul::ConsulClient>,
+    registrar: Option<Arc<dyn discovery::Registrar>>,
+    discovery_metrics: crate::http::DiscoveryMetrics,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
 }
@@ -102,7 +103,7 @@ impl Chassis {
                 std::io::Error::new(std::io::ErrorKind::InvalidInput, errors.join("; "))
             })?;
         let client = HttpClient::new(
-            config.resolver,
+            config.resolver.clone(),
             Arc::new(downstreams),
             config.http.client_timeout.0,
             config.http.client_connect_timeout.0,
@@ -114,6 +115,7 @@ impl Chassis {
             &id.audience,
             id.leeway.0,
         ));
+        let discovery_metrics = crate::http::DiscoveryMetrics::new(&metrics);
         Ok(Self {
             name: config.name,
             version: config.version,
@@ -121,10 +123,8 @@ impl Chassis {
             client,
             identity,
             http: config.http,
-            registry: config
-                .registry_url
-                .as_deref()
-                .map(discovery::consul::ConsulClient::new),
+            registrar: config.registrar,
+            discovery_metrics,
             listener,
             local_addr,
         })

@@ -62,32 +62,149 @@ config_section! {
 }
 
 config_section! {
-    /// `[discovery]`: the static backend of the `resolve(name)` seam.
+    /// `[discovery]`: how a service finds the others and announces itself.
     pub struct DiscoverySettings {
-        /// Service name -> URL(s), comma separated. `bazaar up` fills this in for the
-        /// processes it starts (`BAZAAR_DISCOVERY__SERVICES__<NAME>`); `_` in a name
-        /// stands for `-`.
+        /// `auto` (the registry when `registry_url` is set, else static), `static`,
+        /// `consul`, `etcd` or `dns`.
+        pub backend: DiscoveryBackend = DiscoveryBackend::Auto,
+        /// Service name -> URL(s), comma separated: the static backend, and the
+        /// fallback of the others for names they do not know. `bazaar up` fills this
+        /// in for the processes it starts (`BAZAAR_DISCOVERY__SERVICES__<NAME>`); `_`
+        /// in a name stands for `-`.
         pub services: BTreeMap<String, String> = BTreeMap::new(),
-        /// A Consul-compatible registry (the control plane's, or a Consul agent): when
-        /// set, each service registers itself there with an HTTP health check and
-        /// resolves peers from it, `services` serving as the fallback.
+        /// A Consul-compatible registry (the control plane's, or a Consul agent): each
+        /// service registers there with an HTTP health check and resolves peers from it.
         pub registry_url: Option<String> = None,
+        /// etcd v3 client URL, e.g. `http://127.0.0.1:2379`.
+        pub etcd_url: Option<String> = None,
+        /// Key prefix instances live under in etcd.
+        pub etcd_prefix: String = discovery::etcd::DEFAULT_PREFIX.to_owned(),
+        /// Lease of an etcd registration: how long a crashed instance stays listed.
+        /// Refreshed every third of it.
+        pub etcd_ttl: HumanDuration = HumanDuration(discovery::etcd::DEFAULT_TTL),
+        /// DNS server as `ip:port`; unset reads the system's resolv.conf.
+        pub dns_server: Option<String> = None,
+        /// What follows a service name in DNS (Kubernetes: `<namespace>.svc.<zone>`).
+        pub dns_domain: String = "default.svc.cluster.local".to_owned(),
+        /// SRV port name: `_<name>._tcp.<service>.<domain>`.
+        pub dns_port_name: String = "http".to_owned(),
+        /// Port for services found by A/AAAA records only.
+        pub dns_port: u16 = 80,
     }
 }
 
+/// The discovery backend (see [`DiscoverySettings::backend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryBackend {
+    Auto,
+    Static,
+    Consul,
+    Etcd,
+    Dns,
+}
+
+/// A resolver, and where this process announces itself (none for static and DNS).
+#[derive(Clone)]
+pub struct Discovery {
+    pub resolver: std::sync::Arc<dyn discovery::Resolver>,
+    pub registrar: Option<std::sync::Arc<dyn discovery::Registrar>>,
+}
+
 impl DiscoverySettings {
-    /// The resolver these settings describe: the registry (with the static map as
-    /// fallback) when `registry_url` is set, else the static map.
-    pub fn build_resolver(
-        &self,
-    ) -> Result<std::sync::Arc<dyn discovery::Resolver>, discovery::ResolveError> {
-        let fallback = self.resolver()?;
-        Ok(match &self.registry_url {
-            Some(url) => std::sync::Arc::new(discovery::consul::RegistryResolver::new(
-                discovery::consul::ConsulClient::new(url),
-                fallback,
-            )),
-            None => std::sync::Arc::new(fallback),
+    /// The backend these settings describe.
+    pub fn build(&self) -> Result<Discovery, crate::config::ConfigError> {
+        use std::sync::Arc;
+        let error = |key: &str, problem: String, fix: &str| crate::config::ConfigError {
+            key: format!("discovery.{key}"),
+            origin: "config".into(),
+            problem,
+            fix: fix.into(),
+        };
+        let fallback = self.resolver().map_err(|e| {
+            error(
+                "services",
+                e.to_string(),
+                "give each service a URL like http://127.0.0.1:8081",
+            )
+        })?;
+        let backend = match (self.backend, &self.registry_url) {
+            (DiscoveryBackend::Auto, Some(_)) => DiscoveryBackend::Consul,
+            (DiscoveryBackend::Auto, None) => DiscoveryBackend::Static,
+            (backend, _) => backend,
+        };
+        Ok(match backend {
+            DiscoveryBackend::Consul => {
+                let url = self.registry_url.as_deref().ok_or_else(|| {
+                    error(
+                        "registry_url",
+                        "backend `consul` needs the registry's URL".into(),
+                        "set discovery.registry_url, e.g. http://127.0.0.1:8500",
+                    )
+                })?;
+                let client = discovery::consul::ConsulClient::new(url);
+                Discovery {
+                    resolver: Arc::new(discovery::consul::RegistryResolver::new(
+                        client.clone(),
+                        fallback,
+                    )),
+                    registrar: Some(Arc::new(client)),
+                }
+            }
+            DiscoveryBackend::Etcd => {
+                let url = self.etcd_url.as_deref().ok_or_else(|| {
+                    error(
+                        "etcd_url",
+                        "backend `etcd` needs an etcd endpoint".into(),
+                        "set discovery.etcd_url, e.g. http://127.0.0.1:2379",
+                    )
+                })?;
+                let client = discovery::etcd::EtcdClient::new(url, &self.etcd_prefix);
+                Discovery {
+                    resolver: Arc::new(discovery::etcd::EtcdResolver::new(
+                        client.clone(),
+                        fallback,
+                    )),
+                    registrar: Some(Arc::new(discovery::etcd::EtcdRegistrar::new(
+                        client,
+                        self.etcd_ttl.0,
+                    ))),
+                }
+            }
+            DiscoveryBackend::Dns => {
+                let server = match &self.dns_server {
+                    None => None,
+                    Some(raw) => Some(raw.parse().map_err(|_| {
+                        error(
+                            "dns_server",
+                            format!("`{raw}` is not an ip:port address"),
+                            "write it like 10.96.0.10:53, or leave it unset for resolv.conf",
+                        )
+                    })?),
+                };
+                let source = discovery::dns::DnsSource::new(discovery::dns::DnsConfig {
+                    server,
+                    domain: self.dns_domain.clone(),
+                    port_name: self.dns_port_name.clone(),
+                    port: self.dns_port,
+                    ..Default::default()
+                })
+                .map_err(|e| {
+                    error(
+                        "dns_server",
+                        format!("cannot set up DNS resolution: {e}"),
+                        "set discovery.dns_server to a reachable DNS server",
+                    )
+                })?;
+                Discovery {
+                    resolver: Arc::new(discovery::dns::DnsResolver::new(source, fallback)),
+                    registrar: None,
+                }
+            }
+            DiscoveryBackend::Static | DiscoveryBackend::Auto => Discovery {
+                resolver: Arc::new(fallback),
+                registrar: None,
+            },
         })
     }
 

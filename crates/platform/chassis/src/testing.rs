@@ -155,6 +155,6 @@ pub fn service_config(
         identity: IdentitySettings::default(),
         resilience: crate::settings::ResilienceSettings::default(),
         resolver: Arc::new(StaticResolver::parse(entries).unwrap()),
-        registry_url: None,
+        registrar: None,
     }
 }

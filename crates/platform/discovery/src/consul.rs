@@ -1,20 +1,16 @@
 //! A client of a Consul-compatible registry (the embedded one, or a real Consul
-//! agent): registration, and a resolver that watches services with blocking queries
+//! agent): registration, and a resolver that follows services with blocking queries
 //! and keeps serving the last known instances while the registry is unreachable.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use serde_json::Value;
+use http::{Method, Uri};
+use serde_json::{Value, json};
 
-use crate::{Instance, ResolveError, Resolver, StaticResolver};
+use crate::json_http::JsonHttp;
+use crate::watch::{Sink, Source, WatchingResolver};
+use crate::{BoxFuture, Instance, Registrar, Registration, RegistryError};
 
 /// How long one blocking query waits for a change.
 const WATCH_WAIT: &str = "30s";
@@ -22,90 +18,47 @@ const WATCH_WAIT: &str = "30s";
 const WATCH_RETRY: Duration = Duration::from_secs(1);
 /// Deadline of a registration call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RegistryError {
-    #[error("registry unreachable: {0}")]
-    Unreachable(String),
-    #[error("registry answered {status}: {body}")]
-    Refused { status: u16, body: String },
-}
+/// Registrations are repeated this often, so a restarted registry is refilled.
+const REREGISTER_EVERY: Duration = Duration::from_secs(15);
 
 /// A Consul agent API client. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ConsulClient {
-    base: String,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: JsonHttp,
 }
 
 impl ConsulClient {
     /// `base` like `http://127.0.0.1:8500`.
     pub fn new(base: &str) -> Self {
         Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            http: JsonHttp::new(base),
         }
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-        timeout: Duration,
-    ) -> Result<(http::HeaderMap, Bytes), RegistryError> {
-        let uri: Uri = format!("{}{path}", self.base)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| RegistryError::Unreachable(e.to_string()))?;
-        let body = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let request = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
-        let response = tokio::time::timeout(timeout, self.http.request(request))
-            .await
-            .map_err(|_| RegistryError::Unreachable(format!("no answer within {timeout:?}")))?
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?;
-        let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| RegistryError::Unreachable(e.to_string()))?
-            .to_bytes();
-        if !parts.status.is_success() {
-            return Err(RegistryError::Refused {
-                status: parts.status.as_u16(),
-                body: String::from_utf8_lossy(&bytes).into_owned(),
-            });
-        }
-        Ok((parts.headers, bytes))
     }
 
     /// `PUT /v1/agent/service/register` with a Consul registration document.
-    pub async fn register(&self, registration: &Value) -> Result<(), RegistryError> {
-        self.call(
-            Method::PUT,
-            "/v1/agent/service/register",
-            Some(registration.clone()),
-            CALL_TIMEOUT,
-        )
-        .await
-        .map(|_| ())
+    pub async fn register_document(&self, document: &Value) -> Result<(), RegistryError> {
+        self.http
+            .call(
+                Method::PUT,
+                "/v1/agent/service/register",
+                Some(document),
+                CALL_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
     }
 
     /// `PUT /v1/agent/service/deregister/{id}`.
-    pub async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
-        self.call(
-            Method::PUT,
-            &format!("/v1/agent/service/deregister/{id}"),
-            None,
-            CALL_TIMEOUT,
-        )
-        .await
-        .map(|_| ())
+    pub async fn deregister_id(&self, id: &str) -> Result<(), RegistryError> {
+        self.http
+            .call(
+                Method::PUT,
+                &format!("/v1/agent/service/deregister/{id}"),
+                None,
+                CALL_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
     }
 
     /// Passing instances of `name`, after the index passes `index` (blocking query).
@@ -116,16 +69,18 @@ impl ConsulClient {
     ) -> Result<(u64, Vec<Instance>), RegistryError> {
         let path = format!("/v1/health/service/{name}?passing&index={index}&wait={WATCH_WAIT}");
         let (headers, body) = self
-            .call(Method::GET, &path, None, Duration::from_secs(40))
+            .http
+            .json(Method::GET, &path, None, Duration::from_secs(40))
             .await?;
         let next = headers
             .get("x-consul-index")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(index);
-        let entries: Vec<Value> =
-            serde_json::from_slice(&body).map_err(|e| RegistryError::Unreachable(e.to_string()))?;
-        let instances = entries
+        let instances = body
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
             .iter()
             .filter_map(|e| {
                 let s = &e["Service"];
@@ -145,77 +100,68 @@ impl ConsulClient {
     }
 }
 
-/// Resolves from the registry, watching each name asked for; falls back to a static
-/// map for names the registry does not know (yet). On a registry outage the last
-/// known instances keep being served.
-pub struct RegistryResolver {
-    client: ConsulClient,
-    fallback: StaticResolver,
-    known: Arc<RwLock<HashMap<String, Arc<[Instance]>>>>,
-    watched: std::sync::Mutex<std::collections::HashSet<String>>,
+/// The Consul registration document of `r` (an HTTP check when it has a health URL).
+pub fn registration_document(r: &Registration) -> Value {
+    let mut document = json!({
+        "Name": r.name, "ID": r.id, "Address": r.address, "Port": r.port,
+        "Tags": r.tags, "Meta": r.meta,
+    });
+    if let Some(url) = &r.health_url {
+        document["Check"] = json!({
+            "HTTP": url,
+            "Interval": go_duration(r.check_interval),
+            "Timeout": go_duration(r.check_interval.clamp(Duration::from_millis(100), Duration::from_secs(5))),
+            "DeregisterCriticalServiceAfter": go_duration(r.deregister_after),
+        });
+    }
+    document
 }
 
-impl RegistryResolver {
-    pub fn new(client: ConsulClient, fallback: StaticResolver) -> Self {
-        Self {
-            client,
-            fallback,
-            known: Arc::default(),
-            watched: std::sync::Mutex::new(Default::default()),
-        }
+/// A duration both Go's `time.ParseDuration` (Consul) and our registry accept.
+fn go_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+impl Registrar for ConsulClient {
+    fn register<'a>(
+        &'a self,
+        registration: &'a Registration,
+    ) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(async move {
+            self.register_document(&registration_document(registration))
+                .await
+        })
     }
 
-    fn watch(&self, name: &str) {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-        if !watched.insert(name.to_owned()) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            watched.remove(name);
-            return;
-        };
-        let (client, known, name) = (self.client.clone(), self.known.clone(), name.to_owned());
-        runtime.spawn(async move {
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(self.deregister_id(id))
+    }
+
+    fn refresh_every(&self) -> Duration {
+        REREGISTER_EVERY
+    }
+}
+
+impl Source for ConsulClient {
+    fn follow(self: Arc<Self>, service: String, sink: Sink) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
             let mut index = 0;
             loop {
-                match client.healthy(&name, index).await {
+                match self.healthy(&service, index).await {
                     Ok((next, instances)) => {
                         // An index going backwards means the registry restarted.
                         index = if next < index { 0 } else { next };
-                        let mut map = known.write().unwrap_or_else(|e| e.into_inner());
-                        map.insert(name.clone(), Arc::from(instances));
+                        sink.update(instances);
                     }
                     Err(e) => {
-                        tracing::warn!(upstream = %name, error = %e, "registry watch failed; serving the last known instances");
+                        sink.failed(&e);
                         tokio::time::sleep(WATCH_RETRY).await;
                     }
                 }
             }
-        });
+        })
     }
 }
 
-impl Resolver for RegistryResolver {
-    fn resolve(&self, service: &str) -> Result<Arc<[Instance]>, ResolveError> {
-        self.watch(service);
-        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
-        match known.get(service) {
-            Some(instances) if !instances.is_empty() => Ok(instances.clone()),
-            _ => self.fallback.resolve(service),
-        }
-    }
-
-    fn services(&self) -> Vec<String> {
-        let mut names = self.fallback.services();
-        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
-        names.extend(
-            known
-                .keys()
-                .filter(|k| !names.contains(k))
-                .cloned()
-                .collect::<Vec<_>>(),
-        );
-        names.sort();
-        names
-    }
-}
+/// Resolves from a Consul-compatible registry, the static map as fallback.
+pub type RegistryResolver = WatchingResolver<ConsulClient>;

@@ -11,13 +11,33 @@
 //! let r = StaticResolver::parse([("products", "http://127.0.0.1:8081")]).unwrap();
 //! assert_eq!(r.resolve("products").unwrap()[0].base_url.to_string(), "http://127.0.0.1:8081/");
 //! ```
+//!
+//! Backends (each a [`Resolver`], and where instances announce themselves, a
+//! [`Registrar`]): [`StaticResolver`]; [`consul`] (the embedded [`registry`] or a real
+//! Consul agent); [`etcd`] (v3, leases and prefix watches); [`dns`] (Kubernetes-style
+//! SRV and A records). A watching backend keeps serving the last known instances when
+//! its source is unreachable and reports them as [stale](Resolver::stale).
 #![forbid(unsafe_code)]
 
 pub mod consul;
+pub mod dns;
+pub mod etcd;
+mod json_http;
 pub mod registry;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+pub use watch::{Sink, Source, WatchingResolver};
+
+/// A boxed future, so backends stay usable as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 use http::Uri;
 
@@ -52,6 +72,69 @@ pub trait Resolver: Send + Sync + 'static {
 
     /// Every service name this resolver knows (for status pages and readiness).
     fn services(&self) -> Vec<String>;
+
+    /// Whether the instances served for `service` are a last known set kept through
+    /// an outage of the backend, not a current answer.
+    fn stale(&self, _service: &str) -> bool {
+        false
+    }
+}
+
+/// One instance announcing itself, whatever the backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub name: String,
+    /// Unique per instance: name + host + port.
+    pub id: String,
+    pub address: String,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    /// What the registry polls, for backends that run health checks.
+    pub health_url: Option<String>,
+    pub check_interval: Duration,
+    /// How long a critical (or silent) instance stays listed.
+    pub deregister_after: Duration,
+}
+
+impl Registration {
+    /// An HTTP service at `address:port` whose health is `GET /healthz`.
+    pub fn http(name: &str, address: &str, port: u16) -> Self {
+        Self {
+            name: name.to_owned(),
+            id: format!("{name}-{address}-{port}"),
+            address: address.to_owned(),
+            port,
+            tags: Vec::new(),
+            meta: BTreeMap::new(),
+            health_url: Some(format!("http://{address}:{port}/healthz")),
+            check_interval: Duration::from_secs(1),
+            deregister_after: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegistryError {
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    #[error("registry answered {status}: {body}")]
+    Refused { status: u16, body: String },
+}
+
+/// Announces instances to a backend.
+///
+/// `register` means "make sure this instance is listed and fresh": the chassis calls
+/// it on start and then every [`refresh_every`](Registrar::refresh_every), so a
+/// backend that lost its state (a restarted registry, an expired lease) is refilled.
+pub trait Registrar: Send + Sync + 'static {
+    fn register<'a>(
+        &'a self,
+        registration: &'a Registration,
+    ) -> BoxFuture<'a, Result<(), RegistryError>>;
+    fn deregister<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), RegistryError>>;
+    fn refresh_every(&self) -> Duration;
 }
 
 /// A fixed map from name to instances.

@@ -68,7 +68,7 @@ async fn spawn() -> Gw {
             ("gateway".to_owned(), url.clone()),
         ]
         .into(),
-        registry_url: None,
+        ..Default::default()
     }
     .resolver()
     .unwrap();
@@ -87,7 +87,7 @@ async fn spawn() -> Gw {
             identity: IdentitySettings::default(),
             resilience: chassis::settings::ResilienceSettings::default(),
             resolver: Arc::new(resolver),
-            registry_url: None,
+            registrar: None,
         },
         settings: Settings {
             upstream_timeout: HumanDuration::millis(300),
