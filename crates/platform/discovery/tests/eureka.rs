@@ -21,7 +21,7 @@ fn instance(id: &str, lease_secs: u64) -> Value {
 #[tokio::test]
 async fn register_renew_lapse_evict_and_cancel() {
     let url = start().await;
-    let http = reqwest::Client::new();
+    let http = json_client();
     let r = http
         .post(format!("{url}/eureka/apps/INVENTORY"))
         .json(&instance("inv-1", 1))
@@ -118,7 +118,7 @@ async fn register_renew_lapse_evict_and_cancel() {
 #[tokio::test]
 async fn bad_instances_are_400s_naming_the_field() {
     let url = start().await;
-    let http = reqwest::Client::new();
+    let http = json_client();
     for (body, field) in [
         (json!({}), "instance"),
         (json!({"instance": {"port": 1}}), "instance.ipAddr"),
@@ -136,5 +136,41 @@ async fn bad_instances_are_400s_naming_the_field() {
         assert_eq!(r.status(), 400, "{body}");
         let problem: Value = r.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], field);
+    }
+}
+
+/// Eureka clients ask for JSON explicitly (the default answer is XML).
+fn json_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn without_an_accept_header_the_listing_is_eurekas_xml() {
+    let url = common::start().await;
+    let http = json_client();
+    http.post(format!("{url}/eureka/apps/INVENTORY"))
+        .json(&instance("inv-<1>", 1))
+        .send()
+        .await
+        .unwrap();
+    let r = reqwest::get(format!("{url}/eureka/apps")).await.unwrap();
+    assert_eq!(r.headers()["content-type"], "application/xml");
+    let xml = r.text().await.unwrap();
+    assert!(xml.starts_with("<?xml"), "{xml}");
+    for part in [
+        "<applications><versions__delta>",
+        "<application><name>INVENTORY</name><instance><instanceId>inv-&lt;1&gt;</instanceId>",
+        "<port enabled=\"true\">",
+        "<dataCenterInfo class=\"com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo\"><name>MyOwn</name></dataCenterInfo>",
+    ] {
+        assert!(xml.contains(part), "{part} missing in {xml}");
     }
 }

@@ -1,6 +1,7 @@
-//! A Eureka REST API subset (JSON) over the same registry, so JVM services with
-//! Eureka clients join the shop: register, renew, cancel, and the application
-//! listings. Each Eureka lease is a TTL check of its `durationInSecs`; an instance
+//! A Eureka REST API subset over the same registry, so JVM services with Eureka
+//! clients join the shop: register, renew, cancel, and the application listings,
+//! as JSON when asked (`Accept: application/json`) and otherwise as XML, Eureka's
+//! default that several clients (py-eureka-client among them) rely on. Each Eureka lease is a TTL check of its `durationInSecs`; an instance
 //! whose lease lapses that long again is evicted, as Eureka does.
 
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use serde_json::{Value, json};
@@ -23,6 +24,8 @@ const DEFAULT_LEASE: u64 = 90;
 pub fn router(registry: Arc<Registry>) -> Router {
     Router::new()
         .route("/eureka/apps", get(apps))
+        // Jersey (Eureka's server) takes a trailing slash; some clients send one.
+        .route("/eureka/apps/", get(apps))
         .route("/eureka/apps/{app}", get(app).post(register))
         .route("/eureka/apps/{app}/{id}", put(renew).delete(cancel))
         .with_state(registry)
@@ -165,13 +168,29 @@ fn instance_json(e: &Entry) -> Value {
         .get("eureka.app")
         .cloned()
         .unwrap_or_else(|| r.name.to_ascii_uppercase());
+    let home = format!("http://{}:{}/", r.address, r.port);
+    let metadata: serde_json::Map<String, Value> = r
+        .meta
+        .iter()
+        .filter(|(k, _)| !k.starts_with("eureka."))
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     json!({
         "instanceId": r.id, "hostName": r.address, "app": app, "ipAddr": r.address,
         "status": if e.health() == Health::Passing { "UP" } else { "DOWN" },
+        "overriddenstatus": "UNKNOWN",
         "port": { "$": r.port, "@enabled": "true" },
-        "vipAddress": r.name,
+        "securePort": { "$": 443, "@enabled": "false" },
+        "countryId": 1,
         "dataCenterInfo": { "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo", "name": "MyOwn" },
+        "metadata": metadata,
+        "homePageUrl": home,
+        "vipAddress": r.name,
+        "secureVipAddress": r.name,
+        "isCoordinatingDiscoveryServer": "false",
         "lastUpdatedTimestamp": e.modify_index.to_string(),
+        "lastDirtyTimestamp": e.modify_index.to_string(),
+        "actionType": "ADDED",
     })
 }
 
@@ -182,27 +201,90 @@ fn application_json(name: &str, entries: &[Entry]) -> Value {
     })
 }
 
+/// `{root: body}` as JSON when the client accepts it, else as Eureka's XML.
+fn negotiate(headers: &HeaderMap, root: &str, body: Value) -> Response {
+    let wants_json = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("json"));
+    if wants_json {
+        let mut document = serde_json::Map::new();
+        document.insert(root.to_owned(), body);
+        return axum::Json(Value::Object(document)).into_response();
+    }
+    let mut xml = String::from(r#"<?xml version="1.0" encoding="UTF-8"?>"#);
+    to_xml(root, &body, &mut xml);
+    ([(header::CONTENT_TYPE, "application/xml")], xml).into_response()
+}
+
+/// Eureka's JSON/XML mapping: `@name` keys are attributes, `$` is the text, an
+/// array repeats its element.
+fn to_xml(tag: &str, value: &Value, out: &mut String) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|item| to_xml(tag, item, out)),
+        Value::Object(map) => {
+            out.push('<');
+            out.push_str(tag);
+            for (key, v) in map.iter().filter(|(k, _)| k.starts_with('@')) {
+                out.push_str(&format!(" {}=\"{}\"", &key[1..], escape(&scalar(v))));
+            }
+            out.push('>');
+            if let Some(text) = map.get("$") {
+                out.push_str(&escape(&scalar(text)));
+            }
+            for (key, v) in map.iter().filter(|(k, _)| !k.starts_with('@') && *k != "$") {
+                to_xml(key, v, out);
+            }
+            out.push_str(&format!("</{tag}>"));
+        }
+        Value::Null => out.push_str(&format!("<{tag}/>")),
+        v => out.push_str(&format!("<{tag}>{}</{tag}>", escape(&scalar(v)))),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
 /// Every service in the registry, Eureka-registered or not.
-async fn apps(State(registry): State<Arc<Registry>>) -> Response {
+async fn apps(State(registry): State<Arc<Registry>>, headers: HeaderMap) -> Response {
     let (index, services) = registry.services();
     let applications: Vec<Value> = services
         .keys()
         .map(|name| application_json(name, &registry.instances(name, false, None).1))
         .collect();
-    axum::Json(json!({
-        "applications": {
-            "versions__delta": index.to_string(),
-            "apps__hashcode": "",
-            "application": applications,
-        }
-    }))
-    .into_response()
+    let up = applications
+        .iter()
+        .flat_map(|a| a["instance"].as_array().cloned().unwrap_or_default())
+        .filter(|i| i["status"] == "UP")
+        .count();
+    let body = json!({
+        "versions__delta": index.to_string(),
+        "apps__hashcode": format!("UP_{up}_"),
+        "application": applications,
+    });
+    negotiate(&headers, "applications", body)
 }
 
-async fn app(State(registry): State<Arc<Registry>>, Path(app): Path<String>) -> Response {
+async fn app(
+    State(registry): State<Arc<Registry>>,
+    Path(app): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     let (_, entries) = registry.instances(&app.to_ascii_lowercase(), false, None);
     if entries.is_empty() {
         return StatusCode::NOT_FOUND.into_response();
     }
-    axum::Json(json!({ "application": application_json(&app, &entries) })).into_response()
+    negotiate(&headers, "application", application_json(&app, &entries))
 }
