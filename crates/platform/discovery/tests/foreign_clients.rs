@@ -57,13 +57,21 @@ async fn the_npm_consul_package_registers_discovers_passing_and_deregisters() {
     })
     .await
     .unwrap();
-    assert_eq!(verdict["passing"], serde_json::json!(["node-inventory-1"]), "{verdict}");
+    assert_eq!(
+        verdict["passing"],
+        serde_json::json!(["node-inventory-1"]),
+        "{verdict}"
+    );
     assert_eq!(
         verdict["all"],
         serde_json::json!(["node-inventory-1", "node-inventory-2"]),
         "{verdict}"
     );
-    assert_eq!(verdict["by_tag"], serde_json::json!(["node-inventory-1"]), "{verdict}");
+    assert_eq!(
+        verdict["by_tag"],
+        serde_json::json!(["node-inventory-1"]),
+        "{verdict}"
+    );
     assert_eq!(
         verdict["check_statuses"],
         serde_json::json!(["critical", "passing"]),

@@ -128,7 +128,7 @@ struct Blocking {
 
 impl Blocking {
     /// Waits out a blocking query (`?index=N&wait=10s`) before the read.
-    async fn wait(&self, registry: &Registry) -> Result<(), Response> {
+    async fn wait(&self, registry: &Registry, service: Option<&str>) -> Result<(), Response> {
         let Some(index) = self.index else {
             return Ok(());
         };
@@ -143,7 +143,7 @@ impl Blocking {
                 )
             })?,
         };
-        registry.wait_past(index, wait.min(MAX_WAIT)).await;
+        registry.wait_past(index, wait.min(MAX_WAIT), service).await;
         Ok(())
     }
 
@@ -176,7 +176,7 @@ async fn health(
     Path(name): Path<String>,
     Query(q): Query<Blocking>,
 ) -> Response {
-    if let Err(r) = q.wait(&registry).await {
+    if let Err(r) = q.wait(&registry, Some(&name)).await {
         return r;
     }
     let (index, entries) = registry.instances(&name, q.passing(), q.tag.as_deref());
@@ -213,7 +213,7 @@ async fn catalog_services(
     State(registry): State<Arc<Registry>>,
     Query(q): Query<Blocking>,
 ) -> Response {
-    if let Err(r) = q.wait(&registry).await {
+    if let Err(r) = q.wait(&registry, None).await {
         return r;
     }
     let (index, services) = registry.services();
@@ -225,7 +225,7 @@ async fn catalog_service(
     Path(name): Path<String>,
     Query(q): Query<Blocking>,
 ) -> Response {
-    if let Err(r) = q.wait(&registry).await {
+    if let Err(r) = q.wait(&registry, Some(&name)).await {
         return r;
     }
     let (index, entries) = registry.instances(&name, false, q.tag.as_deref());

@@ -26,8 +26,7 @@ pub fn spawn(registry: Arc<Registry>) -> tokio::task::JoinHandle<()> {
         loop {
             tick.tick().await;
             let now = Instant::now();
-            registry.sweep(now);
-            for (id, check_id, kind) in registry.due_probes(now) {
+            for (id, check_id, kind) in registry.tick(now) {
                 let registry = registry.clone();
                 let client = client.clone();
                 tokio::spawn(async move {

@@ -7,7 +7,8 @@ pub mod checks;
 pub mod eureka;
 pub mod model;
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,6 +32,9 @@ pub struct CheckState {
     pub critical_since: Option<Instant>,
     /// When the next probe is due (HTTP, TCP) or the TTL expires.
     pub due: Instant,
+    /// The pending timer of the `due` chain, if any: at most one per check, however
+    /// often a TTL is renewed.
+    armed: Option<Instant>,
 }
 
 /// A registered instance.
@@ -57,13 +61,89 @@ impl Entry {
     }
 }
 
+/// A moment a check needs attention. Timers are never cancelled: one that finds
+/// nothing to do (the check was renewed, recovered, replaced or removed) is dropped
+/// when it fires.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Timer {
+    at: Instant,
+    kind: TimerKind,
+    entry: String,
+    check: String,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
+enum TimerKind {
+    /// A probe due, or a TTL running out.
+    Due,
+    /// A critical check's `DeregisterCriticalServiceAfter` running out.
+    Deregister,
+}
+
 #[derive(Debug, Default)]
 struct State {
     index: u64,
-    entries: BTreeMap<String, Entry>,
+    entries: HashMap<String, Entry>,
+    /// Service name -> instance ids, both sorted: queries touch one service only.
+    by_service: BTreeMap<String, BTreeSet<String>>,
+    /// Last index at which each service changed (kept after its last instance goes,
+    /// so a watcher of an emptied service still sees the change).
+    service_index: HashMap<String, u64>,
+    /// Check id -> instance id (check ids are unique, as in Consul).
+    check_owner: HashMap<String, String>,
+    timers: BinaryHeap<Reverse<Timer>>,
 }
 
-/// The registry. Share it in an `Arc`.
+impl State {
+    fn schedule(&mut self, at: Instant, kind: TimerKind, entry: &str, check: &str) {
+        self.timers.push(Reverse(Timer {
+            at,
+            kind,
+            entry: entry.to_owned(),
+            check: check.to_owned(),
+        }));
+    }
+
+    /// Makes sure the `due` chain of a check has a timer at or before its due time.
+    fn arm(&mut self, entry: &str, check_index: usize) {
+        let Some(check) = self
+            .entries
+            .get_mut(entry)
+            .and_then(|e| e.checks.get_mut(check_index))
+        else {
+            return;
+        };
+        if check.armed.is_some_and(|at| at <= check.due) {
+            return;
+        }
+        check.armed = Some(check.due);
+        let (due, id) = (check.due, check.spec.id.clone());
+        self.schedule(due, TimerKind::Due, entry, &id);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.entries.remove(id)?;
+        let name = &entry.registration.name;
+        if let Some(ids) = self.by_service.get_mut(name) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_service.remove(name);
+            }
+        }
+        for check in &entry.checks {
+            if self
+                .check_owner
+                .get(&check.spec.id)
+                .is_some_and(|o| o == id)
+            {
+                self.check_owner.remove(&check.spec.id);
+            }
+        }
+        Some(entry)
+    }
+}
+
+/// The registry. Shared behind an `Arc`; every method takes `&self`.
 #[derive(Debug)]
 pub struct Registry {
     state: Mutex<State>,
@@ -81,7 +161,7 @@ impl Registry {
         Self {
             state: Mutex::new(State {
                 index: 1,
-                entries: BTreeMap::new(),
+                ..State::default()
             }),
             changed: watch::channel(1).0,
         }
@@ -91,26 +171,38 @@ impl Registry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Bumps the index and wakes blocking queries.
-    fn bump(&self, state: &mut State) -> u64 {
+    /// Advances the index for a change to `services` and wakes blocking queries.
+    fn bump(&self, state: &mut State, services: &[&str]) -> u64 {
         state.index += 1;
         let index = state.index;
+        for name in services {
+            state.service_index.insert((*name).to_owned(), index);
+        }
         self.changed.send_replace(index);
         index
     }
 
-    /// The current change index (`X-Consul-Index`).
+    /// The current change index.
     pub fn index(&self) -> u64 {
         self.state().index
     }
 
-    /// Registers an instance; an existing ID is replaced.
+    /// The index of the last change to `service` (1 if it never existed).
+    pub fn service_index(&self, service: &str) -> u64 {
+        self.state()
+            .service_index
+            .get(service)
+            .copied()
+            .unwrap_or(1)
+    }
+
+    /// Adds or replaces (same ID) an instance; its checks start in their initial state.
     pub fn register(&self, registration: Registration) {
         let now = Instant::now();
         let mut state = self.state();
-        let create_index = state.entries.get(&registration.id).map(|e| e.create_index);
-        let index = self.bump(&mut state);
-        let checks = registration
+        let previous = state.remove(&registration.id);
+        let index = state.index + 1;
+        let checks: Vec<CheckState> = registration
             .checks
             .iter()
             .map(|spec| CheckState {
@@ -122,128 +214,205 @@ impl Registry {
                     CheckKind::Ttl { ttl } => now + ttl,
                     _ => now,
                 },
+                armed: None,
             })
             .collect();
-        tracing::info!(id = %registration.id, name = %registration.name, "registered");
+        let id = registration.id.clone();
+        for check in &checks {
+            state.check_owner.insert(check.spec.id.clone(), id.clone());
+            if let (Some(since), Some(after)) = (check.critical_since, check.spec.deregister_after)
+            {
+                state.schedule(since + after, TimerKind::Deregister, &id, &check.spec.id);
+            }
+        }
+        let check_count = checks.len();
+        tracing::info!(id = %id, name = %registration.name, "registered");
+        let name = registration.name.clone();
+        state
+            .by_service
+            .entry(name.clone())
+            .or_default()
+            .insert(id.clone());
         state.entries.insert(
-            registration.id.clone(),
+            id.clone(),
             Entry {
                 registration,
                 checks,
-                create_index: create_index.unwrap_or(index),
+                create_index: previous.as_ref().map_or(index, |e| e.create_index),
                 modify_index: index,
             },
         );
+        for i in 0..check_count {
+            state.arm(&id, i);
+        }
+        let old_name = previous.map(|e| e.registration.name);
+        match old_name.as_deref() {
+            Some(old) if old != name => self.bump(&mut state, &[&name, old]),
+            _ => self.bump(&mut state, &[&name]),
+        };
     }
 
-    /// Removes an instance; false if there was none with that ID.
+    /// Removes an instance; `false` if it was not registered.
     pub fn deregister(&self, id: &str) -> bool {
         let mut state = self.state();
-        let removed = state.entries.remove(id).is_some();
-        if removed {
-            self.bump(&mut state);
-            tracing::info!(id, "deregistered");
+        match state.remove(id) {
+            Some(entry) => {
+                self.bump(&mut state, &[&entry.registration.name]);
+                tracing::info!(id, "deregistered");
+                true
+            }
+            None => false,
         }
-        removed
     }
 
-    /// Sets a TTL check's health (`/v1/agent/check/pass|warn|fail`), renewing its TTL.
+    /// Sets a TTL check's state and restarts its TTL; `false` if no TTL check has
+    /// that ID.
     pub fn update_ttl(&self, check_id: &str, health: Health, note: &str) -> bool {
         let now = Instant::now();
-        let mut state = self.state();
-        let mut found = false;
-        let mut changed = false;
-        for entry in state.entries.values_mut() {
-            for check in entry.checks.iter_mut().filter(|c| c.spec.id == check_id) {
-                let CheckKind::Ttl { ttl } = check.spec.kind else {
-                    continue;
-                };
-                found = true;
-                check.due = now + ttl;
-                changed |= apply(check, health, note.to_owned(), now);
-            }
-        }
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let Some(owner) = state.check_owner.get(check_id).cloned() else {
+            return false;
+        };
+        let Some(entry) = state.entries.get_mut(&owner) else {
+            return false;
+        };
+        let Some(position) = entry.checks.iter().position(|c| c.spec.id == check_id) else {
+            return false;
+        };
+        let check = &mut entry.checks[position];
+        let CheckKind::Ttl { ttl } = check.spec.kind else {
+            return false;
+        };
+        check.due = now + ttl;
+        let was_critical = check.critical_since.is_some();
+        let changed = apply(check, health, note.to_owned(), now);
+        let deregister_at = match (check.critical_since, check.spec.deregister_after) {
+            (Some(since), Some(after)) if !was_critical => Some(since + after),
+            _ => None,
+        };
+        let name = entry.registration.name.clone();
         if changed {
-            self.bump(&mut state);
+            entry.modify_index = state.index + 1;
+            self.bump(state, &[&name]);
         }
-        found
+        state.arm(&owner, position);
+        if let Some(at) = deregister_at {
+            state.schedule(at, TimerKind::Deregister, &owner, check_id);
+        }
+        true
     }
 
-    /// Records a probe's result; returns whether anything visible changed.
+    /// Records a probe's result (HTTP, TCP).
     pub(crate) fn record(&self, id: &str, check_id: &str, health: Health, output: String) {
         let now = Instant::now();
-        let mut state = self.state();
-        let changed = state
-            .entries
-            .get_mut(id)
-            .and_then(|e| e.checks.iter_mut().find(|c| c.spec.id == check_id))
-            .is_some_and(|check| apply(check, health, output, now));
-        if changed {
-            let next = state.index + 1;
-            if let Some(e) = state.entries.get_mut(id) {
-                e.modify_index = next;
-            }
-            self.bump(&mut state);
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let next = state.index + 1;
+        let Some(entry) = state.entries.get_mut(id) else {
+            return;
+        };
+        let Some(check) = entry.checks.iter_mut().find(|c| c.spec.id == check_id) else {
+            return;
+        };
+        let was_critical = check.critical_since.is_some();
+        if !apply(check, health, output, now) {
+            return;
+        }
+        let deregister_at = match (check.critical_since, check.spec.deregister_after) {
+            (Some(since), Some(after)) if !was_critical => Some(since + after),
+            _ => None,
+        };
+        entry.modify_index = next;
+        let name = entry.registration.name.clone();
+        self.bump(state, &[&name]);
+        if let Some(at) = deregister_at {
+            state.schedule(at, TimerKind::Deregister, id, check_id);
         }
     }
 
-    /// Expires TTLs and removes instances critical for longer than allowed.
-    pub(crate) fn sweep(&self, now: Instant) {
-        let mut state = self.state();
-        let mut changed = false;
-        for entry in state.entries.values_mut() {
-            for check in &mut entry.checks {
-                if matches!(check.spec.kind, CheckKind::Ttl { .. })
-                    && now >= check.due
-                    && check.health != Health::Critical
-                {
-                    changed |= apply(check, Health::Critical, "TTL expired".into(), now);
+    /// Handles every timer due by `now`: expires TTLs, removes instances critical
+    /// past their `DeregisterCriticalServiceAfter`, and returns the probes to run
+    /// (each rescheduled one interval later). Costs what is due, not what is
+    /// registered.
+    pub(crate) fn tick(&self, now: Instant) -> Vec<(String, String, CheckKind)> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut probes = Vec::new();
+        let mut changed: Vec<String> = Vec::new();
+        while state.timers.peek().is_some_and(|t| t.0.at <= now) {
+            let Some(Reverse(timer)) = state.timers.pop() else {
+                break;
+            };
+            let Some(entry) = state.entries.get_mut(&timer.entry) else {
+                continue;
+            };
+            let Some(position) = entry.checks.iter().position(|c| c.spec.id == timer.check) else {
+                continue;
+            };
+            let check = &mut entry.checks[position];
+            match timer.kind {
+                TimerKind::Deregister => {
+                    if let (Some(since), Some(after)) =
+                        (check.critical_since, check.spec.deregister_after)
+                        && now.saturating_duration_since(since) >= after
+                    {
+                        let name = entry.registration.name.clone();
+                        state.remove(&timer.entry);
+                        tracing::warn!(id = %timer.entry, "deregistered after being critical too long");
+                        changed.push(name);
+                    }
+                }
+                TimerKind::Due => {
+                    if check.armed != Some(timer.at) {
+                        continue; // superseded by an earlier arming
+                    }
+                    check.armed = None;
+                    if now >= check.due {
+                        match &check.spec.kind {
+                            CheckKind::Http { interval, .. } | CheckKind::Tcp { interval, .. } => {
+                                check.due = now + *interval;
+                                probes.push((
+                                    timer.entry.clone(),
+                                    timer.check.clone(),
+                                    check.spec.kind.clone(),
+                                ));
+                            }
+                            CheckKind::Ttl { .. } => {
+                                if check.health != Health::Critical {
+                                    apply(check, Health::Critical, "TTL expired".into(), now);
+                                    if let Some(after) = check.spec.deregister_after {
+                                        state.schedule(
+                                            now + after,
+                                            TimerKind::Deregister,
+                                            &timer.entry,
+                                            &timer.check,
+                                        );
+                                    }
+                                    if let Some(entry) = state.entries.get_mut(&timer.entry) {
+                                        entry.modify_index = state.index + 1;
+                                        changed.push(entry.registration.name.clone());
+                                    }
+                                }
+                                // An expired TTL waits for its next renewal.
+                                continue;
+                            }
+                        }
+                    }
+                    // A probe rescheduled, or a TTL renewed since this timer was set.
+                    state.arm(&timer.entry, position);
                 }
             }
         }
-        let expired: Vec<String> = state
-            .entries
-            .iter()
-            .filter(|(_, e)| {
-                e.checks
-                    .iter()
-                    .any(|c| match (c.critical_since, c.spec.deregister_after) {
-                        (Some(since), Some(after)) => now.saturating_duration_since(since) >= after,
-                        _ => false,
-                    })
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            state.entries.remove(&id);
-            tracing::warn!(id, "deregistered after being critical too long");
-            changed = true;
+        if !changed.is_empty() {
+            let names: Vec<&str> = changed.iter().map(String::as_str).collect();
+            self.bump(state, &names);
         }
-        if changed {
-            self.bump(&mut state);
-        }
+        probes
     }
 
-    /// Probes due at `now`: (instance id, check id, kind).
-    pub(crate) fn due_probes(&self, now: Instant) -> Vec<(String, String, CheckKind)> {
-        let mut state = self.state();
-        let mut due = Vec::new();
-        for (id, entry) in state.entries.iter_mut() {
-            for check in &mut entry.checks {
-                let interval = match &check.spec.kind {
-                    CheckKind::Http { interval, .. } | CheckKind::Tcp { interval, .. } => *interval,
-                    CheckKind::Ttl { .. } => continue,
-                };
-                if now >= check.due {
-                    check.due = now + interval;
-                    due.push((id.clone(), check.spec.id.clone(), check.spec.kind.clone()));
-                }
-            }
-        }
-        due
-    }
-
-    /// Instances of `name` (optionally only passing, optionally with `tag`).
+    /// Instances of `name` (optionally only passing, optionally with `tag`), with
+    /// the service's index.
     pub fn instances(
         &self,
         name: &str,
@@ -251,36 +420,54 @@ impl Registry {
         tag: Option<&str>,
     ) -> (u64, Vec<Entry>) {
         let state = self.state();
+        let index = state.service_index.get(name).copied().unwrap_or(1);
         let found = state
-            .entries
-            .values()
-            .filter(|e| e.registration.name == name)
+            .by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.entries.get(id))
             .filter(|e| !passing_only || e.health() == Health::Passing)
             .filter(|e| tag.is_none_or(|t| e.registration.tags.iter().any(|x| x == t)))
             .cloned()
             .collect();
-        (state.index, found)
+        (index, found)
     }
 
     /// Every service name with the union of its instances' tags.
     pub fn services(&self) -> (u64, BTreeMap<String, Vec<String>>) {
         let state = self.state();
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for e in state.entries.values() {
-            let tags = out.entry(e.registration.name.clone()).or_default();
-            for t in &e.registration.tags {
-                if !tags.contains(t) {
-                    tags.push(t.clone());
+        for (name, ids) in &state.by_service {
+            let tags = out.entry(name.clone()).or_default();
+            for e in ids.iter().filter_map(|id| state.entries.get(id)) {
+                for t in &e.registration.tags {
+                    if !tags.contains(t) {
+                        tags.push(t.clone());
+                    }
                 }
             }
         }
         (state.index, out)
     }
 
-    /// Waits until the index passes `after` or `wait` elapses (blocking queries).
-    pub async fn wait_past(&self, after: u64, wait: Duration) {
+    /// Waits until the index (of `service`, or of the whole registry) passes
+    /// `after`, or `wait` elapses (blocking queries).
+    pub async fn wait_past(&self, after: u64, wait: Duration, service: Option<&str>) {
         let mut rx = self.changed.subscribe();
-        let _ = tokio::time::timeout(wait, rx.wait_for(|i| *i > after)).await;
+        let current = || match service {
+            Some(name) => self.service_index(name),
+            None => self.index(),
+        };
+        let _ = tokio::time::timeout(wait, async {
+            // Subscribed before the check: a change in between still wakes us.
+            while current() <= after {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -295,4 +482,81 @@ fn apply(check: &mut CheckState, health: Health, output: String, now: Instant) -
     check.health = health;
     check.output = output;
     changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ttl_instance(id: &str, name: &str, ttl: u64, deregister_after: u64) -> Registration {
+        Registration {
+            id: id.into(),
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port: 1,
+            tags: vec![],
+            meta: BTreeMap::new(),
+            checks: vec![CheckSpec {
+                id: format!("{id}-ttl"),
+                name: "ttl".into(),
+                kind: CheckKind::Ttl {
+                    ttl: Duration::from_secs(ttl),
+                },
+                initial: Health::Passing,
+                deregister_after: Some(Duration::from_secs(deregister_after)),
+            }],
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_keep_one_timer_then_expiry_and_deregistration_follow() {
+        let r = Registry::new();
+        r.register(ttl_instance("a", "svc", 10, 5));
+        r.register(ttl_instance("b", "other", 10, 5));
+        for _ in 0..1000 {
+            assert!(r.update_ttl("a-ttl", Health::Passing, ""));
+        }
+        assert!(r.state().timers.len() <= 2, "{}", r.state().timers.len());
+        let svc_index = r.service_index("svc");
+
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(r.tick(Instant::now()).is_empty());
+        let (index, entries) = r.instances("svc", false, None);
+        assert_eq!(entries[0].health(), Health::Critical);
+        assert!(index > svc_index, "the expiry is a change of svc");
+        assert!(r.instances("svc", true, None).1.is_empty());
+
+        tokio::time::advance(Duration::from_secs(5)).await;
+        r.tick(Instant::now());
+        assert!(r.instances("svc", false, None).1.is_empty());
+        assert!(r.state().timers.is_empty());
+        // The emptied service keeps its index, so its watchers see the removal.
+        assert!(r.service_index("svc") > index);
+    }
+
+    #[tokio::test]
+    async fn a_watcher_of_one_service_sleeps_through_changes_to_others() {
+        let r = std::sync::Arc::new(Registry::new());
+        r.register(ttl_instance("a", "svc", 60, 60));
+        let index = r.service_index("svc");
+        let watcher = {
+            let r = r.clone();
+            tokio::spawn(async move {
+                r.wait_past(index, Duration::from_secs(5), Some("svc"))
+                    .await;
+                r.service_index("svc")
+            })
+        };
+        for i in 0..20 {
+            r.register(ttl_instance(&format!("o{i}"), "other", 60, 60));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!watcher.is_finished());
+        r.deregister("a");
+        let seen = tokio::time::timeout(Duration::from_secs(1), watcher)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(seen > index);
+    }
 }
