@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{Entry, Health, Registry, parse_registration};
@@ -155,6 +155,18 @@ impl Blocking {
     }
 }
 
+fn with_index_bytes(index: u64, body: Vec<u8>) -> Response {
+    let mut response = (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(INDEX_HEADER, HeaderValue::from(index));
+    response
+}
+
 fn with_index(index: u64, body: Value) -> Response {
     let mut response = axum::Json(body).into_response();
     response
@@ -163,12 +175,106 @@ fn with_index(index: u64, body: Value) -> Response {
     response
 }
 
-fn service_json(e: &Entry) -> Value {
-    let r = &e.registration;
-    json!({
-        "ID": r.id, "Service": r.name, "Tags": r.tags, "Address": r.address, "Port": r.port,
-        "Meta": r.meta, "CreateIndex": e.create_index, "ModifyIndex": e.modify_index,
-    })
+/// `/v1/health/service/{name}` entries, serialized straight from the registry's
+/// entries (building `serde_json::Value`s first cost most of the query's time).
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthEntry<'a> {
+    node: NodeJson,
+    service: ServiceJson<'a>,
+    checks: Vec<CheckJson<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct NodeJson {
+    #[serde(rename = "ID")]
+    id: &'static str,
+    node: &'static str,
+    address: &'static str,
+    datacenter: &'static str,
+}
+
+const NODE_JSON: NodeJson = NodeJson {
+    id: NODE,
+    node: NODE,
+    address: "127.0.0.1",
+    datacenter: DATACENTER,
+};
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct ServiceJson<'a> {
+    #[serde(rename = "ID")]
+    id: &'a str,
+    service: &'a str,
+    tags: &'a [String],
+    address: &'a str,
+    port: u16,
+    meta: &'a std::collections::BTreeMap<String, String>,
+    create_index: u64,
+    modify_index: u64,
+}
+
+impl<'a> ServiceJson<'a> {
+    fn of(e: &'a Entry) -> Self {
+        let r = &e.registration;
+        Self {
+            id: &r.id,
+            service: &r.name,
+            tags: &r.tags,
+            address: &r.address,
+            port: r.port,
+            meta: &r.meta,
+            create_index: e.create_index,
+            modify_index: e.modify_index,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckJson<'a> {
+    node: &'static str,
+    #[serde(rename = "CheckID")]
+    check_id: &'a str,
+    name: &'a str,
+    status: &'static str,
+    output: &'a str,
+    #[serde(rename = "ServiceID")]
+    service_id: &'a str,
+    service_name: &'a str,
+    #[serde(rename = "Type")]
+    kind: &'static str,
+}
+
+fn health_json(entries: &[&Entry]) -> Vec<u8> {
+    let body: Vec<HealthEntry<'_>> = entries
+        .iter()
+        .map(|e| HealthEntry {
+            node: NODE_JSON,
+            service: ServiceJson::of(e),
+            checks: e
+                .checks
+                .iter()
+                .map(|c| CheckJson {
+                    node: NODE,
+                    check_id: &c.spec.id,
+                    name: &c.spec.name,
+                    status: c.health.as_str(),
+                    output: &c.output,
+                    service_id: &e.registration.id,
+                    service_name: &e.registration.name,
+                    kind: match c.spec.kind {
+                        super::CheckKind::Http { .. } => "http",
+                        super::CheckKind::Tcp { .. } => "tcp",
+                        super::CheckKind::Ttl { .. } => "ttl",
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 async fn health(
@@ -179,34 +285,11 @@ async fn health(
     if let Err(r) = q.wait(&registry, Some(&name)).await {
         return r;
     }
-    let (index, entries) = registry.instances(&name, q.passing(), q.tag.as_deref());
-    let body: Vec<Value> = entries
-        .iter()
-        .map(|e| {
-            let checks: Vec<Value> = e
-                .checks
-                .iter()
-                .map(|c| {
-                    json!({
-                        "Node": NODE, "CheckID": c.spec.id, "Name": c.spec.name,
-                        "Status": c.health.as_str(), "Output": c.output,
-                        "ServiceID": e.registration.id, "ServiceName": e.registration.name,
-                        "Type": match c.spec.kind {
-                            super::CheckKind::Http { .. } => "http",
-                            super::CheckKind::Tcp { .. } => "tcp",
-                            super::CheckKind::Ttl { .. } => "ttl",
-                        },
-                    })
-                })
-                .collect();
-            json!({
-                "Node": { "ID": NODE, "Node": NODE, "Address": "127.0.0.1", "Datacenter": DATACENTER },
-                "Service": service_json(e),
-                "Checks": checks,
-            })
-        })
-        .collect();
-    with_index(index, Value::Array(body))
+    let (index, body) =
+        registry.with_instances(&name, q.passing(), q.tag.as_deref(), |index, entries| {
+            (index, health_json(entries))
+        });
+    with_index_bytes(index, body)
 }
 
 async fn catalog_services(

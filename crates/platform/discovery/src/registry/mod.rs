@@ -89,6 +89,8 @@ struct State {
     /// Last index at which each service changed (kept after its last instance goes,
     /// so a watcher of an emptied service still sees the change).
     service_index: HashMap<String, u64>,
+    /// Service name -> the union of its instances' tags (the catalog's answer).
+    tags: HashMap<String, Vec<String>>,
     /// Check id -> instance id (check ids are unique, as in Consul).
     check_owner: HashMap<String, String>,
     timers: BinaryHeap<Reverse<Timer>>,
@@ -121,6 +123,28 @@ impl State {
         self.schedule(due, TimerKind::Due, entry, &id);
     }
 
+    fn retag(&mut self, name: &str) {
+        let mut tags: Vec<String> = Vec::new();
+        for e in self
+            .by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.entries.get(id))
+        {
+            for t in &e.registration.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+        }
+        if self.by_service.contains_key(name) {
+            self.tags.insert(name.to_owned(), tags);
+        } else {
+            self.tags.remove(name);
+        }
+    }
+
     fn remove(&mut self, id: &str) -> Option<Entry> {
         let entry = self.entries.remove(id)?;
         let name = &entry.registration.name;
@@ -139,6 +163,7 @@ impl State {
                 self.check_owner.remove(&check.spec.id);
             }
         }
+        self.retag(&entry.registration.name);
         Some(entry)
     }
 }
@@ -245,6 +270,7 @@ impl Registry {
         for i in 0..check_count {
             state.arm(&id, i);
         }
+        state.retag(&name);
         let old_name = previous.map(|e| e.registration.name);
         match old_name.as_deref() {
             Some(old) if old != name => self.bump(&mut state, &[&name, old]),
@@ -434,20 +460,42 @@ impl Registry {
         (index, found)
     }
 
+    /// Runs `f` over the instances of `name` (filtered like [`instances`](Self::instances))
+    /// under the registry's lock, without copying them: for rendering answers.
+    pub fn with_instances<R>(
+        &self,
+        name: &str,
+        passing_only: bool,
+        tag: Option<&str>,
+        f: impl FnOnce(u64, &[&Entry]) -> R,
+    ) -> R {
+        let state = self.state();
+        let index = state.service_index.get(name).copied().unwrap_or(1);
+        let found: Vec<&Entry> = state
+            .by_service
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| state.entries.get(id))
+            .filter(|e| !passing_only || e.health() == Health::Passing)
+            .filter(|e| tag.is_none_or(|t| e.registration.tags.iter().any(|x| x == t)))
+            .collect();
+        f(index, &found)
+    }
+
     /// Every service name with the union of its instances' tags.
     pub fn services(&self) -> (u64, BTreeMap<String, Vec<String>>) {
         let state = self.state();
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, ids) in &state.by_service {
-            let tags = out.entry(name.clone()).or_default();
-            for e in ids.iter().filter_map(|id| state.entries.get(id)) {
-                for t in &e.registration.tags {
-                    if !tags.contains(t) {
-                        tags.push(t.clone());
-                    }
-                }
-            }
-        }
+        let out = state
+            .by_service
+            .keys()
+            .map(|name| {
+                (
+                    name.clone(),
+                    state.tags.get(name).cloned().unwrap_or_default(),
+                )
+            })
+            .collect();
         (state.index, out)
     }
 
