@@ -88,7 +88,7 @@ pub async fn members_of_a_group_share_work_and_keep_each_keys_order(bus: Bus) {
         members.push(tokio::spawn(async move {
             while let Some(d) = next(&mut sub, Duration::from_secs(2)).await {
                 seen.lock().unwrap().push((d.key.clone(), n_of(&d), member));
-                if n_of(&d) % 7 == 0 {
+                if n_of(&d).is_multiple_of(7) {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 d.ack().await.unwrap();
