@@ -4,12 +4,18 @@
 //! - [`bus`]: the [`EventBus`] seam: publish with a partition key (one key's events
 //!   stay in order), consumer groups, ack / nack with delay, redelivery of what a dead
 //!   consumer held, replay.
+//! - [`consumer`]: a handler over a subscription, with backoff and a dead-letter topic.
+//! - [`outbox`] and [`inbox`]: events written in the producer's transaction and
+//!   relayed in order; handled event ids recorded in the consumer's transaction.
 //! - [`nats`]: NATS JetStream.
 #![forbid(unsafe_code)]
 
 pub mod bus;
+pub mod consumer;
 pub mod envelope;
+pub mod inbox;
 pub mod nats;
+pub mod outbox;
 
 pub use bus::{BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription};
 pub use envelope::{CloudEvent, EnvelopeError};

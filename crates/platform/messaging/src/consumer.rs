@@ -1,0 +1,195 @@
+//! Running a handler over a subscription: acknowledge what it handled, redeliver
+//! with growing backoff what failed, and set aside in the dead-letter topic what
+//! keeps failing or is not an event at all, so no message stalls its partition.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusError, Delivery, EventBus, SubscribeOptions};
+use crate::envelope::CloudEvent;
+
+/// Type of the events in a dead-letter topic.
+pub const DEAD_LETTER_TYPE: &str = "bazaar.dead_letter";
+
+/// The dead-letter topic of `topic`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// Why a handler did not handle an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Worth trying again (a dependency was down): redelivered with backoff, then
+    /// dead-lettered after the last attempt.
+    #[error("{0}")]
+    Retry(String),
+    /// Will never succeed (the event makes no sense here): dead-lettered now.
+    #[error("{0}")]
+    Reject(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    pub topic: String,
+    pub group: String,
+    pub options: SubscribeOptions,
+    /// Deliveries before an event that keeps failing is dead-lettered.
+    pub max_attempts: u32,
+    /// Backoff before redelivery: doubles per attempt from `base` up to `max`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ConsumerConfig {
+    pub fn new(topic: &str, group: &str) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            options: SubscribeOptions::default(),
+            max_attempts: 5,
+            base_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.base_backoff
+            .saturating_mul(factor)
+            .min(self.max_backoff)
+    }
+}
+
+/// What a handler learns besides the event.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub topic: String,
+    pub key: String,
+    pub offset: u64,
+    pub attempt: u32,
+}
+
+/// Consumes until `shutdown`, re-subscribing after broker outages.
+pub async fn run<F, Fut>(
+    bus: Arc<dyn EventBus>,
+    config: ConsumerConfig,
+    shutdown: CancellationToken,
+    handler: F,
+) where
+    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    while !shutdown.is_cancelled() {
+        let mut subscription = tokio::select! {
+            () = shutdown.cancelled() => return,
+            s = bus.subscribe(&config.topic, &config.group, config.options.clone()) => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(topic = %config.topic, group = %config.group, error = %e, "cannot subscribe; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            let delivery = tokio::select! {
+                () = shutdown.cancelled() => return,
+                d = subscription.next() => d,
+            };
+            match delivery {
+                Ok(d) => settle(bus.as_ref(), &config, &handler, d).await,
+                Err(e) => {
+                    tracing::warn!(topic = %config.topic, group = %config.group, error = %e, "subscription broke; re-subscribing");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn settle<F, Fut>(bus: &dyn EventBus, config: &ConsumerConfig, handler: &F, d: Delivery)
+where
+    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    let meta = Meta {
+        topic: d.topic.clone(),
+        key: d.key.clone(),
+        offset: d.offset,
+        attempt: d.attempt,
+    };
+    let event = match &d.event {
+        Ok(event) => event.clone(),
+        Err(e) => {
+            let reason = e.to_string();
+            return dead_letter(bus, config, d, reason).await;
+        }
+    };
+    let outcome = AssertUnwindSafe(handler(event, meta))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())));
+    let result = match outcome {
+        Ok(()) => d.ack().await,
+        Err(HandlerError::Reject(reason)) => return dead_letter(bus, config, d, reason).await,
+        Err(HandlerError::Retry(reason)) if d.attempt >= config.max_attempts => {
+            let reason = format!("failed {} times; last: {reason}", d.attempt);
+            return dead_letter(bus, config, d, reason).await;
+        }
+        Err(HandlerError::Retry(reason)) => {
+            let delay = config.backoff(d.attempt);
+            tracing::warn!(topic = %config.topic, group = %config.group, offset = d.offset, attempt = d.attempt, reason = %reason, retry_in = ?delay, "handler failed; will retry");
+            d.nack(delay).await
+        }
+    };
+    if let Err(e) = result {
+        // Unsettled: the broker redelivers after the ack wait.
+        tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
+    }
+}
+
+/// Publishes the delivery to the dead-letter topic with the reason, then acks it;
+/// if the dead-letter topic cannot take it, the delivery is nacked, never dropped.
+async fn dead_letter(bus: &dyn EventBus, config: &ConsumerConfig, d: Delivery, reason: String) {
+    let original: Value = match &d.event {
+        Ok(event) => serde_json::to_value(event).unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let letter = CloudEvent::new(
+        &format!("/bazaar/consumers/{}", config.group),
+        DEAD_LETTER_TYPE,
+        Some(&d.key),
+        json!({
+            "topic": d.topic, "group": config.group, "offset": d.offset,
+            "attempts": d.attempt, "reason": reason, "event": original,
+            "payload": String::from_utf8_lossy(&d.payload),
+        }),
+    );
+    tracing::error!(topic = %d.topic, group = %config.group, offset = d.offset, reason = %reason, "dead-lettered");
+    let settled = match bus
+        .publish(&dead_letter_topic(&config.topic), &d.key, &letter)
+        .await
+    {
+        Ok(_) => d.ack().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "dead-letter topic unavailable; the message comes back");
+            let delay = config.backoff(d.attempt);
+            d.nack(delay).await
+        }
+    };
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, "could not settle a dead-lettered delivery");
+    }
+}
+
+impl From<BusError> for HandlerError {
+    fn from(e: BusError) -> Self {
+        HandlerError::Retry(e.to_string())
+    }
+}
