@@ -7,11 +7,13 @@
 //! - [`consumer`]: a handler over a subscription, with backoff and a dead-letter topic.
 //! - [`outbox`] and [`inbox`]: events written in the producer's transaction and
 //!   relayed in order; handled event ids recorded in the consumer's transaction.
+//! - [`embedded`]: the durable log the control plane hosts (the default broker).
 //! - [`nats`]: NATS JetStream.
 #![forbid(unsafe_code)]
 
 pub mod bus;
 pub mod consumer;
+pub mod embedded;
 pub mod envelope;
 pub mod inbox;
 pub mod nats;

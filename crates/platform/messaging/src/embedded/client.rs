@@ -1,0 +1,244 @@
+//! [`EventBus`] over the embedded broker's HTTP protocol.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use serde_json::{Value, json};
+
+use super::server::{KEY_HEADER, RecordJson, StartJson};
+use crate::bus::{
+    Acker, BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription,
+    check_name,
+};
+use crate::envelope::CloudEvent;
+
+/// How long one fetch waits on the broker for messages.
+const FETCH_WAIT: Duration = Duration::from_secs(20);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of the control plane's embedded broker. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EmbeddedBus {
+    base: String,
+    http: reqwest::Client,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl EmbeddedBus {
+    /// `base` like `http://127.0.0.1:8500` (the control plane).
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn group_url(&self, topic: &str, group: &str, verb: &str) -> String {
+        format!("{}/v1/log/topics/{topic}/groups/{group}/{verb}", self.base)
+    }
+
+    async fn post_json(
+        &self,
+        url: String,
+        body: Value,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, BusError> {
+        let response = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        check(response).await
+    }
+
+    async fn append(&self, topic: &str, key: &str, payload: Bytes) -> Result<u64, BusError> {
+        check_name(topic)?;
+        let response = self
+            .http
+            .post(format!("{}/v1/log/topics/{topic}/records", self.base))
+            .timeout(CALL_TIMEOUT)
+            .header(KEY_HEADER, key)
+            .body(payload)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let answer: Value = check(response).await?.json().await.map_err(unavailable)?;
+        answer["offset"]
+            .as_u64()
+            .ok_or_else(|| BusError::Refused(format!("unexpected answer {answer}")))
+    }
+}
+
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, BusError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(if status.is_server_error() {
+        BusError::Unavailable(format!("{status}: {body}"))
+    } else {
+        BusError::Refused(format!("{status}: {body}"))
+    })
+}
+
+struct EmbeddedAcker {
+    bus: EmbeddedBus,
+    topic: String,
+    group: String,
+    offset: u64,
+    token: u64,
+}
+
+impl EmbeddedAcker {
+    async fn settle(self, verb: &str, delay: Option<Duration>) -> Result<(), BusError> {
+        let mut body = json!({ "offset": self.offset, "token": self.token });
+        if let Some(d) = delay {
+            body["delay_ms"] = json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        }
+        let url = self.bus.group_url(&self.topic, &self.group, verb);
+        self.bus
+            .post_json(url, body, CALL_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Acker for EmbeddedAcker {
+    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
+        Box::pin(self.settle("ack", None))
+    }
+
+    fn nack(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BusError>> {
+        Box::pin(self.settle("nack", Some(delay)))
+    }
+}
+
+struct EmbeddedSubscription {
+    bus: EmbeddedBus,
+    topic: String,
+    group: String,
+    options: SubscribeOptions,
+    buffer: VecDeque<RecordJson>,
+}
+
+impl Subscription for EmbeddedSubscription {
+    fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BusError>> {
+        Box::pin(async move {
+            while self.buffer.is_empty() {
+                let body = json!({
+                    "start": StartJson::from(self.options.start.clone()),
+                    "max": 64,
+                    "wait_ms": u64::try_from(FETCH_WAIT.as_millis()).unwrap_or(20_000),
+                    "ack_wait_ms": u64::try_from(self.options.ack_wait.as_millis()).unwrap_or(u64::MAX),
+                });
+                let url = self.bus.group_url(&self.topic, &self.group, "fetch");
+                let response = self
+                    .bus
+                    .post_json(url, body, FETCH_WAIT + CALL_TIMEOUT)
+                    .await?;
+                let records: Vec<RecordJson> = response.json().await.map_err(unavailable)?;
+                self.buffer.extend(records);
+            }
+            let r = self.buffer.pop_front().ok_or(BusError::Closed)?;
+            let payload = Bytes::from(
+                B64.decode(&r.payload)
+                    .map_err(|e| BusError::Refused(e.to_string()))?,
+            );
+            let event = CloudEvent::from_json(&payload);
+            Ok(Delivery::new(
+                self.topic.clone(),
+                r.key,
+                r.offset,
+                r.attempt.unwrap_or(1),
+                event,
+                payload,
+                Box::new(EmbeddedAcker {
+                    bus: self.bus.clone(),
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    offset: r.offset,
+                    token: r.token.unwrap_or_default(),
+                }),
+            ))
+        })
+    }
+}
+
+impl EventBus for EmbeddedBus {
+    fn publish<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        event: &'a CloudEvent,
+    ) -> BoxFuture<'a, Result<u64, BusError>> {
+        // Structured mode: the log stores the event document as it is.
+        Box::pin(self.append(topic, key, Bytes::from(event.to_json())))
+    }
+
+    fn publish_raw<'a>(
+        &'a self,
+        topic: &'a str,
+        key: &'a str,
+        payload: Bytes,
+    ) -> BoxFuture<'a, Result<u64, BusError>> {
+        Box::pin(self.append(topic, key, payload))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        options: SubscribeOptions,
+    ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BusError>> {
+        Box::pin(async move {
+            check_name(topic)?;
+            check_name(group)?;
+            // Joining creates the group at its start, as the first fetch would.
+            let url = self.group_url(topic, group, "fetch");
+            let body =
+                json!({ "start": StartJson::from(options.start.clone()), "max": 0, "wait_ms": 0 });
+            let _ = self.post_json(url, body, CALL_TIMEOUT).await?;
+            Ok(Box::new(EmbeddedSubscription {
+                bus: self.clone(),
+                topic: topic.to_owned(),
+                group: group.to_owned(),
+                options,
+                buffer: VecDeque::new(),
+            }) as Box<dyn Subscription>)
+        })
+    }
+
+    fn reset<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+        start: StartFrom,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            check_name(topic)?;
+            check_name(group)?;
+            let url = self.group_url(topic, group, "reset");
+            self.post_json(
+                url,
+                json!({ "start": StartJson::from(start) }),
+                CALL_TIMEOUT,
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+}

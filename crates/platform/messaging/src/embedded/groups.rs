@@ -1,0 +1,380 @@
+//! Consumer groups over a topic log, with the same contract as the JetStream
+//! backend: per partition, one message in flight per group; a delivery is leased for
+//! the subscriber's ack wait, and comes back (one attempt more) when the lease runs
+//! out or is nacked; an ack moves the partition past it. Positions are written to
+//! `groups/<group>.json` (atomically, fsynced) at most every flush interval, so after
+//! a crash a group may see again what it acknowledged just before: delivery is at
+//! least once, which the inbox makes harmless.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::store::{Record, TopicLog};
+use crate::bus::StartFrom;
+
+#[derive(Debug, Default)]
+struct Part {
+    /// Everything of this partition before `next` is acknowledged.
+    next: u64,
+    /// Deliveries so far of the message at the head.
+    attempts: u32,
+    lease: Option<Lease>,
+    /// After a nack: the head waits until then.
+    not_before: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    token: u64,
+    offset: u64,
+    until: Instant,
+}
+
+#[derive(Debug)]
+struct Group {
+    parts: Vec<Part>,
+    dirty: bool,
+    /// Where the next fetch starts looking, so partitions take turns.
+    turn: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    next: Vec<u64>,
+}
+
+/// A delivery handed out under a lease.
+#[derive(Debug, Clone)]
+pub struct Leased {
+    pub record: Record,
+    pub attempt: u32,
+    pub token: u64,
+}
+
+/// Why an ack or nack was not applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettleError {
+    #[error("no consumer group `{0}`")]
+    UnknownGroup(String),
+    #[error("the lease on offset {0} is gone (it expired and the message was delivered again)")]
+    LeaseLost(u64),
+}
+
+/// Every group of one topic.
+pub struct Groups {
+    log: Arc<TopicLog>,
+    dir: PathBuf,
+    groups: Mutex<HashMap<String, Group>>,
+    changed: Notify,
+    tokens: AtomicU64,
+}
+
+impl Groups {
+    /// Loads the saved groups of `log` from `dir`.
+    pub fn open(log: Arc<TopicLog>, dir: PathBuf) -> io::Result<Self> {
+        std::fs::create_dir_all(&dir)?;
+        let mut groups = HashMap::new();
+        for entry in std::fs::read_dir(&dir)?.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(group) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let saved: Saved = match serde_json::from_slice(&std::fs::read(entry.path())?) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "unreadable group position; the group restarts from the beginning");
+                    Saved { next: Vec::new() }
+                }
+            };
+            let mut parts: Vec<Part> = (0..log.partitions).map(|_| Part::default()).collect();
+            for (p, next) in parts.iter_mut().zip(saved.next) {
+                p.next = next;
+            }
+            groups.insert(
+                group.to_owned(),
+                Group {
+                    parts,
+                    dirty: false,
+                    turn: 0,
+                },
+            );
+        }
+        Ok(Self {
+            log,
+            dir,
+            groups: Mutex::new(groups),
+            changed: Notify::new(),
+            tokens: AtomicU64::new(1),
+        })
+    }
+
+    fn start_offset(&self, start: &StartFrom) -> u64 {
+        let (first, next) = self.log.bounds();
+        match start {
+            StartFrom::Earliest => first,
+            StartFrom::Latest => next,
+            StartFrom::Offset(o) => *o,
+            StartFrom::Time(t) => {
+                let ms = i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+                self.log.offset_at_time(ms)
+            }
+        }
+    }
+
+    fn fresh(&self, start: &StartFrom) -> Group {
+        let from = self.start_offset(start);
+        Group {
+            parts: (0..self.log.partitions)
+                .map(|_| Part {
+                    next: from,
+                    ..Part::default()
+                })
+                .collect(),
+            dirty: true,
+            turn: 0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Group>> {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Creates `group` at `start` unless it exists.
+    pub fn ensure(&self, group: &str, start: &StartFrom) {
+        let mut groups = self.lock();
+        if !groups.contains_key(group) {
+            let fresh = self.fresh(start);
+            groups.insert(group.to_owned(), fresh);
+        }
+    }
+
+    /// Moves `group` to `start` (replay), dropping its leases.
+    pub fn reset(&self, group: &str, start: &StartFrom) {
+        let fresh = self.fresh(start);
+        self.lock().insert(group.to_owned(), fresh);
+        self.changed.notify_waiters();
+    }
+
+    /// Group names with how many records each has yet to acknowledge.
+    pub fn lag(&self) -> Vec<(String, u64)> {
+        let (_, next) = self.log.bounds();
+        let groups = self.lock();
+        let mut out: Vec<(String, u64)> = groups
+            .iter()
+            .map(|(name, g)| {
+                let behind = g
+                    .parts
+                    .iter()
+                    .enumerate()
+                    .map(|(p, part)| {
+                        let mut count = 0;
+                        let mut at = part.next;
+                        while let Some(o) = self.log.next_in_partition(p as u32, at) {
+                            if o >= next {
+                                break;
+                            }
+                            count += 1;
+                            at = o + 1;
+                        }
+                        count
+                    })
+                    .sum();
+                (name.clone(), behind)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Leases up to `max` deliveries available now (one per partition at most);
+    /// also returns when the next lease or nack delay runs out.
+    fn take(
+        &self,
+        group: &str,
+        max: usize,
+        ack_wait: Duration,
+    ) -> io::Result<(Vec<Leased>, Option<Instant>)> {
+        let now = Instant::now();
+        let mut groups = self.lock();
+        let Some(g) = groups.get_mut(group) else {
+            return Ok((Vec::new(), None));
+        };
+        let count = g.parts.len();
+        let mut out = Vec::new();
+        let mut timer: Option<Instant> = None;
+        let mut soonest = |t: Instant| timer = Some(timer.map_or(t, |x| x.min(t)));
+        for i in 0..count {
+            if out.len() >= max {
+                break;
+            }
+            let p = (g.turn + i) % count;
+            let part = &mut g.parts[p];
+            if let Some(lease) = part.lease {
+                if lease.until > now {
+                    soonest(lease.until);
+                    continue;
+                }
+                part.lease = None; // expired: the holder is gone
+            }
+            if let Some(at) = part.not_before {
+                if at > now {
+                    soonest(at);
+                    continue;
+                }
+                part.not_before = None;
+            }
+            let Some(head) = self.log.next_in_partition(p as u32, part.next) else {
+                continue;
+            };
+            if head != part.next {
+                // Skip past offsets of other partitions (and retention-removed ones).
+                part.next = head;
+                part.attempts = 0;
+            }
+            let Some(record) = self.log.read(head)? else {
+                continue;
+            };
+            part.attempts += 1;
+            let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+            part.lease = Some(Lease {
+                token,
+                offset: head,
+                until: now + ack_wait,
+            });
+            soonest(now + ack_wait);
+            out.push(Leased {
+                record,
+                attempt: part.attempts,
+                token,
+            });
+        }
+        g.turn = (g.turn + 1) % count.max(1);
+        Ok((out, timer))
+    }
+
+    /// Waits up to `wait` for deliveries for `group` (created at `start` if new).
+    pub async fn fetch(
+        &self,
+        group: &str,
+        start: &StartFrom,
+        max: usize,
+        ack_wait: Duration,
+        wait: Duration,
+    ) -> io::Result<Vec<Leased>> {
+        self.ensure(group, start);
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + wait;
+        let mut appended = self.log.appended();
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            appended.borrow_and_update();
+            let (got, timer) = self.take(group, max, ack_wait)?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            let until = timer.map_or(deadline, |t| t.min(deadline));
+            tokio::select! {
+                () = &mut notified => {}
+                _ = appended.changed() => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    fn settle(
+        &self,
+        group: &str,
+        offset: u64,
+        token: u64,
+        apply: impl FnOnce(&mut Part),
+    ) -> Result<(), SettleError> {
+        let mut groups = self.lock();
+        let g = groups
+            .get_mut(group)
+            .ok_or_else(|| SettleError::UnknownGroup(group.to_owned()))?;
+        let part = g
+            .parts
+            .iter_mut()
+            .find(|p| {
+                p.lease
+                    .is_some_and(|l| l.token == token && l.offset == offset)
+            })
+            .ok_or(SettleError::LeaseLost(offset))?;
+        part.lease = None;
+        apply(part);
+        g.dirty = true;
+        drop(groups);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// The delivery is handled: its partition moves past it.
+    pub fn ack(&self, group: &str, offset: u64, token: u64) -> Result<(), SettleError> {
+        self.settle(group, offset, token, |part| {
+            part.next = offset + 1;
+            part.attempts = 0;
+        })
+    }
+
+    /// Deliver it again after `delay`; its partition waits.
+    pub fn nack(
+        &self,
+        group: &str,
+        offset: u64,
+        token: u64,
+        delay: Duration,
+    ) -> Result<(), SettleError> {
+        self.settle(group, offset, token, |part| {
+            part.not_before = Some(Instant::now() + delay);
+        })
+    }
+
+    /// Writes the positions of groups that moved (write, fsync, rename).
+    pub fn flush(&self) -> io::Result<()> {
+        let dirty: Vec<(String, Saved)> = {
+            let mut groups = self.lock();
+            groups
+                .iter_mut()
+                .filter(|(_, g)| g.dirty)
+                .map(|(name, g)| {
+                    g.dirty = false;
+                    (
+                        name.clone(),
+                        Saved {
+                            next: g.parts.iter().map(|p| p.next).collect(),
+                        },
+                    )
+                })
+                .collect()
+        };
+        for (name, saved) in dirty {
+            let path = self.dir.join(format!("{name}.json"));
+            let tmp = self.dir.join(format!(".{name}.json.tmp"));
+            let bytes = serde_json::to_vec(&saved).map_err(io::Error::other)?;
+            {
+                use std::io::Write;
+                let mut file = std::fs::File::create(&tmp)?;
+                file.write_all(&bytes)?;
+                file.sync_data()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(())
+    }
+}

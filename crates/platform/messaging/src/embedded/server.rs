@@ -1,0 +1,340 @@
+//! The embedded broker's HTTP protocol (documented in docs/events.md). Errors are
+//! RFC 9457 problem documents.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::groups::{Leased, SettleError};
+use super::store::{MAX_RECORD, Record};
+use super::{Broker, Topic};
+use crate::bus::{StartFrom, check_name};
+
+/// Header naming the partition key of a published record.
+pub const KEY_HEADER: &str = "bazaar-key";
+/// Longest a fetch may wait.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/v1/log/topics", get(list))
+        .route("/v1/log/topics/{topic}/records", post(publish).get(read))
+        .route("/v1/log/topics/{topic}/groups/{group}/fetch", post(fetch))
+        .route("/v1/log/topics/{topic}/groups/{group}/ack", post(ack))
+        .route("/v1/log/topics/{topic}/groups/{group}/nack", post(nack))
+        .route("/v1/log/topics/{topic}/groups/{group}/reset", post(reset))
+        .with_state(broker)
+}
+
+fn problem(status: StatusCode, title: &str, detail: impl Into<String>) -> Response {
+    let body = json!({
+        "type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail.into(),
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn unavailable(e: std::io::Error) -> Response {
+    tracing::error!(error = %e, "embedded log I/O failed");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Log unavailable",
+        e.to_string(),
+    )
+}
+
+fn topic(broker: &Broker, name: &str) -> Result<Arc<Topic>, Response> {
+    check_name(name)
+        .map_err(|e| problem(StatusCode::BAD_REQUEST, "Invalid topic", e.to_string()))?;
+    broker.topic(name).map_err(unavailable)
+}
+
+fn group_name(name: &str) -> Result<(), Response> {
+    check_name(name).map_err(|e| problem(StatusCode::BAD_REQUEST, "Invalid group", e.to_string()))
+}
+
+/// `"earliest"`, `"latest"`, `{"offset": n}` or `{"time": "<RFC 3339>"}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartJson {
+    #[default]
+    Earliest,
+    Latest,
+    Offset(u64),
+    #[serde(with = "time::serde::rfc3339")]
+    Time(time::OffsetDateTime),
+}
+
+impl From<StartJson> for StartFrom {
+    fn from(s: StartJson) -> Self {
+        match s {
+            StartJson::Earliest => StartFrom::Earliest,
+            StartJson::Latest => StartFrom::Latest,
+            StartJson::Offset(o) => StartFrom::Offset(o),
+            StartJson::Time(t) => StartFrom::Time(t),
+        }
+    }
+}
+
+impl From<StartFrom> for StartJson {
+    fn from(s: StartFrom) -> Self {
+        match s {
+            StartFrom::Earliest => StartJson::Earliest,
+            StartFrom::Latest => StartJson::Latest,
+            StartFrom::Offset(o) => StartJson::Offset(o),
+            StartFrom::Time(t) => StartJson::Time(t),
+        }
+    }
+}
+
+/// A record on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RecordJson {
+    pub offset: u64,
+    pub time_ms: i64,
+    pub partition: u32,
+    pub key: String,
+    /// Base64.
+    pub payload: String,
+    /// Deliveries to a group only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+}
+
+impl RecordJson {
+    fn of(r: &Record) -> Self {
+        Self {
+            offset: r.offset,
+            time_ms: r.time_ms,
+            partition: r.partition,
+            key: r.key.clone(),
+            payload: B64.encode(&r.payload),
+            attempt: None,
+            token: None,
+        }
+    }
+
+    fn leased(l: &Leased) -> Self {
+        Self {
+            attempt: Some(l.attempt),
+            token: Some(l.token),
+            ..Self::of(&l.record)
+        }
+    }
+}
+
+async fn publish(
+    State(broker): State<Arc<Broker>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let key = headers
+        .get(KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if body.len() + key.len() > MAX_RECORD {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Record too large",
+            format!("records are limited to {MAX_RECORD} bytes"),
+        );
+    }
+    match topic.log.append(key, body).await {
+        Ok(offset) => axum::Json(json!({ "offset": offset })).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadQuery {
+    from: Option<u64>,
+    limit: Option<usize>,
+}
+
+async fn read(
+    State(broker): State<Arc<Broker>>,
+    Path(name): Path<String>,
+    Query(q): Query<ReadQuery>,
+) -> Response {
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let (first, next) = topic.log.bounds();
+    match topic
+        .log
+        .read_from(q.from.unwrap_or(first), q.limit.unwrap_or(100).min(1000))
+    {
+        Ok(records) => axum::Json(json!({
+            "first": first, "next": next,
+            "records": records.iter().map(RecordJson::of).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+async fn list(State(broker): State<Arc<Broker>>) -> Response {
+    let mut out = Vec::new();
+    for name in broker.topics() {
+        let Ok(t) = broker.topic(&name) else { continue };
+        let (first, next) = t.log.bounds();
+        let groups: Vec<_> = t
+            .groups
+            .lag()
+            .into_iter()
+            .map(|(group, lag)| json!({ "group": group, "lag": lag }))
+            .collect();
+        out.push(json!({
+            "topic": name, "first": first, "next": next, "bytes": t.log.size(),
+            "partitions": t.log.partitions, "groups": groups,
+        }));
+    }
+    axum::Json(out).into_response()
+}
+
+#[derive(Deserialize)]
+struct FetchRequest {
+    #[serde(default)]
+    start: StartJson,
+    max: Option<usize>,
+    wait_ms: Option<u64>,
+    ack_wait_ms: Option<u64>,
+}
+
+async fn fetch(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let request: FetchRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if let Err(r) = group_name(&group) {
+        return r;
+    }
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let wait = Duration::from_millis(request.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
+    let ack_wait = Duration::from_millis(request.ack_wait_ms.unwrap_or(30_000).max(10));
+    match topic
+        .groups
+        .fetch(
+            &group,
+            &request.start.into(),
+            request.max.unwrap_or(64).min(1024),
+            ack_wait,
+            wait,
+        )
+        .await
+    {
+        Ok(got) => {
+            axum::Json(got.iter().map(RecordJson::leased).collect::<Vec<_>>()).into_response()
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    let body = if body.is_empty() { &b"{}"[..] } else { body };
+    serde_json::from_slice(body).map_err(|e| {
+        problem(
+            StatusCode::BAD_REQUEST,
+            "Invalid request body",
+            e.to_string(),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct Settle {
+    offset: u64,
+    token: u64,
+    delay_ms: Option<u64>,
+}
+
+fn settled(result: Result<(), SettleError>) -> Response {
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e @ SettleError::UnknownGroup(_)) => {
+            problem(StatusCode::NOT_FOUND, "Unknown group", e.to_string())
+        }
+        Err(e @ SettleError::LeaseLost(_)) => {
+            problem(StatusCode::CONFLICT, "Lease lost", e.to_string())
+        }
+    }
+}
+
+async fn ack(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let (s, topic) = match parse::<Settle>(&body).and_then(|s| Ok((s, topic(&broker, &name)?))) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    settled(topic.groups.ack(&group, s.offset, s.token))
+}
+
+async fn nack(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let (s, topic) = match parse::<Settle>(&body).and_then(|s| Ok((s, topic(&broker, &name)?))) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let delay = Duration::from_millis(s.delay_ms.unwrap_or(0));
+    settled(topic.groups.nack(&group, s.offset, s.token, delay))
+}
+
+#[derive(Deserialize)]
+struct ResetRequest {
+    start: StartJson,
+}
+
+async fn reset(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let request: ResetRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if let Err(r) = group_name(&group) {
+        return r;
+    }
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    topic.groups.reset(&group, &request.start.into());
+    StatusCode::NO_CONTENT.into_response()
+}

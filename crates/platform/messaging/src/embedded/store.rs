@@ -1,0 +1,563 @@
+//! The embedded log's storage: one append-only log per topic, in segment files.
+//!
+//! A record on disk is
+//! `len u32 | crc32 u32 | offset u64 | time_ms i64 | partition u16 | key_len u16 | key | payload`
+//! (little endian; `len` counts everything after itself, the CRC everything after
+//! itself). Offsets are global to the topic and contiguous, so replay by offset is
+//! exact and a key's records keep their order. Appends are group-committed: a writer
+//! task per topic takes every request waiting, writes them in one `write`, and
+//! acknowledges them after one `fdatasync`; an acknowledged record survives kill -9
+//! and power loss. On open, each segment is scanned and a torn tail (short or bad
+//! CRC) is cut off. The index lives in memory: per record its segment, position,
+//! time and partition; per partition its offsets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::inbox::now_millis;
+
+const HEADER: usize = 4 + 4 + 8 + 8 + 2 + 2;
+/// Largest record accepted (key + payload): far above any event.
+pub const MAX_RECORD: usize = 4 << 20;
+/// Most appends written under one fsync.
+const MAX_BATCH: usize = 4096;
+
+/// Storage settings of every topic.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub dir: PathBuf,
+    /// A new segment starts past this size.
+    pub segment_bytes: u64,
+    /// Whole segments are removed, oldest first, past this size per topic...
+    pub retention_bytes: u64,
+    /// ...or when their newest record is older than this.
+    pub retention_age: Duration,
+    /// Partitions of a topic: the most members of one group that work at once.
+    pub partitions: u32,
+}
+
+impl LogConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            segment_bytes: 64 << 20,
+            retention_bytes: 1 << 30,
+            retention_age: Duration::from_secs(7 * 24 * 3600),
+            partitions: 8,
+        }
+    }
+}
+
+/// Where one record is.
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    segment: u64,
+    pos: u64,
+    time_ms: i64,
+    partition: u16,
+}
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    last_time_ms: i64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    /// Offset of `locs[0]`; `first + locs.len()` is the next offset.
+    first: u64,
+    locs: VecDeque<Loc>,
+    /// By base offset.
+    segments: BTreeMap<u64, Segment>,
+    /// Offsets of each partition, ascending.
+    partitions: Vec<VecDeque<u64>>,
+}
+
+impl Index {
+    fn next(&self) -> u64 {
+        self.first + self.locs.len() as u64
+    }
+}
+
+/// One stored record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub offset: u64,
+    pub time_ms: i64,
+    pub partition: u32,
+    pub key: String,
+    pub payload: Bytes,
+}
+
+struct Append {
+    key: String,
+    partition: u16,
+    payload: Bytes,
+    reply: oneshot::Sender<io::Result<u64>>,
+}
+
+/// One topic's log.
+pub struct TopicLog {
+    pub name: String,
+    pub partitions: u32,
+    index: Arc<RwLock<Index>>,
+    appender: mpsc::Sender<Append>,
+    /// The next offset, published after each durable batch.
+    appended: watch::Receiver<u64>,
+}
+
+fn corrupt(path: &Path, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {what}", path.display()),
+    )
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+/// What recovering a segment found: its records, its valid size, its newest time.
+struct Recovered {
+    records: Vec<(u64, Loc)>,
+    size: u64,
+    last_time_ms: i64,
+}
+
+/// Scans a segment, cutting a torn tail.
+fn recover_segment(path: &Path, base: u64) -> io::Result<Recovered> {
+    let data = fs::read(path)?;
+    let mut pos = 0usize;
+    let mut found = Vec::new();
+    let mut last_time = 0;
+    let mut expected = base;
+    while pos + HEADER <= data.len() {
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or_default()) as usize;
+        let end = pos + 4 + len;
+        if len < HEADER - 4 || end > data.len() {
+            break;
+        }
+        let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or_default());
+        if crc32fast::hash(&data[pos + 8..end]) != crc {
+            break;
+        }
+        let offset = u64::from_le_bytes(data[pos + 8..pos + 16].try_into().unwrap_or_default());
+        let time_ms = i64::from_le_bytes(data[pos + 16..pos + 24].try_into().unwrap_or_default());
+        let partition = u16::from_le_bytes(data[pos + 24..pos + 26].try_into().unwrap_or_default());
+        if offset != expected {
+            break;
+        }
+        found.push((
+            offset,
+            Loc {
+                segment: base,
+                pos: pos as u64,
+                time_ms,
+                partition,
+            },
+        ));
+        last_time = time_ms;
+        expected += 1;
+        pos = end;
+    }
+    if pos < data.len() {
+        tracing::warn!(segment = %path.display(), kept = pos, dropped = data.len() - pos, "cut a torn tail off the log");
+        let file = OpenOptions::new().write(true).open(path)?;
+        file.set_len(pos as u64)?;
+        file.sync_all()?;
+    }
+    Ok(Recovered {
+        records: found,
+        size: pos as u64,
+        last_time_ms: last_time,
+    })
+}
+
+fn read_record(file: &File, path: &Path, pos: u64) -> io::Result<Record> {
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, pos)?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if !(HEADER - 4..=MAX_RECORD + HEADER).contains(&len) {
+        return Err(corrupt(path, "bad record length"));
+    }
+    let mut rest = vec![0u8; len - 4];
+    file.read_exact_at(&mut rest, pos + 8)?;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if crc32fast::hash(&rest) != crc {
+        return Err(corrupt(path, "record checksum mismatch"));
+    }
+    let offset = u64::from_le_bytes(rest[0..8].try_into().unwrap_or_default());
+    let time_ms = i64::from_le_bytes(rest[8..16].try_into().unwrap_or_default());
+    let partition = u16::from_le_bytes([rest[16], rest[17]]);
+    let key_len = u16::from_le_bytes([rest[18], rest[19]]) as usize;
+    let key_end = 20 + key_len;
+    if key_end > rest.len() {
+        return Err(corrupt(path, "bad key length"));
+    }
+    let key = String::from_utf8_lossy(&rest[20..key_end]).into_owned();
+    let payload = Bytes::copy_from_slice(&rest[key_end..]);
+    Ok(Record {
+        offset,
+        time_ms,
+        partition: u32::from(partition),
+        key,
+        payload,
+    })
+}
+
+fn encode(
+    buffer: &mut Vec<u8>,
+    offset: u64,
+    time_ms: i64,
+    partition: u16,
+    key: &str,
+    payload: &[u8],
+) {
+    let key = &key.as_bytes()[..key.len().min(u16::MAX as usize)];
+    let len = (HEADER - 4 + key.len() + payload.len()) as u32;
+    let start = buffer.len();
+    buffer.extend_from_slice(&len.to_le_bytes());
+    buffer.extend_from_slice(&[0; 4]);
+    buffer.extend_from_slice(&offset.to_le_bytes());
+    buffer.extend_from_slice(&time_ms.to_le_bytes());
+    buffer.extend_from_slice(&partition.to_le_bytes());
+    buffer.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    buffer.extend_from_slice(key);
+    buffer.extend_from_slice(payload);
+    let crc = crc32fast::hash(&buffer[start + 8..]);
+    buffer[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+impl TopicLog {
+    /// Opens (recovering) or creates the topic stored in `dir`.
+    pub fn open(name: &str, dir: PathBuf, config: &LogConfig) -> io::Result<Arc<TopicLog>> {
+        fs::create_dir_all(&dir)?;
+        let mut bases: Vec<u64> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+            .collect();
+        bases.sort_unstable();
+        let partitions = config.partitions.clamp(1, u32::from(u16::MAX));
+        let mut index = Index {
+            partitions: vec![VecDeque::new(); partitions as usize],
+            ..Index::default()
+        };
+        for (i, base) in bases.iter().enumerate() {
+            let path = segment_path(&dir, *base);
+            let Recovered {
+                records: found,
+                size,
+                last_time_ms,
+            } = recover_segment(&path, *base)?;
+            if i == 0 {
+                index.first = *base;
+            }
+            if found.first().is_some_and(|(o, _)| *o != index.next()) && !index.locs.is_empty() {
+                return Err(corrupt(&path, "offsets do not follow the previous segment"));
+            }
+            if index.locs.is_empty() {
+                index.first = *base;
+            }
+            for (offset, loc) in found {
+                if let Some(list) = index.partitions.get_mut(loc.partition as usize) {
+                    list.push_back(offset);
+                }
+                index.locs.push_back(loc);
+            }
+            let file = OpenOptions::new().read(true).append(true).open(&path)?;
+            index.segments.insert(
+                *base,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    size,
+                    last_time_ms,
+                },
+            );
+        }
+        let next = index.next();
+        let index = Arc::new(RwLock::new(index));
+        let (appender, requests) = mpsc::channel(MAX_BATCH);
+        let (appended_tx, appended) = watch::channel(next);
+        tokio::spawn(write_loop(
+            dir,
+            config.clone(),
+            index.clone(),
+            requests,
+            appended_tx,
+        ));
+        Ok(Arc::new(TopicLog {
+            name: name.to_owned(),
+            partitions,
+            index,
+            appender,
+            appended,
+        }))
+    }
+
+    /// The partition of `key`.
+    pub fn partition_of(&self, key: &str) -> u16 {
+        crate::bus::partition(key, self.partitions) as u16
+    }
+
+    /// Appends durably; returns the record's offset once it is on disk.
+    pub async fn append(&self, key: &str, payload: Bytes) -> io::Result<u64> {
+        if key.len() + payload.len() > MAX_RECORD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("record over {MAX_RECORD} bytes"),
+            ));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = Append {
+            key: key.to_owned(),
+            partition: self.partition_of(key),
+            payload,
+            reply,
+        };
+        let closed = || io::Error::other("the log writer stopped");
+        self.appender.send(request).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    /// First retained offset and the next offset.
+    pub fn bounds(&self) -> (u64, u64) {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        (index.first, index.next())
+    }
+
+    /// Bytes on disk.
+    pub fn size(&self) -> u64 {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.segments.values().map(|s| s.size).sum()
+    }
+
+    /// Ticks when records were appended (the value is the next offset).
+    pub fn appended(&self) -> watch::Receiver<u64> {
+        self.appended.clone()
+    }
+
+    /// The first offset of `partition` at or after `from`.
+    pub fn next_in_partition(&self, partition: u32, from: u64) -> Option<u64> {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        let list = index.partitions.get(partition as usize)?;
+        let at = list.partition_point(|o| *o < from);
+        list.get(at).copied()
+    }
+
+    /// The first offset whose record was appended at or after `time_ms`.
+    pub fn offset_at_time(&self, time_ms: i64) -> u64 {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.first + index.locs.partition_point(|l| l.time_ms < time_ms) as u64
+    }
+
+    /// Reads one record.
+    pub fn read(&self, offset: u64) -> io::Result<Option<Record>> {
+        let (file, path, pos) = {
+            let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+            if offset < index.first || offset >= index.next() {
+                return Ok(None);
+            }
+            let Some(loc) = index.locs.get((offset - index.first) as usize).copied() else {
+                return Ok(None);
+            };
+            let Some(segment) = index.segments.get(&loc.segment) else {
+                return Ok(None);
+            };
+            (segment.file.clone(), segment.path.clone(), loc.pos)
+        };
+        read_record(&file, &path, pos).map(Some)
+    }
+
+    /// Reads up to `max` records from `from` on.
+    pub fn read_from(&self, from: u64, max: usize) -> io::Result<Vec<Record>> {
+        let (first, next) = self.bounds();
+        let mut out = Vec::new();
+        let mut offset = from.max(first);
+        while offset < next && out.len() < max {
+            if let Some(r) = self.read(offset)? {
+                out.push(r);
+            }
+            offset += 1;
+        }
+        Ok(out)
+    }
+}
+
+/// The writer task: group commit, segment roll, retention.
+async fn write_loop(
+    dir: PathBuf,
+    config: LogConfig,
+    index: Arc<RwLock<Index>>,
+    mut requests: mpsc::Receiver<Append>,
+    appended: watch::Sender<u64>,
+) {
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&dir, &config, &index, &batch).await;
+        match result {
+            Ok(first_offset) => {
+                for (i, request) in batch.into_iter().enumerate() {
+                    let _ = request.reply.send(Ok(first_offset + i as u64));
+                }
+                let next = index.read().unwrap_or_else(|e| e.into_inner()).next();
+                appended.send_replace(next);
+            }
+            Err(e) => {
+                tracing::error!(topic = %dir.display(), error = %e, "log append failed");
+                for request in batch {
+                    let _ = request
+                        .reply
+                        .send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+async fn write_batch(
+    dir: &Path,
+    config: &LogConfig,
+    index: &Arc<RwLock<Index>>,
+    batch: &[Append],
+) -> io::Result<u64> {
+    // Timestamps never go backwards, so replay by time can binary-search.
+    let (first_offset, time_ms, active) = {
+        let index = index.read().unwrap_or_else(|e| e.into_inner());
+        let last_time = index.locs.back().map(|l| l.time_ms).unwrap_or(0);
+        let active = index
+            .segments
+            .iter()
+            .next_back()
+            .map(|(base, s)| (*base, s.size));
+        (index.next(), now_millis().max(last_time), active)
+    };
+    let mut buffer = Vec::new();
+    let mut positions = Vec::with_capacity(batch.len());
+    for (i, a) in batch.iter().enumerate() {
+        positions.push(buffer.len() as u64);
+        encode(
+            &mut buffer,
+            first_offset + i as u64,
+            time_ms,
+            a.partition,
+            &a.key,
+            &a.payload,
+        );
+    }
+    let (base, start, file, path) = match active {
+        Some((base, size)) if size + buffer.len() as u64 <= config.segment_bytes || size == 0 => {
+            let index = index.read().unwrap_or_else(|e| e.into_inner());
+            let segment = index
+                .segments
+                .get(&base)
+                .ok_or_else(|| io::Error::other("segment vanished"))?;
+            (base, size, segment.file.clone(), segment.path.clone())
+        }
+        _ => {
+            let path = segment_path(dir, first_offset);
+            let file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)?;
+            // The new file's name must survive a crash too.
+            File::open(dir)?.sync_all()?;
+            let file = Arc::new(file);
+            index
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .segments
+                .insert(
+                    first_offset,
+                    Segment {
+                        file: file.clone(),
+                        path: path.clone(),
+                        size: 0,
+                        last_time_ms: time_ms,
+                    },
+                );
+            (first_offset, 0, file, path)
+        }
+    };
+    let written = buffer.len() as u64;
+    let sync_file = file.clone();
+    tokio::task::spawn_blocking(move || {
+        (&*sync_file).write_all(&buffer)?;
+        sync_file.sync_data()
+    })
+    .await
+    .map_err(io::Error::other)??;
+    let mut guard = index.write().unwrap_or_else(|e| e.into_inner());
+    let state = &mut *guard;
+    for (i, a) in batch.iter().enumerate() {
+        state.locs.push_back(Loc {
+            segment: base,
+            pos: start + positions[i],
+            time_ms,
+            partition: a.partition,
+        });
+        if let Some(list) = state.partitions.get_mut(a.partition as usize) {
+            list.push_back(first_offset + i as u64);
+        }
+    }
+    if let Some(segment) = state.segments.get_mut(&base) {
+        segment.size += written;
+        segment.last_time_ms = time_ms;
+    }
+    let _ = path;
+    retain(state, config, time_ms);
+    Ok(first_offset)
+}
+
+/// Drops whole segments, oldest first, past the size or age limit (never the
+/// active one).
+fn retain(index: &mut Index, config: &LogConfig, now_ms: i64) {
+    let max_age = i64::try_from(config.retention_age.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        let total: u64 = index.segments.values().map(|s| s.size).sum();
+        if index.segments.len() < 2 {
+            return;
+        }
+        let Some((&base, oldest)) = index.segments.iter().next() else {
+            return;
+        };
+        let too_big = total > config.retention_bytes;
+        let too_old = now_ms.saturating_sub(oldest.last_time_ms) > max_age;
+        if !too_big && !too_old {
+            return;
+        }
+        let next_base = index.segments.keys().nth(1).copied().unwrap_or(base);
+        let dropped = next_base.saturating_sub(index.first);
+        for _ in 0..dropped {
+            index.locs.pop_front();
+        }
+        index.first = next_base;
+        for list in &mut index.partitions {
+            while list.front().is_some_and(|o| *o < next_base) {
+                list.pop_front();
+            }
+        }
+        if let Some(segment) = index.segments.remove(&base) {
+            tracing::info!(segment = %segment.path.display(), too_big, too_old, "retention removed a segment");
+            let _ = fs::remove_file(&segment.path);
+        }
+    }
+}
