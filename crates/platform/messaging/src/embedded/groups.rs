@@ -378,3 +378,73 @@ impl Groups {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::embedded::store::LogConfig;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn positions_survive_a_reopen_and_lost_leases_refuse_settling() {
+        let dir =
+            std::env::temp_dir().join(format!("bazaar-groups-{}", uuid::Uuid::new_v4().simple()));
+        let mut config = LogConfig::new(&dir);
+        config.partitions = 1;
+        let open = || {
+            let log = TopicLog::open("t", dir.join("log"), &config).unwrap();
+            Groups::open(log.clone(), dir.join("groups"))
+                .map(|g| (log, g))
+                .unwrap()
+        };
+        let (log, groups) = open();
+        for n in 0..5u8 {
+            log.append("k", Bytes::from(vec![n])).await.unwrap();
+        }
+        let wait = Duration::from_millis(10);
+        for expected in 0..3u64 {
+            let got = groups
+                .fetch("g", &StartFrom::Earliest, 8, Duration::from_secs(30), wait)
+                .await
+                .unwrap();
+            assert_eq!(got.len(), 1, "one in flight per partition");
+            assert_eq!(got[0].record.offset, expected);
+            groups.ack("g", expected, got[0].token).unwrap();
+        }
+        // A lease that ran out: the ack of its late holder is refused.
+        let late = groups
+            .fetch(
+                "g",
+                &StartFrom::Earliest,
+                8,
+                Duration::from_millis(20),
+                wait,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let again = groups
+            .fetch("g", &StartFrom::Earliest, 8, Duration::from_secs(30), wait)
+            .await
+            .unwrap();
+        assert_eq!((again[0].record.offset, again[0].attempt), (3, 2));
+        assert_eq!(
+            groups.ack("g", 3, late[0].token),
+            Err(SettleError::LeaseLost(3))
+        );
+        assert_eq!(groups.lag(), [("g".to_owned(), 2)]);
+        groups.flush().unwrap();
+        drop((log, groups));
+
+        let (_log, groups) = open();
+        let got = groups
+            .fetch("g", &StartFrom::Latest, 8, Duration::from_secs(30), wait)
+            .await
+            .unwrap();
+        assert_eq!(
+            got[0].record.offset, 3,
+            "resumes after the last ack, not at `start`"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -561,3 +561,125 @@ fn retain(index: &mut Index, config: &LogConfig, now_ms: i64) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> LogConfig {
+        let mut c = LogConfig::new(dir);
+        c.partitions = 4;
+        c
+    }
+
+    fn temp() -> PathBuf {
+        std::env::temp_dir().join(format!("bazaar-store-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_and_a_torn_tail_is_cut_off() {
+        let dir = temp();
+        let log = TopicLog::open("t", dir.clone(), &config(&dir)).unwrap();
+        for n in 0..10u8 {
+            assert_eq!(
+                log.append(&format!("k{n}"), Bytes::from(vec![n; 100]))
+                    .await
+                    .unwrap(),
+                u64::from(n)
+            );
+        }
+        drop(log);
+        // A crash mid-write: half a record at the end of the segment.
+        let segment = segment_path(&dir, 0);
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        let mut torn = Vec::new();
+        encode(&mut torn, 10, 0, 0, "k", b"lost");
+        file.write_all(&torn[..torn.len() / 2]).unwrap();
+        drop(file);
+        let before = fs::metadata(&segment).unwrap().len();
+
+        let log = TopicLog::open("t", dir.clone(), &config(&dir)).unwrap();
+        assert_eq!(log.bounds(), (0, 10));
+        assert!(fs::metadata(&segment).unwrap().len() < before);
+        let r = log.read(7).unwrap().unwrap();
+        assert_eq!((r.offset, r.key.as_str(), r.payload.len()), (7, "k7", 100));
+        assert_eq!(r.partition, u32::from(log.partition_of("k7")));
+        // Appends continue after the cut, with the next offset.
+        assert_eq!(log.append("k", Bytes::from_static(b"x")).await.unwrap(), 10);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_record_ends_the_log_there() {
+        let dir = temp();
+        let log = TopicLog::open("t", dir.clone(), &config(&dir)).unwrap();
+        for n in 0..5u8 {
+            log.append("k", Bytes::from(vec![n; 10])).await.unwrap();
+        }
+        drop(log);
+        let segment = segment_path(&dir, 0);
+        let mut bytes = fs::read(&segment).unwrap();
+        let record = bytes.len() / 5;
+        bytes[record * 3 + HEADER + 2] ^= 0xff; // a flipped bit in the fourth payload
+        fs::write(&segment, bytes).unwrap();
+        let log = TopicLog::open("t", dir.clone(), &config(&dir)).unwrap();
+        assert_eq!(log.bounds(), (0, 3));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn segments_roll_and_retention_drops_the_oldest_whole() {
+        let dir = temp();
+        let mut c = config(&dir);
+        c.segment_bytes = 1000;
+        c.retention_bytes = 3000;
+        let log = TopicLog::open("t", dir.clone(), &c).unwrap();
+        for n in 0..100u64 {
+            log.append(&format!("k{}", n % 7), Bytes::from(vec![1u8; 60]))
+                .await
+                .unwrap();
+        }
+        let (first, next) = log.bounds();
+        assert_eq!(next, 100);
+        assert!(first > 0, "old segments were removed");
+        assert!(log.size() <= 3000 + 1000, "{}", log.size());
+        assert!(log.read(first - 1).unwrap().is_none());
+        assert_eq!(log.read(first).unwrap().unwrap().offset, first);
+        let segments = fs::read_dir(&dir).unwrap().count();
+        assert!((3..=5).contains(&segments), "{segments} segment files");
+        // Partition indexes dropped the removed offsets too.
+        for p in 0..4 {
+            assert!(log.next_in_partition(p, 0).is_none_or(|o| o >= first));
+        }
+        drop(log);
+        let log = TopicLog::open("t", dir.clone(), &c).unwrap();
+        assert_eq!(log.bounds(), (first, 100));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_are_group_committed_in_one_order() {
+        let dir = temp();
+        let log = TopicLog::open("t", dir.clone(), &config(&dir)).unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..200u32 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                log.append(&format!("k{n}"), Bytes::from(n.to_le_bytes().to_vec()))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut offsets = Vec::new();
+        for t in tasks {
+            offsets.push(t.await.unwrap());
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..200).collect::<Vec<_>>());
+        for r in log.read_from(0, 1000).unwrap() {
+            let n = u32::from_le_bytes(r.payload[..4].try_into().unwrap());
+            assert_eq!(r.key, format!("k{n}"));
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
