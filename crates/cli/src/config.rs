@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use chassis::config::{Errors, Source};
 use chassis::config_section;
 use chassis::settings::{
-    BreakerSettings, BulkheadSettings, DiscoverySettings, DownstreamSettings, HttpSettings,
-    IdentitySettings, LogSettings, RetrySettings,
+    BreakerSettings, BulkheadSettings, DiscoverySettings, DownstreamSettings, EventsSettings,
+    HttpSettings, IdentitySettings, LogSettings, RetrySettings,
 };
 use serde::Deserialize;
 
@@ -22,6 +22,7 @@ config_section! {
         pub log: LogSettings,
         pub identity: IdentitySettings,
         pub discovery: DiscoverySettings,
+        pub events: EventsSettings,
         pub breaker: BreakerSettings,
         pub retry: RetrySettings,
         pub bulkhead: BulkheadSettings,

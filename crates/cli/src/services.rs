@@ -77,6 +77,15 @@ pub async fn run(
         resilience: config.resilience(),
         resolver: discovery.resolver,
         registrar: discovery.registrar,
+        events: if service == ServiceName::ControlPlane {
+            None
+        } else {
+            config
+                .events
+                .connect()
+                .await
+                .context("connecting to the events broker")?
+        },
     };
     let data_dir = config.data_dir.as_path();
     let built = match service {
@@ -84,6 +93,7 @@ pub async fn run(
             control_plane::Application::build(control_plane::Config {
                 service: chassis,
                 settings: config.control_plane.clone(),
+                log_dir: data_dir.join("log"),
             })
             .await?
         }

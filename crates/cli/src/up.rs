@@ -155,6 +155,7 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
             discovery.services.extend(discovery_map(&urls));
             discovery.registry_url = Some(url_of(&urls, ServiceName::ControlPlane));
             config.discovery = discovery.clone();
+            config.events.url = Some(url_of(&urls, ServiceName::ControlPlane));
             let built = discovery.build().map_err(|e| anyhow::anyhow!("{e}"))?;
             for (index, b) in bound.into_iter().enumerate() {
                 pids.lock()
@@ -301,6 +302,11 @@ fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, St
     // Services register with the control plane's registry and resolve through it.
     env.push((
         "BAZAAR_DISCOVERY__REGISTRY_URL".into(),
+        url_of(urls, ServiceName::ControlPlane),
+    ));
+    // The control plane hosts the embedded broker too.
+    env.push((
+        "BAZAAR_EVENTS__URL".into(),
         url_of(urls, ServiceName::ControlPlane),
     ));
     env.push((SUPERVISOR_ENV.into(), std::process::id().to_string()));

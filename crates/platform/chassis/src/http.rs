@@ -456,10 +456,18 @@ async fn openapi_doc(State(s): State<StdState>) -> Response {
 }
 
 /// A built service ready to run: its bound chassis, its full router and its database.
+/// Work a service runs beside its HTTP server (an outbox relay, a consumer).
+pub type BackgroundTask =
+    Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
+
+/// How long background tasks get to stop after the server drained.
+const BACKGROUND_GRACE: Duration = Duration::from_secs(5);
+
 pub struct Service {
     chassis: Chassis,
     router: Router,
     database: Option<Database>,
+    background: Vec<BackgroundTask>,
 }
 
 impl Service {
@@ -468,7 +476,20 @@ impl Service {
             chassis,
             router,
             database,
+            background: Vec::new(),
         }
+    }
+
+    /// Runs `task` beside the server; it gets a token cancelled on shutdown and is
+    /// awaited (for a few seconds at most) before the database closes.
+    pub fn with_background<F, Fut>(mut self, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.background
+            .push(Box::new(move |token| Box::pin(task(token))));
+        self
     }
 
     /// The bound port (the real one when configured with 0).
@@ -478,7 +499,13 @@ impl Service {
 
     /// Serves until `shutdown`, drains, then closes the database cleanly.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let tasks: Vec<_> = self
+            .background
+            .into_iter()
+            .map(|task| tokio::spawn(task(shutdown.child_token())))
+            .collect();
         let served = self.chassis.serve(self.router, shutdown).await;
+        let _ = tokio::time::timeout(BACKGROUND_GRACE, join_all(tasks)).await;
         if let Some(db) = self.database {
             db.close().await;
         }

@@ -68,6 +68,8 @@ pub struct ServiceConfig {
     pub resolver: Arc<dyn Resolver>,
     /// Where this service announces itself (registry, etcd), if anywhere.
     pub registrar: Option<Arc<dyn discovery::Registrar>>,
+    /// The broker events go through, if one is configured.
+    pub events: Option<Arc<dyn messaging::EventBus>>,
 }
 
 /// A bound service with its standard parts. See the crate docs.
@@ -78,6 +80,8 @@ pub struct Chassis {
     pub client: HttpClient,
     pub identity: Arc<JwtVerifier>,
     pub http: HttpSettings,
+    /// The broker, if any (see [`ServiceConfig::events`]).
+    pub events: Option<Arc<dyn messaging::EventBus>>,
     registrar: Option<Arc<dyn discovery::Registrar>>,
     discovery_metrics: crate::http::DiscoveryMetrics,
     listener: tokio::net::TcpListener,
@@ -124,6 +128,7 @@ impl Chassis {
             identity,
             http: config.http,
             registrar: config.registrar,
+            events: config.events,
             discovery_metrics,
             listener,
             local_addr,

@@ -220,6 +220,53 @@ impl DiscoverySettings {
 }
 
 config_section! {
+    /// `[events]`: the broker events travel through.
+    pub struct EventsSettings {
+        /// `embedded` (the control plane's log) or `nats` (JetStream).
+        pub backend: EventsBackend = EventsBackend::Embedded,
+        /// The embedded broker's URL (the control plane); `bazaar up` sets it.
+        pub url: Option<String> = None,
+        /// NATS server for backend `nats`.
+        pub nats_url: String = "nats://127.0.0.1:4222".to_owned(),
+        /// Partitions of a topic on NATS: the most members of a group working at
+        /// once (the embedded broker's are `control_plane.log_partitions`).
+        pub partitions: u32 = 8,
+    }
+}
+
+/// The events backend (see [`EventsSettings::backend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventsBackend {
+    Embedded,
+    Nats,
+}
+
+impl EventsSettings {
+    /// Connects to the configured broker; `None` when the embedded broker's URL is
+    /// not known (a service run alone): its events then wait in its outbox.
+    pub async fn connect(
+        &self,
+    ) -> Result<Option<std::sync::Arc<dyn messaging::EventBus>>, messaging::BusError> {
+        Ok(match self.backend {
+            EventsBackend::Embedded => self.url.as_deref().map(|url| {
+                std::sync::Arc::new(messaging::embedded::client::EmbeddedBus::new(url))
+                    as std::sync::Arc<dyn messaging::EventBus>
+            }),
+            EventsBackend::Nats => {
+                let bus = messaging::nats::NatsBus::connect(messaging::nats::NatsConfig {
+                    url: self.nats_url.clone(),
+                    partitions: self.partitions.max(1),
+                    ..Default::default()
+                })
+                .await?;
+                Some(std::sync::Arc::new(bus))
+            }
+        })
+    }
+}
+
+config_section! {
     /// `[breaker]`: the circuit breaker in front of each downstream service, on every
     /// outgoing call of the chassis client (services and the gateway alike).
     pub struct BreakerSettings {

@@ -156,5 +156,6 @@ pub fn service_config(
         resilience: crate::settings::ResilienceSettings::default(),
         resolver: Arc::new(StaticResolver::parse(entries).unwrap()),
         registrar: None,
+        events: None,
     }
 }

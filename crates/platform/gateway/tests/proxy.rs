@@ -88,6 +88,7 @@ async fn spawn() -> Gw {
             resilience: chassis::settings::ResilienceSettings::default(),
             resolver: Arc::new(resolver),
             registrar: None,
+            events: None,
         },
         settings: Settings {
             upstream_timeout: HumanDuration::millis(300),

@@ -13,6 +13,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use chassis::client::HttpClient;
+use chassis::config::{ByteSize, HumanDuration};
 use chassis::config_section;
 use chassis::extract::Json;
 use chassis::http::{Readiness, Service};
@@ -31,12 +32,23 @@ config_section! {
         /// Listening port: Consul's, so Consul clients find the embedded registry
         /// where they look by default; 0 picks a free one.
         pub port: u16 = 8500,
+        /// Partitions of each topic of the embedded broker: the most members of one
+        /// consumer group working at once.
+        pub log_partitions: u32 = 8,
+        /// A topic's log starts a new segment file past this size.
+        pub log_segment_bytes: ByteSize = ByteSize::mib(64),
+        /// Oldest segments are removed past this size per topic...
+        pub log_retention_bytes: ByteSize = ByteSize::mib(1024),
+        /// ...or once their newest record is this old.
+        pub log_retention_age: HumanDuration = HumanDuration::secs(7 * 24 * 3600),
     }
 }
 
 pub struct Config {
     pub service: ServiceConfig,
     pub settings: Settings,
+    /// Where the embedded broker keeps its topics.
+    pub log_dir: std::path::PathBuf,
 }
 
 /// One instance's state.
@@ -128,13 +140,30 @@ impl Application {
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
+        let s = &config.settings;
+        let mut log = messaging::embedded::store::LogConfig::new(&config.log_dir);
+        log.partitions = s.log_partitions.max(1);
+        log.segment_bytes = s.log_segment_bytes.0;
+        log.retention_bytes = s.log_retention_bytes.0;
+        log.retention_age = s.log_retention_age.0;
+        let broker = messaging::embedded::Broker::open(log)
+            .with_context(|| format!("opening the event log in {}", config.log_dir.display()))?;
         let registry = Arc::new(discovery::registry::Registry::new());
         discovery::registry::checks::spawn(registry.clone());
         let routes = Router::new()
             .route("/v1/services", get(services))
             .with_state(Arc::new(chassis.client.clone()))
-            .merge(discovery::registry::router(registry));
+            .merge(discovery::registry::router(registry))
+            .merge(messaging::embedded::server::router(broker.clone()));
         let router = chassis.router(routes, Readiness::default(), Some(ApiDoc::openapi()));
-        Ok(Service::new(chassis, router, None))
+        // Group positions moved in the last instant are written before exit.
+        Ok(
+            Service::new(chassis, router, None).with_background(move |stop| async move {
+                stop.cancelled().await;
+                if let Err(e) = broker.flush() {
+                    tracing::error!(error = %e, "could not save consumer group positions");
+                }
+            }),
+        )
     }
 }

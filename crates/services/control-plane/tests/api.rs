@@ -4,6 +4,10 @@
 use chassis::testing::{IdentityFixture, service_config};
 use serde_json::Value;
 
+fn log_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("bazaar-cp-log-{}", uuid::Uuid::new_v4().simple()))
+}
+
 #[tokio::test]
 async fn reports_ready_and_unreachable_services() {
     let identity = IdentityFixture::start().await;
@@ -11,6 +15,7 @@ async fn reports_ready_and_unreachable_services() {
     let other = control_plane::Application::build(control_plane::Config {
         service: service_config("peer", &identity, &[]),
         settings: control_plane::Settings::default(),
+        log_dir: log_dir(),
     })
     .await
     .unwrap();
@@ -28,6 +33,7 @@ async fn reports_ready_and_unreachable_services() {
             &[("peer", &peer), ("ghost", &dead)],
         ),
         settings: control_plane::Settings::default(),
+        log_dir: log_dir(),
     })
     .await
     .unwrap();
@@ -61,6 +67,7 @@ async fn hosts_the_registry_api() {
     let app = control_plane::Application::build(control_plane::Config {
         service: service_config(control_plane::NAME, &identity, &[]),
         settings: control_plane::Settings::default(),
+        log_dir: log_dir(),
     })
     .await
     .unwrap();
