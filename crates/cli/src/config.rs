@@ -32,6 +32,8 @@ config_section! {
         pub users: users::Settings,
         pub products: products::Settings,
         pub orders: orders::Settings,
+        pub notifications: notifications::Settings,
+        pub recommendations: recommendations::Settings,
         pub gateway: gateway::Settings,
     }
 }
@@ -101,7 +103,7 @@ mod tests {
     #[test]
     fn the_embedded_routes_parse_and_validate() {
         let routes = super::shop_routes();
-        assert_eq!(routes.len(), 6);
+        assert_eq!(routes.len(), 8);
         assert!(gateway::configuration::validate_routes(&routes).is_empty());
     }
 }

@@ -18,17 +18,21 @@ pub enum ServiceName {
     Users,
     Products,
     Orders,
+    Notifications,
+    Recommendations,
     Gateway,
 }
 
 impl ServiceName {
     /// Start order: the gateway last, so that it only accepts traffic once the
     /// services behind it are starting; stop order is the reverse.
-    pub const ALL: [ServiceName; 5] = [
+    pub const ALL: [ServiceName; 7] = [
         ServiceName::ControlPlane,
         ServiceName::Users,
         ServiceName::Products,
         ServiceName::Orders,
+        ServiceName::Notifications,
+        ServiceName::Recommendations,
         ServiceName::Gateway,
     ];
 
@@ -38,6 +42,8 @@ impl ServiceName {
             ServiceName::Users => users::NAME,
             ServiceName::Products => products::NAME,
             ServiceName::Orders => orders::NAME,
+            ServiceName::Notifications => notifications::NAME,
+            ServiceName::Recommendations => recommendations::NAME,
             ServiceName::Gateway => gateway::NAME,
         }
     }
@@ -49,6 +55,8 @@ impl ServiceName {
             ServiceName::Users => config.users.port,
             ServiceName::Products => config.products.port,
             ServiceName::Orders => config.orders.port,
+            ServiceName::Notifications => config.notifications.port,
+            ServiceName::Recommendations => config.recommendations.port,
             ServiceName::Gateway => config.gateway.port,
         }
     }
@@ -118,6 +126,30 @@ pub async fn run(
                 service: chassis,
                 database_url: database_url(&config.orders.database_url, data_dir, orders::NAME),
                 settings: config.orders.clone(),
+            })
+            .await?
+        }
+        ServiceName::Notifications => {
+            notifications::Application::build(notifications::Config {
+                service: chassis,
+                database_url: database_url(
+                    &config.notifications.database_url,
+                    data_dir,
+                    notifications::NAME,
+                ),
+                settings: config.notifications.clone(),
+            })
+            .await?
+        }
+        ServiceName::Recommendations => {
+            recommendations::Application::build(recommendations::Config {
+                service: chassis,
+                database_url: database_url(
+                    &config.recommendations.database_url,
+                    data_dir,
+                    recommendations::NAME,
+                ),
+                settings: config.recommendations.clone(),
             })
             .await?
         }

@@ -10,6 +10,16 @@ use serde_json::{Value, json};
 use support::Shop;
 
 /// README's walkthrough: sign up, log in, browse, order, read it back.
+/// Every service but the control plane (which hosts the registry).
+const SERVICES: [&str; 6] = [
+    "users",
+    "products",
+    "orders",
+    "notifications",
+    "recommendations",
+    "gateway",
+];
+
 async fn walkthrough(shop: &Shop) {
     let (status, user) = shop
         .post("/users", None, json!({"email": "ada@example.com", "name": "Ada Lovelace", "password": "correct horse battery"}))
@@ -73,6 +83,44 @@ async fn walkthrough(shop: &Shop) {
     let (status, mine) = shop.get("/orders", Some(token)).await;
     assert_eq!(status, 200);
     assert_eq!(mine["items"][0]["id"], order["id"]);
+
+    // order.created left through the outbox, and two consumers acted on it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let notification = loop {
+        let (status, page) = shop.get("/notifications", Some(token)).await;
+        assert_eq!(status, 200, "{page}");
+        if let Some(n) = page["items"].as_array().and_then(|i| i.first()) {
+            break n.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notification for the order"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(notification["order_id"], order["id"]);
+    assert_eq!(notification["kind"], "order_received");
+    assert!(
+        notification["text"].as_str().unwrap().contains("3 items"),
+        "{notification}"
+    );
+    let path = format!("/recommendations/{}", first["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, recs) = shop.get(&path, None).await;
+        assert_eq!(status, 200, "{recs}");
+        if let Some(r) = recs["items"].as_array().and_then(|i| i.first()) {
+            assert_eq!(r["product_id"], second["id"]);
+            assert_eq!(r["name"], second["name"]);
+            assert_eq!(r["orders"], 1);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recommendation from the order"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -85,12 +133,20 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     let names: Vec<&str> = ps.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["control-plane", "users", "products", "orders", "gateway"]
+        [
+            "control-plane",
+            "users",
+            "products",
+            "orders",
+            "notifications",
+            "recommendations",
+            "gateway"
+        ]
     );
     assert!(ps.iter().all(|p| p["health"] == "ready"), "{ps:?}");
     let mut pids: Vec<i64> = ps.iter().map(|p| p["pid"].as_i64().unwrap()).collect();
     pids.dedup();
-    assert_eq!(pids.len(), 5);
+    assert_eq!(pids.len(), 7);
 
     // Every service registered itself with the control plane's registry, with a
     // passing health check.
@@ -98,7 +154,7 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut healthy = Vec::new();
-        for name in ["users", "products", "orders", "gateway"] {
+        for name in SERVICES {
             let list: Vec<Value> = shop
                 .http
                 .get(format!("{registry}/v1/health/service/{name}?passing"))
@@ -112,7 +168,7 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
                 healthy.push(name);
             }
         }
-        if healthy.len() == 4 {
+        if healthy.len() == SERVICES.len() {
             break;
         }
         assert!(
@@ -134,7 +190,7 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         String::from_utf8_lossy(&out.stderr)
     );
     let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
-    for name in ["users", "products", "orders", "gateway"] {
+    for name in SERVICES {
         let row = listed
             .iter()
             .find(|r| r["service"] == name)
@@ -228,7 +284,7 @@ async fn monolith_mode_serves_the_same_contracts() {
     let mut shop = Shop::up("monolith", &[]);
     walkthrough(&shop).await;
     let ps = shop.ps();
-    assert_eq!(ps.len(), 5);
+    assert_eq!(ps.len(), 7);
     let up_pid = shop.child.id() as i64;
     assert!(ps.iter().all(|p| p["pid"] == up_pid), "one process: {ps:?}");
     assert!(shop.interrupt().success());

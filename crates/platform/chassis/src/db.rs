@@ -103,7 +103,22 @@ impl Database {
             .connect_with(options)
             .await
             .map_err(DbError::Connect)?;
-        migrator.run(&pool).await.map_err(DbError::Migrate)?;
+        // Several instances of a service may start at once on one SQLite file, and
+        // sqlx locks migrations only on PostgreSQL: a loser of that race fails on
+        // "already exists" while the winner is mid-migration, and succeeds once the
+        // winner has recorded it.
+        let mut attempt = 0;
+        loop {
+            match migrator.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if backend == Backend::Sqlite && attempt < 10 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "migration raced another instance; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(DbError::Migrate(e)),
+            }
+        }
         Ok(Self {
             pool,
             backend,

@@ -480,6 +480,34 @@ impl Service {
         }
     }
 
+    /// Consumes `topic` as consumer group `group` beside the server, through the
+    /// configured broker (retries, dead letters: [`messaging::consumer::run`]); without
+    /// a broker, says so and consumes nothing.
+    pub fn with_consumer<F, Fut>(self, topic: &str, group: &str, handler: F) -> Self
+    where
+        F: Fn(messaging::CloudEvent, messaging::consumer::Meta) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), messaging::consumer::HandlerError>>
+            + Send
+            + 'static,
+    {
+        match self.chassis.events.clone() {
+            Some(bus) => {
+                let config = messaging::consumer::ConsumerConfig::new(topic, group);
+                self.with_background(move |stop| {
+                    messaging::consumer::run(bus, config, stop, handler)
+                })
+            }
+            None => {
+                tracing::warn!(
+                    topic,
+                    group,
+                    "no events broker configured: nothing is consumed"
+                );
+                self
+            }
+        }
+    }
+
     /// Runs `task` beside the server; it gets a token cancelled on shutdown and is
     /// awaited (for a few seconds at most) before the database closes.
     pub fn with_background<F, Fut>(mut self, task: F) -> Self

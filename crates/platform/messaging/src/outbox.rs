@@ -100,8 +100,16 @@ pub struct Lag {
     pub oldest_ms: u64,
 }
 
+/// The relay's gauges, refreshed after every batch.
+#[derive(Clone, Default)]
+struct RelayMetrics {
+    pending: prometheus_client::metrics::gauge::Gauge,
+    oldest: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
 /// Publishes a database's outbox in `seq` order.
 pub struct Relay {
+    metrics: Option<RelayMetrics>,
     pool: AnyPool,
     bus: Arc<dyn EventBus>,
     outbox: Outbox,
@@ -117,6 +125,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(pool: AnyPool, bus: Arc<dyn EventBus>, outbox: Outbox, name: &str) -> Self {
         Self {
+            metrics: None,
             pool,
             bus,
             outbox,
@@ -125,6 +134,34 @@ impl Relay {
             batch: 100,
             poll: Duration::from_millis(500),
             lease: Duration::from_secs(10),
+        }
+    }
+
+    /// Exports `bazaar_outbox_pending` (events waiting) and
+    /// `bazaar_outbox_oldest_age_seconds` (how late the oldest is): the relay lag.
+    pub fn with_metrics(mut self, metrics: &telemetry::metrics::Metrics) -> Self {
+        let m = RelayMetrics::default();
+        metrics.register(
+            "bazaar_outbox_pending",
+            "Events in the outbox not yet published",
+            m.pending.clone(),
+        );
+        metrics.register(
+            "bazaar_outbox_oldest_age_seconds",
+            "Age of the oldest event not yet published",
+            m.oldest.clone(),
+        );
+        self.metrics = Some(m);
+        self
+    }
+
+    async fn observe(&self) {
+        if let Some(m) = &self.metrics
+            && let Ok(lag) = self.lag().await
+        {
+            m.pending
+                .set(i64::try_from(lag.pending).unwrap_or(i64::MAX));
+            m.oldest.set(lag.oldest_ms as f64 / 1000.0);
         }
     }
 
@@ -227,6 +264,7 @@ impl Relay {
                     Duration::from_secs(1)
                 }
             };
+            self.observe().await;
             if pause.is_zero() {
                 continue;
             }

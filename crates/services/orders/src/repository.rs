@@ -1,4 +1,6 @@
-//! Order persistence: an order and its lines are written in one transaction.
+//! Order persistence: an order, its lines and its `order.created` event (in the
+//! outbox) are written in one transaction, so an order is never without its event
+//! nor an event without its order.
 
 use std::collections::HashMap;
 
@@ -14,7 +16,14 @@ pub enum InsertError {
     DuplicateKey,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Outbox(#[from] messaging::outbox::OutboxError),
 }
+
+/// The topic order events go to.
+pub const TOPIC: &str = "orders";
+/// `source` of the events this service emits.
+pub const SOURCE: &str = "/bazaar/orders";
 
 /// A new order, priced.
 pub struct NewOrder<'a> {
@@ -26,7 +35,11 @@ pub struct NewOrder<'a> {
     pub total_cents: i64,
 }
 
-pub async fn insert(pool: &AnyPool, new: NewOrder<'_>) -> Result<Order, InsertError> {
+pub async fn insert(
+    pool: &AnyPool,
+    outbox: &messaging::outbox::Outbox,
+    new: NewOrder<'_>,
+) -> Result<Order, InsertError> {
     let id = Uuid::now_v7();
     let created_at = chassis::clock::now_millis();
     let mut tx = pool.begin().await?;
@@ -63,7 +76,30 @@ pub async fn insert(pool: &AnyPool, new: NewOrder<'_>) -> Result<Order, InsertEr
         .execute(&mut *tx)
         .await?;
     }
+    let event = messaging::CloudEvent::new(
+        SOURCE,
+        "order.created",
+        Some(&id.to_string()),
+        serde_json::json!({
+            "order_id": id.to_string(),
+            "user_id": new.user_id,
+            "status": Status::Pending.as_str(),
+            "total_cents": new.total_cents,
+            "currency": new.currency,
+            "items": new.items.iter().map(|i| serde_json::json!({
+                "product_id": i.product_id.to_string(),
+                "product_name": i.name,
+                "quantity": i.quantity,
+                "unit_price_cents": i.unit_price_cents,
+            })).collect::<Vec<_>>(),
+            "created_at": chassis::clock::rfc3339(created_at),
+        }),
+    );
+    outbox
+        .enqueue(&mut tx, TOPIC, &id.to_string(), &event)
+        .await?;
     tx.commit().await?;
+    outbox.written();
     Ok(Order {
         id,
         status: Status::Pending,

@@ -34,6 +34,7 @@ pub struct AppState {
     pub client: HttpClient,
     pub max_lines: usize,
     pub max_quantity: i64,
+    pub outbox: messaging::outbox::Outbox,
 }
 
 #[derive(OpenApi)]
@@ -101,6 +102,7 @@ async fn place_order(
     let (items, currency, total_cents) = price(&state.client, &lines).await?;
     let inserted = repository::insert(
         &state.pool,
+        &state.outbox,
         NewOrder {
             user_id: user,
             idempotency_key: key,
@@ -127,6 +129,7 @@ async fn place_order(
             }
         }
         Err(InsertError::Db(e)) => Err(e.into()),
+        Err(InsertError::Outbox(e)) => Err(Problem::internal(format!("outbox: {e}"))),
     }
 }
 

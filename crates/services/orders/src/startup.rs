@@ -19,10 +19,15 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("orders database")?;
+        messaging::outbox::Outbox::install(db.pool())
+            .await
+            .context("orders outbox tables")?;
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
+        let outbox = messaging::outbox::Outbox::new();
         let state = AppState {
+            outbox: outbox.clone(),
             pool: db.pool().clone(),
             client: chassis.client.clone(),
             max_lines: config.settings.max_lines,
@@ -36,6 +41,17 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        Ok(Service::new(chassis, router, Some(db)))
+        let relay = chassis.events.clone().map(|bus| {
+            messaging::outbox::Relay::new(db.pool().clone(), bus, outbox, crate::NAME)
+                .with_metrics(&chassis.metrics)
+        });
+        let service = Service::new(chassis, router, Some(db));
+        Ok(match relay {
+            Some(relay) => service.with_background(move |stop| relay.run(stop)),
+            None => {
+                tracing::warn!("no events broker configured: order events wait in the outbox");
+                service
+            }
+        })
     }
 }

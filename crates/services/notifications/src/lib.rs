@@ -1,0 +1,213 @@
+//! `notifications`: consumes order events and records the message each would send
+//! its customer, exactly once per event (inbox in the same transaction), and serves
+//! a customer their own messages.
+#![forbid(unsafe_code)]
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use chassis::config_section;
+use chassis::extract::{Json, Query};
+use chassis::http::{Readiness, Service};
+use chassis::identity::Identity;
+use chassis::secrecy::{ExposeSecret, SecretString};
+use chassis::{Chassis, Problem, ServiceConfig};
+use messaging::CloudEvent;
+use messaging::consumer::{HandlerError, Meta};
+use messaging::inbox::Inbox;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{AnyPool, Row};
+use utoipa::OpenApi;
+
+pub const NAME: &str = "notifications";
+/// The topic and consumer group this service reads.
+pub const TOPIC: &str = "orders";
+
+/// The schema (public for tests that drive the handler directly).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+config_section! {
+    /// `[notifications]`
+    pub struct Settings {
+        /// Listening port; 0 picks a free one.
+        pub port: u16 = 0,
+        /// `sqlite://...` or `postgres://...`; unset means `<data_dir>/notifications.db`.
+        pub database_url: Option<SecretString> = None,
+    }
+}
+
+pub struct Config {
+    pub service: ServiceConfig,
+    pub database_url: SecretString,
+    pub settings: Settings,
+}
+
+/// One message sent to a customer.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Notification {
+    pub id: String,
+    /// `order_received`.
+    pub kind: String,
+    pub order_id: String,
+    pub text: String,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NotificationPage {
+    pub items: Vec<Notification>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    /// 1 to 100, default 20.
+    pub limit: Option<u32>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Bazaar notifications",
+        description = "The messages sent to the signed-in customer."
+    ),
+    paths(list),
+    components(schemas(Notification, NotificationPage, Problem))
+)]
+struct ApiDoc;
+
+/// The caller's messages, newest first.
+#[utoipa::path(get, path = "/notifications", params(ListQuery),
+    responses((status = 200, body = NotificationPage), (status = 401, body = Problem)))]
+async fn list(
+    State(pool): State<AnyPool>,
+    identity: Identity,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<NotificationPage>, Problem> {
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(Problem::validation(vec![chassis::FieldError::new(
+            "limit",
+            "must be between 1 and 100",
+        )]));
+    }
+    let rows = sqlx::query(
+        "SELECT id, kind, order_id, text, created_at FROM notifications \
+         WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(identity.subject.as_str())
+    .bind(i64::from(limit))
+    .fetch_all(&pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(Notification {
+                id: r.try_get(0)?,
+                kind: r.try_get(1)?,
+                order_id: r.try_get(2)?,
+                text: r.try_get(3)?,
+                created_at: chassis::clock::rfc3339(r.try_get(4)?),
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(NotificationPage { items }))
+}
+
+/// Handles one event from the orders topic.
+pub async fn handle(
+    pool: &AnyPool,
+    inbox: &Inbox,
+    event: CloudEvent,
+    _meta: Meta,
+) -> Result<(), HandlerError> {
+    let (kind, text) = match event.ty.as_str() {
+        "order.created" => ("order_received", order_received(&event.data)?),
+        // Other order events are for other consumers.
+        _ => return Ok(()),
+    };
+    let field = |name: &str| {
+        event.data[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HandlerError::Reject(format!("{} has no string `{name}`", event.ty)))
+    };
+    let (user_id, order_id) = (field("user_id")?, field("order_id")?);
+    let retry = |e: sqlx::Error| HandlerError::Retry(format!("database: {e}"));
+    let mut tx = pool.begin().await.map_err(retry)?;
+    if inbox.claim(&mut tx, &event.id).await.map_err(retry)? {
+        sqlx::query(
+            "INSERT INTO notifications (id, user_id, kind, order_id, text, event_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(uuid::Uuid::now_v7().to_string())
+        .bind(&user_id)
+        .bind(kind)
+        .bind(&order_id)
+        .bind(&text)
+        .bind(&event.id)
+        .bind(chassis::clock::now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(retry)?;
+        tracing::info!(order_id, user_id, kind, "notification sent");
+    }
+    tx.commit().await.map_err(retry)?;
+    Ok(())
+}
+
+fn order_received(data: &Value) -> Result<String, HandlerError> {
+    let items = data["items"]
+        .as_array()
+        .ok_or_else(|| HandlerError::Reject("order.created has no `items` array".into()))?;
+    let total = data["total_cents"]
+        .as_i64()
+        .ok_or_else(|| HandlerError::Reject("order.created has no integer `total_cents`".into()))?;
+    let currency = data["currency"].as_str().unwrap_or("EUR");
+    let units: i64 = items.iter().filter_map(|i| i["quantity"].as_i64()).sum();
+    Ok(format!(
+        "We received your order of {units} item{}: {}.{:02} {currency}.",
+        if units == 1 { "" } else { "s" },
+        total / 100,
+        total % 100
+    ))
+}
+
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
+        let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
+            .await
+            .context("notifications database")?;
+        Inbox::install(db.pool())
+            .await
+            .context("notifications inbox")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
+        let routes = Router::new()
+            .route("/notifications", get(list))
+            .with_state(db.pool().clone());
+        let router = chassis.router(
+            routes,
+            Readiness {
+                database: Some(db.clone()),
+                dependencies: Vec::new(),
+            },
+            Some(ApiDoc::openapi()),
+        );
+        let (pool, inbox) = (db.pool().clone(), Inbox::new(NAME));
+        Ok(Service::new(chassis, router, Some(db)).with_consumer(
+            TOPIC,
+            NAME,
+            move |event, meta| {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                async move { handle(&pool, &inbox, event, meta).await }
+            },
+        ))
+    }
+}

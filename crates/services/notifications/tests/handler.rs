@@ -1,0 +1,86 @@
+//! The order-event handler on both engines: one message per event however often it
+//! is delivered; events it cannot use are rejected (dead-lettered), others ignored.
+#![allow(clippy::unwrap_used)]
+
+use chassis::testing::{Engine, TestDb};
+use messaging::CloudEvent;
+use messaging::consumer::{HandlerError, Meta};
+use messaging::inbox::Inbox;
+use serde_json::json;
+
+fn meta() -> Meta {
+    Meta {
+        topic: "orders".into(),
+        key: "o".into(),
+        offset: 1,
+        attempt: 1,
+    }
+}
+
+fn created(order: &str) -> CloudEvent {
+    CloudEvent::new(
+        "/bazaar/orders",
+        "order.created",
+        Some(order),
+        json!({
+            "order_id": order, "user_id": "u-1", "status": "PENDING", "total_cents": 1250,
+            "currency": "EUR", "created_at": "2026-11-26T10:00:00Z",
+            "items": [{"product_id": "p", "product_name": "Mug", "quantity": 3, "unit_price_cents": 416}],
+        }),
+    )
+}
+
+async fn run(engine: Engine) {
+    let db = TestDb::new(engine);
+    let database = chassis::db::Database::connect(&db.url, &notifications::MIGRATOR)
+        .await
+        .unwrap();
+    let pool = database.pool().clone();
+    Inbox::install(&pool).await.unwrap();
+    let inbox = Inbox::new("notifications");
+    let event = created("o-1");
+    for _ in 0..3 {
+        notifications::handle(&pool, &inbox, event.clone(), meta())
+            .await
+            .unwrap();
+    }
+    let texts: Vec<String> =
+        sqlx::query_scalar("SELECT text FROM notifications WHERE user_id = 'u-1'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(texts, ["We received your order of 3 items: 12.50 EUR."]);
+
+    let mut broken = created("o-2");
+    broken.data["items"] = json!("not a list");
+    assert!(matches!(
+        notifications::handle(&pool, &inbox, broken, meta()).await,
+        Err(HandlerError::Reject(r)) if r.contains("items")
+    ));
+    let mut anonymous = created("o-3");
+    anonymous.data.as_object_mut().unwrap().remove("user_id");
+    assert!(matches!(
+        notifications::handle(&pool, &inbox, anonymous, meta()).await,
+        Err(HandlerError::Reject(r)) if r.contains("user_id")
+    ));
+    let other = CloudEvent::new("/bazaar/orders", "order.archived", Some("o-4"), json!({}));
+    notifications::handle(&pool, &inbox, other, meta())
+        .await
+        .unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notifications")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    database.close().await;
+}
+
+#[tokio::test]
+async fn one_message_per_event_on_sqlite() {
+    run(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn one_message_per_event_on_postgres() {
+    run(Engine::Postgres).await;
+}

@@ -1,0 +1,211 @@
+//! `recommendations`: a read model fed only by order events. Each `order.created`
+//! adds one to the co-purchase count of every pair of distinct products in it
+//! (exactly once per event: inbox in the same transaction), and
+//! `GET /recommendations/{product_id}` answers with the products most often bought
+//! with that one.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use chassis::config_section;
+use chassis::extract::{Json, Path, Query};
+use chassis::http::{Readiness, Service};
+use chassis::secrecy::{ExposeSecret, SecretString};
+use chassis::{Chassis, FieldError, Problem, ServiceConfig};
+use messaging::CloudEvent;
+use messaging::consumer::{HandlerError, Meta};
+use messaging::inbox::Inbox;
+use serde::{Deserialize, Serialize};
+use sqlx::{AnyPool, Row};
+use utoipa::OpenApi;
+
+pub const NAME: &str = "recommendations";
+/// The topic this service reads.
+pub const TOPIC: &str = "orders";
+/// Distinct products of one order counted at most (bounds the pairs: n * (n - 1)).
+const MAX_PRODUCTS: usize = 50;
+
+/// The schema (public for tests that drive the handler directly).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+config_section! {
+    /// `[recommendations]`
+    pub struct Settings {
+        /// Listening port; 0 picks a free one.
+        pub port: u16 = 0,
+        /// `sqlite://...` or `postgres://...`; unset means `<data_dir>/recommendations.db`.
+        pub database_url: Option<SecretString> = None,
+    }
+}
+
+pub struct Config {
+    pub service: ServiceConfig,
+    pub database_url: SecretString,
+    pub settings: Settings,
+}
+
+/// A product often bought with the one asked about.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Recommendation {
+    pub product_id: String,
+    pub name: String,
+    /// Orders that had both products.
+    pub orders: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Recommendations {
+    pub product_id: String,
+    pub items: Vec<Recommendation>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct TopQuery {
+    /// 1 to 50, default 5.
+    pub limit: Option<u32>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Bazaar recommendations",
+        description = "Products often bought together."
+    ),
+    paths(top),
+    components(schemas(Recommendations, Recommendation, Problem, FieldError))
+)]
+struct ApiDoc;
+
+/// The products most often bought with `product_id`, most frequent first.
+#[utoipa::path(get, path = "/recommendations/{product_id}", params(TopQuery),
+    responses((status = 200, body = Recommendations), (status = 400, body = Problem)))]
+async fn top(
+    State(pool): State<AnyPool>,
+    Path(product_id): Path<uuid::Uuid>,
+    Query(q): Query<TopQuery>,
+) -> Result<Json<Recommendations>, Problem> {
+    let limit = q.limit.unwrap_or(5);
+    if !(1..=50).contains(&limit) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            "must be between 1 and 50",
+        )]));
+    }
+    let product_id = product_id.to_string();
+    let rows = sqlx::query(
+        "SELECT c.other_id, COALESCE(n.name, ''), c.orders FROM co_purchases c \
+         LEFT JOIN product_names n ON n.product_id = c.other_id \
+         WHERE c.product_id = $1 ORDER BY c.orders DESC, c.other_id LIMIT $2",
+    )
+    .bind(&product_id)
+    .bind(i64::from(limit))
+    .fetch_all(&pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(Recommendation {
+                product_id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                orders: r.try_get(2)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(Json(Recommendations { product_id, items }))
+}
+
+/// Handles one event from the orders topic.
+pub async fn handle(
+    pool: &AnyPool,
+    inbox: &Inbox,
+    event: CloudEvent,
+    _meta: Meta,
+) -> Result<(), HandlerError> {
+    if event.ty != "order.created" {
+        return Ok(());
+    }
+    let items = event.data["items"]
+        .as_array()
+        .ok_or_else(|| HandlerError::Reject("order.created has no `items` array".into()))?;
+    // Distinct products with their names, in a stable order.
+    let mut products: BTreeMap<String, String> = BTreeMap::new();
+    for item in items {
+        let id = item["product_id"]
+            .as_str()
+            .ok_or_else(|| HandlerError::Reject("an item has no string `product_id`".into()))?;
+        let name = item["product_name"].as_str().unwrap_or_default();
+        products.insert(id.to_owned(), name.to_owned());
+    }
+    let products: Vec<(String, String)> = products.into_iter().take(MAX_PRODUCTS).collect();
+    let retry = |e: sqlx::Error| HandlerError::Retry(format!("database: {e}"));
+    let mut tx = pool.begin().await.map_err(retry)?;
+    if inbox.claim(&mut tx, &event.id).await.map_err(retry)? {
+        for (id, name) in &products {
+            sqlx::query(
+                "INSERT INTO product_names (product_id, name) VALUES ($1, $2) \
+                 ON CONFLICT (product_id) DO UPDATE SET name = excluded.name",
+            )
+            .bind(id)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(retry)?;
+        }
+        for (a, _) in &products {
+            for (b, _) in products.iter().filter(|(b, _)| b != a) {
+                sqlx::query(
+                    "INSERT INTO co_purchases (product_id, other_id, orders) VALUES ($1, $2, 1) \
+                     ON CONFLICT (product_id, other_id) DO UPDATE SET orders = co_purchases.orders + 1",
+                )
+                .bind(a)
+                .bind(b)
+                .execute(&mut *tx)
+                .await
+                .map_err(retry)?;
+            }
+        }
+    }
+    tx.commit().await.map_err(retry)?;
+    Ok(())
+}
+
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
+        let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
+            .await
+            .context("recommendations database")?;
+        Inbox::install(db.pool())
+            .await
+            .context("recommendations inbox")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
+        let routes = Router::new()
+            .route("/recommendations/{product_id}", get(top))
+            .with_state(db.pool().clone());
+        let router = chassis.router(
+            routes,
+            Readiness {
+                database: Some(db.clone()),
+                dependencies: Vec::new(),
+            },
+            Some(ApiDoc::openapi()),
+        );
+        let (pool, inbox) = (db.pool().clone(), Inbox::new(NAME));
+        Ok(Service::new(chassis, router, Some(db)).with_consumer(
+            TOPIC,
+            NAME,
+            move |event, meta| {
+                let (pool, inbox) = (pool.clone(), inbox.clone());
+                async move { handle(&pool, &inbox, event, meta).await }
+            },
+        ))
+    }
+}
