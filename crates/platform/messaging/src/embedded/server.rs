@@ -228,15 +228,8 @@ async fn fetch(
     Path((name, group)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let request: FetchRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    if let Err(r) = group_name(&group) {
-        return r;
-    }
-    let topic = match topic(&broker, &name) {
-        Ok(t) => t,
+    let (request, topic) = match group_request::<FetchRequest>(&broker, &name, &group, &body) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let wait = Duration::from_millis(request.wait_ms.unwrap_or(30_000)).min(MAX_WAIT);
@@ -257,6 +250,18 @@ async fn fetch(
         }
         Err(e) => unavailable(e),
     }
+}
+
+/// A request on a group: its body, the group name checked, the topic opened.
+fn group_request<T: serde::de::DeserializeOwned>(
+    broker: &Broker,
+    name: &str,
+    group: &str,
+    body: &[u8],
+) -> Result<(T, Arc<Topic>), Response> {
+    let request = parse(body)?;
+    group_name(group)?;
+    Ok((request, topic(broker, name)?))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
@@ -294,11 +299,10 @@ async fn ack(
     Path((name, group)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let (s, topic) = match parse::<Settle>(&body).and_then(|s| Ok((s, topic(&broker, &name)?))) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    settled(topic.groups.ack(&group, s.offset, s.token))
+    match group_request::<Settle>(&broker, &name, &group, &body) {
+        Ok((s, topic)) => settled(topic.groups.ack(&group, s.offset, s.token)),
+        Err(r) => r,
+    }
 }
 
 async fn nack(
@@ -306,12 +310,13 @@ async fn nack(
     Path((name, group)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let (s, topic) = match parse::<Settle>(&body).and_then(|s| Ok((s, topic(&broker, &name)?))) {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    let delay = Duration::from_millis(s.delay_ms.unwrap_or(0));
-    settled(topic.groups.nack(&group, s.offset, s.token, delay))
+    match group_request::<Settle>(&broker, &name, &group, &body) {
+        Ok((s, topic)) => {
+            let delay = Duration::from_millis(s.delay_ms.unwrap_or(0));
+            settled(topic.groups.nack(&group, s.offset, s.token, delay))
+        }
+        Err(r) => r,
+    }
 }
 
 #[derive(Deserialize)]
@@ -324,17 +329,11 @@ async fn reset(
     Path((name, group)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    let request: ResetRequest = match parse(&body) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    if let Err(r) = group_name(&group) {
-        return r;
+    match group_request::<ResetRequest>(&broker, &name, &group, &body) {
+        Ok((request, topic)) => {
+            topic.groups.reset(&group, &request.start.into());
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(r) => r,
     }
-    let topic = match topic(&broker, &name) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
-    topic.groups.reset(&group, &request.start.into());
-    StatusCode::NO_CONTENT.into_response()
 }
