@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod events_cmd;
 mod ps;
 mod services;
 mod services_cmd;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use messaging::StartFrom;
 use services::ServiceName;
 use up::Mode;
 
@@ -75,12 +77,73 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Watch the shop's events, replay a consumer group, repair dead letters.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// Run one service alone, configured by file and environment.
     Run {
         #[arg(value_enum)]
         service: ServiceName,
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print events as they arrive, until Ctrl-C.
+    Tail {
+        /// One topic; every topic when left out.
+        #[arg(long)]
+        topic: Option<String>,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, default_value = "latest", value_parser = events_cmd::parse_from)]
+        from: StartFrom,
+        /// One CloudEvent per line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+    /// Move a consumer group so it reads again from a point.
+    Replay {
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        group: String,
+        /// earliest, latest, an offset, or an RFC 3339 time.
+        #[arg(long, value_parser = events_cmd::parse_from)]
+        from: StartFrom,
+    },
+    /// The dead-letter topics: what consumers set aside, and why.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters with their reason.
+    List {
+        /// Dead letters of one topic; of every topic when left out.
+        #[arg(long)]
+        topic: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish the dead letters' events to their topic again (each once).
+    Retry {
+        #[arg(long)]
+        topic: Option<String>,
     },
 }
 
@@ -195,6 +258,35 @@ async fn dispatch(
                 None => load(config.as_deref())?.data_dir,
             };
             ps::run(&dir, json).await?;
+            Ok(())
+        }
+        Command::Events {
+            command,
+            data_dir,
+            config,
+        } => {
+            let mut shop = load(config.as_deref())?;
+            if let Some(dir) = data_dir {
+                shop.data_dir = dir;
+            }
+            let bus = events_cmd::bus(&shop).await?;
+            match command {
+                EventsCommand::Tail {
+                    topic,
+                    from,
+                    json,
+                    count,
+                } => events_cmd::tail(bus, topic, from, json, count).await?,
+                EventsCommand::Replay { topic, group, from } => {
+                    events_cmd::replay(bus, &topic, &group, from).await?
+                }
+                EventsCommand::Dlq {
+                    command: DlqCommand::List { topic, json },
+                } => events_cmd::dlq_list(bus, topic, json).await?,
+                EventsCommand::Dlq {
+                    command: DlqCommand::Retry { topic },
+                } => events_cmd::dlq_retry(bus, topic).await?,
+            }
             Ok(())
         }
         Command::Services {

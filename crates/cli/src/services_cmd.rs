@@ -18,8 +18,8 @@ pub struct InstanceRow {
     pub health: String,
 }
 
-/// The registry of the shop running from `data_dir`.
-fn registry_url(data_dir: &Path) -> anyhow::Result<String> {
+/// The control plane (registry, event log) of the shop running from `data_dir`.
+pub fn control_plane_url(data_dir: &Path) -> anyhow::Result<String> {
     let state = RunState::read(data_dir)?
         .filter(|s| alive(s.supervisor_pid))
         .ok_or_else(|| {
@@ -37,7 +37,7 @@ fn registry_url(data_dir: &Path) -> anyhow::Result<String> {
 }
 
 pub async fn rows(data_dir: &Path) -> anyhow::Result<Vec<InstanceRow>> {
-    let base = registry_url(data_dir)?;
+    let base = control_plane_url(data_dir)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;

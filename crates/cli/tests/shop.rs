@@ -689,3 +689,104 @@ async fn runs_on_etcd_discovery_with_every_instance_under_a_lease() {
         );
     }
 }
+
+/// Runs `bazaar events ...` against the shop; returns stdout.
+fn events(shop: &Shop, args: &[&str]) -> String {
+    let out = std::process::Command::new(support::BIN)
+        .arg("events")
+        .args(args)
+        .arg("--data-dir")
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bazaar events {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
+    let mut shop = Shop::up("processes", &[]);
+    let (_, token) = shop.user().await;
+    let product = shop.product_ids(1).await.remove(0);
+    assert_eq!(place_orders(&shop, &token, &product, 1).await, 0);
+
+    let tailed = events(
+        &shop,
+        &[
+            "tail", "--topic", "orders", "--from", "earliest", "--json", "--count", "1",
+        ],
+    );
+    let event: Value = serde_json::from_str(tailed.lines().next().unwrap()).unwrap();
+    assert_eq!(event["type"], "order.created");
+    assert_eq!(event["specversion"], "1.0");
+    assert_eq!(event["data"]["items"][0]["product_id"], product.as_str());
+    assert!(event["traceparent"].is_string() && event["correlationid"].is_string());
+
+    // A producer outside Bazaar writes garbage: both consumers set it aside and go on.
+    let bus = messaging::embedded::client::EmbeddedBus::new(&shop.url("control-plane"));
+    messaging::EventBus::publish_raw(&bus, "orders", "x", bytes_of("{oops"))
+        .await
+        .unwrap();
+    assert_eq!(place_orders(&shop, &token, &product, 1).await, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let letters: Vec<Value> = loop {
+        let listed = events(&shop, &["dlq", "list", "--topic", "orders", "--json"]);
+        let letters: Vec<Value> = listed
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if letters.len() == 2 {
+            break letters;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead letters: {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut groups: Vec<&str> = letters
+        .iter()
+        .map(|l| l["data"]["group"].as_str().unwrap())
+        .collect();
+    groups.sort_unstable();
+    assert_eq!(groups, ["notifications", "recommendations"]);
+    assert!(
+        letters[0]["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid CloudEvent")
+    );
+    assert_eq!(letters[0]["data"]["payload"], "{oops");
+    // The order after the garbage was still handled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, page) = shop.get("/notifications", Some(&token)).await;
+        if page["items"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replayed = events(
+        &shop,
+        &[
+            "replay",
+            "--topic",
+            "orders",
+            "--group",
+            "notifications",
+            "--from",
+            "earliest",
+        ],
+    );
+    assert!(replayed.contains("restarts from"), "{replayed}");
+    assert!(shop.interrupt().success());
+}
+
+fn bytes_of(s: &'static str) -> bytes::Bytes {
+    bytes::Bytes::from_static(s.as_bytes())
+}

@@ -157,6 +157,16 @@ pub trait EventBus: Send + Sync + 'static {
         options: SubscribeOptions,
     ) -> BoxFuture<'a, Result<Box<dyn Subscription>, BusError>>;
 
+    /// Topic names, sorted.
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>, BusError>>;
+
+    /// Forgets `group` on `topic` (its position and leases).
+    fn delete_group<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
     /// Moves `group` on `topic` to `start` (replay); members must rejoin.
     fn reset<'a>(
         &'a self,

@@ -297,6 +297,43 @@ impl EventBus for NatsBus {
         })
     }
 
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            let head = format!("{}.", self.config.prefix);
+            let mut names: Vec<String> = self
+                .js
+                .streams()
+                .filter_map(|info| async move { info.ok() })
+                .filter_map(|info| {
+                    let head = head.clone();
+                    async move {
+                        let subject = info.config.subjects.first()?;
+                        let topic = subject.strip_prefix(&head)?.strip_suffix(".*")?;
+                        Some(topic.to_owned())
+                    }
+                })
+                .collect()
+                .await;
+            names.sort();
+            Ok(names)
+        })
+    }
+
+    fn delete_group<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            check_name(group)?;
+            let stream = self.stream(topic).await?;
+            for p in 0..self.config.partitions {
+                let _ = stream.delete_consumer(&format!("{group}-p{p}")).await;
+            }
+            Ok(())
+        })
+    }
+
     fn reset<'a>(
         &'a self,
         topic: &'a str,

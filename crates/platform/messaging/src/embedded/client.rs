@@ -222,6 +222,45 @@ impl EventBus for EmbeddedBus {
         })
     }
 
+    fn topics(&self) -> BoxFuture<'_, Result<Vec<String>, BusError>> {
+        Box::pin(async move {
+            let response = self
+                .http
+                .get(format!("{}/v1/log/topics", self.base))
+                .timeout(CALL_TIMEOUT)
+                .send()
+                .await
+                .map_err(unavailable)?;
+            let list: Vec<Value> = check(response).await?.json().await.map_err(unavailable)?;
+            Ok(list
+                .iter()
+                .filter_map(|t| t["topic"].as_str().map(str::to_owned))
+                .collect())
+        })
+    }
+
+    fn delete_group<'a>(
+        &'a self,
+        topic: &'a str,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        Box::pin(async move {
+            check_name(topic)?;
+            check_name(group)?;
+            let response = self
+                .http
+                .delete(format!(
+                    "{}/v1/log/topics/{topic}/groups/{group}",
+                    self.base
+                ))
+                .timeout(CALL_TIMEOUT)
+                .send()
+                .await
+                .map_err(unavailable)?;
+            check(response).await.map(|_| ())
+        })
+    }
+
     fn reset<'a>(
         &'a self,
         topic: &'a str,

@@ -163,6 +163,18 @@ impl Groups {
         self.changed.notify_waiters();
     }
 
+    /// Forgets `group`; `false` if there was none.
+    pub fn delete(&self, group: &str) -> io::Result<bool> {
+        let existed = self.lock().remove(group).is_some();
+        match std::fs::remove_file(self.dir.join(format!("{group}.json"))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.changed.notify_waiters();
+        Ok(existed)
+    }
+
     /// Group names with how many records each has yet to acknowledge.
     pub fn lag(&self) -> Vec<(String, u64)> {
         let (_, next) = self.log.bounds();

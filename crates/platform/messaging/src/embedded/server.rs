@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/log/topics/{topic}/groups/{group}/ack", post(ack))
         .route("/v1/log/topics/{topic}/groups/{group}/nack", post(nack))
         .route("/v1/log/topics/{topic}/groups/{group}/reset", post(reset))
+        .route(
+            "/v1/log/topics/{topic}/groups/{group}",
+            delete(delete_group),
+        )
         .with_state(broker)
 }
 
@@ -335,5 +339,27 @@ async fn reset(
             StatusCode::NO_CONTENT.into_response()
         }
         Err(r) => r,
+    }
+}
+
+async fn delete_group(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+) -> Response {
+    if let Err(r) = group_name(&group) {
+        return r;
+    }
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match topic.groups.delete(&group) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => problem(
+            StatusCode::NOT_FOUND,
+            "Unknown group",
+            format!("no consumer group `{group}`"),
+        ),
+        Err(e) => unavailable(e),
     }
 }
