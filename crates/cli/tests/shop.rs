@@ -726,6 +726,21 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
     assert_eq!(event["data"]["items"][0]["product_id"], product.as_str());
     assert!(event["traceparent"].is_string() && event["correlationid"].is_string());
 
+    // users and products announce themselves too.
+    for (topic, ty) in [
+        ("users", "user.registered"),
+        ("products", "product.created"),
+    ] {
+        let tailed = events(
+            &shop,
+            &[
+                "tail", "--topic", topic, "--from", "earliest", "--json", "--count", "1",
+            ],
+        );
+        let event: Value = serde_json::from_str(tailed.lines().next().unwrap()).unwrap();
+        assert_eq!(event["type"], ty, "{event}");
+    }
+
     // A producer outside Bazaar writes garbage: both consumers set it aside and go on.
     let bus = messaging::embedded::client::EmbeddedBus::new(&shop.url("control-plane"));
     messaging::EventBus::publish_raw(&bus, "orders", "x", bytes_of("{oops"))

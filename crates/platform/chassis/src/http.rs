@@ -480,6 +480,23 @@ impl Service {
         }
     }
 
+    /// Publishes what this service writes into `outbox` (in `pool`'s database)
+    /// beside the server, exporting the relay lag; without a broker the events wait
+    /// in the outbox.
+    pub fn with_outbox_relay(self, pool: sqlx::AnyPool, outbox: messaging::outbox::Outbox) -> Self {
+        match self.chassis.events.clone() {
+            Some(bus) => {
+                let relay = messaging::outbox::Relay::new(pool, bus, outbox, self.chassis.name)
+                    .with_metrics(&self.chassis.metrics);
+                self.with_background(move |stop| relay.run(stop))
+            }
+            None => {
+                tracing::warn!("no events broker configured: events wait in the outbox");
+                self
+            }
+        }
+    }
+
     /// Consumes `topic` as consumer group `group` beside the server, through the
     /// configured broker (retries, dead letters: [`messaging::consumer::run`]); without
     /// a broker, says so and consumes nothing.

@@ -41,17 +41,7 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        let relay = chassis.events.clone().map(|bus| {
-            messaging::outbox::Relay::new(db.pool().clone(), bus, outbox, crate::NAME)
-                .with_metrics(&chassis.metrics)
-        });
-        let service = Service::new(chassis, router, Some(db));
-        Ok(match relay {
-            Some(relay) => service.with_background(move |stop| relay.run(stop)),
-            None => {
-                tracing::warn!("no events broker configured: order events wait in the outbox");
-                service
-            }
-        })
+        let pool = db.pool().clone();
+        Ok(Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox))
     }
 }

@@ -19,8 +19,15 @@ fn row_to_product(row: &sqlx::any::AnyRow) -> Result<Product, sqlx::Error> {
     })
 }
 
-/// Seeds the demo catalog once per database. Returns how many products were added.
-pub async fn seed(pool: &AnyPool) -> Result<usize, sqlx::Error> {
+/// The topic catalog events go to.
+pub const TOPIC: &str = "products";
+
+/// Seeds the demo catalog once per database, each product with its
+/// `product.created` event. Returns how many products were added.
+pub async fn seed(
+    pool: &AnyPool,
+    outbox: &messaging::outbox::Outbox,
+) -> Result<usize, messaging::outbox::OutboxError> {
     let mut tx = pool.begin().await?;
     let claimed = sqlx::query("INSERT INTO catalog_tasks (name, done_at) VALUES ($1, $2)")
         .bind("seed-demo-catalog")
@@ -31,15 +38,26 @@ pub async fn seed(pool: &AnyPool) -> Result<usize, sqlx::Error> {
         Ok(_) => {}
         // Already seeded (or another instance is seeding right now).
         Err(e) if chassis::db::is_unique_violation(&e) => return Ok(0),
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     }
     let catalog = demo_catalog();
     for (name, description, price_cents) in &catalog {
+        let id = Uuid::now_v7().to_string();
+        let event = messaging::CloudEvent::new(
+            "/bazaar/products",
+            "product.created",
+            Some(&id),
+            serde_json::json!({
+                "product_id": id, "name": name, "description": description,
+                "price_cents": price_cents, "currency": CURRENCY,
+            }),
+        );
+        outbox.enqueue(&mut tx, TOPIC, &id, &event).await?;
         sqlx::query(
             "INSERT INTO products (id, name, description, price_cents, currency, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
         )
-        .bind(Uuid::now_v7().to_string())
+        .bind(&id)
         .bind(name)
         .bind(description)
         .bind(*price_cents)
@@ -49,6 +67,7 @@ pub async fn seed(pool: &AnyPool) -> Result<usize, sqlx::Error> {
         .await?;
     }
     tx.commit().await?;
+    outbox.written();
     Ok(catalog.len())
 }
 

@@ -178,7 +178,12 @@ mod tests {
         let database = chassis::db::Database::connect(&db.url, &crate::startup::MIGRATOR)
             .await
             .unwrap();
-        repository::seed(database.pool()).await.unwrap();
+        messaging::outbox::Outbox::install(database.pool())
+            .await
+            .unwrap();
+        repository::seed(database.pool(), &messaging::outbox::Outbox::new())
+            .await
+            .unwrap();
         (
             router(AppState {
                 pool: database.pool().clone(),

@@ -19,8 +19,12 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("products database")?;
+        messaging::outbox::Outbox::install(db.pool())
+            .await
+            .context("products outbox tables")?;
+        let outbox = messaging::outbox::Outbox::new();
         if config.settings.seed {
-            let added = crate::repository::seed(db.pool())
+            let added = crate::repository::seed(db.pool(), &outbox)
                 .await
                 .context("seeding the catalog")?;
             if added > 0 {
@@ -41,6 +45,7 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        Ok(Service::new(chassis, router, Some(db)))
+        let pool = db.pool().clone();
+        Ok(Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox))
     }
 }

@@ -20,10 +20,17 @@ pub enum InsertError {
     DuplicateEmail,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Outbox(#[from] messaging::outbox::OutboxError),
 }
 
+/// The topic account events go to.
+pub const TOPIC: &str = "users";
+
+/// Creates the account and its `user.registered` event in one transaction.
 pub async fn insert(
     pool: &AnyPool,
+    outbox: &messaging::outbox::Outbox,
     email: &Email,
     name: &UserName,
     password_hash: &str,
@@ -35,6 +42,7 @@ pub async fn insert(
         password_hash: password_hash.to_owned(),
         created_at: chassis::clock::now_millis(),
     };
+    let mut tx = pool.begin().await?;
     let result = sqlx::query(
         "INSERT INTO users (id, email, name, password_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
     )
@@ -43,13 +51,27 @@ pub async fn insert(
     .bind(&record.name)
     .bind(&record.password_hash)
     .bind(record.created_at)
-    .execute(pool)
+    .execute(&mut *tx)
     .await;
     match result {
-        Ok(_) => Ok(record),
-        Err(e) if chassis::db::is_unique_violation(&e) => Err(InsertError::DuplicateEmail),
-        Err(e) => Err(e.into()),
+        Ok(_) => {}
+        Err(e) if chassis::db::is_unique_violation(&e) => return Err(InsertError::DuplicateEmail),
+        Err(e) => return Err(e.into()),
     }
+    let id = record.id.to_string();
+    let event = messaging::CloudEvent::new(
+        "/bazaar/users",
+        "user.registered",
+        Some(&id),
+        serde_json::json!({
+            "user_id": id, "email": record.email, "name": record.name,
+            "created_at": chassis::clock::rfc3339(record.created_at),
+        }),
+    );
+    outbox.enqueue(&mut tx, TOPIC, &id, &event).await?;
+    tx.commit().await?;
+    outbox.written();
+    Ok(record)
 }
 
 fn from_row(row: &sqlx::any::AnyRow) -> Result<UserRecord, sqlx::Error> {

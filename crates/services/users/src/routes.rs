@@ -25,6 +25,7 @@ use crate::repository::{self, InsertError, UserRecord};
 #[derive(Clone)]
 pub struct AppState {
     pub pool: AnyPool,
+    pub outbox: messaging::outbox::Outbox,
     pub passwords: Passwords,
     /// The key that signs new tokens (the oldest unretired one).
     pub signer: Arc<SigningKey>,
@@ -102,7 +103,7 @@ async fn sign_up(
         .hash(password.expose().to_owned())
         .await
         .map_err(Problem::internal)?;
-    let record = match repository::insert(&state.pool, &email, &name, &hash).await {
+    let record = match repository::insert(&state.pool, &state.outbox, &email, &name, &hash).await {
         Ok(r) => r,
         Err(InsertError::DuplicateEmail) => {
             return Err(Problem::conflict(
@@ -110,6 +111,7 @@ async fn sign_up(
             ));
         }
         Err(InsertError::Db(e)) => return Err(e.into()),
+        Err(InsertError::Outbox(e)) => return Err(Problem::internal(e)),
     };
     tracing::info!(user_id = %record.id, "account created");
     let location = HeaderValue::from_str(&format!("/users/{}", record.id)).ok();

@@ -27,11 +27,16 @@ impl Application {
             .context("signing keys")?;
         let signer = keys.first().cloned().context("no signing key")?;
         let jwks = chassis::jwt::jwks(keys.iter());
+        messaging::outbox::Outbox::install(db.pool())
+            .await
+            .context("users outbox tables")?;
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
+        let outbox = messaging::outbox::Outbox::new();
         let state = AppState {
             pool: db.pool().clone(),
+            outbox: outbox.clone(),
             passwords: Passwords::new()?,
             signer: Arc::new(signer),
             jwks: Arc::new(jwks),
@@ -47,6 +52,7 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        Ok(Service::new(chassis, router, Some(db)))
+        let pool = db.pool().clone();
+        Ok(Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox))
     }
 }
