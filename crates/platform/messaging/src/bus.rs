@@ -62,10 +62,23 @@ pub trait Acker: Send {
     fn nack(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BusError>>;
 }
 
+/// Where a delivery comes from.
+#[derive(Clone, Debug)]
+pub struct Position {
+    pub topic: String,
+    pub key: String,
+    /// The partition of `key`: deliveries of one partition must be handled in order,
+    /// those of different partitions may run concurrently.
+    pub partition: u32,
+    pub offset: u64,
+    pub attempt: u32,
+}
+
 /// One message handed to a consumer.
 pub struct Delivery {
     pub topic: String,
     pub key: String,
+    pub partition: u32,
     /// Position in the topic, as the broker numbers it.
     pub offset: u64,
     /// 1 on the first delivery, then one more each time it comes back.
@@ -80,19 +93,17 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn new(
-        topic: String,
-        key: String,
-        offset: u64,
-        attempt: u32,
+        at: Position,
         event: Result<CloudEvent, EnvelopeError>,
         payload: Bytes,
         acker: Box<dyn Acker>,
     ) -> Self {
         Self {
-            topic,
-            key,
-            offset,
-            attempt,
+            topic: at.topic,
+            key: at.key,
+            partition: at.partition,
+            offset: at.offset,
+            attempt: at.attempt,
             event,
             payload,
             acker,
@@ -115,6 +126,7 @@ impl std::fmt::Debug for Delivery {
         f.debug_struct("Delivery")
             .field("topic", &self.topic)
             .field("key", &self.key)
+            .field("partition", &self.partition)
             .field("offset", &self.offset)
             .field("attempt", &self.attempt)
             .field("event", &self.event)

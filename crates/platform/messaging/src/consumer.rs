@@ -2,12 +2,14 @@
 //! with growing backoff what failed, and set aside in the dead-letter topic what
 //! keeps failing or is not an event at all, so no message stalls its partition.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusError, Delivery, EventBus, SubscribeOptions};
@@ -74,16 +76,20 @@ pub struct Meta {
     pub attempt: u32,
 }
 
-/// Consumes until `shutdown`, re-subscribing after broker outages.
+/// Consumes until `shutdown`, re-subscribing after broker outages. Each partition
+/// has a worker handling its deliveries one after another (a key's events in order);
+/// partitions are handled concurrently.
 pub async fn run<F, Fut>(
     bus: Arc<dyn EventBus>,
     config: ConsumerConfig,
     shutdown: CancellationToken,
     handler: F,
 ) where
-    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
-    Fut: Future<Output = Result<(), HandlerError>> + Send,
+    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
+    let handler = Arc::new(handler);
+    let config = Arc::new(config);
     while !shutdown.is_cancelled() {
         let mut subscription = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -96,13 +102,25 @@ pub async fn run<F, Fut>(
                 }
             },
         };
+        let mut workers: HashMap<u32, mpsc::Sender<Delivery>> = HashMap::new();
+        let mut tasks = Vec::new();
         loop {
             let delivery = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 d = subscription.next() => d,
             };
             match delivery {
-                Ok(d) => settle(bus.as_ref(), &config, &handler, d).await,
+                Ok(d) => {
+                    let tx = workers.entry(d.partition).or_insert_with(|| {
+                        let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                        let (bus, config, handler) = (bus.clone(), config.clone(), handler.clone());
+                        tasks.push(tokio::spawn(worker(bus, config, handler, rx)));
+                        tx
+                    });
+                    if tx.send(d).await.is_err() {
+                        break;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(topic = %config.topic, group = %config.group, error = %e, "subscription broke; re-subscribing");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -110,10 +128,50 @@ pub async fn run<F, Fut>(
                 }
             }
         }
+        // Workers finish what they hold (the broker redelivers the rest).
+        drop(workers);
+        for t in tasks {
+            let _ = t.await;
+        }
     }
 }
 
-async fn settle<F, Fut>(bus: &dyn EventBus, config: &ConsumerConfig, handler: &F, d: Delivery)
+/// Deliveries waiting for one partition's worker.
+const WORKER_QUEUE: usize = 64;
+
+async fn worker<F, Fut>(
+    bus: Arc<dyn EventBus>,
+    config: Arc<ConsumerConfig>,
+    handler: Arc<F>,
+    mut deliveries: mpsc::Receiver<Delivery>,
+) where
+    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    // After a nack the broker sends the partition again from the nacked message:
+    // what was already queued behind it is stale.
+    let mut stale_after: Option<u64> = None;
+    while let Some(d) = deliveries.recv().await {
+        if let Some(nacked) = stale_after {
+            if d.offset > nacked {
+                continue;
+            }
+            stale_after = None;
+        }
+        let offset = d.offset;
+        if settle(bus.as_ref(), &config, handler.as_ref(), d).await {
+            stale_after = Some(offset);
+        }
+    }
+}
+
+/// Handles one delivery; `true` if it was nacked (it comes back).
+async fn settle<F, Fut>(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    handler: &F,
+    d: Delivery,
+) -> bool
 where
     F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
@@ -135,8 +193,8 @@ where
         .catch_unwind()
         .await
         .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())));
-    let result = match outcome {
-        Ok(()) => d.ack().await,
+    let (result, nacked) = match outcome {
+        Ok(()) => (d.ack().await, false),
         Err(HandlerError::Reject(reason)) => return dead_letter(bus, config, d, reason).await,
         Err(HandlerError::Retry(reason)) if d.attempt >= config.max_attempts => {
             let reason = format!("failed {} times; last: {reason}", d.attempt);
@@ -145,18 +203,25 @@ where
         Err(HandlerError::Retry(reason)) => {
             let delay = config.backoff(d.attempt);
             tracing::warn!(topic = %config.topic, group = %config.group, offset = d.offset, attempt = d.attempt, reason = %reason, retry_in = ?delay, "handler failed; will retry");
-            d.nack(delay).await
+            (d.nack(delay).await, true)
         }
     };
     if let Err(e) = result {
         // Unsettled: the broker redelivers after the ack wait.
         tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
     }
+    nacked
 }
 
 /// Publishes the delivery to the dead-letter topic with the reason, then acks it;
-/// if the dead-letter topic cannot take it, the delivery is nacked, never dropped.
-async fn dead_letter(bus: &dyn EventBus, config: &ConsumerConfig, d: Delivery, reason: String) {
+/// if the dead-letter topic cannot take it, the delivery is nacked (`true`), never
+/// dropped.
+async fn dead_letter(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    d: Delivery,
+    reason: String,
+) -> bool {
     let original: Value = match &d.event {
         Ok(event) => serde_json::to_value(event).unwrap_or(Value::Null),
         Err(_) => Value::Null,
@@ -172,20 +237,21 @@ async fn dead_letter(bus: &dyn EventBus, config: &ConsumerConfig, d: Delivery, r
         }),
     );
     tracing::error!(topic = %d.topic, group = %config.group, offset = d.offset, reason = %reason, "dead-lettered");
-    let settled = match bus
+    let (settled, nacked) = match bus
         .publish(&dead_letter_topic(&config.topic), &d.key, &letter)
         .await
     {
-        Ok(_) => d.ack().await,
+        Ok(_) => (d.ack().await, false),
         Err(e) => {
             tracing::warn!(error = %e, "dead-letter topic unavailable; the message comes back");
             let delay = config.backoff(d.attempt);
-            d.nack(delay).await
+            (d.nack(delay).await, true)
         }
     };
     if let Err(e) = settled {
         tracing::warn!(error = %e, "could not settle a dead-lettered delivery");
     }
+    nacked
 }
 
 impl From<BusError> for HandlerError {

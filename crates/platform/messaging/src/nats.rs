@@ -18,8 +18,8 @@ use futures::StreamExt;
 use futures::stream::{BoxStream, SelectAll};
 
 use crate::bus::{
-    Acker, BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription,
-    check_name, partition,
+    Acker, BoxFuture, BusError, Delivery, EventBus, Position, StartFrom, SubscribeOptions,
+    Subscription, check_name, partition,
 };
 use crate::envelope::{CloudEvent, EnvelopeError};
 
@@ -218,11 +218,20 @@ impl Subscription for NatsSubscription {
                 // Structured mode, or bytes from a producer outside Bazaar.
                 CloudEvent::from_json(&message.payload)
             };
+            let partition = message
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_default();
             Ok(Delivery::new(
-                self.topic.clone(),
-                key,
-                offset,
-                attempt.max(1),
+                Position {
+                    topic: self.topic.clone(),
+                    key,
+                    partition,
+                    offset,
+                    attempt: attempt.max(1),
+                },
                 event,
                 message.payload.clone(),
                 Box::new(NatsAcker(acker)),

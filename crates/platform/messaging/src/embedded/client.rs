@@ -1,6 +1,7 @@
 //! [`EventBus`] over the embedded broker's HTTP protocol.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -10,8 +11,8 @@ use serde_json::{Value, json};
 
 use super::server::{KEY_HEADER, RecordJson, StartJson};
 use crate::bus::{
-    Acker, BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription,
-    check_name,
+    Acker, BoxFuture, BusError, Delivery, EventBus, Position, StartFrom, SubscribeOptions,
+    Subscription, check_name,
 };
 use crate::envelope::CloudEvent;
 
@@ -95,12 +96,18 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, BusErro
     })
 }
 
+/// Deliveries fetched and not yet handed out, shared with the ackers: a nack makes
+/// the later ones of its partition stale (the broker sends them again).
+type Buffer = Arc<Mutex<VecDeque<RecordJson>>>;
+
 struct EmbeddedAcker {
     bus: EmbeddedBus,
     topic: String,
     group: String,
+    partition: u32,
     offset: u64,
     token: u64,
+    buffer: Buffer,
 }
 
 impl EmbeddedAcker {
@@ -110,10 +117,15 @@ impl EmbeddedAcker {
             body["delay_ms"] = json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         }
         let url = self.bus.group_url(&self.topic, &self.group, verb);
-        self.bus
-            .post_json(url, body, CALL_TIMEOUT)
-            .await
-            .map(|_| ())
+        self.bus.post_json(url, body, CALL_TIMEOUT).await?;
+        if delay.is_some() {
+            let (partition, offset) = (self.partition, self.offset);
+            self.buffer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|r| r.partition != partition || r.offset <= offset);
+        }
+        Ok(())
     }
 }
 
@@ -131,15 +143,29 @@ struct EmbeddedSubscription {
     bus: EmbeddedBus,
     topic: String,
     group: String,
+    member: String,
     options: SubscribeOptions,
-    buffer: VecDeque<RecordJson>,
+    buffer: Buffer,
+}
+
+impl EmbeddedSubscription {
+    fn pop(&self) -> Option<RecordJson> {
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop_front()
+    }
 }
 
 impl Subscription for EmbeddedSubscription {
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BusError>> {
         Box::pin(async move {
-            while self.buffer.is_empty() {
+            let r = loop {
+                if let Some(r) = self.pop() {
+                    break r;
+                }
                 let body = json!({
+                    "member": self.member,
                     "start": StartJson::from(self.options.start.clone()),
                     "max": 64,
                     "wait_ms": u64::try_from(FETCH_WAIT.as_millis()).unwrap_or(20_000),
@@ -151,29 +177,33 @@ impl Subscription for EmbeddedSubscription {
                     .post_json(url, body, FETCH_WAIT + CALL_TIMEOUT)
                     .await?;
                 let records: Vec<RecordJson> = response.json().await.map_err(unavailable)?;
-                self.buffer.extend(records);
-            }
-            let r = self.buffer.pop_front().ok_or(BusError::Closed)?;
+                self.buffer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(records);
+            };
             let payload = Bytes::from(
                 B64.decode(&r.payload)
                     .map_err(|e| BusError::Refused(e.to_string()))?,
             );
             let event = CloudEvent::from_json(&payload);
-            Ok(Delivery::new(
-                self.topic.clone(),
-                r.key,
-                r.offset,
-                r.attempt.unwrap_or(1),
-                event,
-                payload,
-                Box::new(EmbeddedAcker {
-                    bus: self.bus.clone(),
-                    topic: self.topic.clone(),
-                    group: self.group.clone(),
-                    offset: r.offset,
-                    token: r.token.unwrap_or_default(),
-                }),
-            ))
+            let acker = EmbeddedAcker {
+                bus: self.bus.clone(),
+                topic: self.topic.clone(),
+                group: self.group.clone(),
+                partition: r.partition,
+                offset: r.offset,
+                token: r.token.unwrap_or_default(),
+                buffer: self.buffer.clone(),
+            };
+            let at = Position {
+                topic: self.topic.clone(),
+                key: r.key,
+                partition: r.partition,
+                offset: r.offset,
+                attempt: r.attempt.unwrap_or(1),
+            };
+            Ok(Delivery::new(at, event, payload, Box::new(acker)))
         })
     }
 }
@@ -216,8 +246,9 @@ impl EventBus for EmbeddedBus {
                 bus: self.clone(),
                 topic: topic.to_owned(),
                 group: group.to_owned(),
+                member: uuid::Uuid::new_v4().to_string(),
                 options,
-                buffer: VecDeque::new(),
+                buffer: Buffer::default(),
             }) as Box<dyn Subscription>)
         })
     }

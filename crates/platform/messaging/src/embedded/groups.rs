@@ -1,12 +1,16 @@
-//! Consumer groups over a topic log, with the same contract as the JetStream
-//! backend: per partition, one message in flight per group; a delivery is leased for
-//! the subscriber's ack wait, and comes back (one attempt more) when the lease runs
-//! out or is nacked; an ack moves the partition past it. Positions are written to
+//! Consumer groups over a topic log. Per partition, one member at a time holds a
+//! window of up to [`WINDOW`] consecutive messages (Kafka's partition ownership, at
+//! message granularity): it handles them in order, so a key's events stay in order,
+//! while other members take other partitions. A window is leased for the member's
+//! ack wait, renewed as it fetches and acks; when the lease runs out (the member
+//! died) or a message is nacked, the partition goes back to its first unacknowledged
+//! message, delivered again with one attempt more; an ack moves the partition past
+//! every message acknowledged in order. Positions are written to
 //! `groups/<group>.json` (atomically, fsynced) at most every flush interval, so after
 //! a crash a group may see again what it acknowledged just before: delivery is at
 //! least once, which the inbox makes harmless.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,22 +24,29 @@ use tokio::time::Instant;
 use super::store::{Record, TopicLog};
 use crate::bus::StartFrom;
 
+/// Most messages of one partition out with one member at once.
+pub const WINDOW: usize = 64;
+
 #[derive(Debug, Default)]
 struct Part {
     /// Everything of this partition before `next` is acknowledged.
     next: u64,
-    /// Deliveries so far of the message at the head.
-    attempts: u32,
-    lease: Option<Lease>,
-    /// After a nack: the head waits until then.
+    /// The member holding the window, and until when.
+    holder: Option<(String, Instant)>,
+    /// Messages out with the holder, by offset: their token and whether acked.
+    window: BTreeMap<u64, (u64, bool)>,
+    /// Deliveries so far of messages not yet acknowledged.
+    attempts: HashMap<u64, u32>,
+    /// After a nack: the partition waits until then.
     not_before: Option<Instant>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Lease {
-    token: u64,
-    offset: u64,
-    until: Instant,
+impl Part {
+    /// Gives the window back: its unacknowledged messages will be delivered again.
+    fn release(&mut self) {
+        self.window.clear();
+        self.holder = None;
+    }
 }
 
 #[derive(Debug)]
@@ -206,11 +217,12 @@ impl Groups {
         out
     }
 
-    /// Leases up to `max` deliveries available now (one per partition at most);
-    /// also returns when the next lease or nack delay runs out.
+    /// Leases up to `max` deliveries available now to `member`; also returns when
+    /// the next lease or nack delay runs out.
     fn take(
         &self,
         group: &str,
+        member: &str,
         max: usize,
         ack_wait: Duration,
     ) -> io::Result<(Vec<Leased>, Option<Instant>)> {
@@ -229,12 +241,10 @@ impl Groups {
             }
             let p = (g.turn + i) % count;
             let part = &mut g.parts[p];
-            if let Some(lease) = part.lease {
-                if lease.until > now {
-                    soonest(lease.until);
-                    continue;
-                }
-                part.lease = None; // expired: the holder is gone
+            if let Some((_, until)) = &part.holder
+                && *until <= now
+            {
+                part.release(); // the holder is gone
             }
             if let Some(at) = part.not_before {
                 if at > now {
@@ -243,30 +253,50 @@ impl Groups {
                 }
                 part.not_before = None;
             }
-            let Some(head) = self.log.next_in_partition(p as u32, part.next) else {
-                continue;
-            };
-            if head != part.next {
-                // Skip past offsets of other partitions (and retention-removed ones).
-                part.next = head;
-                part.attempts = 0;
+            match &mut part.holder {
+                Some((holder, until)) if holder != member => {
+                    soonest(*until);
+                    continue;
+                }
+                // The holder is fetching: it is alive.
+                Some((_, until)) => *until = now + ack_wait,
+                None => {}
             }
-            let Some(record) = self.log.read(head)? else {
-                continue;
-            };
-            part.attempts += 1;
-            let token = self.tokens.fetch_add(1, Ordering::Relaxed);
-            part.lease = Some(Lease {
-                token,
-                offset: head,
-                until: now + ack_wait,
-            });
-            soonest(now + ack_wait);
-            out.push(Leased {
-                record,
-                attempt: part.attempts,
-                token,
-            });
+            let mut from = part
+                .window
+                .keys()
+                .next_back()
+                .map_or(part.next, |last| last + 1);
+            let mut leased = 0;
+            while part.window.len() < WINDOW && out.len() < max {
+                let Some(offset) = self.log.next_in_partition(p as u32, from) else {
+                    break;
+                };
+                if part.window.is_empty() && offset != part.next {
+                    // Skip offsets of other partitions (and retention-removed ones).
+                    part.next = offset;
+                }
+                let Some(record) = self.log.read(offset)? else {
+                    break;
+                };
+                let attempt = part.attempts.entry(offset).or_insert(0);
+                *attempt += 1;
+                let token = self.tokens.fetch_add(1, Ordering::Relaxed);
+                part.window.insert(offset, (token, false));
+                out.push(Leased {
+                    record,
+                    attempt: *attempt,
+                    token,
+                });
+                from = offset + 1;
+                leased += 1;
+            }
+            if leased > 0 {
+                part.holder = Some((member.to_owned(), now + ack_wait));
+            }
+            if let Some((_, until)) = &part.holder {
+                soonest(*until);
+            }
         }
         g.turn = (g.turn + 1) % count.max(1);
         Ok((out, timer))
@@ -276,6 +306,7 @@ impl Groups {
     pub async fn fetch(
         &self,
         group: &str,
+        member: &str,
         start: &StartFrom,
         max: usize,
         ack_wait: Duration,
@@ -292,7 +323,7 @@ impl Groups {
             tokio::pin!(notified);
             notified.as_mut().enable();
             appended.borrow_and_update();
-            let (got, timer) = self.take(group, max, ack_wait)?;
+            let (got, timer) = self.take(group, member, max, ack_wait)?;
             if !got.is_empty() {
                 return Ok(got);
             }
@@ -309,6 +340,7 @@ impl Groups {
         }
     }
 
+    /// Applies `apply` to the partition whose window holds `offset` under `token`.
     fn settle(
         &self,
         group: &str,
@@ -323,12 +355,8 @@ impl Groups {
         let part = g
             .parts
             .iter_mut()
-            .find(|p| {
-                p.lease
-                    .is_some_and(|l| l.token == token && l.offset == offset)
-            })
+            .find(|p| p.window.get(&offset).is_some_and(|(t, _)| *t == token))
             .ok_or(SettleError::LeaseLost(offset))?;
-        part.lease = None;
         apply(part);
         g.dirty = true;
         drop(groups);
@@ -336,15 +364,31 @@ impl Groups {
         Ok(())
     }
 
-    /// The delivery is handled: its partition moves past it.
+    /// The delivery is handled: once everything before it is too, its partition
+    /// moves past it.
     pub fn ack(&self, group: &str, offset: u64, token: u64) -> Result<(), SettleError> {
         self.settle(group, offset, token, |part| {
-            part.next = offset + 1;
-            part.attempts = 0;
+            if let Some(slot) = part.window.get_mut(&offset) {
+                slot.1 = true;
+            }
+            while let Some((&first, &(_, acked))) = part.window.iter().next() {
+                if !acked {
+                    break;
+                }
+                part.window.remove(&first);
+                part.attempts.remove(&first);
+                part.next = first + 1;
+            }
+            if part.window.is_empty() {
+                // Nothing out: any member may take the partition next.
+                part.holder = None;
+            } else if let Some((_, until)) = &mut part.holder {
+                *until = (*until).max(Instant::now());
+            }
         })
     }
 
-    /// Deliver it again after `delay`; its partition waits.
+    /// Deliver it again after `delay`, and everything after it in its partition.
     pub fn nack(
         &self,
         group: &str,
@@ -353,6 +397,15 @@ impl Groups {
         delay: Duration,
     ) -> Result<(), SettleError> {
         self.settle(group, offset, token, |part| {
+            // Later messages of the window were sent but not handled: they come
+            // back without counting an attempt.
+            let later: Vec<u64> = part.window.range(offset + 1..).map(|(o, _)| *o).collect();
+            for o in later {
+                if let Some(a) = part.attempts.get_mut(&o) {
+                    *a = a.saturating_sub(1);
+                }
+            }
+            part.release();
             part.not_before = Some(Instant::now() + delay);
         })
     }
@@ -398,7 +451,7 @@ mod tests {
     use bytes::Bytes;
 
     #[tokio::test]
-    async fn positions_survive_a_reopen_and_lost_leases_refuse_settling() {
+    async fn windows_leases_and_positions_survive_a_reopen() {
         let dir =
             std::env::temp_dir().join(format!("bazaar-groups-{}", uuid::Uuid::new_v4().simple()));
         let mut config = LogConfig::new(&dir);
@@ -413,48 +466,59 @@ mod tests {
         for n in 0..5u8 {
             log.append("k", Bytes::from(vec![n])).await.unwrap();
         }
+        let (long, short) = (Duration::from_secs(30), Duration::from_millis(20));
         let wait = Duration::from_millis(10);
-        for expected in 0..3u64 {
-            let got = groups
-                .fetch("g", &StartFrom::Earliest, 8, Duration::from_secs(30), wait)
-                .await
-                .unwrap();
-            assert_eq!(got.len(), 1, "one in flight per partition");
-            assert_eq!(got[0].record.offset, expected);
-            groups.ack("g", expected, got[0].token).unwrap();
-        }
-        // A lease that ran out: the ack of its late holder is refused.
-        let late = groups
-            .fetch(
-                "g",
-                &StartFrom::Earliest,
-                8,
-                Duration::from_millis(20),
-                wait,
-            )
-            .await
+        let fetch = |member: &'static str, ack_wait| {
+            let groups = &groups;
+            async move {
+                groups
+                    .fetch("g", member, &StartFrom::Earliest, 8, ack_wait, wait)
+                    .await
+                    .unwrap()
+            }
+        };
+        // One member holds the partition's window, in order; another gets nothing.
+        let window = fetch("a", long).await;
+        let offsets: Vec<u64> = window.iter().map(|l| l.record.offset).collect();
+        assert_eq!(offsets, [0, 1, 2, 3, 4]);
+        assert!(fetch("b", long).await.is_empty());
+        // Acks out of order move the partition only past what is acked in order.
+        groups.ack("g", 1, window[1].token).unwrap();
+        assert_eq!(groups.lag(), [("g".to_owned(), 5)]);
+        groups.ack("g", 0, window[0].token).unwrap();
+        groups.ack("g", 2, window[2].token).unwrap();
+        assert_eq!(groups.lag(), [("g".to_owned(), 2)]);
+        // A nack sends 3 and 4 back; 4 comes back without counting an attempt.
+        groups
+            .nack("g", 3, window[3].token, Duration::ZERO)
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        let again = groups
-            .fetch("g", &StartFrom::Earliest, 8, Duration::from_secs(30), wait)
-            .await
-            .unwrap();
-        assert_eq!((again[0].record.offset, again[0].attempt), (3, 2));
         assert_eq!(
-            groups.ack("g", 3, late[0].token),
+            groups.ack("g", 4, window[4].token),
+            Err(SettleError::LeaseLost(4))
+        );
+        let again = fetch("b", short).await;
+        let seen: Vec<(u64, u32)> = again.iter().map(|l| (l.record.offset, l.attempt)).collect();
+        assert_eq!(seen, [(3, 2), (4, 1)]);
+        // b dies holding them: after its lease, a gets them, one attempt more.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let taken = fetch("a", long).await;
+        let seen: Vec<(u64, u32)> = taken.iter().map(|l| (l.record.offset, l.attempt)).collect();
+        assert_eq!(seen, [(3, 3), (4, 2)]);
+        assert_eq!(
+            groups.ack("g", 3, again[0].token),
             Err(SettleError::LeaseLost(3))
         );
-        assert_eq!(groups.lag(), [("g".to_owned(), 2)]);
+        groups.ack("g", 3, taken[0].token).unwrap();
         groups.flush().unwrap();
         drop((log, groups));
 
         let (_log, groups) = open();
         let got = groups
-            .fetch("g", &StartFrom::Latest, 8, Duration::from_secs(30), wait)
+            .fetch("g", "c", &StartFrom::Latest, 8, long, wait)
             .await
             .unwrap();
         assert_eq!(
-            got[0].record.offset, 3,
+            got[0].record.offset, 4,
             "resumes after the last ack, not at `start`"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -220,6 +220,9 @@ async fn list(State(broker): State<Arc<Broker>>) -> Response {
 
 #[derive(Deserialize)]
 struct FetchRequest {
+    /// The subscriber, so it can hold partitions across fetches; without one each
+    /// fetch is a member of its own.
+    member: Option<String>,
     #[serde(default)]
     start: StartJson,
     max: Option<usize>,
@@ -242,6 +245,9 @@ async fn fetch(
         .groups
         .fetch(
             &group,
+            &request
+                .member
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             &request.start.into(),
             request.max.unwrap_or(64).min(1024),
             ack_wait,
