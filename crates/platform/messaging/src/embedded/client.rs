@@ -1,6 +1,6 @@
 //! [`EventBus`] over the embedded broker's HTTP protocol.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,8 +8,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot};
 
-use super::server::{KEY_HEADER, RecordJson, StartJson};
+use super::server::{RecordJson, StartJson, encode_batch};
 use crate::bus::{
     Acker, BoxFuture, BusError, Delivery, EventBus, Position, StartFrom, SubscribeOptions,
     Subscription, check_name,
@@ -20,11 +21,31 @@ use crate::envelope::CloudEvent;
 const FETCH_WAIT: Duration = Duration::from_secs(20);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most records, and bytes, one batch call carries.
+const BATCH_RECORDS: usize = 512;
+const BATCH_BYTES: usize = 512 << 10;
+/// Batch calls in flight at once.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 /// A client of the control plane's embedded broker. Cheap to clone.
+///
+/// Publishes made concurrently (by different tasks) are coalesced into batch calls,
+/// as a Kafka producer batches: under load one HTTP call and one fsync carry many
+/// records; alone, a publish goes out at once. A task's publishes stay in its order
+/// (it awaits each).
 #[derive(Clone, Debug)]
 pub struct EmbeddedBus {
     base: String,
     http: reqwest::Client,
+    batcher: Arc<std::sync::OnceLock<mpsc::Sender<Publish>>>,
+}
+
+#[derive(Debug)]
+struct Publish {
+    topic: String,
+    key: String,
+    payload: Bytes,
+    reply: oneshot::Sender<Result<u64, BusError>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -41,7 +62,18 @@ impl EmbeddedBus {
                 .connect_timeout(Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
+            batcher: Arc::default(),
         }
+    }
+
+    /// The batcher task's queue, started on first use. The task ends when every
+    /// clone of this bus is gone (it holds no clone itself).
+    fn batcher(&self) -> &mpsc::Sender<Publish> {
+        self.batcher.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(BATCH_RECORDS * BATCHES_IN_FLIGHT);
+            tokio::spawn(batch_loop(self.base.clone(), self.http.clone(), rx));
+            tx
+        })
     }
 
     fn group_url(&self, topic: &str, group: &str, verb: &str) -> String {
@@ -67,19 +99,90 @@ impl EmbeddedBus {
 
     async fn append(&self, topic: &str, key: &str, payload: Bytes) -> Result<u64, BusError> {
         check_name(topic)?;
-        let response = self
-            .http
-            .post(format!("{}/v1/log/topics/{topic}/records", self.base))
+        let (reply, answer) = oneshot::channel();
+        let publish = Publish {
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            payload,
+            reply,
+        };
+        let closed = || BusError::Unavailable("the publisher stopped".into());
+        self.batcher().send(publish).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+/// Takes every publish waiting, one call per topic, a few calls in flight.
+async fn batch_loop(base: String, http: reqwest::Client, mut queue: mpsc::Receiver<Publish>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let mut by_topic: HashMap<String, Vec<Publish>> = HashMap::new();
+        let mut bytes = first.payload.len();
+        let mut count = 1;
+        by_topic.entry(first.topic.clone()).or_default().push(first);
+        while count < BATCH_RECORDS && bytes < BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += p.payload.len() + p.key.len();
+                    count += 1;
+                    by_topic.entry(p.topic.clone()).or_default().push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        for (topic, batch) in by_topic {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let (base, http) = (base.clone(), http.clone());
+            tokio::spawn(async move {
+                send_batch(&base, &http, &topic, batch).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn send_batch(base: &str, http: &reqwest::Client, topic: &str, batch: Vec<Publish>) {
+    let mut body = Vec::new();
+    for p in &batch {
+        encode_batch(&mut body, &p.key, &p.payload);
+    }
+    let result = async {
+        let response = http
+            .post(format!("{base}/v1/log/topics/{topic}/batch"))
             .timeout(CALL_TIMEOUT)
-            .header(KEY_HEADER, key)
-            .body(payload)
+            .body(body)
             .send()
             .await
             .map_err(unavailable)?;
         let answer: Value = check(response).await?.json().await.map_err(unavailable)?;
-        answer["offset"]
-            .as_u64()
-            .ok_or_else(|| BusError::Refused(format!("unexpected answer {answer}")))
+        let offsets: Vec<u64> = answer["offsets"]
+            .as_array()
+            .map(|o| o.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default();
+        if offsets.len() != batch.len() {
+            return Err(BusError::Refused(format!("unexpected answer {answer}")));
+        }
+        Ok(offsets)
+    }
+    .await;
+    match result {
+        Ok(offsets) => {
+            for (p, offset) in batch.into_iter().zip(offsets) {
+                let _ = p.reply.send(Ok(offset));
+            }
+        }
+        Err(e) => {
+            let text = e.to_string();
+            for p in batch {
+                let error = match &e {
+                    BusError::Refused(_) => BusError::Refused(text.clone()),
+                    _ => BusError::Unavailable(text.clone()),
+                };
+                let _ = p.reply.send(Err(error));
+            }
+        }
     }
 }
 

@@ -29,6 +29,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
     Router::new()
         .route("/v1/log/topics", get(list))
         .route("/v1/log/topics/{topic}/records", post(publish).get(read))
+        .route("/v1/log/topics/{topic}/batch", post(publish_batch))
         .route("/v1/log/topics/{topic}/groups/{group}/fetch", post(fetch))
         .route("/v1/log/topics/{topic}/groups/{group}/ack", post(ack))
         .route("/v1/log/topics/{topic}/groups/{group}/nack", post(nack))
@@ -366,6 +367,71 @@ async fn delete_group(
             "Unknown group",
             format!("no consumer group `{group}`"),
         ),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// Splits a batch body: `(u16 key length, key, u32 payload length, payload)*`, big
+/// endian; `None` if it does not parse.
+pub fn decode_batch(mut body: &[u8]) -> Option<Vec<(String, Bytes)>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let key_len = u16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
+        let key = std::str::from_utf8(body.get(2..2 + key_len)?)
+            .ok()?
+            .to_owned();
+        body = &body[2 + key_len..];
+        let len = u32::from_be_bytes(body.get(..4)?.try_into().ok()?) as usize;
+        let payload = Bytes::copy_from_slice(body.get(4..4 + len)?);
+        body = &body[4 + len..];
+        out.push((key, payload));
+    }
+    Some(out)
+}
+
+/// Appends to the batch body `buffer`.
+pub fn encode_batch(buffer: &mut Vec<u8>, key: &str, payload: &[u8]) {
+    let key = &key.as_bytes()[..key.len().min(u16::MAX as usize)];
+    buffer.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    buffer.extend_from_slice(key);
+    buffer.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    buffer.extend_from_slice(payload);
+}
+
+/// Many records in one call (the client coalesces concurrent publishes): all
+/// appended under the same group commit; answers their offsets in order.
+async fn publish_batch(
+    State(broker): State<Arc<Broker>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let topic = match topic(&broker, &name) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let Some(records) = decode_batch(&body) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "Invalid batch",
+            "the body must be (u16 key length, key, u32 payload length, payload) repeated",
+        );
+    };
+    if let Some((key, payload)) = records.iter().find(|(k, p)| k.len() + p.len() > MAX_RECORD) {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Record too large",
+            format!(
+                "a record of key `{key}` has {} bytes; records are limited to {MAX_RECORD}",
+                payload.len()
+            ),
+        );
+    }
+    let appends = records.into_iter().map(|(key, payload)| {
+        let log = topic.log.clone();
+        async move { log.append(&key, payload).await }
+    });
+    match futures::future::try_join_all(appends).await {
+        Ok(offsets) => axum::Json(json!({ "offsets": offsets })).into_response(),
         Err(e) => unavailable(e),
     }
 }
