@@ -37,7 +37,15 @@ const BATCHES_IN_FLIGHT: usize = 4;
 pub struct EmbeddedBus {
     base: String,
     http: reqwest::Client,
-    batcher: Arc<std::sync::OnceLock<mpsc::Sender<Publish>>>,
+    publishes: Arc<std::sync::OnceLock<mpsc::Sender<Publish>>>,
+    settles: Arc<std::sync::OnceLock<mpsc::Sender<Settle>>>,
+}
+
+/// Work the batchers coalesce: grouped by `key`, each group one call.
+trait Batched: Send + 'static {
+    type Key: std::hash::Hash + Eq + Send + 'static;
+    fn key(&self) -> Self::Key;
+    fn size(&self) -> usize;
 }
 
 #[derive(Debug)]
@@ -46,6 +54,37 @@ struct Publish {
     key: String,
     payload: Bytes,
     reply: oneshot::Sender<Result<u64, BusError>>,
+}
+
+impl Batched for Publish {
+    type Key = String;
+    fn key(&self) -> String {
+        self.topic.clone()
+    }
+    fn size(&self) -> usize {
+        self.payload.len() + self.key.len()
+    }
+}
+
+/// An ack (no delay) or a nack.
+#[derive(Debug)]
+struct Settle {
+    topic: String,
+    group: String,
+    offset: u64,
+    token: u64,
+    nack_delay: Option<Duration>,
+    reply: oneshot::Sender<Result<(), BusError>>,
+}
+
+impl Batched for Settle {
+    type Key = (String, String);
+    fn key(&self) -> (String, String) {
+        (self.topic.clone(), self.group.clone())
+    }
+    fn size(&self) -> usize {
+        32
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -62,18 +101,54 @@ impl EmbeddedBus {
                 .connect_timeout(Duration::from_secs(2))
                 .build()
                 .unwrap_or_default(),
-            batcher: Arc::default(),
+            publishes: Arc::default(),
+            settles: Arc::default(),
         }
     }
 
-    /// The batcher task's queue, started on first use. The task ends when every
+    /// A batcher's queue, its task started on first use. The task ends when every
     /// clone of this bus is gone (it holds no clone itself).
-    fn batcher(&self) -> &mpsc::Sender<Publish> {
-        self.batcher.get_or_init(|| {
+    fn queue<T, S, Fut>(
+        &self,
+        cell: &std::sync::OnceLock<mpsc::Sender<T>>,
+        send: S,
+    ) -> mpsc::Sender<T>
+    where
+        T: Batched,
+        S: Fn(String, reqwest::Client, T::Key, Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        cell.get_or_init(|| {
             let (tx, rx) = mpsc::channel(BATCH_RECORDS * BATCHES_IN_FLIGHT);
-            tokio::spawn(batch_loop(self.base.clone(), self.http.clone(), rx));
+            tokio::spawn(batch_loop(self.base.clone(), self.http.clone(), rx, send));
             tx
         })
+        .clone()
+    }
+
+    async fn settle(
+        &self,
+        topic: &str,
+        group: &str,
+        offset: u64,
+        token: u64,
+        nack_delay: Option<Duration>,
+    ) -> Result<(), BusError> {
+        let (reply, answer) = oneshot::channel();
+        let settle = Settle {
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            offset,
+            token,
+            nack_delay,
+            reply,
+        };
+        let closed = || BusError::Unavailable("the client stopped".into());
+        self.queue(&self.settles, send_settles)
+            .send(settle)
+            .await
+            .map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
     }
 
     fn group_url(&self, topic: &str, group: &str, verb: &str) -> String {
@@ -107,43 +182,118 @@ impl EmbeddedBus {
             reply,
         };
         let closed = || BusError::Unavailable("the publisher stopped".into());
-        self.batcher().send(publish).await.map_err(|_| closed())?;
+        self.queue(&self.publishes, send_publishes)
+            .send(publish)
+            .await
+            .map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }
 }
 
-/// Takes every publish waiting, one call per topic, a few calls in flight.
-async fn batch_loop(base: String, http: reqwest::Client, mut queue: mpsc::Receiver<Publish>) {
+/// Takes everything waiting, one call per key, a few calls in flight.
+async fn batch_loop<T, S, Fut>(
+    base: String,
+    http: reqwest::Client,
+    mut queue: mpsc::Receiver<T>,
+    send: S,
+) where
+    T: Batched,
+    S: Fn(String, reqwest::Client, T::Key, Vec<T>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = queue.recv().await {
-        let mut by_topic: HashMap<String, Vec<Publish>> = HashMap::new();
-        let mut bytes = first.payload.len();
+        let mut groups: HashMap<T::Key, Vec<T>> = HashMap::new();
+        let mut bytes = first.size();
         let mut count = 1;
-        by_topic.entry(first.topic.clone()).or_default().push(first);
+        groups.entry(first.key()).or_default().push(first);
         while count < BATCH_RECORDS && bytes < BATCH_BYTES {
             match queue.try_recv() {
-                Ok(p) => {
-                    bytes += p.payload.len() + p.key.len();
+                Ok(item) => {
+                    bytes += item.size();
                     count += 1;
-                    by_topic.entry(p.topic.clone()).or_default().push(p);
+                    groups.entry(item.key()).or_default().push(item);
                 }
                 Err(_) => break,
             }
         }
-        for (topic, batch) in by_topic {
+        for (key, batch) in groups {
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
-            let (base, http) = (base.clone(), http.clone());
+            let call = send(base.clone(), http.clone(), key, batch);
             tokio::spawn(async move {
-                send_batch(&base, &http, &topic, batch).await;
+                call.await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn send_batch(base: &str, http: &reqwest::Client, topic: &str, batch: Vec<Publish>) {
+/// Answers every waiter of a failed call with (a copy of) its error.
+fn fail_all<T>(
+    error: &BusError,
+    waiters: impl IntoIterator<Item = oneshot::Sender<Result<T, BusError>>>,
+) {
+    let text = error.to_string();
+    for reply in waiters {
+        let copy = match error {
+            BusError::Refused(_) => BusError::Refused(text.clone()),
+            _ => BusError::Unavailable(text.clone()),
+        };
+        let _ = reply.send(Err(copy));
+    }
+}
+
+async fn send_settles(
+    base: String,
+    http: reqwest::Client,
+    key: (String, String),
+    batch: Vec<Settle>,
+) {
+    let (topic, group) = key;
+    let items: Vec<Value> = batch
+        .iter()
+        .map(|s| match s.nack_delay {
+            None => json!({ "offset": s.offset, "token": s.token }),
+            Some(d) => json!({
+                "offset": s.offset, "token": s.token,
+                "delay_ms": u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            }),
+        })
+        .collect();
+    let result = async {
+        let response = http
+            .post(format!(
+                "{base}/v1/log/topics/{topic}/groups/{group}/settle"
+            ))
+            .timeout(CALL_TIMEOUT)
+            .json(&items)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let answer: Value = check(response).await?.json().await.map_err(unavailable)?;
+        let results = answer["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != batch.len() {
+            return Err(BusError::Refused(format!("unexpected answer {answer}")));
+        }
+        Ok(results)
+    }
+    .await;
+    match result {
+        Ok(results) => {
+            for (s, r) in batch.into_iter().zip(results) {
+                let _ = s.reply.send(match r.as_str() {
+                    None => Ok(()),
+                    Some(problem) => Err(BusError::Refused(problem.to_owned())),
+                });
+            }
+        }
+        Err(e) => fail_all(&e, batch.into_iter().map(|s| s.reply)),
+    }
+}
+
+async fn send_publishes(base: String, http: reqwest::Client, topic: String, batch: Vec<Publish>) {
     let mut body = Vec::new();
     for p in &batch {
         encode_batch(&mut body, &p.key, &p.payload);
@@ -173,16 +323,7 @@ async fn send_batch(base: &str, http: &reqwest::Client, topic: &str, batch: Vec<
                 let _ = p.reply.send(Ok(offset));
             }
         }
-        Err(e) => {
-            let text = e.to_string();
-            for p in batch {
-                let error = match &e {
-                    BusError::Refused(_) => BusError::Refused(text.clone()),
-                    _ => BusError::Unavailable(text.clone()),
-                };
-                let _ = p.reply.send(Err(error));
-            }
-        }
+        Err(e) => fail_all(&e, batch.into_iter().map(|p| p.reply)),
     }
 }
 
@@ -214,13 +355,10 @@ struct EmbeddedAcker {
 }
 
 impl EmbeddedAcker {
-    async fn settle(self, verb: &str, delay: Option<Duration>) -> Result<(), BusError> {
-        let mut body = json!({ "offset": self.offset, "token": self.token });
-        if let Some(d) = delay {
-            body["delay_ms"] = json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        }
-        let url = self.bus.group_url(&self.topic, &self.group, verb);
-        self.bus.post_json(url, body, CALL_TIMEOUT).await?;
+    async fn settle(self, delay: Option<Duration>) -> Result<(), BusError> {
+        self.bus
+            .settle(&self.topic, &self.group, self.offset, self.token, delay)
+            .await?;
         if delay.is_some() {
             let (partition, offset) = (self.partition, self.offset);
             self.buffer
@@ -234,11 +372,11 @@ impl EmbeddedAcker {
 
 impl Acker for EmbeddedAcker {
     fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
-        Box::pin(self.settle("ack", None))
+        Box::pin(self.settle(None))
     }
 
     fn nack(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BusError>> {
-        Box::pin(self.settle("nack", Some(delay)))
+        Box::pin(self.settle(Some(delay)))
     }
 }
 

@@ -35,6 +35,10 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/log/topics/{topic}/groups/{group}/nack", post(nack))
         .route("/v1/log/topics/{topic}/groups/{group}/reset", post(reset))
         .route(
+            "/v1/log/topics/{topic}/groups/{group}/settle",
+            post(settle_many),
+        )
+        .route(
             "/v1/log/topics/{topic}/groups/{group}",
             delete(delete_group),
         )
@@ -434,4 +438,31 @@ async fn publish_batch(
         Ok(offsets) => axum::Json(json!({ "offsets": offsets })).into_response(),
         Err(e) => unavailable(e),
     }
+}
+
+/// Many acks and nacks in one call (the client coalesces them): each item is
+/// `{"offset", "token"}` (ack) or with `"delay_ms"` (nack); answers per item `null`
+/// (done) or the problem's detail.
+async fn settle_many(
+    State(broker): State<Arc<Broker>>,
+    Path((name, group)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let (items, topic) = match group_request::<Vec<Settle>>(&broker, &name, &group, &body) {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let results: Vec<Option<String>> = items
+        .into_iter()
+        .map(|s| {
+            let done = match s.delay_ms {
+                None => topic.groups.ack(&group, s.offset, s.token),
+                Some(ms) => topic
+                    .groups
+                    .nack(&group, s.offset, s.token, Duration::from_millis(ms)),
+            };
+            done.err().map(|e| e.to_string())
+        })
+        .collect();
+    axum::Json(json!({ "results": results })).into_response()
 }
