@@ -31,8 +31,9 @@ pub const WINDOW: usize = 64;
 struct Part {
     /// Everything of this partition before `next` is acknowledged.
     next: u64,
-    /// The member holding the window, and until when.
-    holder: Option<(String, Instant)>,
+    /// The member holding the window, until when, and its ack wait (each fetch and
+    /// each settle renews the lease by that much).
+    holder: Option<(String, Instant, Duration)>,
     /// Messages out with the holder, by offset: their token and whether acked.
     window: BTreeMap<u64, (u64, bool)>,
     /// Deliveries so far of messages not yet acknowledged.
@@ -241,7 +242,7 @@ impl Groups {
             }
             let p = (g.turn + i) % count;
             let part = &mut g.parts[p];
-            if let Some((_, until)) = &part.holder
+            if let Some((_, until, _)) = &part.holder
                 && *until <= now
             {
                 part.release(); // the holder is gone
@@ -254,12 +255,12 @@ impl Groups {
                 part.not_before = None;
             }
             match &mut part.holder {
-                Some((holder, until)) if holder != member => {
+                Some((holder, until, _)) if holder != member => {
                     soonest(*until);
                     continue;
                 }
                 // The holder is fetching: it is alive.
-                Some((_, until)) => *until = now + ack_wait,
+                Some((_, until, _)) => *until = now + ack_wait,
                 None => {}
             }
             let mut from = part
@@ -292,9 +293,9 @@ impl Groups {
                 leased += 1;
             }
             if leased > 0 {
-                part.holder = Some((member.to_owned(), now + ack_wait));
+                part.holder = Some((member.to_owned(), now + ack_wait, ack_wait));
             }
-            if let Some((_, until)) = &part.holder {
+            if let Some((_, until, _)) = &part.holder {
                 soonest(*until);
             }
         }
@@ -382,8 +383,9 @@ impl Groups {
             if part.window.is_empty() {
                 // Nothing out: any member may take the partition next.
                 part.holder = None;
-            } else if let Some((_, until)) = &mut part.holder {
-                *until = (*until).max(Instant::now());
+            } else if let Some((_, until, ack_wait)) = &mut part.holder {
+                // Each settled message shows the holder alive.
+                *until = Instant::now() + *ack_wait;
             }
         })
     }
