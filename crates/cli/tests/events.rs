@@ -149,3 +149,95 @@ async fn every_acknowledged_event_survives_kill_9_of_the_broker() {
     broker.wait().unwrap();
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// The embedded broker down for 30 s while a service keeps writing events: its
+/// outbox holds them, the relay catches up when the broker is back, in order.
+#[tokio::test]
+async fn a_30_second_embedded_broker_outage_loses_nothing() {
+    use messaging::outbox::{Outbox, Relay};
+    let data_dir =
+        std::env::temp_dir().join(format!("bazaar-outage-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let port = free_port();
+    let mut broker = control_plane(&data_dir, port);
+    let bus = EmbeddedBus::new(&format!("http://127.0.0.1:{port}"));
+
+    sqlx::any::install_default_drivers();
+    let db = format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join("producer.db").display()
+    );
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    Outbox::install(&pool).await.unwrap();
+    let outbox = Outbox::new();
+    let mut relay = Relay::new(
+        pool.clone(),
+        Arc::new(bus.clone()),
+        outbox.clone(),
+        "producer",
+    );
+    relay.poll = Duration::from_millis(100);
+    let stop = chassis::CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    let write = |n: u64| {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        async move {
+            let key = format!("order-{}", n % 3);
+            let event = CloudEvent::new("/test", "order.created", Some(&key), json!({ "n": n }));
+            let mut tx = pool.begin().await.unwrap();
+            outbox
+                .enqueue(&mut tx, "orders", &key, &event)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            outbox.written();
+        }
+    };
+    for n in 0..10 {
+        write(n).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let outage = Instant::now();
+    let mut n = 10;
+    while outage.elapsed() < Duration::from_secs(30) {
+        write(n).await;
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let mut broker = control_plane(&data_dir, port);
+    let mut sub = bus
+        .subscribe("orders", "check", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let mut got: Vec<(String, u64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < n as usize && Instant::now() < deadline {
+        if let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(500), sub.next()).await {
+            let e = d.event.as_ref().unwrap();
+            got.push((e.subject.clone().unwrap(), e.data["n"].as_u64().unwrap()));
+            d.ack().await.unwrap();
+        }
+    }
+    assert_eq!(
+        got.len(),
+        n as usize,
+        "every event written during the outage arrived"
+    );
+    for key in ["order-0", "order-1", "order-2"] {
+        let ns: Vec<u64> = got
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, n)| *n)
+            .collect();
+        let mut sorted = ns.clone();
+        sorted.sort_unstable();
+        assert_eq!(ns, sorted, "{key} reordered");
+    }
+    stop.cancel();
+    relay_task.await.unwrap();
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
