@@ -294,11 +294,9 @@ async fn dispatch(
             data_dir,
             config,
         } => {
-            let dir = match data_dir {
-                Some(d) => d,
-                None => load(config.as_deref())?.data_dir,
-            };
-            services_cmd::run(&dir, json).await?;
+            let shop = load(config.as_deref())?;
+            let dir = data_dir.unwrap_or(shop.data_dir);
+            services_cmd::run(&dir, &shop.discovery, json).await?;
             Ok(())
         }
         Command::Run { service, config } => run_one(service, config, inherited).await,

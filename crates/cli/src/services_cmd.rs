@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
+use chassis::settings::{DiscoveryBackend, DiscoverySettings};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -34,6 +36,33 @@ pub fn control_plane_url(data_dir: &Path) -> anyhow::Result<String> {
         .find(|p| p.name == "control-plane")
         .map(|p| p.url.clone())
         .ok_or_else(|| anyhow::anyhow!("the running shop has no control plane"))
+}
+
+/// Instances in etcd (backend `etcd`): a key exists only while its lease is alive, so
+/// every listed instance is passing.
+async fn etcd_rows(discovery: &DiscoverySettings) -> anyhow::Result<Vec<InstanceRow>> {
+    let url = discovery
+        .etcd_url
+        .as_deref()
+        .context("discovery.etcd_url is not set")?;
+    let client = discovery::etcd::EtcdClient::new(url, &discovery.etcd_prefix);
+    let mut rows: Vec<InstanceRow> = client
+        .all()
+        .await?
+        .into_iter()
+        .map(|(service, i)| InstanceRow {
+            service,
+            address: i
+                .base_url
+                .authority()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            id: i.id,
+            health: "passing".to_owned(),
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.service, &a.id).cmp(&(&b.service, &b.id)));
+    Ok(rows)
 }
 
 pub async fn rows(data_dir: &Path) -> anyhow::Result<Vec<InstanceRow>> {
@@ -79,8 +108,13 @@ pub async fn rows(data_dir: &Path) -> anyhow::Result<Vec<InstanceRow>> {
     Ok(rows)
 }
 
-pub async fn run(data_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let rows = rows(data_dir).await?;
+/// Lists from the configured backend: etcd's keys, or the running shop's registry.
+pub async fn run(data_dir: &Path, discovery: &DiscoverySettings, json: bool) -> anyhow::Result<()> {
+    let rows = if discovery.backend == DiscoveryBackend::Etcd {
+        etcd_rows(discovery).await?
+    } else {
+        rows(data_dir).await?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());

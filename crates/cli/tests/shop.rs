@@ -663,6 +663,25 @@ async fn runs_on_etcd_discovery_with_every_instance_under_a_lease() {
         }
     }
     walkthrough(&shop).await;
+    // `bazaar services` lists from etcd when that is the backend.
+    let out = std::process::Command::new(support::BIN)
+        .args(["services", "--json", "--data-dir"])
+        .arg(&shop.data_dir)
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        listed.iter().filter(|r| r["service"] == "orders").count(),
+        2,
+        "{listed:?}"
+    );
+    assert!(listed.iter().all(|r| r["health"] == "passing"));
     // The gateway balances over what etcd lists, and says so in its metrics.
     let metrics = shop
         .http

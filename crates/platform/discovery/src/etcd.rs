@@ -111,6 +111,22 @@ impl EtcdClient {
             .map(|_| ())
     }
 
+    /// Every registered instance, by service name (one read).
+    pub async fn all(&self) -> Result<Vec<(String, Instance)>, RegistryError> {
+        let (_, kvs) = self.range(&self.prefix).await?;
+        Ok(kvs
+            .iter()
+            .filter_map(|(key, value)| {
+                let service = key
+                    .strip_prefix(&self.prefix)?
+                    .split('/')
+                    .next()?
+                    .to_owned();
+                Some((service, parse_instance(value)?))
+            })
+            .collect())
+    }
+
     /// The instances of `service` registered now (one read, no watch).
     pub async fn instances(&self, service: &str) -> Result<Vec<Instance>, RegistryError> {
         let (_, kvs) = self.range(&format!("{}{service}/", self.prefix)).await?;
