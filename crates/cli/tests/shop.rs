@@ -824,3 +824,28 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
 fn bytes_of(s: &'static str) -> bytes::Bytes {
     bytes::Bytes::from_static(s.as_bytes())
 }
+
+#[test]
+fn events_commands_name_a_bad_position_or_a_missing_shop_in_one_line() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(support::BIN)
+            .arg("events")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["tail", "--from", "yesterday"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("use earliest, latest, an offset"),
+        "{stderr}"
+    );
+    let nowhere =
+        std::env::temp_dir().join(format!("bazaar-none-{}", uuid::Uuid::new_v4().simple()));
+    let out = run(&["dlq", "list", "--data-dir", nowhere.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("start one with `bazaar up`"), "{stderr}");
+}
