@@ -3,6 +3,7 @@
 //! in order, at least once. A crash between commit and publish delays an event; it
 //! never loses one, and a broker outage only makes the outbox longer.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -204,8 +205,10 @@ impl Relay {
         Ok(holder == self.holder)
     }
 
-    /// Publishes one batch in order; returns how many were published. Stops at the
-    /// first failure so a later event never overtakes an earlier one.
+    /// Publishes one batch; returns how many were published. A key's events go one
+    /// after another, in `seq` order, and a key stops at its first failure so a later
+    /// event never overtakes an earlier one; different keys go concurrently (a
+    /// batching client then carries them in few calls).
     pub async fn publish_batch(&self) -> Result<usize, OutboxError> {
         let rows = sqlx::query(
             "SELECT seq, topic, event_key, payload FROM messaging_outbox ORDER BY seq LIMIT $1",
@@ -213,31 +216,51 @@ impl Relay {
         .bind(self.batch)
         .fetch_all(&self.pool)
         .await?;
-        let mut published = 0;
+        let mut by_key: HashMap<(String, String), Vec<(i64, String)>> = HashMap::new();
         for row in rows {
             let seq: i64 = row.try_get(0)?;
             let topic: String = row.try_get(1)?;
             let key: String = row.try_get(2)?;
             let payload: String = row.try_get(3)?;
-            match CloudEvent::from_json(payload.as_bytes()) {
-                Ok(event) => {
-                    if let Err(e) = self.bus.publish(&topic, &key, &event).await {
-                        tracing::warn!(error = %e, pending_from = seq, "broker unavailable; the outbox keeps the events");
-                        return Ok(published);
+            by_key.entry((topic, key)).or_default().push((seq, payload));
+        }
+        let chains = by_key.into_iter().map(|((topic, key), rows)| async move {
+            let mut done = Vec::new();
+            for (seq, payload) in rows {
+                match CloudEvent::from_json(payload.as_bytes()) {
+                    Ok(event) => {
+                        if let Err(e) = self.bus.publish(&topic, &key, &event).await {
+                            tracing::warn!(error = %e, pending_from = seq, "broker unavailable; the outbox keeps the events");
+                            break;
+                        }
+                    }
+                    // Cannot happen for rows written by `enqueue`; never block on one.
+                    Err(e) => {
+                        tracing::error!(seq, error = %e, "dropping an outbox row that is not an event")
                     }
                 }
-                // Cannot happen for rows written by `enqueue`; never block on one.
-                Err(e) => {
-                    tracing::error!(seq, error = %e, "dropping an outbox row that is not an event")
-                }
+                done.push(seq);
             }
-            sqlx::query("DELETE FROM messaging_outbox WHERE seq = $1")
-                .bind(seq)
-                .execute(&self.pool)
-                .await?;
-            published += 1;
+            done
+        });
+        let published: Vec<i64> = futures::future::join_all(chains)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        for chunk in published.chunks(100) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "DELETE FROM messaging_outbox WHERE seq IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for seq in chunk {
+                query = query.bind(*seq);
+            }
+            query.execute(&self.pool).await?;
         }
-        Ok(published)
+        Ok(published.len())
     }
 
     /// Relays until `shutdown`.
