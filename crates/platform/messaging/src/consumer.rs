@@ -67,6 +67,28 @@ impl ConsumerConfig {
     }
 }
 
+/// Sorts an event for a handler that knows its topic's types: `Ok(true)` to handle
+/// it, `Ok(false)` for a type of the topic it has no business with, and a reject
+/// (dead letter) for a type nobody declared for the topic: a producer's mistake
+/// should be seen, not silently skipped.
+pub fn triage(
+    event: &CloudEvent,
+    handles: &[&str],
+    topic_types: &[&str],
+) -> Result<bool, HandlerError> {
+    if handles.contains(&event.ty.as_str()) {
+        Ok(true)
+    } else if topic_types.contains(&event.ty.as_str()) {
+        Ok(false)
+    } else {
+        Err(HandlerError::Reject(format!(
+            "unknown event type `{}` (this topic carries {})",
+            event.ty,
+            topic_types.join(", ")
+        )))
+    }
+}
+
 /// What a handler learns besides the event.
 #[derive(Clone, Debug)]
 pub struct Meta {

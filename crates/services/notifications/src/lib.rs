@@ -24,6 +24,8 @@ use utoipa::OpenApi;
 pub const NAME: &str = "notifications";
 /// The topic and consumer group this service reads.
 pub const TOPIC: &str = "orders";
+/// The types the `orders` topic carries (docs/events.md); any other is dead-lettered.
+pub const ORDER_EVENTS: &[&str] = &["order.created"];
 
 /// The schema (public for tests that drive the handler directly).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -123,11 +125,10 @@ pub async fn handle(
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    let (kind, text) = match event.ty.as_str() {
-        "order.created" => ("order_received", order_received(&event.data)?),
-        // Other order events are for other consumers.
-        _ => return Ok(()),
-    };
+    if !messaging::consumer::triage(&event, &["order.created"], ORDER_EVENTS)? {
+        return Ok(());
+    }
+    let (kind, text) = ("order_received", order_received(&event.data)?);
     let field = |name: &str| {
         event.data[name]
             .as_str()

@@ -63,10 +63,11 @@ async fn run(engine: Engine) {
         notifications::handle(&pool, &inbox, anonymous, meta()).await,
         Err(HandlerError::Reject(r)) if r.contains("user_id")
     ));
-    let other = CloudEvent::new("/bazaar/orders", "order.archived", Some("o-4"), json!({}));
-    notifications::handle(&pool, &inbox, other, meta())
-        .await
-        .unwrap();
+    let unknown = CloudEvent::new("/bazaar/orders", "order.archived", Some("o-4"), json!({}));
+    assert!(matches!(
+        notifications::handle(&pool, &inbox, unknown, meta()).await,
+        Err(HandlerError::Reject(r)) if r.contains("unknown event type `order.archived`")
+    ));
     let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notifications")
         .fetch_one(&pool)
         .await

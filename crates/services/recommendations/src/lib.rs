@@ -26,6 +26,8 @@ use utoipa::OpenApi;
 pub const NAME: &str = "recommendations";
 /// The topic this service reads.
 pub const TOPIC: &str = "orders";
+/// The types the `orders` topic carries (docs/events.md); any other is dead-lettered.
+pub const ORDER_EVENTS: &[&str] = &["order.created"];
 /// Distinct products of one order counted at most (bounds the pairs: n * (n - 1)).
 const MAX_PRODUCTS: usize = 50;
 
@@ -125,7 +127,7 @@ pub async fn handle(
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    if event.ty != "order.created" {
+    if !messaging::consumer::triage(&event, &["order.created"], ORDER_EVENTS)? {
         return Ok(());
     }
     let items = event.data["items"]

@@ -66,6 +66,11 @@ async fn run(engine: Engine) {
         recommendations::handle(&pool, &inbox, broken, meta()).await,
         Err(HandlerError::Reject(_))
     ));
+    let unknown = CloudEvent::new("/bazaar/orders", "order.shipped", Some("o-4"), json!({}));
+    assert!(matches!(
+        recommendations::handle(&pool, &inbox, unknown, meta()).await,
+        Err(HandlerError::Reject(r)) if r.contains("unknown event type")
+    ));
     database.close().await;
 }
 
