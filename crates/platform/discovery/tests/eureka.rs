@@ -29,41 +29,20 @@ async fn register_renew_lapse_evict_and_cancel() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let app: Value = http
-        .get(format!("{url}/eureka/apps/INVENTORY"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let app: Value = common::json(http.get(format!("{url}/eureka/apps/INVENTORY"))).await;
     assert_eq!(app["application"]["instance"][0]["status"], "UP");
     assert_eq!(app["application"]["instance"][0]["port"]["$"], 8085);
     // Consul clients see the same instance.
-    let passing: Vec<Value> = http
-        .get(format!("{url}/v1/health/service/inventory?passing"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let passing: Vec<Value> =
+        common::json(http.get(format!("{url}/v1/health/service/inventory?passing"))).await;
     assert_eq!(passing[0]["Service"]["ID"], "inv-1");
 
     assert_eq!(
-        http.put(format!("{url}/eureka/apps/INVENTORY/inv-1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/eureka/apps/INVENTORY/inv-1"))).await,
         200
     );
     assert_eq!(
-        http.put(format!("{url}/eureka/apps/INVENTORY/ghost"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/eureka/apps/INVENTORY/ghost"))).await,
         404
     );
 
@@ -88,29 +67,14 @@ async fn register_renew_lapse_evict_and_cancel() {
         .send()
         .await
         .unwrap();
-    let all: Value = http
-        .get(format!("{url}/eureka/apps"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Value = common::json(http.get(format!("{url}/eureka/apps"))).await;
     assert_eq!(all["applications"]["application"][0]["name"], "INVENTORY");
     assert_eq!(
-        http.delete(format!("{url}/eureka/apps/INVENTORY/inv-2"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.delete(format!("{url}/eureka/apps/INVENTORY/inv-2"))).await,
         200
     );
     assert_eq!(
-        http.get(format!("{url}/eureka/apps/INVENTORY"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.get(format!("{url}/eureka/apps/INVENTORY"))).await,
         404
     );
 }

@@ -22,14 +22,8 @@ async fn live() -> String {
 }
 
 async fn passing(http: &reqwest::Client, url: &str, name: &str) -> Vec<String> {
-    let list: Vec<Value> = http
-        .get(format!("{url}/v1/health/service/{name}?passing"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Vec<Value> =
+        common::json(http.get(format!("{url}/v1/health/service/{name}?passing"))).await;
     list.iter()
         .map(|e| e["Service"]["ID"].as_str().unwrap().to_owned())
         .collect()
@@ -85,39 +79,19 @@ async fn checks_decide_who_is_discovered_and_dead_instances_are_removed() {
         passing(&http, &url, "orders").await == ["orders-1"]
     })
     .await;
-    let all: Vec<Value> = http
-        .get(format!("{url}/v1/health/service/orders"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Vec<Value> = common::json(http.get(format!("{url}/v1/health/service/orders"))).await;
     let dead_entry = all.iter().find(|e| e["Service"]["ID"] == "orders-2");
     if let Some(entry) = dead_entry {
         assert_eq!(entry["Checks"][0]["Status"], "critical");
     }
     // The dead one is deregistered once critical for 400 ms.
     eventually("the dead instance is removed", || async {
-        let all: Vec<Value> = http
-            .get(format!("{url}/v1/catalog/service/orders"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let all: Vec<Value> =
+            common::json(http.get(format!("{url}/v1/catalog/service/orders"))).await;
         all.len() == 1 && all[0]["ServiceID"] == "orders-1"
     })
     .await;
-    let services: Value = http
-        .get(format!("{url}/v1/catalog/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let services: Value = common::json(http.get(format!("{url}/v1/catalog/services"))).await;
     assert_eq!(services, json!({"orders": ["v2"]}));
 }
 
@@ -199,11 +173,7 @@ async fn ttl_checks_pass_when_renewed_and_fail_when_not() {
         "critical until the first pass"
     );
     assert_eq!(
-        http.put(format!("{url}/v1/agent/check/pass/w1-ttl"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/v1/agent/check/pass/w1-ttl"))).await,
         200
     );
     assert_eq!(passing(&http, &url, "worker").await, ["w1"]);
@@ -212,11 +182,7 @@ async fn ttl_checks_pass_when_renewed_and_fail_when_not() {
     })
     .await;
     assert_eq!(
-        http.put(format!("{url}/v1/agent/check/pass/nope"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/v1/agent/check/pass/nope"))).await,
         404
     );
     // Re-registering an ID replaces it; deregistering removes it.
@@ -225,14 +191,7 @@ async fn ttl_checks_pass_when_renewed_and_fail_when_not() {
         .send()
         .await
         .unwrap();
-    let all: Vec<Value> = http
-        .get(format!("{url}/v1/catalog/service/worker"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Vec<Value> = common::json(http.get(format!("{url}/v1/catalog/service/worker"))).await;
     assert_eq!((all.len(), &all[0]["ServicePort"]), (1, &json!(7)));
     assert_eq!(
         passing(&http, &url, "worker").await,
@@ -240,19 +199,11 @@ async fn ttl_checks_pass_when_renewed_and_fail_when_not() {
         "no checks: passing"
     );
     assert_eq!(
-        http.put(format!("{url}/v1/agent/service/deregister/w1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/v1/agent/service/deregister/w1"))).await,
         200
     );
     assert_eq!(
-        http.put(format!("{url}/v1/agent/service/deregister/w1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        common::status(http.put(format!("{url}/v1/agent/service/deregister/w1"))).await,
         404
     );
 }
@@ -280,13 +231,6 @@ async fn bad_registrations_are_400s_naming_the_field() {
         let problem: Value = r.json().await.unwrap();
         assert_eq!(problem["errors"][0]["field"], field, "{body}");
     }
-    let services: Value = http
-        .get(format!("{url}/v1/catalog/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let services: Value = common::json(http.get(format!("{url}/v1/catalog/services"))).await;
     assert_eq!(services, json!({}), "nothing was registered");
 }

@@ -14,3 +14,13 @@ pub async fn start() -> String {
     tokio::spawn(async move { axum::serve(listener, registry::router(registry)).await });
     url
 }
+
+/// Sends `request`; its status.
+pub async fn status(request: reqwest::RequestBuilder) -> u16 {
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// Sends `request`; its JSON body.
+pub async fn json<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+    request.send().await.unwrap().json().await.unwrap()
+}
