@@ -525,6 +525,47 @@ impl Service {
         }
     }
 
+    /// A read side fed by one topic: `routes` over the service's database with the
+    /// standard readiness, and `handle` run for each event of `topic` (consumer group:
+    /// the service's name) with the pool and that group's inbox, installed here.
+    pub async fn fed_by<H, Fut>(
+        chassis: Chassis,
+        db: Database,
+        routes: Router<sqlx::AnyPool>,
+        openapi: utoipa::openapi::OpenApi,
+        topic: &str,
+        handle: H,
+    ) -> Result<Self, sqlx::Error>
+    where
+        H: Fn(
+                sqlx::AnyPool,
+                messaging::inbox::Inbox,
+                messaging::CloudEvent,
+                messaging::consumer::Meta,
+            ) -> Fut
+            + Send
+            + Sync
+            + 'static,
+        Fut: std::future::Future<Output = Result<(), messaging::consumer::HandlerError>>
+            + Send
+            + 'static,
+    {
+        messaging::inbox::Inbox::install(db.pool()).await?;
+        let pool = db.pool().clone();
+        let readiness = Readiness {
+            database: Some(db.clone()),
+            dependencies: Vec::new(),
+        };
+        let router = chassis.router(routes.with_state(pool.clone()), readiness, Some(openapi));
+        let group = chassis.name;
+        let inbox = messaging::inbox::Inbox::new(group);
+        Ok(
+            Self::new(chassis, router, Some(db)).with_consumer(topic, group, move |event, meta| {
+                handle(pool.clone(), inbox.clone(), event, meta)
+            }),
+        )
+    }
+
     /// Runs `task` beside the server; it gets a token cancelled on shutdown and is
     /// awaited (for a few seconds at most) before the database closes.
     pub fn with_background<F, Fut>(mut self, task: F) -> Self

@@ -276,6 +276,13 @@ async fn dead_letter(
     nacked
 }
 
+/// A database failing a handler is worth retrying (it may be restarting, or locked).
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::Retry(format!("database: {e}"))
+    }
+}
+
 impl From<BusError> for HandlerError {
     fn from(e: BusError) -> Self {
         HandlerError::Retry(e.to_string())

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::routing::get;
 use chassis::config_section;
 use chassis::extract::{Json, Query};
-use chassis::http::{Readiness, Service};
+use chassis::http::Service;
 use chassis::identity::Identity;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, Problem, ServiceConfig};
@@ -136,9 +136,8 @@ pub async fn handle(
             .ok_or_else(|| HandlerError::Reject(format!("{} has no string `{name}`", event.ty)))
     };
     let (user_id, order_id) = (field("user_id")?, field("order_id")?);
-    let retry = |e: sqlx::Error| HandlerError::Retry(format!("database: {e}"));
-    let mut tx = pool.begin().await.map_err(retry)?;
-    if inbox.claim(&mut tx, &event.id).await.map_err(retry)? {
+    let mut tx = pool.begin().await?;
+    if inbox.claim(&mut tx, &event.id).await? {
         sqlx::query(
             "INSERT INTO notifications (id, user_id, kind, order_id, text, event_id, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -151,11 +150,10 @@ pub async fn handle(
         .bind(&event.id)
         .bind(chassis::clock::now_millis())
         .execute(&mut *tx)
-        .await
-        .map_err(retry)?;
+        .await?;
         tracing::info!(order_id, user_id, kind, "notification sent");
     }
-    tx.commit().await.map_err(retry)?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -184,31 +182,19 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("notifications database")?;
-        Inbox::install(db.pool())
-            .await
-            .context("notifications inbox")?;
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
-        let routes = Router::new()
-            .route("/notifications", get(list))
-            .with_state(db.pool().clone());
-        let router = chassis.router(
+        let routes = Router::new().route("/notifications", get(list));
+        Service::fed_by(
+            chassis,
+            db,
             routes,
-            Readiness {
-                database: Some(db.clone()),
-                dependencies: Vec::new(),
-            },
-            Some(ApiDoc::openapi()),
-        );
-        let (pool, inbox) = (db.pool().clone(), Inbox::new(NAME));
-        Ok(Service::new(chassis, router, Some(db)).with_consumer(
+            ApiDoc::openapi(),
             TOPIC,
-            NAME,
-            move |event, meta| {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                async move { handle(&pool, &inbox, event, meta).await }
-            },
-        ))
+            |pool, inbox, event, meta| async move { handle(&pool, &inbox, event, meta).await },
+        )
+        .await
+        .context("notifications inbox")
     }
 }

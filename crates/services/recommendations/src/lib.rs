@@ -13,7 +13,7 @@ use axum::extract::State;
 use axum::routing::get;
 use chassis::config_section;
 use chassis::extract::{Json, Path, Query};
-use chassis::http::{Readiness, Service};
+use chassis::http::Service;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, FieldError, Problem, ServiceConfig};
 use messaging::CloudEvent;
@@ -143,9 +143,8 @@ pub async fn handle(
         products.insert(id.to_owned(), name.to_owned());
     }
     let products: Vec<(String, String)> = products.into_iter().take(MAX_PRODUCTS).collect();
-    let retry = |e: sqlx::Error| HandlerError::Retry(format!("database: {e}"));
-    let mut tx = pool.begin().await.map_err(retry)?;
-    if inbox.claim(&mut tx, &event.id).await.map_err(retry)? {
+    let mut tx = pool.begin().await?;
+    if inbox.claim(&mut tx, &event.id).await? {
         for (id, name) in &products {
             sqlx::query(
                 "INSERT INTO product_names (product_id, name) VALUES ($1, $2) \
@@ -154,8 +153,7 @@ pub async fn handle(
             .bind(id)
             .bind(name)
             .execute(&mut *tx)
-            .await
-            .map_err(retry)?;
+            .await?;
         }
         for (a, _) in &products {
             for (b, _) in products.iter().filter(|(b, _)| b != a) {
@@ -166,12 +164,11 @@ pub async fn handle(
                 .bind(a)
                 .bind(b)
                 .execute(&mut *tx)
-                .await
-                .map_err(retry)?;
+                .await?;
             }
         }
     }
-    tx.commit().await.map_err(retry)?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -183,31 +180,19 @@ impl Application {
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
             .context("recommendations database")?;
-        Inbox::install(db.pool())
-            .await
-            .context("recommendations inbox")?;
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
-        let routes = Router::new()
-            .route("/recommendations/{product_id}", get(top))
-            .with_state(db.pool().clone());
-        let router = chassis.router(
+        let routes = Router::new().route("/recommendations/{product_id}", get(top));
+        Service::fed_by(
+            chassis,
+            db,
             routes,
-            Readiness {
-                database: Some(db.clone()),
-                dependencies: Vec::new(),
-            },
-            Some(ApiDoc::openapi()),
-        );
-        let (pool, inbox) = (db.pool().clone(), Inbox::new(NAME));
-        Ok(Service::new(chassis, router, Some(db)).with_consumer(
+            ApiDoc::openapi(),
             TOPIC,
-            NAME,
-            move |event, meta| {
-                let (pool, inbox) = (pool.clone(), inbox.clone());
-                async move { handle(&pool, &inbox, event, meta).await }
-            },
-        ))
+            |pool, inbox, event, meta| async move { handle(&pool, &inbox, event, meta).await },
+        )
+        .await
+        .context("recommendations inbox")
     }
 }
