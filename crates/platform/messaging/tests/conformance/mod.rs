@@ -10,6 +10,32 @@ use serde_json::json;
 
 pub type Bus = Arc<dyn EventBus>;
 
+/// The whole suite, one test per behaviour, for a backend whose `$fixture` is an
+/// `async fn() -> (Bus, impl Future<Output = ()>)`: a fresh bus, and what to do
+/// once the test passed (clean a shared server up).
+macro_rules! suite {
+    ($fixture:path) => {
+        conformance::suite!(@each $fixture,
+            an_event_arrives_whole_with_its_key_offset_and_attempt,
+            members_of_a_group_share_work_and_keep_each_keys_order,
+            every_group_gets_every_event,
+            what_a_dead_consumer_held_is_redelivered_to_another,
+            a_nack_brings_the_message_back_after_the_delay_before_later_ones,
+            a_group_replays_from_an_offset_or_a_time,
+            malformed_bytes_arrive_marked_and_block_nothing
+        );
+    };
+    (@each $fixture:path, $($name:ident),*) => {$(
+        #[tokio::test]
+        async fn $name() {
+            let (bus, done) = $fixture().await;
+            conformance::$name(bus).await;
+            done.await;
+        }
+    )*};
+}
+pub(crate) use suite;
+
 /// A topic no other test uses.
 pub fn topic() -> String {
     format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
