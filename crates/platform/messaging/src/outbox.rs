@@ -156,7 +156,13 @@ impl Relay {
         self
     }
 
-    async fn observe(&self) {
+    /// Refreshes the gauges, at most once a second: a backlog is drained batch
+    /// after batch, and a COUNT per batch would be work on the hot path.
+    async fn observe(&self, last: &mut Option<std::time::Instant>) {
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
         if let Some(m) = &self.metrics
             && let Ok(lag) = self.lag().await
         {
@@ -266,6 +272,7 @@ impl Relay {
     /// Relays until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
+        let mut observed = None;
         while !shutdown.is_cancelled() {
             let pause = match self.hold_lease().await {
                 Ok(true) => match self.publish_batch().await {
@@ -287,7 +294,7 @@ impl Relay {
                     Duration::from_secs(1)
                 }
             };
-            self.observe().await;
+            self.observe(&mut observed).await;
             if pause.is_zero() {
                 continue;
             }

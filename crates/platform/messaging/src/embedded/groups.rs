@@ -189,7 +189,6 @@ impl Groups {
 
     /// Group names with how many records each has yet to acknowledge.
     pub fn lag(&self) -> Vec<(String, u64)> {
-        let (_, next) = self.log.bounds();
         let groups = self.lock();
         let mut out: Vec<(String, u64)> = groups
             .iter()
@@ -198,18 +197,7 @@ impl Groups {
                     .parts
                     .iter()
                     .enumerate()
-                    .map(|(p, part)| {
-                        let mut count = 0;
-                        let mut at = part.next;
-                        while let Some(o) = self.log.next_in_partition(p as u32, at) {
-                            if o >= next {
-                                break;
-                            }
-                            count += 1;
-                            at = o + 1;
-                        }
-                        count
-                    })
+                    .map(|(p, part)| self.log.count_in_partition_from(p as u32, part.next))
                     .sum();
                 (name.clone(), behind)
             })

@@ -356,6 +356,14 @@ impl TopicLog {
         list.get(at).copied()
     }
 
+    /// How many records of `partition` are at or after `from` (a binary search).
+    pub fn count_in_partition_from(&self, partition: u32, from: u64) -> u64 {
+        let index = self.index.read().unwrap_or_else(|e| e.into_inner());
+        index.partitions.get(partition as usize).map_or(0, |list| {
+            (list.len() - list.partition_point(|o| *o < from)) as u64
+        })
+    }
+
     /// The first offset whose record was appended at or after `time_ms`.
     pub fn offset_at_time(&self, time_ms: i64) -> u64 {
         let index = self.index.read().unwrap_or_else(|e| e.into_inner());
