@@ -9,6 +9,7 @@
 //!   relayed in order; handled event ids recorded in the consumer's transaction.
 //! - [`embedded`]: the durable log the control plane hosts (the default broker).
 //! - [`nats`]: NATS JetStream.
+//! - [`kafka`]: any Kafka-protocol broker, through librdkafka.
 #![forbid(unsafe_code)]
 
 pub mod bus;
@@ -16,6 +17,7 @@ pub mod consumer;
 pub mod embedded;
 pub mod envelope;
 pub mod inbox;
+pub mod kafka;
 pub mod nats;
 pub mod outbox;
 

@@ -8,10 +8,14 @@ use std::sync::Arc;
 
 use messaging::nats::{NatsBus, NatsConfig};
 
-/// A bus in a namespace of its own (streams of one test never meet another's),
-/// deleted once the test passed (a failed test leaves its streams for inspection).
-async fn bus() -> (conformance::Bus, impl std::future::Future<Output = ()>) {
-    let url = std::env::var("NATS_TEST_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+fn server() -> String {
+    std::env::var("NATS_TEST_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A bus in a namespace of its own (streams of one test never meet another's), and
+/// the namespace's deletion once the test passed (a failed test leaves its streams
+/// for inspection).
+async fn connect(url: String) -> (conformance::Bus, impl std::future::Future<Output = ()>) {
     let bus = NatsBus::connect(NatsConfig {
         url,
         prefix: format!(
@@ -29,4 +33,27 @@ async fn bus() -> (conformance::Bus, impl std::future::Future<Output = ()>) {
     })
 }
 
-conformance::suite!(bus);
+async fn bus() -> (conformance::Bus, impl std::future::Future<Output = ()>) {
+    connect(server()).await
+}
+
+async fn behind_proxy() -> (
+    conformance::Bus,
+    conformance::Proxy,
+    impl std::future::Future<Output = ()>,
+) {
+    let proxy = conformance::Proxy::bind().await;
+    let target = server();
+    let host_port = target.trim_start_matches("nats://");
+    proxy.forward_to(
+        tokio::net::lookup_host(host_port)
+            .await
+            .unwrap()
+            .next()
+            .unwrap(),
+    );
+    let (bus, done) = connect(format!("nats://{}", proxy.addr)).await;
+    (bus, proxy, done)
+}
+
+conformance::suite!(bus, behind_proxy, conformance::ALL);
