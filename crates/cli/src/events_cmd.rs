@@ -233,8 +233,12 @@ pub async fn dlq_retry(bus: Arc<dyn EventBus>, topic: Option<String>) -> anyhow:
                         .subject
                         .clone()
                         .unwrap_or_else(|| event.key().to_owned());
-                    let offset = publisher.publish(to, &key, &event).await?;
-                    println!("retried {} ({}) -> {to}#{offset}", event.id, event.ty);
+                    match publisher.publish(to, &key, &event).await? {
+                        Some(offset) => {
+                            println!("retried {} ({}) -> {to}#{offset}", event.id, event.ty)
+                        }
+                        None => println!("retried {} ({}) -> {to}", event.id, event.ty),
+                    }
                 }
                 _ => {
                     skipped += 1;

@@ -62,6 +62,7 @@ async fn every_acknowledged_event_survives_kill_9_of_the_broker() {
                 );
                 match bus.publish("orders", &key, &event).await {
                     Ok(offset) => {
+                        let offset = offset.expect("the embedded log numbers what it stores");
                         acked.lock().unwrap().insert(offset, event.id.clone());
                     }
                     Err(_) => return, // the broker died under us

@@ -361,6 +361,47 @@ async fn runs_on_postgresql_with_a_database_per_service() {
     }
 }
 
+/// The shop's events on brokers users run: NATS JetStream (the machine's server)
+/// and Kafka (a tansu broker of the test's own). order.created still reaches
+/// notifications and recommendations.
+#[tokio::test]
+async fn events_travel_through_nats_jetstream() {
+    let prefix = format!("bazaar_it_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let mut shop = Shop::up(
+        "processes",
+        &[
+            ("BAZAAR_EVENTS__BACKEND", "nats"),
+            ("BAZAAR_EVENTS__PREFIX", &prefix),
+        ],
+    );
+    walkthrough(&shop).await;
+    assert!(shop.interrupt().success());
+    let nats = messaging::nats::NatsBus::connect(messaging::nats::NatsConfig {
+        prefix,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(
+        nats.delete_namespace().await.unwrap() >= 2,
+        "orders' and users' streams were on NATS"
+    );
+}
+
+#[tokio::test]
+async fn events_travel_through_kafka() {
+    let tansu = messaging::testing::Tansu::start();
+    let mut shop = Shop::up(
+        "processes",
+        &[
+            ("BAZAAR_EVENTS__BACKEND", "kafka"),
+            ("BAZAAR_EVENTS__KAFKA_BROKERS", &tansu.brokers()),
+        ],
+    );
+    walkthrough(&shop).await;
+    assert!(shop.interrupt().success());
+}
+
 #[test]
 fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("bazaar-cfg-{}", uuid::Uuid::new_v4().simple()));

@@ -222,14 +222,21 @@ impl DiscoverySettings {
 config_section! {
     /// `[events]`: the broker events travel through.
     pub struct EventsSettings {
-        /// `embedded` (the control plane's log) or `nats` (JetStream).
+        /// `embedded` (the control plane's log), `nats` (JetStream) or `kafka`
+        /// (any Kafka-protocol broker).
         pub backend: EventsBackend = EventsBackend::Embedded,
         /// The embedded broker's URL (the control plane); `bazaar up` sets it.
         pub url: Option<String> = None,
         /// NATS server for backend `nats`.
         pub nats_url: String = "nats://127.0.0.1:4222".to_owned(),
-        /// Partitions of a topic on NATS: the most members of a group working at
-        /// once (the embedded broker's are `control_plane.log_partitions`).
+        /// Bootstrap servers for backend `kafka`, `host:port[,host:port...]`.
+        pub kafka_brokers: String = "127.0.0.1:9092".to_owned(),
+        /// First part of every stream, subject, topic and group name on NATS or
+        /// Kafka: shops sharing a broker keep apart by it.
+        pub prefix: String = "bazaar".to_owned(),
+        /// Partitions of the topics Bazaar creates on NATS or Kafka: the most members
+        /// of a group working at once (the embedded broker's are
+        /// `control_plane.log_partitions`).
         pub partitions: u32 = 8,
     }
 }
@@ -240,6 +247,7 @@ config_section! {
 pub enum EventsBackend {
     Embedded,
     Nats,
+    Kafka,
 }
 
 impl EventsSettings {
@@ -256,10 +264,20 @@ impl EventsSettings {
             EventsBackend::Nats => {
                 let bus = messaging::nats::NatsBus::connect(messaging::nats::NatsConfig {
                     url: self.nats_url.clone(),
+                    prefix: self.prefix.clone(),
                     partitions: self.partitions.max(1),
                     ..Default::default()
                 })
                 .await?;
+                Some(std::sync::Arc::new(bus))
+            }
+            EventsBackend::Kafka => {
+                let bus = messaging::kafka::KafkaBus::connect(messaging::kafka::KafkaConfig {
+                    brokers: self.kafka_brokers.clone(),
+                    prefix: self.prefix.clone(),
+                    partitions: self.partitions.max(1),
+                    ..Default::default()
+                })?;
                 Some(std::sync::Arc::new(bus))
             }
         })

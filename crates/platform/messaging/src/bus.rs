@@ -142,14 +142,15 @@ pub trait Subscription: Send {
 
 /// A broker. Topics are created on first use.
 pub trait EventBus: Send + Sync + 'static {
-    /// Publishes durably (returns once the broker has it): the offset it got.
-    /// Events with the same `key` are delivered in publish order.
+    /// Publishes durably (returns once the broker has it): the offset it got,
+    /// where the broker tells (RabbitMQ streams number a message only as it is
+    /// read). Events with the same `key` are delivered in publish order.
     fn publish<'a>(
         &'a self,
         topic: &'a str,
         key: &'a str,
         event: &'a CloudEvent,
-    ) -> BoxFuture<'a, Result<u64, BusError>>;
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>>;
 
     /// Publishes bytes as a producer outside Bazaar would: they may not be a valid
     /// event (consumers dead-letter those).
@@ -158,7 +159,7 @@ pub trait EventBus: Send + Sync + 'static {
         topic: &'a str,
         key: &'a str,
         payload: Bytes,
-    ) -> BoxFuture<'a, Result<u64, BusError>>;
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>>;
 
     /// Joins consumer group `group` on `topic`: members of one group share the
     /// messages, each group gets every message.

@@ -222,7 +222,7 @@ impl KafkaBus {
         key: &str,
         headers: OwnedHeaders,
         payload: &[u8],
-    ) -> Result<u64, BusError> {
+    ) -> Result<Option<u64>, BusError> {
         let (name, partitions) = self.ensure_topic(topic).await?;
         let record = FutureRecord::to(&name)
             .partition(i32::try_from(partition(key, partitions)).unwrap_or(0))
@@ -235,7 +235,7 @@ impl KafkaBus {
             .send(record, CALL_TIMEOUT)
             .await
             .map_err(|(e, _)| unavailable(e))?;
-        Ok(u64::try_from(delivered.offset).unwrap_or_default())
+        Ok(u64::try_from(delivered.offset).ok())
     }
 
     /// A consumer of `group_id` that is not a group member: it reads and writes the
@@ -825,7 +825,7 @@ impl EventBus for KafkaBus {
         topic: &'a str,
         key: &'a str,
         event: &'a CloudEvent,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let (attributes, payload) = event.to_binary();
             let mut headers = OwnedHeaders::new_with_capacity(attributes.len());
@@ -844,7 +844,7 @@ impl EventBus for KafkaBus {
         topic: &'a str,
         key: &'a str,
         payload: Bytes,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move { self.send(topic, key, OwnedHeaders::new(), &payload).await })
     }
 

@@ -20,6 +20,8 @@ pub mod inbox;
 pub mod kafka;
 pub mod nats;
 pub mod outbox;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use bus::{BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription};
 pub use envelope::{CloudEvent, EnvelopeError};

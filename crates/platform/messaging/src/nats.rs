@@ -122,7 +122,7 @@ impl NatsBus {
         key: &str,
         headers: async_nats::HeaderMap,
         payload: Bytes,
-    ) -> Result<u64, BusError> {
+    ) -> Result<Option<u64>, BusError> {
         self.stream(topic).await?;
         let subject = self.subject(topic, partition(key, self.config.partitions));
         let ack = self
@@ -132,7 +132,7 @@ impl NatsBus {
             .map_err(unavailable)?
             .await
             .map_err(unavailable)?;
-        Ok(ack.sequence)
+        Ok(Some(ack.sequence))
     }
 
     fn consumer_config(
@@ -246,7 +246,7 @@ impl EventBus for NatsBus {
         topic: &'a str,
         key: &'a str,
         event: &'a CloudEvent,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let (attributes, payload) = event.to_binary();
             let mut headers = async_nats::HeaderMap::new();
@@ -264,7 +264,7 @@ impl EventBus for NatsBus {
         topic: &'a str,
         key: &'a str,
         payload: Bytes,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("bazaar-key", key);

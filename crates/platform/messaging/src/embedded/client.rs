@@ -455,9 +455,10 @@ impl EventBus for EmbeddedBus {
         topic: &'a str,
         key: &'a str,
         event: &'a CloudEvent,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         // Structured mode: the log stores the event document as it is.
-        Box::pin(self.append(topic, key, Bytes::from(event.to_json())))
+        let append = self.append(topic, key, Bytes::from(event.to_json()));
+        Box::pin(async move { append.await.map(Some) })
     }
 
     fn publish_raw<'a>(
@@ -465,8 +466,8 @@ impl EventBus for EmbeddedBus {
         topic: &'a str,
         key: &'a str,
         payload: Bytes,
-    ) -> BoxFuture<'a, Result<u64, BusError>> {
-        Box::pin(self.append(topic, key, payload))
+    ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
+        Box::pin(async move { self.append(topic, key, payload).await.map(Some) })
     }
 
     fn subscribe<'a>(
