@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Broker benchmark: the embedded log (the control plane, release build) and NATS
-JetStream (a nats-server started here, file storage), one after the other on this
-machine: durable publish throughput of 1 KB events (64 concurrent publishers, each
+"""Broker benchmark: the embedded log (the control plane, release build), NATS
+JetStream (a nats-server started here, file storage) and a Kafka-protocol broker
+(tansu, started here, in-memory storage), one after the other on this machine: durable publish throughput of 1 KB events (64 concurrent publishers, each
 waiting for its ack), and publish-to-consume latency at a fixed 10,000 msg/s (two
 consumers in one group, acking each message).
 
 Usage: python3 benches/broker/run.py [--seconds 10] [--rate 10000]
-Needs: nats-server (Debian package nats-server, or NATS_SERVER_BIN). Prints Markdown.
+Needs: nats-server (Debian package nats-server, or NATS_SERVER_BIN) and tansu
+(scripts/install-tansu.sh, or TANSU_BIN). Prints Markdown.
 """
 import argparse
 import json
@@ -97,6 +98,18 @@ def main():
         wait_port(nport)
         results.append(measure("NATS JetStream (file)", f"nats://127.0.0.1:{nport}", nats.pid,
                                args.seconds, args.rate))
+
+        tansu_bin = os.environ.get("TANSU_BIN") or os.path.expanduser("~/.cache/bazaar/tansu/bin/tansu")
+        kport = free_port()
+        tansu = subprocess.Popen([tansu_bin, "broker", f"--listener-url=tcp://127.0.0.1:{kport}",
+                                  f"--advertised-listener-url=tcp://127.0.0.1:{kport}",
+                                  "--storage-engine=memory://tansu/"],
+                                 env={**os.environ, "RUST_LOG": "error"},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(tansu)
+        wait_port(kport)
+        results.append(measure("Kafka protocol: tansu (memory)", f"kafka://127.0.0.1:{kport}",
+                               tansu.pid, args.seconds, args.rate))
     finally:
         for p in procs:
             p.terminate()
@@ -111,8 +124,10 @@ def main():
         print(f"| {r['name']} | {r['tp']['per_second']:,.0f} | {r['cpu_us_per_msg']:.1f} | "
               f"{lat['p50_ms']:.2f} ms | {lat['p99_ms']:.2f} ms | {lat['p999_ms']:.2f} ms | "
               f"{lat['received']:,} / {lat['sent']:,} | {r['rss_mib']:.1f} MiB |")
-    base = results[-1]["tp"]["per_second"]
-    print(f"\nEmbedded / JetStream publish throughput: {results[0]['tp']['per_second'] / base:.2f}x")
+    embedded = results[0]["tp"]["per_second"]
+    for peer in results[1:]:
+        print(f"\nEmbedded / {peer['name']} publish throughput: "
+              f"{embedded / peer['tp']['per_second']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 //! Broker benchmark driver (run by benches/broker/run.py): durable publish
 //! throughput, and publish-to-consume latency at a fixed rate, against one backend.
 //!
-//! cargo bench -p messaging --bench broker -- <embedded URL | nats URL> throughput|latency SECONDS [RATE]
+//! cargo bench -p messaging --bench broker -- <http://embedded | nats://host:port | kafka://host:port> throughput|latency SECONDS [RATE]
 //!
 //! Prints one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use messaging::embedded::client::EmbeddedBus;
+use messaging::kafka::{KafkaBus, KafkaConfig};
 use messaging::nats::{NatsBus, NatsConfig};
 use messaging::{CloudEvent, EventBus, StartFrom, SubscribeOptions};
 use serde_json::json;
@@ -157,9 +158,16 @@ async fn main() {
     } else {
         None
     };
-    let bus: Arc<dyn EventBus> = match &nats {
-        Some(n) => Arc::new(n.clone()),
-        None => Arc::new(EmbeddedBus::new(&args[0])),
+    let bus: Arc<dyn EventBus> = match (&nats, args[0].strip_prefix("kafka://")) {
+        (Some(n), _) => Arc::new(n.clone()),
+        (None, Some(brokers)) => Arc::new(
+            KafkaBus::connect(KafkaConfig {
+                brokers: brokers.to_owned(),
+                ..KafkaConfig::default()
+            })
+            .unwrap(),
+        ),
+        (None, None) => Arc::new(EmbeddedBus::new(&args[0])),
     };
     let seconds: u64 = args[2].parse().unwrap();
     let rate = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(10_000);
