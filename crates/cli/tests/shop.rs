@@ -366,7 +366,10 @@ async fn runs_on_postgresql_with_a_database_per_service() {
 /// notifications and recommendations.
 #[tokio::test]
 async fn events_travel_through_nats_jetstream() {
-    let prefix = format!("bazaar_it_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let prefix = format!(
+        "bazaar_it_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
     let mut shop = Shop::up(
         "processes",
         &[
