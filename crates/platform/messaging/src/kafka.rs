@@ -131,8 +131,13 @@ impl KafkaBus {
         let producer: FutureProducer<Logs> = base_config(&config.brokers)
             // Durable: every in-sync replica has it before the publish returns.
             .set("acks", "all")
-            // Retries inside librdkafka neither duplicate nor reorder.
-            .set("enable.idempotence", "true")
+            // Not idempotent: a Kafka-protocol broker that cannot bump a producer's
+            // epoch (tansu) leaves an idempotent producer stuck after a publish
+            // timed out in an outage. At least once instead: a retried publish may
+            // duplicate (consumers' inboxes drop it); it cannot reorder a key, as
+            // the outbox relay publishes a key's next event only after the last
+            // one was acknowledged.
+            .set("enable.idempotence", "false")
             .set("linger.ms", "1")
             // A publish fails after this; the outbox relay tries it again later.
             .set("message.timeout.ms", "10000")
@@ -262,6 +267,9 @@ impl KafkaBus {
         let name = name.to_owned();
         let group = group_id.to_owned();
         blocking(move || {
+            if !only_if_new {
+                wait_until_empty(&consumer, &group)?;
+            }
             let all = (0..i32::try_from(partitions).unwrap_or(i32::MAX)).collect::<Vec<_>>();
             let mut list = TopicPartitionList::new();
             for p in &all {
@@ -330,6 +338,32 @@ impl KafkaBus {
             })
         })
         .await
+    }
+}
+
+/// Waits for `group`'s members to be gone (a subscription just dropped is still
+/// committing and leaving): moving a group's position under live members would be
+/// undone by their next commit.
+fn wait_until_empty(consumer: &BaseConsumer<Logs>, group: &str) -> Result<(), BusError> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let list = consumer
+            .fetch_group_list(Some(group), CALL_TIMEOUT)
+            .map_err(unavailable)?;
+        let members = list
+            .groups()
+            .iter()
+            .map(|g| g.members().len())
+            .sum::<usize>();
+        if members == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(BusError::Refused(format!(
+                "group {group} has {members} member(s); stop them before moving its position"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
