@@ -163,6 +163,8 @@ async fn main() {
         (None, Some(brokers)) => Arc::new(
             KafkaBus::connect(KafkaConfig {
                 brokers: brokers.to_owned(),
+                // tansu holds every fetch this long, data or not.
+                fetch_wait: Duration::from_millis(5),
                 ..KafkaConfig::default()
             })
             .unwrap(),

@@ -3,7 +3,7 @@
 //!
 //! A topic is the Kafka topic `<prefix>.<topic>`. Bazaar picks the partition itself
 //! with the hash every backend uses, so a key lands on the same partition whatever
-//! the broker. A consumer group is the Kafka group `<prefix>.<topic>.<group>`, and
+//! the broker. A consumer group is the Kafka group `<prefix>.<topic>:<group>`, and
 //! Kafka's group protocol gives each member whole partitions: members share the work
 //! and a partition (so a key) has one reader at a time.
 //!
@@ -20,7 +20,7 @@
 //! at that offset (or its end). Kafka keeps no delivery count, so a message that
 //! changes owner starts again at attempt 1; the owner counts its own redeliveries.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,10 +35,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::bus::{
-    Acker, BoxFuture, BusError, Delivery, EventBus, Position, StartFrom, SubscribeOptions,
-    Subscription, check_name, partition,
+    BoxFuture, BusError, Delivery, EventBus, StartFrom, SubscribeOptions, Subscription, check_name,
+    partition,
 };
 use crate::envelope::CloudEvent;
+use crate::handout::{self, Fetched, Member, Part, State};
 
 /// Settings of the Kafka backend.
 #[derive(Clone, Debug)]
@@ -57,6 +58,10 @@ pub struct KafkaConfig {
     /// A member that stops heartbeating (its process died) loses its partitions
     /// after this long.
     pub session_timeout: Duration,
+    /// The longest a fetch waits on the broker for new messages. Kafka answers as
+    /// soon as there are some; tansu 0.6 always waits this long, so it bounds the
+    /// latency there.
+    pub fetch_wait: Duration,
 }
 
 impl Default for KafkaConfig {
@@ -68,6 +73,7 @@ impl Default for KafkaConfig {
             replication: 1,
             retention: Duration::from_secs(7 * 24 * 3600),
             session_timeout: Duration::from_secs(10),
+            fetch_wait: Duration::from_millis(100),
         }
     }
 }
@@ -161,7 +167,9 @@ impl KafkaBus {
     }
 
     fn group_id(&self, topic: &str, group: &str) -> String {
-        format!("{}.{topic}.{group}", self.inner.config.prefix)
+        // `:` cannot occur in a name: topic `a.b` group `c` and topic `a` group
+        // `b.c` stay apart.
+        format!("{}.{topic}:{group}", self.inner.config.prefix)
     }
 
     /// Creates `topic` unless it exists: its Kafka name and partition count.
@@ -389,75 +397,48 @@ async fn blocking<T: Send + 'static>(
 // ---------------------------------------------------------------------------
 // Consuming
 
-/// A partition's buffered message.
-#[derive(Clone)]
-struct Fetched {
-    offset: i64,
-    key: String,
-    payload: Bytes,
-    headers: Vec<(String, String)>,
-}
-
-impl Fetched {
-    fn from_message(m: &BorrowedMessage<'_>) -> Self {
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|header| {
-                        let value = std::str::from_utf8(header.value?).ok()?;
-                        Some((header.key.to_owned(), value.to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            offset: m.offset(),
-            key: m
-                .key()
-                .map(|k| String::from_utf8_lossy(k).into_owned())
-                .unwrap_or_default(),
-            payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-            headers,
-        }
+fn fetched(m: &BorrowedMessage<'_>) -> Fetched {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .filter_map(|header| {
+                    let value = std::str::from_utf8(header.value?).ok()?;
+                    Some((header.key.to_owned(), value.to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Fetched {
+        offset: u64::try_from(m.offset()).unwrap_or_default(),
+        key: m
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
+        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
     }
 }
 
-enum HeldState {
-    /// Handed out at this instant, not settled yet.
-    Out(Instant),
-    /// Nacked: handed out again at this instant.
-    Waiting(Instant),
+/// Kafka numbers partitions with `i32`, Bazaar with `u32`.
+fn ours(partition: i32) -> u32 {
+    u32::try_from(partition).unwrap_or_default()
 }
 
-struct Held {
-    message: Fetched,
-    attempt: u32,
-    /// Which hand-out a settlement refers to: a late ack of an expired one is void.
-    serial: u64,
-    state: HeldState,
+fn theirs(partition: u32) -> i32 {
+    i32::try_from(partition).unwrap_or(i32::MAX)
 }
 
-/// This member's state of one partition it owns.
-struct Part {
-    /// Which assignment it belongs to: settlements from an earlier one are void.
-    epoch: u64,
-    queue: VecDeque<Fetched>,
-    held: Option<Held>,
-    /// The offset after the last acked message, and what the broker confirmed.
-    acked_to: Option<i64>,
-    committed_to: Option<i64>,
-    paused: bool,
+fn kafka_offset(offset: u64) -> Offset {
+    Offset::Offset(i64::try_from(offset).unwrap_or(i64::MAX))
 }
 
+/// What Kafka's side of a partition adds to the hand-out state.
 #[derive(Default)]
-struct State {
-    joined: bool,
-    epoch: u64,
-    serial: u64,
-    parts: BTreeMap<i32, Part>,
-    /// Round robin among partitions with work.
-    turn: i32,
+struct Fetching {
+    /// The commit the broker confirmed.
+    committed_to: Option<u64>,
+    paused: bool,
 }
 
 /// Past this many buffered messages a partition stops fetching, and resumes under
@@ -468,8 +449,7 @@ const LOW_WATER: usize = 500;
 const COMMIT_EVERY: Duration = Duration::from_millis(50);
 
 struct Shared {
-    state: Mutex<State>,
-    /// A message may be ready to hand out.
+    state: Mutex<State<Fetching>>,
     wake: tokio::sync::Notify,
     /// Something in flight was settled (a revocation waits on it).
     settled: Condvar,
@@ -479,108 +459,58 @@ struct Shared {
     kafka_topic: String,
 }
 
-/// What `next` hands out, taken under the lock.
-struct Handout {
-    partition: i32,
-    epoch: u64,
-    serial: u64,
-    attempt: u32,
-    message: Fetched,
-}
+impl Member for Shared {
+    type Extra = Fetching;
 
-impl State {
-    /// The next message to hand out, or the earliest instant one may be ready.
-    fn take(&mut self, now: Instant, ack_wait: Duration) -> Result<Handout, Option<Instant>> {
-        let mut soonest: Option<Instant> = None;
-        let order: Vec<i32> = self
-            .parts
-            .range(self.turn..)
-            .chain(self.parts.range(..self.turn))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in order {
-            let Some(part) = self.parts.get_mut(&p) else {
-                continue;
-            };
-            let ready = match &part.held {
-                Some(held) => {
-                    let at = match held.state {
-                        HeldState::Out(since) => since + ack_wait,
-                        HeldState::Waiting(until) => until,
-                    };
-                    if at > now {
-                        soonest = Some(soonest.map_or(at, |s| s.min(at)));
-                        continue;
-                    }
-                    held.attempt + 1
-                }
-                None if part.queue.is_empty() => continue,
-                None => 1,
-            };
-            self.serial += 1;
-            let message = match part.held.take() {
-                Some(held) => held.message,
-                None => match part.queue.pop_front() {
-                    Some(m) => m,
-                    None => continue,
-                },
-            };
-            part.held = Some(Held {
-                message: message.clone(),
-                attempt: ready,
-                serial: self.serial,
-                state: HeldState::Out(now),
-            });
-            self.turn = p + 1;
-            return Ok(Handout {
-                partition: p,
-                epoch: part.epoch,
-                serial: self.serial,
-                attempt: ready,
-                message,
-            });
-        }
-        Err(soonest)
+    fn with_state<R>(&self, f: impl FnOnce(&mut State<Fetching>) -> R) -> R {
+        f(&mut lock(&self.state))
     }
 
-    /// The held message a settlement refers to, if it is still current.
-    fn held(&mut self, partition: i32, epoch: u64, serial: u64) -> Option<&mut Part> {
-        self.parts
-            .get_mut(&partition)
-            .filter(|p| p.epoch == epoch && p.held.as_ref().is_some_and(|h| h.serial == serial))
+    fn wake(&self) -> &tokio::sync::Notify {
+        &self.wake
+    }
+
+    fn settled(&self) {
+        self.settled.notify_all();
+    }
+
+    fn ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+
+    fn topic(&self) -> &str {
+        &self.topic
     }
 }
 
 /// The consumer's callbacks, run on its thread inside `poll`.
-struct Member {
+struct Callbacks {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for Member {
+impl ClientContext for Callbacks {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
         log_to_tracing(level, facility, message);
     }
 }
 
-impl ConsumerContext for Member {
+impl ConsumerContext for Callbacks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(list) = rebalance else {
             return;
         };
         let shared = &self.shared;
-        let revoked: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+        let revoked: Vec<u32> = list
+            .elements()
+            .iter()
+            .map(|e| ours(e.partition()))
+            .collect();
         let deadline = Instant::now() + shared.ack_wait;
         let mut state = lock(&shared.state);
         // Let the handlers finish what they hold, so the next owner does not get
         // it a second time (unless the subscription is gone: nobody will settle).
         loop {
-            let busy = revoked.iter().any(|p| {
-                state
-                    .parts
-                    .get(p)
-                    .and_then(|part| part.held.as_ref())
-                    .is_some_and(|h| matches!(h.state, HeldState::Out(_)))
-            });
+            let busy = revoked.iter().any(|p| state.busy(*p));
             let now = Instant::now();
             if !busy || shared.closed.load(Ordering::Acquire) || now >= deadline {
                 break;
@@ -593,9 +523,12 @@ impl ConsumerContext for Member {
         let mut commit = TopicPartitionList::new();
         for p in revoked {
             if let Some(part) = state.parts.remove(&p)
-                && let Some(to) = part.acked_to.filter(|to| Some(*to) != part.committed_to)
+                && let Some(to) = part
+                    .acked_to
+                    .filter(|to| Some(*to) != part.extra.committed_to)
             {
-                let _ = commit.add_partition_offset(&shared.kafka_topic, p, Offset::Offset(to));
+                let _ =
+                    commit.add_partition_offset(&shared.kafka_topic, theirs(p), kafka_offset(to));
             }
         }
         drop(state);
@@ -614,14 +547,10 @@ impl ConsumerContext for Member {
                 state.epoch += 1;
                 let epoch = state.epoch;
                 for e in list.elements() {
-                    state.parts.entry(e.partition()).or_insert(Part {
-                        epoch,
-                        queue: VecDeque::new(),
-                        held: None,
-                        acked_to: None,
-                        committed_to: None,
-                        paused: false,
-                    });
+                    state
+                        .parts
+                        .entry(ours(e.partition()))
+                        .or_insert_with(|| Part::new(epoch));
                 }
                 state.joined = true;
                 drop(state);
@@ -644,40 +573,34 @@ impl ConsumerContext for Member {
             tracing::debug!(topic = %self.shared.topic, error = %e, "kafka: commit failed");
             return;
         }
-        let mut state = lock(&self.shared.state);
-        for e in offsets.elements() {
-            if let (Some(part), Offset::Offset(o)) =
-                (state.parts.get_mut(&e.partition()), e.offset())
-            {
-                part.committed_to = Some(part.committed_to.map_or(o, |c| c.max(o)));
-            }
+        confirm(&self.shared, offsets);
+    }
+}
+
+/// Records the commits the broker confirmed.
+fn confirm(shared: &Shared, offsets: &TopicPartitionList) {
+    let mut state = lock(&shared.state);
+    for e in offsets.elements() {
+        if let (Some(part), Offset::Offset(o)) =
+            (state.parts.get_mut(&ours(e.partition())), e.offset())
+            && let Ok(o) = u64::try_from(o)
+        {
+            part.extra.committed_to = Some(part.extra.committed_to.map_or(o, |c| c.max(o)));
         }
     }
 }
 
 /// The consumer's thread: fetch into the partitions' buffers, pause the full ones,
 /// commit what was acked, until the subscription is dropped.
-fn run_member(consumer: BaseConsumer<Member>, shared: Arc<Shared>) {
+fn run_member(consumer: BaseConsumer<Callbacks>, shared: Arc<Shared>) {
     let mut last_commit = Instant::now();
     while !shared.closed.load(Ordering::Acquire) {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
-                let fetched = Fetched::from_message(&m);
-                let mut state = lock(&shared.state);
-                if let Some(part) = state.parts.get_mut(&m.partition()) {
-                    // A message the partition has already seen (a fetch from before a
-                    // reassignment) is dropped.
-                    let seen = part
-                        .queue
-                        .back()
-                        .map(|f| f.offset)
-                        .or(part.held.as_ref().map(|h| h.message.offset))
-                        .or(part.acked_to.map(|a| a - 1));
-                    if seen.is_none_or(|s| fetched.offset > s) {
-                        part.queue.push_back(fetched);
-                    }
+                let message = fetched(&m);
+                if let Some(part) = lock(&shared.state).parts.get_mut(&ours(m.partition())) {
+                    part.push(message);
                 }
-                drop(state);
                 shared.wake.notify_one();
             }
             Some(Err(e)) => {
@@ -697,17 +620,17 @@ fn run_member(consumer: BaseConsumer<Member>, shared: Arc<Shared>) {
     drop(consumer);
 }
 
-fn flow_control(consumer: &BaseConsumer<Member>, shared: &Shared) {
+fn flow_control(consumer: &BaseConsumer<Callbacks>, shared: &Shared) {
     let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
     {
         let mut state = lock(&shared.state);
         for (p, part) in state.parts.iter_mut() {
-            if !part.paused && part.queue.len() >= HIGH_WATER {
-                part.paused = true;
-                pause.add_partition(&shared.kafka_topic, *p);
-            } else if part.paused && part.queue.len() <= LOW_WATER {
-                part.paused = false;
-                resume.add_partition(&shared.kafka_topic, *p);
+            if !part.extra.paused && part.queue.len() >= HIGH_WATER {
+                part.extra.paused = true;
+                pause.add_partition(&shared.kafka_topic, theirs(*p));
+            } else if part.extra.paused && part.queue.len() <= LOW_WATER {
+                part.extra.paused = false;
+                resume.add_partition(&shared.kafka_topic, theirs(*p));
             }
         }
     }
@@ -719,13 +642,17 @@ fn flow_control(consumer: &BaseConsumer<Member>, shared: &Shared) {
     }
 }
 
-fn commit(consumer: &BaseConsumer<Member>, shared: &Shared, mode: CommitMode) {
+fn commit(consumer: &BaseConsumer<Callbacks>, shared: &Shared, mode: CommitMode) {
     let mut list = TopicPartitionList::new();
     {
         let state = lock(&shared.state);
         for (p, part) in &state.parts {
-            if let Some(to) = part.acked_to.filter(|to| Some(*to) != part.committed_to) {
-                let _ = list.add_partition_offset(&shared.kafka_topic, *p, Offset::Offset(to));
+            if let Some(to) = part
+                .acked_to
+                .filter(|to| Some(*to) != part.extra.committed_to)
+            {
+                let _ =
+                    list.add_partition_offset(&shared.kafka_topic, theirs(*p), kafka_offset(to));
             }
         }
     }
@@ -733,16 +660,8 @@ fn commit(consumer: &BaseConsumer<Member>, shared: &Shared, mode: CommitMode) {
         return;
     }
     match consumer.commit(&list, mode) {
-        Ok(()) if matches!(mode, CommitMode::Sync) => {
-            let mut state = lock(&shared.state);
-            for e in list.elements() {
-                if let (Some(part), Offset::Offset(o)) =
-                    (state.parts.get_mut(&e.partition()), e.offset())
-                {
-                    part.committed_to = Some(o);
-                }
-            }
-        }
+        // An async commit is confirmed by the commit callback.
+        Ok(()) if matches!(mode, CommitMode::Sync) => confirm(shared, &list),
         Ok(()) => {}
         Err(e) => tracing::debug!(topic = %shared.topic, error = %e, "kafka: commit failed"),
     }
@@ -761,95 +680,7 @@ impl Drop for KafkaSubscription {
 
 impl Subscription for KafkaSubscription {
     fn next(&mut self) -> BoxFuture<'_, Result<Delivery, BusError>> {
-        Box::pin(async move {
-            let shared = &self.shared;
-            loop {
-                let taken = lock(&shared.state).take(Instant::now(), shared.ack_wait);
-                match taken {
-                    Ok(h) => return Ok(delivery(shared, h)),
-                    Err(Some(at)) => {
-                        let at = tokio::time::Instant::from_std(at);
-                        let _ = tokio::time::timeout_at(at, shared.wake.notified()).await;
-                    }
-                    Err(None) => shared.wake.notified().await,
-                }
-            }
-        })
-    }
-}
-
-fn delivery(shared: &Arc<Shared>, h: Handout) -> Delivery {
-    let m = h.message;
-    let header = |name: &str| {
-        m.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let event = if header("ce-specversion").is_some() {
-        CloudEvent::from_binary(header, &m.payload)
-    } else {
-        // Structured mode, or bytes from a producer outside Bazaar.
-        CloudEvent::from_json(&m.payload)
-    };
-    Delivery::new(
-        Position {
-            topic: shared.topic.clone(),
-            key: m.key.clone(),
-            partition: u32::try_from(h.partition).unwrap_or_default(),
-            offset: u64::try_from(m.offset).unwrap_or_default(),
-            attempt: h.attempt,
-        },
-        event,
-        m.payload.clone(),
-        Box::new(KafkaAcker {
-            shared: shared.clone(),
-            partition: h.partition,
-            epoch: h.epoch,
-            serial: h.serial,
-        }),
-    )
-}
-
-struct KafkaAcker {
-    shared: Arc<Shared>,
-    partition: i32,
-    epoch: u64,
-    serial: u64,
-}
-
-impl KafkaAcker {
-    /// Settles locally: the consumer thread commits within [`COMMIT_EVERY`]. A
-    /// settlement of a hand-out that expired or moved away is void (the message is
-    /// or will be delivered again).
-    fn settle(&self, then: impl FnOnce(&mut Part)) {
-        let mut state = lock(&self.shared.state);
-        if let Some(part) = state.held(self.partition, self.epoch, self.serial) {
-            then(part);
-        }
-        drop(state);
-        self.shared.settled.notify_all();
-        self.shared.wake.notify_one();
-    }
-}
-
-impl Acker for KafkaAcker {
-    fn ack(self: Box<Self>) -> BoxFuture<'static, Result<(), BusError>> {
-        self.settle(|part| {
-            if let Some(held) = part.held.take() {
-                part.acked_to = Some(held.message.offset + 1);
-            }
-        });
-        Box::pin(async { Ok(()) })
-    }
-
-    fn nack(self: Box<Self>, delay: Duration) -> BoxFuture<'static, Result<(), BusError>> {
-        self.settle(|part| {
-            if let Some(held) = part.held.as_mut() {
-                held.state = HeldState::Waiting(Instant::now() + delay);
-            }
-        });
-        Box::pin(async { Ok(()) })
+        Box::pin(handout::next(&self.shared))
     }
 }
 
@@ -905,16 +736,18 @@ impl EventBus for KafkaBus {
                 kafka_topic: name.clone(),
             });
             let session = self.inner.config.session_timeout.as_millis().max(1_000);
-            let consumer: BaseConsumer<Member> = base_config(&self.inner.config.brokers)
+            let consumer: BaseConsumer<Callbacks> = base_config(&self.inner.config.brokers)
                 .set("group.id", &group_id)
                 .set("enable.auto.commit", "false")
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", session.to_string())
                 // Frequent heartbeats: members learn of a joiner or a leaver fast.
                 .set("heartbeat.interval.ms", (session / 20).max(100).to_string())
-                // Do not park a fetch long on an idle partition: latency.
-                .set("fetch.wait.max.ms", "100")
-                .create_with_context(Member {
+                .set(
+                    "fetch.wait.max.ms",
+                    self.inner.config.fetch_wait.as_millis().max(1).to_string(),
+                )
+                .create_with_context(Callbacks {
                     shared: shared.clone(),
                 })
                 .map_err(|e| BusError::Refused(format!("kafka consumer: {e}")))?;
@@ -998,98 +831,5 @@ impl EventBus for KafkaBus {
             self.position_group(&name, partitions, &group_id, start, false)
                 .await
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fetched(offset: i64) -> Fetched {
-        Fetched {
-            offset,
-            key: "k".into(),
-            payload: Bytes::new(),
-            headers: Vec::new(),
-        }
-    }
-
-    fn state_with(parts: &[(i32, &[i64])]) -> State {
-        let mut state = State::default();
-        for (p, offsets) in parts {
-            state.parts.insert(
-                *p,
-                Part {
-                    epoch: 0,
-                    queue: offsets.iter().map(|o| fetched(*o)).collect(),
-                    held: None,
-                    acked_to: None,
-                    committed_to: None,
-                    paused: false,
-                },
-            );
-        }
-        state
-    }
-
-    #[test]
-    fn one_message_per_partition_in_flight_and_partitions_take_turns() {
-        let wait = Duration::from_secs(30);
-        let now = Instant::now();
-        let mut state = state_with(&[(0, &[0, 1]), (1, &[5])]);
-        let a = state
-            .take(now, wait)
-            .ok()
-            .unwrap_or_else(|| panic!("ready"));
-        let b = state
-            .take(now, wait)
-            .ok()
-            .unwrap_or_else(|| panic!("ready"));
-        assert_eq!((a.partition, a.message.offset), (0, 0));
-        assert_eq!((b.partition, b.message.offset), (1, 5));
-        // Partition 0's next waits for its first to be settled.
-        assert_eq!(state.take(now, wait).err(), Some(Some(now + wait)));
-        let part = state
-            .held(0, a.epoch, a.serial)
-            .unwrap_or_else(|| panic!("held"));
-        part.held = None;
-        let c = state
-            .take(now, wait)
-            .ok()
-            .unwrap_or_else(|| panic!("ready"));
-        assert_eq!((c.partition, c.message.offset, c.attempt), (0, 1, 1));
-    }
-
-    #[test]
-    fn an_expired_or_nacked_message_comes_back_first_with_the_next_attempt() {
-        let wait = Duration::from_secs(1);
-        let now = Instant::now();
-        let mut state = state_with(&[(0, &[0, 1])]);
-        let first = state
-            .take(now, wait)
-            .ok()
-            .unwrap_or_else(|| panic!("ready"));
-        let again = state
-            .take(now + wait, wait)
-            .ok()
-            .unwrap_or_else(|| panic!("expired"));
-        assert_eq!((again.message.offset, again.attempt), (0, 2));
-        // The first hand-out's settlement is void now.
-        assert!(state.held(0, first.epoch, first.serial).is_none());
-        let part = state
-            .held(0, again.epoch, again.serial)
-            .unwrap_or_else(|| panic!("held"));
-        if let Some(h) = part.held.as_mut() {
-            h.state = HeldState::Waiting(now + Duration::from_millis(300));
-        }
-        assert_eq!(
-            state.take(now, wait).err(),
-            Some(Some(now + Duration::from_millis(300)))
-        );
-        let third = state
-            .take(now + Duration::from_millis(300), wait)
-            .ok()
-            .unwrap_or_else(|| panic!("ready"));
-        assert_eq!((third.message.offset, third.attempt), (0, 3));
     }
 }

@@ -10,16 +10,19 @@
 //! - [`embedded`]: the durable log the control plane hosts (the default broker).
 //! - [`nats`]: NATS JetStream.
 //! - [`kafka`]: any Kafka-protocol broker, through librdkafka.
+//! - [`rabbitmq`]: RabbitMQ, streams for the log and quorum queues for the groups.
 #![forbid(unsafe_code)]
 
 pub mod bus;
 pub mod consumer;
 pub mod embedded;
 pub mod envelope;
+mod handout;
 pub mod inbox;
 pub mod kafka;
 pub mod nats;
 pub mod outbox;
+pub mod rabbitmq;
 #[cfg(feature = "testing")]
 pub mod testing;
 
