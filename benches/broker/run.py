@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Broker benchmark: the embedded log (the control plane, release build), NATS
-JetStream (a nats-server started here, file storage) and a Kafka-protocol broker
-(tansu, started here, in-memory storage), one after the other on this machine: durable publish throughput of 1 KB events (64 concurrent publishers, each
+JetStream (a nats-server started here, file storage), a Kafka-protocol broker
+(tansu, started here, in-memory storage) and RabbitMQ streams (the machine's
+server, RABBITMQ_URL), one after the other on this machine: durable publish throughput of 1 KB events (64 concurrent publishers, each
 waiting for its ack), and publish-to-consume latency at a fixed 10,000 msg/s (two
 consumers in one group, acking each message).
 
@@ -110,6 +111,13 @@ def main():
         wait_port(kport)
         results.append(measure("Kafka protocol: tansu (memory)", f"kafka://127.0.0.1:{kport}",
                                tansu.pid, args.seconds, args.rate))
+
+        rabbit_pid = subprocess.run(["pgrep", "-o", "beam.smp"], capture_output=True,
+                                    text=True).stdout.strip()
+        if rabbit_pid:
+            url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
+            results.append(measure("RabbitMQ streams (machine's 3.10)", url, int(rabbit_pid),
+                                   args.seconds, args.rate))
     finally:
         for p in procs:
             p.terminate()

@@ -405,6 +405,44 @@ async fn events_travel_through_kafka() {
     assert!(shop.interrupt().success());
 }
 
+#[tokio::test]
+async fn events_travel_through_rabbitmq_streams() {
+    let prefix = format!(
+        "bazaar_it_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    );
+    let url = std::env::var("RABBITMQ_TEST_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let mut shop = Shop::up(
+        "processes",
+        &[
+            ("BAZAAR_EVENTS__BACKEND", "rabbitmq"),
+            ("BAZAAR_EVENTS__RABBITMQ_URL", &url),
+            ("BAZAAR_EVENTS__PREFIX", &prefix),
+            ("BAZAAR_EVENTS__PARTITIONS", "2"),
+        ],
+    );
+    walkthrough(&shop).await;
+    assert!(shop.interrupt().success());
+    // The shop's streams and queues go with it.
+    let bus = messaging::rabbitmq::RabbitBus::connect(messaging::rabbitmq::RabbitConfig {
+        url,
+        prefix,
+        partitions: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let topics = messaging::EventBus::topics(&bus).await.unwrap();
+    assert!(topics.iter().any(|t| t == "orders"), "{topics:?}");
+    for topic in &topics {
+        bus.delete_topic(topic, &["notifications", "recommendations"])
+            .await
+            .unwrap();
+    }
+    bus.delete_namespace().await.unwrap();
+}
+
 #[test]
 fn a_config_with_three_mistakes_reports_all_three_and_exits_2() {
     let dir = std::env::temp_dir().join(format!("bazaar-cfg-{}", uuid::Uuid::new_v4().simple()));

@@ -222,8 +222,8 @@ impl DiscoverySettings {
 config_section! {
     /// `[events]`: the broker events travel through.
     pub struct EventsSettings {
-        /// `embedded` (the control plane's log), `nats` (JetStream) or `kafka`
-        /// (any Kafka-protocol broker).
+        /// `embedded` (the control plane's log), `nats` (JetStream), `kafka` (any
+        /// Kafka-protocol broker) or `rabbitmq` (streams and quorum queues).
         pub backend: EventsBackend = EventsBackend::Embedded,
         /// The embedded broker's URL (the control plane); `bazaar up` sets it.
         pub url: Option<String> = None,
@@ -231,11 +231,14 @@ config_section! {
         pub nats_url: String = "nats://127.0.0.1:4222".to_owned(),
         /// Bootstrap servers for backend `kafka`, `host:port[,host:port...]`.
         pub kafka_brokers: String = "127.0.0.1:9092".to_owned(),
-        /// First part of every stream, subject, topic and group name on NATS or
-        /// Kafka: shops sharing a broker keep apart by it.
+        /// AMQP URL for backend `rabbitmq` (`%2f` is the default vhost `/`).
+        pub rabbitmq_url: secrecy::SecretString =
+            secrecy::SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+        /// First part of every stream, subject, topic, queue and group name on NATS,
+        /// Kafka or RabbitMQ: shops sharing a broker keep apart by it.
         pub prefix: String = "bazaar".to_owned(),
-        /// Partitions of the topics Bazaar creates on NATS or Kafka: the most members
-        /// of a group working at once (the embedded broker's are
+        /// Partitions of the topics Bazaar creates on NATS, Kafka or RabbitMQ: the
+        /// most members of a group working at once (the embedded broker's are
         /// `control_plane.log_partitions`).
         pub partitions: u32 = 8,
     }
@@ -248,6 +251,7 @@ pub enum EventsBackend {
     Embedded,
     Nats,
     Kafka,
+    Rabbitmq,
 }
 
 impl EventsSettings {
@@ -278,6 +282,18 @@ impl EventsSettings {
                     partitions: self.partitions.max(1),
                     ..Default::default()
                 })?;
+                Some(std::sync::Arc::new(bus))
+            }
+            EventsBackend::Rabbitmq => {
+                use secrecy::ExposeSecret;
+                let bus =
+                    messaging::rabbitmq::RabbitBus::connect(messaging::rabbitmq::RabbitConfig {
+                        url: self.rabbitmq_url.expose_secret().to_owned(),
+                        prefix: self.prefix.clone(),
+                        partitions: self.partitions.max(1),
+                        ..Default::default()
+                    })
+                    .await?;
                 Some(std::sync::Arc::new(bus))
             }
         })

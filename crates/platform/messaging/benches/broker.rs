@@ -1,7 +1,7 @@
 //! Broker benchmark driver (run by benches/broker/run.py): durable publish
 //! throughput, and publish-to-consume latency at a fixed rate, against one backend.
 //!
-//! cargo bench -p messaging --bench broker -- <http://embedded | nats://host:port | kafka://host:port> throughput|latency SECONDS [RATE]
+//! cargo bench -p messaging --bench broker -- <http://embedded | nats://host:port | kafka://host:port | amqp://user:pass@host:port/vhost> throughput|latency SECONDS [RATE]
 //!
 //! Prints one JSON line.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use messaging::embedded::client::EmbeddedBus;
 use messaging::kafka::{KafkaBus, KafkaConfig};
 use messaging::nats::{NatsBus, NatsConfig};
+use messaging::rabbitmq::{RabbitBus, RabbitConfig};
 use messaging::{CloudEvent, EventBus, StartFrom, SubscribeOptions};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -148,19 +149,31 @@ async fn main() {
         eprintln!("usage: broker <URL> throughput|latency SECONDS [RATE]");
         std::process::exit(2);
     }
+    let prefix = format!("bench{}", std::process::id());
     let nats = if args[0].starts_with("nats://") {
         let config = NatsConfig {
             url: args[0].clone(),
-            prefix: format!("bench{}", std::process::id()),
+            prefix: prefix.clone(),
             ..NatsConfig::default()
         };
         Some(NatsBus::connect(config).await.unwrap())
     } else {
         None
     };
-    let bus: Arc<dyn EventBus> = match (&nats, args[0].strip_prefix("kafka://")) {
-        (Some(n), _) => Arc::new(n.clone()),
-        (None, Some(brokers)) => Arc::new(
+    let rabbit = if args[0].starts_with("amqp://") {
+        let config = RabbitConfig {
+            url: args[0].clone(),
+            prefix,
+            ..RabbitConfig::default()
+        };
+        Some(RabbitBus::connect(config).await.unwrap())
+    } else {
+        None
+    };
+    let bus: Arc<dyn EventBus> = match (&nats, &rabbit, args[0].strip_prefix("kafka://")) {
+        (Some(n), _, _) => Arc::new(n.clone()),
+        (_, Some(r), _) => Arc::new(r.clone()),
+        (None, None, Some(brokers)) => Arc::new(
             KafkaBus::connect(KafkaConfig {
                 brokers: brokers.to_owned(),
                 // tansu holds every fetch this long, data or not.
@@ -169,7 +182,7 @@ async fn main() {
             })
             .unwrap(),
         ),
-        (None, None) => Arc::new(EmbeddedBus::new(&args[0])),
+        (None, None, None) => Arc::new(EmbeddedBus::new(&args[0])),
     };
     let seconds: u64 = args[2].parse().unwrap();
     let rate = args.get(3).and_then(|r| r.parse().ok()).unwrap_or(10_000);
@@ -179,6 +192,9 @@ async fn main() {
     };
     if let Some(n) = nats {
         let _ = n.delete_namespace().await;
+    }
+    if let Some(r) = rabbit {
+        let _ = r.delete_namespace().await;
     }
     println!("{result}");
 }

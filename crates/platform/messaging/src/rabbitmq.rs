@@ -356,6 +356,23 @@ impl RabbitBus {
         Ok(names.len())
     }
 
+    /// Deletes `topic`'s streams (its messages) and the queues of `groups` on it,
+    /// whoever declared them: a shop's topics when its environment is torn down.
+    pub async fn delete_topic(&self, topic: &str, groups: &[&str]) -> Result<(), BusError> {
+        check_name(topic)?;
+        for group in groups {
+            self.delete_group(topic, group).await?;
+        }
+        let channel = self.admin().await?;
+        for p in 0..self.partitions() {
+            let name = self.stream_name(topic, p);
+            call(channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default())).await?;
+            lock(&self.inner.declared).remove(&name);
+        }
+        lock(&self.inner.topics).remove(topic);
+        Ok(())
+    }
+
     fn partitions(&self) -> u32 {
         self.inner.config.partitions.max(1)
     }
