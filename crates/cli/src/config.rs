@@ -9,7 +9,7 @@ use chassis::config::{Errors, Source};
 use chassis::config_section;
 use chassis::settings::{
     BreakerSettings, BulkheadSettings, DiscoverySettings, DownstreamSettings, EventsSettings,
-    HttpSettings, IdentitySettings, LogSettings, RetrySettings,
+    HttpSettings, IdentitySettings, LogSettings, RetrySettings, SagaSettings,
 };
 use serde::Deserialize;
 
@@ -23,6 +23,7 @@ config_section! {
         pub identity: IdentitySettings,
         pub discovery: DiscoverySettings,
         pub events: EventsSettings,
+        pub saga: SagaSettings,
         pub breaker: BreakerSettings,
         pub retry: RetrySettings,
         pub bulkhead: BulkheadSettings,

@@ -301,6 +301,33 @@ impl EventsSettings {
 }
 
 config_section! {
+    /// `[saga]`: how the place-order saga runs (every service of a shop must agree).
+    pub struct SagaSettings {
+        /// `orchestration` (a durable orchestrator in `orders` sends commands and
+        /// awaits replies) or `choreography` (each service reacts to the previous
+        /// one's event and emits the next).
+        pub mode: SagaMode = SagaMode::Orchestration,
+    }
+}
+
+/// The saga style (see [`SagaSettings::mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SagaMode {
+    Orchestration,
+    Choreography,
+}
+
+impl SagaMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaMode::Orchestration => "orchestration",
+            SagaMode::Choreography => "choreography",
+        }
+    }
+}
+
+config_section! {
     /// `[breaker]`: the circuit breaker in front of each downstream service, on every
     /// outgoing call of the chassis client (services and the gateway alike).
     pub struct BreakerSettings {
