@@ -33,6 +33,8 @@ config_section! {
         pub users: users::Settings,
         pub products: products::Settings,
         pub orders: orders::Settings,
+        pub inventory: inventory::Settings,
+        pub payments: payments::Settings,
         pub notifications: notifications::Settings,
         pub recommendations: recommendations::Settings,
         pub gateway: gateway::Settings,
@@ -52,6 +54,7 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
         config.gateway.routes = shop_routes();
     }
     let mut invalid = config.resilience().validate();
+    invalid.extend(config.payments.validate());
     invalid.extend(config.discovery.build().err());
     invalid.extend(
         gateway::configuration::validate_routes(&config.gateway.routes)

@@ -18,6 +18,8 @@ pub enum ServiceName {
     Users,
     Products,
     Orders,
+    Inventory,
+    Payments,
     Notifications,
     Recommendations,
     Gateway,
@@ -26,11 +28,13 @@ pub enum ServiceName {
 impl ServiceName {
     /// Start order: the gateway last, so that it only accepts traffic once the
     /// services behind it are starting; stop order is the reverse.
-    pub const ALL: [ServiceName; 7] = [
+    pub const ALL: [ServiceName; 9] = [
         ServiceName::ControlPlane,
         ServiceName::Users,
         ServiceName::Products,
         ServiceName::Orders,
+        ServiceName::Inventory,
+        ServiceName::Payments,
         ServiceName::Notifications,
         ServiceName::Recommendations,
         ServiceName::Gateway,
@@ -42,6 +46,8 @@ impl ServiceName {
             ServiceName::Users => users::NAME,
             ServiceName::Products => products::NAME,
             ServiceName::Orders => orders::NAME,
+            ServiceName::Inventory => inventory::NAME,
+            ServiceName::Payments => payments::NAME,
             ServiceName::Notifications => notifications::NAME,
             ServiceName::Recommendations => recommendations::NAME,
             ServiceName::Gateway => gateway::NAME,
@@ -55,6 +61,8 @@ impl ServiceName {
             ServiceName::Users => config.users.port,
             ServiceName::Products => config.products.port,
             ServiceName::Orders => config.orders.port,
+            ServiceName::Inventory => config.inventory.port,
+            ServiceName::Payments => config.payments.port,
             ServiceName::Notifications => config.notifications.port,
             ServiceName::Recommendations => config.recommendations.port,
             ServiceName::Gateway => config.gateway.port,
@@ -126,6 +134,29 @@ pub async fn run(
                 service: chassis,
                 database_url: database_url(&config.orders.database_url, data_dir, orders::NAME),
                 settings: config.orders.clone(),
+                saga_mode: config.saga.mode,
+            })
+            .await?
+        }
+        ServiceName::Inventory => {
+            inventory::Application::build(inventory::Config {
+                service: chassis,
+                database_url: database_url(
+                    &config.inventory.database_url,
+                    data_dir,
+                    inventory::NAME,
+                ),
+                settings: config.inventory.clone(),
+                saga_mode: config.saga.mode,
+            })
+            .await?
+        }
+        ServiceName::Payments => {
+            payments::Application::build(payments::Config {
+                service: chassis,
+                database_url: database_url(&config.payments.database_url, data_dir, payments::NAME),
+                settings: config.payments.clone(),
+                saga_mode: config.saga.mode,
             })
             .await?
         }

@@ -25,7 +25,7 @@ pub const NAME: &str = "notifications";
 /// The topic and consumer group this service reads.
 pub const TOPIC: &str = "orders";
 /// The types the `orders` topic carries (docs/events.md); any other is dead-lettered.
-pub const ORDER_EVENTS: &[&str] = &["order.created"];
+pub const ORDER_EVENTS: &[&str] = &["order.created", "order.confirmed", "order.cancelled"];
 
 /// The schema (public for tests that drive the handler directly).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -50,7 +50,8 @@ pub struct Config {
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Notification {
     pub id: String,
-    /// `order_received`.
+    /// `order_received`, then `order_confirmed` or `order_cancelled`: exactly one of
+    /// the last two per order that ended.
     pub kind: String,
     pub order_id: String,
     pub text: String,
@@ -125,10 +126,17 @@ pub async fn handle(
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    if !messaging::consumer::triage(&event, &["order.created"], ORDER_EVENTS)? {
+    if !messaging::consumer::triage(&event, ORDER_EVENTS, ORDER_EVENTS)? {
         return Ok(());
     }
-    let (kind, text) = ("order_received", order_received(&event.data)?);
+    let (kind, text) = match event.ty.as_str() {
+        "order.created" => ("order_received", order_received(&event.data)?),
+        "order.confirmed" => (
+            "order_confirmed",
+            "Your order is confirmed: it is on its way.".to_owned(),
+        ),
+        _ => ("order_cancelled", order_cancelled(&event.data)),
+    };
     let field = |name: &str| {
         event.data[name]
             .as_str()
@@ -155,6 +163,16 @@ pub async fn handle(
     }
     tx.commit().await?;
     Ok(())
+}
+
+fn order_cancelled(data: &Value) -> String {
+    let why = match data["reason"].as_str() {
+        Some("out_of_stock") => "an item ran out of stock",
+        Some("payment_declined") => "the payment was declined",
+        Some("timeout") => "it could not be completed in time",
+        _ => "it could not be completed",
+    };
+    format!("Your order was cancelled: {why}. You were not charged.")
 }
 
 fn order_received(data: &Value) -> Result<String, HandlerError> {

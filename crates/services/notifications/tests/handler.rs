@@ -50,6 +50,28 @@ async fn run(engine: Engine) {
             .await
             .unwrap();
     assert_eq!(texts, ["We received your order of 3 items: 12.50 EUR."]);
+    // Its end: one message, whichever way and however often it is delivered.
+    let mut cancelled = created("o-1");
+    cancelled.ty = "order.cancelled".into();
+    cancelled.data["reason"] = json!("payment_declined");
+    for _ in 0..2 {
+        notifications::handle(&pool, &inbox, cancelled.clone(), meta())
+            .await
+            .unwrap();
+    }
+    let kinds: Vec<(String, String)> =
+        sqlx::query_as("SELECT kind, text FROM notifications WHERE order_id = 'o-1' ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        kinds[1],
+        (
+            "order_cancelled".to_owned(),
+            "Your order was cancelled: the payment was declined. You were not charged.".to_owned()
+        )
+    );
+    assert_eq!(kinds.len(), 2);
 
     let mut broken = created("o-2");
     broken.data["items"] = json!("not a list");
@@ -72,7 +94,7 @@ async fn run(engine: Engine) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(count, 1);
+    assert_eq!(count, 2);
     database.close().await;
 }
 

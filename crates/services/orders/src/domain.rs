@@ -142,11 +142,29 @@ pub struct OrderItem {
 pub struct Order {
     pub id: Uuid,
     pub status: Status,
+    /// Why a CANCELLED order was cancelled: `out_of_stock`, `payment_declined` or
+    /// `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub items: Vec<OrderItem>,
     pub total_cents: i64,
     pub currency: String,
     /// RFC 3339.
     pub created_at: String,
+    /// The place-order saga's history, oldest first (in `GET /orders/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<SagaStep>,
+}
+
+/// A line of an order's saga history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SagaStep {
+    /// `reserve`, `charge`, or `-` for the saga as a whole.
+    pub step: String,
+    /// What happened: `sent`, `done`, `failed: out_of_stock`, `compensated`, ...
+    pub what: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 #[cfg(test)]

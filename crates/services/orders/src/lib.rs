@@ -1,12 +1,14 @@
 //! `orders`: `POST /orders` prices the lines with one batch call to `products`,
-//! stores the order (PENDING) idempotently per `Idempotency-Key`, and serves the
-//! caller's own orders. The saga (stock, payment, confirmation) builds on this.
+//! stores the order (PENDING) idempotently per `Idempotency-Key` and starts the
+//! place-order saga (stock, payment, confirmation: [`saga`]) in the same
+//! transaction, and serves the caller's own orders with their saga history.
 #![forbid(unsafe_code)]
 
 pub mod configuration;
 pub mod domain;
 pub mod repository;
 pub mod routes;
+pub mod saga;
 pub mod startup;
 
 pub use configuration::{Config, Settings};

@@ -18,6 +18,8 @@ pub enum InsertError {
     Db(#[from] sqlx::Error),
     #[error(transparent)]
     Outbox(#[from] messaging::outbox::OutboxError),
+    #[error("starting the saga: {0}")]
+    Saga(String),
 }
 
 /// The topic order events go to.
@@ -35,9 +37,13 @@ pub struct NewOrder<'a> {
     pub total_cents: i64,
 }
 
+/// Writes the order, its `order.created` and the start of its saga (the
+/// orchestrator's first command, or in choreography the first history line) in one
+/// transaction.
 pub async fn insert(
     pool: &AnyPool,
     outbox: &messaging::outbox::Outbox,
+    orchestrator: Option<&saga::store::Orchestrator>,
     new: NewOrder<'_>,
 ) -> Result<Order, InsertError> {
     let id = Uuid::now_v7();
@@ -98,19 +104,43 @@ pub async fn insert(
     outbox
         .enqueue(&mut tx, TOPIC, &id.to_string(), &event)
         .await?;
+    match orchestrator {
+        Some(orchestrator) => {
+            orchestrator
+                .start(
+                    &mut tx,
+                    &id.to_string(),
+                    event.data.clone(),
+                    time::OffsetDateTime::now_utc(),
+                )
+                .await
+                .map_err(|e| InsertError::Saga(e.to_string()))?;
+        }
+        None => {
+            sqlx::query(
+                "INSERT INTO order_steps (order_id, seq, step, what, at_ms) VALUES ($1, 1, 'reserve', 'requested', $2)",
+            )
+            .bind(id.to_string())
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     tx.commit().await?;
     outbox.written();
     Ok(Order {
         id,
         status: Status::Pending,
+        reason: None,
         items: new.items,
         total_cents: new.total_cents,
         currency: new.currency,
         created_at: chassis::clock::rfc3339(created_at),
+        steps: Vec::new(),
     })
 }
 
-const ORDER_COLUMNS: &str = "id, status, total_cents, currency, created_at, request_hash";
+const ORDER_COLUMNS: &str = "id, status, reason, total_cents, currency, created_at, request_hash";
 
 struct Head {
     order: Order,
@@ -126,10 +156,12 @@ fn head_from_row(row: &sqlx::any::AnyRow) -> Result<Head, sqlx::Error> {
             id: Uuid::parse_str(&id).map_err(|e| decode(e.to_string()))?,
             status: Status::parse(&status)
                 .ok_or_else(|| decode(format!("unknown status {status}")))?,
+            reason: row.try_get("reason")?,
             items: Vec::new(),
             total_cents: row.try_get("total_cents")?,
             currency: row.try_get("currency")?,
             created_at: chassis::clock::rfc3339(row.try_get("created_at")?),
+            steps: Vec::new(),
         },
         request_hash: row.try_get("request_hash")?,
     })

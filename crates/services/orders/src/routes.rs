@@ -18,7 +18,7 @@ use sqlx::AnyPool;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
-use crate::domain::{LineInput, Lines, Order, OrderItem, Status};
+use crate::domain::{LineInput, Lines, Order, OrderItem, SagaStep, Status};
 use crate::repository::{self, InsertError, NewOrder};
 
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -35,6 +35,7 @@ pub struct AppState {
     pub max_lines: usize,
     pub max_quantity: i64,
     pub outbox: messaging::outbox::Outbox,
+    pub saga: crate::saga::Saga,
 }
 
 #[derive(OpenApi)]
@@ -45,7 +46,7 @@ pub struct AppState {
     ),
     paths(place_order, list_orders, get_order),
     components(schemas(
-        PlaceOrder, LineInput, Order, OrderItem, Status, OrderPage, Problem, FieldError
+        PlaceOrder, LineInput, Order, OrderItem, SagaStep, Status, OrderPage, Problem, FieldError
     ))
 )]
 pub struct ApiDoc;
@@ -103,6 +104,7 @@ async fn place_order(
     let inserted = repository::insert(
         &state.pool,
         &state.outbox,
+        state.saga.orchestrator.as_ref(),
         NewOrder {
             user_id: user,
             idempotency_key: key,
@@ -130,6 +132,7 @@ async fn place_order(
         }
         Err(InsertError::Db(e)) => Err(e.into()),
         Err(InsertError::Outbox(e)) => Err(Problem::internal(format!("outbox: {e}"))),
+        Err(InsertError::Saga(e)) => Err(Problem::internal(e)),
     }
 }
 
@@ -320,8 +323,22 @@ async fn get_order(
     identity: Identity,
     Path(id): Path<Uuid>,
 ) -> Result<Json<Order>, Problem> {
-    repository::get(&state.pool, &identity.subject, id)
+    let mut order = repository::get(&state.pool, &identity.subject, id)
         .await?
-        .map(Json)
-        .ok_or_else(|| Problem::not_found(&format!("order {id}")))
+        .ok_or_else(|| Problem::not_found(&format!("order {id}")))?;
+    order.steps = state
+        .saga
+        .history(&id.to_string())
+        .await?
+        .into_iter()
+        .map(|h| SagaStep {
+            step: h.step,
+            what: h.what,
+            at: h
+                .at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok(Json(order))
 }

@@ -4,6 +4,8 @@ use anyhow::Context;
 use chassis::Chassis;
 use chassis::http::{Readiness, Service};
 use chassis::secrecy::ExposeSecret;
+use chassis::settings::SagaMode;
+use std::time::Duration;
 use utoipa::OpenApi;
 
 use crate::Config;
@@ -26,12 +28,33 @@ impl Application {
             .await
             .context("binding the listener")?;
         let outbox = messaging::outbox::Outbox::new();
+        messaging::inbox::Inbox::install(db.pool())
+            .await
+            .context("orders inbox table")?;
+        let settings = &config.settings;
+        let orchestrator = match config.saga_mode {
+            SagaMode::Orchestration => {
+                saga::store::Orchestrator::install(db.pool())
+                    .await
+                    .context("saga tables")?;
+                Some(crate::saga::orchestrator(
+                    crate::saga::definition(
+                        settings.saga_step_timeout.0,
+                        settings.saga_step_attempts,
+                    ),
+                    outbox.clone(),
+                ))
+            }
+            SagaMode::Choreography => None,
+        };
+        let place_order = crate::saga::Saga::new(db.pool().clone(), outbox.clone(), orchestrator);
         let state = AppState {
             outbox: outbox.clone(),
             pool: db.pool().clone(),
             client: chassis.client.clone(),
-            max_lines: config.settings.max_lines,
-            max_quantity: config.settings.max_quantity,
+            max_lines: settings.max_lines,
+            max_quantity: settings.max_quantity,
+            saga: place_order.clone(),
         };
         let router = chassis.router(
             routes::router(state),
@@ -42,6 +65,34 @@ impl Application {
             Some(ApiDoc::openapi()),
         );
         let pool = db.pool().clone();
-        Ok(Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox))
+        let (inventory, payments, timer) = (place_order.clone(), place_order.clone(), place_order);
+        let saga_timeout = settings.saga_timeout.0;
+        Ok(Service::new(chassis, router, Some(db))
+            .with_outbox_relay(pool.clone(), outbox)
+            .with_consumer(crate::saga::INVENTORY, crate::NAME, move |e, m| {
+                let s = inventory.clone();
+                async move { s.on_event(e, m).await }
+            })
+            .with_consumer(crate::saga::PAYMENTS, crate::NAME, move |e, m| {
+                let s = payments.clone();
+                async move { s.on_event(e, m).await }
+            })
+            .with_background(move |stop| async move {
+                match timer.orchestrator.clone() {
+                    // Retries unanswered steps; after a crash, resumes every saga.
+                    Some(o) => o.run_timer(pool, Duration::from_millis(200), stop).await,
+                    None => loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
+                        let cutoff = chassis::clock::now_millis()
+                            - i64::try_from(saga_timeout.as_millis()).unwrap_or(i64::MAX);
+                        if let Err(e) = timer.cancel_stale(cutoff).await {
+                            tracing::warn!(error = %e, "cancelling stale orders failed; retrying");
+                        }
+                    },
+                }
+            }))
     }
 }

@@ -62,6 +62,7 @@ async fn spawn_orders(
         service: service_config(orders::NAME, identity, &[("products", products_url)]),
         database_url: db.url.clone().into(),
         settings: orders::Settings::default(),
+        saga_mode: chassis::settings::SagaMode::Orchestration,
     })
     .await
     .unwrap();
@@ -113,8 +114,14 @@ async fn ordering(engine: Engine) {
         format!("/orders/{}", order["id"].as_str().unwrap())
     );
 
-    let (status, read) = shop.get(&user, &location).await;
+    let (status, mut read) = shop.get(&user, &location).await;
     assert_eq!(status, 200);
+    // Its saga started in the same transaction: the reservation was asked for.
+    let steps = read.as_object_mut().unwrap().remove("steps").unwrap();
+    assert_eq!(
+        (&steps[0]["step"], &steps[0]["what"]),
+        (&json!("reserve"), &json!("sent"))
+    );
     assert_eq!(read, order);
 
     // Another user cannot see it, and does not learn it exists.

@@ -1,5 +1,5 @@
-//! `recommendations`: a read model fed only by order events. Each `order.created`
-//! adds one to the co-purchase count of every pair of distinct products in it
+//! `recommendations`: a read model fed only by order events. Each `order.confirmed`
+//! (what was really bought; created or cancelled orders teach nothing) adds one to the co-purchase count of every pair of distinct products in it
 //! (exactly once per event: inbox in the same transaction), and
 //! `GET /recommendations/{product_id}` answers with the products most often bought
 //! with that one.
@@ -27,7 +27,7 @@ pub const NAME: &str = "recommendations";
 /// The topic this service reads.
 pub const TOPIC: &str = "orders";
 /// The types the `orders` topic carries (docs/events.md); any other is dead-lettered.
-pub const ORDER_EVENTS: &[&str] = &["order.created"];
+pub const ORDER_EVENTS: &[&str] = &["order.created", "order.confirmed", "order.cancelled"];
 /// Distinct products of one order counted at most (bounds the pairs: n * (n - 1)).
 const MAX_PRODUCTS: usize = 50;
 
@@ -127,12 +127,13 @@ pub async fn handle(
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    if !messaging::consumer::triage(&event, &["order.created"], ORDER_EVENTS)? {
+    // Only what was really bought: a cancelled order teaches nothing.
+    if !messaging::consumer::triage(&event, &["order.confirmed"], ORDER_EVENTS)? {
         return Ok(());
     }
     let items = event.data["items"]
         .as_array()
-        .ok_or_else(|| HandlerError::Reject("order.created has no `items` array".into()))?;
+        .ok_or_else(|| HandlerError::Reject(format!("{} has no `items` array", event.ty)))?;
     // Distinct products with their names, in a stable order.
     let mut products: BTreeMap<String, String> = BTreeMap::new();
     for item in items {

@@ -18,13 +18,17 @@ fn meta() -> Meta {
 }
 
 fn order(id: &str, products: &[&str]) -> CloudEvent {
+    event("order.confirmed", id, products)
+}
+
+fn event(ty: &str, id: &str, products: &[&str]) -> CloudEvent {
     let items: Vec<_> = products
         .iter()
         .map(|p| json!({"product_id": p, "product_name": format!("name of {p}"), "quantity": 1, "unit_price_cents": 100}))
         .collect();
     CloudEvent::new(
         "/bazaar/orders",
-        "order.created",
+        ty,
         Some(id),
         json!({ "order_id": id, "user_id": "u", "items": items }),
     )
@@ -48,6 +52,12 @@ async fn run(engine: Engine) {
     recommendations::handle(&pool, &inbox, order("o-2", &["a", "b", "b"]), meta())
         .await
         .unwrap();
+    // Placed or cancelled orders were not bought: they count for nothing.
+    for ty in ["order.created", "order.cancelled"] {
+        recommendations::handle(&pool, &inbox, event(ty, "o-9", &["a", "c"]), meta())
+            .await
+            .unwrap();
+    }
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT other_id, orders FROM co_purchases WHERE product_id = 'a' ORDER BY orders DESC, other_id",
     )

@@ -1,0 +1,355 @@
+//! The place-order saga: reserve stock (`inventory`), charge (`payments`), confirm;
+//! on failure, refund and release in reverse, and cancel the order with a reason
+//! (`out_of_stock`, `payment_declined`, `timeout`).
+//!
+//! Two styles with the same outcomes, chosen by `[saga] mode`:
+//! - orchestration: a durable [`Orchestrator`] here sends commands
+//!   (`inventory.commands`, `payments.commands`) and takes the participants' outcome
+//!   events as replies;
+//! - choreography: nobody commands; `inventory` reserves on `order.created`,
+//!   `payments` charges on `inventory.reserved`, and this service confirms on
+//!   `payment.charged` or cancels on `inventory.rejected` / `payment.declined` (or
+//!   when an order stays PENDING too long); the cancellation's `order.cancelled` is
+//!   what makes the others refund and release.
+//!
+//! Either way an order ends exactly once: the status moves from PENDING only, in the
+//! transaction that emits `order.confirmed` or `order.cancelled`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use messaging::consumer::{HandlerError, Meta, triage};
+use messaging::inbox::Inbox;
+use messaging::outbox::Outbox;
+use messaging::{BoxFuture, CloudEvent};
+use saga::machine::{Definition, Direction, Input, Phase, Reply};
+use saga::store::{HistoryLine, OnFinish, Orchestrator, Outgoing, Route, SagaError};
+use serde_json::{Value, json};
+use sqlx::{AnyConnection, AnyPool, Row};
+use time::OffsetDateTime;
+
+use crate::domain::Status;
+use crate::repository::{SOURCE, TOPIC};
+
+/// The outcome events of the participants.
+pub const INVENTORY: &str = "inventory";
+pub const INVENTORY_EVENTS: &[&str] = &[
+    "inventory.reserved",
+    "inventory.rejected",
+    "inventory.released",
+];
+pub const PAYMENTS: &str = "payments";
+pub const PAYMENT_EVENTS: &[&str] = &["payment.charged", "payment.declined", "payment.refunded"];
+
+const RESERVE: usize = 0;
+const CHARGE: usize = 1;
+
+/// The saga's steps.
+pub fn definition(step_timeout: Duration, attempts: u32) -> Definition {
+    Definition::new("place-order")
+        .step("reserve", step_timeout, attempts, true)
+        .step("charge", step_timeout, attempts, true)
+}
+
+/// How an order ends.
+pub enum Outcome<'a> {
+    Confirmed,
+    Cancelled(&'a str),
+}
+
+/// Ends a PENDING order and emits what it became, in `tx`: false if it had
+/// already ended (a second outcome changes nothing).
+pub async fn finish(
+    tx: &mut AnyConnection,
+    outbox: &Outbox,
+    order_id: &str,
+    outcome: Outcome<'_>,
+) -> Result<bool, sqlx::Error> {
+    let (status, reason, ty) = match outcome {
+        Outcome::Confirmed => (Status::Confirmed, None, "order.confirmed"),
+        Outcome::Cancelled(reason) => (Status::Cancelled, Some(reason), "order.cancelled"),
+    };
+    let now = chassis::clock::now_millis();
+    let ended = sqlx::query(
+        "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = 'PENDING'",
+    )
+    .bind(status.as_str())
+    .bind(reason)
+    .bind(now)
+    .bind(order_id)
+    .execute(&mut *tx)
+    .await?;
+    if ended.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let head = sqlx::query("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
+        .bind(order_id)
+        .fetch_one(&mut *tx)
+        .await?;
+    let items = sqlx::query(
+        "SELECT product_id, product_name, quantity, unit_price_cents FROM order_items \
+         WHERE order_id = $1 ORDER BY line",
+    )
+    .bind(order_id)
+    .fetch_all(&mut *tx)
+    .await?
+    .iter()
+    .map(|r| {
+        Ok(json!({
+            "product_id": r.try_get::<String, _>(0)?, "product_name": r.try_get::<String, _>(1)?,
+            "quantity": r.try_get::<i64, _>(2)?, "unit_price_cents": r.try_get::<i64, _>(3)?,
+        }))
+    })
+    .collect::<Result<Vec<Value>, sqlx::Error>>()?;
+    let mut data = json!({
+        "order_id": order_id,
+        "user_id": head.try_get::<String, _>(0)?,
+        "status": status.as_str(),
+        "total_cents": head.try_get::<i64, _>(1)?,
+        "currency": head.try_get::<String, _>(2)?,
+        "items": items,
+    });
+    if let Some(reason) = reason {
+        data["reason"] = json!(reason);
+    }
+    let event = CloudEvent::new(SOURCE, ty, Some(order_id), data);
+    outbox
+        .enqueue(tx, TOPIC, order_id, &event)
+        .await
+        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    tracing::info!(order_id, status = status.as_str(), reason, "order ended");
+    Ok(true)
+}
+
+/// The orchestrator of place-order: commands built from the saga's data (the
+/// order), the order ended in the transaction that ends the saga.
+pub fn orchestrator(definition: Definition, outbox: Outbox) -> Orchestrator {
+    let route: Route = Arc::new(|saga, command| {
+        let order = &saga.data;
+        let (topic, ty, data) = match (command.step, command.direction) {
+            (RESERVE, Direction::Do) => ("inventory.commands", "inventory.reserve", order.clone()),
+            (RESERVE, Direction::Undo) => (
+                "inventory.commands",
+                "inventory.release",
+                json!({"order_id": saga.id}),
+            ),
+            (_, Direction::Do) => (
+                "payments.commands",
+                "payments.charge",
+                json!({
+                    "order_id": saga.id, "user_id": order["user_id"],
+                    "amount_cents": order["total_cents"], "currency": order["currency"],
+                }),
+            ),
+            (_, Direction::Undo) => (
+                "payments.commands",
+                "payments.refund",
+                json!({"order_id": saga.id}),
+            ),
+        };
+        Outgoing {
+            topic: topic.to_owned(),
+            key: saga.id.clone(),
+            event: CloudEvent::new(SOURCE, ty, Some(&saga.id), data),
+        }
+    });
+    let finisher = outbox.clone();
+    let on_finish: OnFinish = Arc::new(
+        move |tx: &mut AnyConnection, saga| -> BoxFuture<'_, Result<(), sqlx::Error>> {
+            let outbox = finisher.clone();
+            let id = saga.id.clone();
+            let reason = saga.reason.clone().unwrap_or_else(|| "timeout".to_owned());
+            let confirmed = saga.phase == Phase::Completed;
+            Box::pin(async move {
+                let outcome = if confirmed {
+                    Outcome::Confirmed
+                } else {
+                    Outcome::Cancelled(&reason)
+                };
+                finish(tx, &outbox, &id, outcome).await.map(|_| ())
+            })
+        },
+    );
+    Orchestrator::new(definition, outbox, route, on_finish)
+}
+
+/// A participant's outcome event as a reply to the orchestrator.
+fn as_reply(event: &CloudEvent) -> Option<(usize, Direction, Reply)> {
+    let reason = || event.data["reason"].as_str().unwrap_or("failed").to_owned();
+    Some(match event.ty.as_str() {
+        "inventory.reserved" => (RESERVE, Direction::Do, Reply::Done(Value::Null)),
+        "inventory.rejected" => (RESERVE, Direction::Do, Reply::Failed(reason())),
+        "inventory.released" => (RESERVE, Direction::Undo, Reply::Done(Value::Null)),
+        "payment.charged" => (
+            CHARGE,
+            Direction::Do,
+            Reply::Done(json!({"charge_id": event.data["charge_id"]})),
+        ),
+        "payment.declined" => (CHARGE, Direction::Do, Reply::Failed(reason())),
+        "payment.refunded" => (CHARGE, Direction::Undo, Reply::Done(Value::Null)),
+        _ => return None,
+    })
+}
+
+fn order_id(event: &CloudEvent) -> Result<String, HandlerError> {
+    event.data["order_id"]
+        .as_str()
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| HandlerError::Reject(format!("{} has no string `order_id`", event.ty)))
+}
+
+/// The handlers of the participants' events, for either style.
+#[derive(Clone)]
+pub struct Saga {
+    pub pool: AnyPool,
+    pub outbox: Outbox,
+    inbox: Inbox,
+    /// `None` in choreography.
+    pub orchestrator: Option<Orchestrator>,
+}
+
+impl Saga {
+    pub fn new(pool: AnyPool, outbox: Outbox, orchestrator: Option<Orchestrator>) -> Self {
+        Self {
+            pool,
+            outbox,
+            inbox: Inbox::new(crate::NAME),
+            orchestrator,
+        }
+    }
+
+    /// An event of `inventory` or `payments`.
+    pub async fn on_event(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        let declared = if meta.topic == INVENTORY {
+            INVENTORY_EVENTS
+        } else {
+            PAYMENT_EVENTS
+        };
+        if !triage(&event, declared, declared)? {
+            return Ok(());
+        }
+        let order_id = order_id(&event)?;
+        let Some((step, direction, reply)) = as_reply(&event) else {
+            return Ok(());
+        };
+        let mut tx = self.pool.begin().await?;
+        if !self.inbox.claim(&mut tx, &event.id).await? {
+            return Ok(());
+        }
+        match &self.orchestrator {
+            Some(orchestrator) => {
+                let input = Input::Reply {
+                    step,
+                    direction,
+                    reply,
+                };
+                match orchestrator
+                    .apply(&mut tx, &order_id, input, OffsetDateTime::now_utc())
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(SagaError::Database(e)) => return Err(e.into()),
+                    Err(e) => return Err(HandlerError::Retry(e.to_string())),
+                }
+            }
+            None => {
+                let name = if step == RESERVE { "reserve" } else { "charge" };
+                let what = match (&direction, &reply) {
+                    (Direction::Do, Reply::Done(_)) => "done".to_owned(),
+                    (Direction::Do, Reply::Failed(reason)) => format!("failed: {reason}"),
+                    (Direction::Undo, _) => "compensated".to_owned(),
+                };
+                record_step(&mut tx, &order_id, name, &what).await?;
+                let outcome = match (step, direction, &reply) {
+                    (CHARGE, Direction::Do, Reply::Done(_)) => Some(Outcome::Confirmed),
+                    (_, Direction::Do, Reply::Failed(reason)) => Some(Outcome::Cancelled(reason)),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    finish(&mut tx, &self.outbox, &order_id, outcome).await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        self.outbox.written();
+        Ok(())
+    }
+
+    /// Choreography's timeout: orders PENDING since before `cutoff_ms` are
+    /// cancelled (their `order.cancelled` makes the others refund and release).
+    pub async fn cancel_stale(&self, cutoff_ms: i64) -> Result<usize, sqlx::Error> {
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM orders WHERE status = 'PENDING' AND created_at < $1 ORDER BY created_at LIMIT 200",
+        )
+        .bind(cutoff_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cancelled = 0;
+        for id in stale {
+            let mut tx = self.pool.begin().await?;
+            if finish(&mut tx, &self.outbox, &id, Outcome::Cancelled("timeout")).await? {
+                record_step(&mut tx, &id, "-", "no outcome in time").await?;
+                cancelled += 1;
+            }
+            tx.commit().await?;
+        }
+        if cancelled > 0 {
+            self.outbox.written();
+        }
+        Ok(cancelled)
+    }
+
+    /// The saga's history of an order, oldest first.
+    pub async fn history(&self, order_id: &str) -> Result<Vec<HistoryLine>, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        if let Some(orchestrator) = &self.orchestrator {
+            return match orchestrator.load(&mut conn, order_id).await {
+                Ok(found) => Ok(found.map(|(_, history)| history).unwrap_or_default()),
+                Err(SagaError::Database(e)) => Err(e),
+                Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+            };
+        }
+        let rows = sqlx::query(
+            "SELECT step, what, at_ms FROM order_steps WHERE order_id = $1 ORDER BY seq",
+        )
+        .bind(order_id)
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let at: i64 = r.try_get(2)?;
+                Ok(HistoryLine {
+                    step: r.try_get(0)?,
+                    what: r.try_get(1)?,
+                    at: OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
+                        .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                })
+            })
+            .collect()
+    }
+}
+
+async fn record_step(
+    tx: &mut AnyConnection,
+    order_id: &str,
+    step: &str,
+    what: &str,
+) -> Result<(), sqlx::Error> {
+    let seq: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM order_steps WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO order_steps (order_id, seq, step, what, at_ms) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(order_id)
+    .bind(seq)
+    .bind(step)
+    .bind(what)
+    .bind(chassis::clock::now_millis())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,72 @@
+//! Building the service: its database, routes, outbox relay and the consumers the
+//! saga mode calls for.
+
+use anyhow::Context;
+use chassis::Chassis;
+use chassis::http::{Readiness, Service};
+use chassis::secrecy::ExposeSecret;
+use chassis::settings::SagaMode;
+use messaging::inbox::Inbox;
+use messaging::outbox::Outbox;
+use utoipa::OpenApi;
+
+use crate::handler::{COMMANDS_TOPIC, INVENTORY_TOPIC, ORDERS_TOPIC, Payments};
+use crate::provider::Provider;
+use crate::routes::{self, ApiDoc};
+use crate::{Config, MIGRATOR, NAME};
+
+/// Builds the service; the chassis's [`Service`] runs it.
+pub struct Application;
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Service> {
+        // Outage windows count from here.
+        let provider = Provider::new(&config.settings).context("payments settings")?;
+        let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
+            .await
+            .context("payments database")?;
+        Outbox::install(db.pool())
+            .await
+            .context("payments outbox tables")?;
+        Inbox::install(db.pool())
+            .await
+            .context("payments inbox table")?;
+        let chassis = Chassis::bind(config.service)
+            .await
+            .context("binding the listener")?;
+        let pool = db.pool().clone();
+        let outbox = Outbox::new();
+        let payments =
+            Payments::new(pool.clone(), outbox.clone(), provider).with_metrics(&chassis.metrics);
+        let router = chassis.router(
+            routes::router(pool.clone()),
+            Readiness {
+                database: Some(db.clone()),
+                dependencies: Vec::new(),
+            },
+            Some(ApiDoc::openapi()),
+        );
+        let service = Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox);
+        Ok(match config.saga_mode {
+            SagaMode::Orchestration => {
+                let p = payments;
+                service.with_consumer(COMMANDS_TOPIC, NAME, move |event, meta| {
+                    let p = p.clone();
+                    async move { p.command(event, meta).await }
+                })
+            }
+            SagaMode::Choreography => {
+                let (p, q) = (payments.clone(), payments);
+                service
+                    .with_consumer(INVENTORY_TOPIC, NAME, move |event, meta| {
+                        let p = p.clone();
+                        async move { p.inventory_event(event, meta).await }
+                    })
+                    .with_consumer(ORDERS_TOPIC, NAME, move |event, meta| {
+                        let q = q.clone();
+                        async move { q.order_event(event, meta).await }
+                    })
+            }
+        })
+    }
+}
