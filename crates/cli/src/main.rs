@@ -35,6 +35,22 @@ struct Cli {
     command: Command,
 }
 
+/// `--saga-mode` values.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SagaModeArg {
+    Orchestration,
+    Choreography,
+}
+
+impl From<SagaModeArg> for chassis::settings::SagaMode {
+    fn from(mode: SagaModeArg) -> Self {
+        match mode {
+            SagaModeArg::Orchestration => Self::Orchestration,
+            SagaModeArg::Choreography => Self::Choreography,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start the whole shop and supervise it until Ctrl-C.
@@ -54,6 +70,9 @@ enum Command {
         /// Run several instances of a service, e.g. `--scale orders=3` (repeatable).
         #[arg(long, value_name = "SERVICE=N", value_parser = parse_scale)]
         scale: Vec<(ServiceName, usize)>,
+        /// How the place-order saga runs (overrides `[saga] mode`).
+        #[arg(long, value_enum)]
+        saga_mode: Option<SagaModeArg>,
     },
     /// List the running processes of the shop started from a data directory.
     Ps {
@@ -230,11 +249,15 @@ async fn dispatch(
             mode,
             config,
             scale,
+            saga_mode,
         } => {
             let config_file = config.map(|c| c.canonicalize().unwrap_or(c));
             let mut shop = load(config_file.as_deref())?;
             if let Some(dir) = data_dir {
                 shop.data_dir = dir;
+            }
+            if let Some(mode) = saga_mode {
+                shop.saga.mode = mode.into();
             }
             up::run(
                 shop,

@@ -126,7 +126,7 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     match options.mode {
         Mode::Processes => {
             let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
-            let env = child_env(&urls, &data_dir);
+            let env = child_env(&urls, &data_dir, config.saga.mode);
             for (index, b) in bound.into_iter().enumerate() {
                 let child = ChildSpec {
                     service: b.service,
@@ -288,7 +288,11 @@ fn discovery_map(urls: &[(ServiceName, String)]) -> std::collections::BTreeMap<S
 }
 
 /// What every child gets on top of the inherited environment.
-fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, String)> {
+fn child_env(
+    urls: &[(ServiceName, String)],
+    data_dir: &Path,
+    saga: chassis::settings::SagaMode,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = discovery_map(urls)
         .into_iter()
         .map(|(name, u)| {
@@ -309,6 +313,8 @@ fn child_env(urls: &[(ServiceName, String)], data_dir: &Path) -> Vec<(String, St
         "BAZAAR_EVENTS__URL".into(),
         url_of(urls, ServiceName::ControlPlane),
     ));
+    // Every process runs the saga the same way (`--saga-mode` reaches them here).
+    env.push(("BAZAAR_SAGA__MODE".into(), saga.as_str().into()));
     env.push((SUPERVISOR_ENV.into(), std::process::id().to_string()));
     env.push(("LISTEN_FDS".into(), "1".into()));
     env

@@ -11,10 +11,12 @@ use support::Shop;
 
 /// README's walkthrough: sign up, log in, browse, order, read it back.
 /// Every service but the control plane (which hosts the registry).
-const SERVICES: [&str; 6] = [
+const SERVICES: [&str; 8] = [
     "users",
     "products",
     "orders",
+    "inventory",
+    "payments",
     "notifications",
     "recommendations",
     "gateway",
@@ -53,6 +55,23 @@ async fn walkthrough(shop: &Shop) {
         .await;
     assert_eq!((status, &one), (200, first));
 
+    // Stock reaches inventory through product.created: wait for it before ordering
+    // (on a fresh shop the events may still be on their way).
+    for product in [first, second] {
+        let stock = format!(
+            "{}/inventory/{}",
+            shop.url("inventory"),
+            product["id"].as_str().unwrap()
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while shop.http.get(&stock).send().await.unwrap().status() != 200 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "inventory never heard of {stock}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let order_body = json!({"items": [
         {"product_id": first["id"], "quantity": 2},
         {"product_id": second["id"], "quantity": 1},
@@ -73,37 +92,71 @@ async fn walkthrough(shop: &Shop) {
         first["price_cents"].as_i64().unwrap() * 2 + second["price_cents"].as_i64().unwrap();
     assert_eq!(order["total_cents"], expected);
 
-    let (status, read) = shop
-        .get(
-            &format!("/orders/{}", order["id"].as_str().unwrap()),
-            Some(token),
-        )
-        .await;
-    assert_eq!((status, &read), (200, &order));
+    // The place-order saga reserves, charges and confirms it.
+    let path = format!("/orders/{}", order["id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let read = loop {
+        let (status, read) = shop.get(&path, Some(token)).await;
+        assert_eq!(status, 200, "{read}");
+        if read["status"] != "PENDING" {
+            break read;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still pending: {read}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(read["status"], "CONFIRMED", "{read}");
+    assert_eq!(
+        (&read["id"], &read["items"]),
+        (&order["id"], &order["items"])
+    );
+    let steps: Vec<String> = read["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}",
+                s["step"].as_str().unwrap(),
+                s["what"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(steps.iter().any(|s| s == "charge done"), "{steps:?}");
     let (status, mine) = shop.get("/orders", Some(token)).await;
     assert_eq!(status, 200);
     assert_eq!(mine["items"][0]["id"], order["id"]);
 
-    // order.created left through the outbox, and two consumers acted on it.
+    // order.created and order.confirmed left through the outbox, and consumers acted.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let notification = loop {
+    let kinds = loop {
         let (status, page) = shop.get("/notifications", Some(token)).await;
         assert_eq!(status, 200, "{page}");
-        if let Some(n) = page["items"].as_array().and_then(|i| i.first()) {
-            break n.clone();
+        let items = page["items"].as_array().cloned().unwrap_or_default();
+        if items.len() >= 2 {
+            assert!(items.iter().all(|n| n["order_id"] == order["id"]), "{page}");
+            let received = items
+                .iter()
+                .find(|n| n["kind"] == "order_received")
+                .unwrap();
+            assert!(
+                received["text"].as_str().unwrap().contains("3 items"),
+                "{received}"
+            );
+            break items
+                .iter()
+                .map(|n| n["kind"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no notification for the order"
+            "no notifications for the order: {page}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(notification["order_id"], order["id"]);
-    assert_eq!(notification["kind"], "order_received");
-    assert!(
-        notification["text"].as_str().unwrap().contains("3 items"),
-        "{notification}"
-    );
+    assert_eq!(kinds, ["order_confirmed", "order_received"]);
     let path = format!("/recommendations/{}", first["id"].as_str().unwrap());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -138,6 +191,8 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
             "users",
             "products",
             "orders",
+            "inventory",
+            "payments",
             "notifications",
             "recommendations",
             "gateway"
@@ -146,7 +201,7 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     assert!(ps.iter().all(|p| p["health"] == "ready"), "{ps:?}");
     let mut pids: Vec<i64> = ps.iter().map(|p| p["pid"].as_i64().unwrap()).collect();
     pids.dedup();
-    assert_eq!(pids.len(), 7);
+    assert_eq!(pids.len(), 9);
 
     // Every service registered itself with the control plane's registry, with a
     // passing health check.
@@ -284,7 +339,7 @@ async fn monolith_mode_serves_the_same_contracts() {
     let mut shop = Shop::up("monolith", &[]);
     walkthrough(&shop).await;
     let ps = shop.ps();
-    assert_eq!(ps.len(), 7);
+    assert_eq!(ps.len(), 9);
     let up_pid = shop.child.id() as i64;
     assert!(ps.iter().all(|p| p["pid"] == up_pid), "one process: {ps:?}");
     assert!(shop.interrupt().success());
@@ -842,7 +897,7 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
         assert_eq!(event["type"], ty, "{event}");
     }
 
-    // A producer outside Bazaar writes garbage: both consumers set it aside and go on.
+    // A producer outside Bazaar writes garbage: every consumer sets it aside and goes on.
     let bus = messaging::embedded::client::EmbeddedBus::new(&shop.url("control-plane"));
     messaging::EventBus::publish_raw(&bus, "orders", "x", bytes_of("{oops"))
         .await
@@ -855,7 +910,7 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        if letters.len() == 2 {
+        if letters.len() == 3 {
             break letters;
         }
         assert!(
@@ -869,7 +924,7 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
         .map(|l| l["data"]["group"].as_str().unwrap())
         .collect();
     groups.sort_unstable();
-    assert_eq!(groups, ["notifications", "recommendations"]);
+    assert_eq!(groups, ["inventory", "notifications", "recommendations"]);
     assert!(
         letters[0]["data"]["reason"]
             .as_str()
@@ -881,7 +936,13 @@ async fn events_can_be_tailed_replayed_and_dead_letters_inspected() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let (_, page) = shop.get("/notifications", Some(&token)).await;
-        if page["items"].as_array().unwrap().len() == 2 {
+        let received = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["kind"] == "order_received")
+            .count();
+        if received == 2 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{page}");

@@ -50,6 +50,10 @@ pub const PRODUCT_EVENTS: &[&str] = &["product.created"];
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// Deliveries of a reservation naming a product inventory has not heard of before
+/// it counts as out of stock.
+const UNKNOWN_PRODUCT_ATTEMPTS: u32 = 3;
+
 config_section! {
     /// `[inventory]`
     pub struct Settings {
@@ -327,12 +331,12 @@ impl Inventory {
     }
 
     /// `inventory.commands` (orchestration).
-    pub async fn on_command(&self, event: CloudEvent, _meta: Meta) -> Result<(), HandlerError> {
+    pub async fn on_command(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
         triage(&event, COMMAND_TYPES, COMMAND_TYPES)?;
         match event.ty.as_str() {
             "inventory.reserve" => {
                 let order: OrderRef = parse(&event)?;
-                self.reserve(&event.id, &order).await
+                self.reserve(&event.id, &order, meta.attempt).await
             }
             _ => self.release(&event.id, &order_id(&event)?, None).await,
         }
@@ -340,7 +344,7 @@ impl Inventory {
 
     /// `orders`: a confirmed order's reservation is sold, a cancelled one's
     /// released; in choreography a new order is reserved.
-    pub async fn on_order(&self, event: CloudEvent, _meta: Meta) -> Result<(), HandlerError> {
+    pub async fn on_order(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
         let handles: &[&str] = match self.mode {
             SagaMode::Choreography => ORDER_EVENTS,
             SagaMode::Orchestration => &["order.confirmed", "order.cancelled"],
@@ -351,7 +355,7 @@ impl Inventory {
         match event.ty.as_str() {
             "order.created" => {
                 let order: OrderRef = parse(&event)?;
-                self.reserve(&event.id, &order).await
+                self.reserve(&event.id, &order, meta.attempt).await
             }
             "order.confirmed" => self.commit(&event.id, &order_id(&event)?).await,
             _ => self.release(&event.id, &order_id(&event)?, None).await,
@@ -359,7 +363,12 @@ impl Inventory {
     }
 
     /// Takes the order's stock, all lines or none, and says which.
-    async fn reserve(&self, event_id: &str, order: &OrderRef) -> Result<(), HandlerError> {
+    async fn reserve(
+        &self,
+        event_id: &str,
+        order: &OrderRef,
+        attempt: u32,
+    ) -> Result<(), HandlerError> {
         let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
         for line in &order.items {
             if line.quantity <= 0 {
@@ -411,7 +420,16 @@ impl Inventory {
                 .await?;
             }
             None => {
-                let short = self.first_short(&mut tx, &wanted).await?;
+                let short = match self.first_short(&mut tx, &wanted).await? {
+                    // Its product.created may still be on its way (a fresh shop):
+                    // ask again a few times before calling it out of stock.
+                    Some((product, false)) if attempt < UNKNOWN_PRODUCT_ATTEMPTS => {
+                        return Err(HandlerError::Retry(format!(
+                            "product {product} not known yet"
+                        )));
+                    }
+                    short => short.map(|(product, _)| product),
+                };
                 let (status, reason) = match &short {
                     Some(_) => ("rejected", Some("out_of_stock")),
                     None => ("held", None),
@@ -476,20 +494,23 @@ impl Inventory {
         Ok(())
     }
 
-    /// The first product whose available stock is short of what is wanted.
+    /// The first product whose available stock is short of what is wanted, and
+    /// whether it is known at all.
     async fn first_short(
         &self,
         tx: &mut AnyConnection,
         wanted: &BTreeMap<&str, i64>,
-    ) -> Result<Option<String>, InventoryError> {
+    ) -> Result<Option<(String, bool)>, InventoryError> {
         for (product, quantity) in wanted {
             let available: Option<i64> =
                 sqlx::query_scalar("SELECT available FROM stock WHERE product_id = $1")
                     .bind(*product)
                     .fetch_optional(&mut *tx)
                     .await?;
-            if available.is_none_or(|a| a < *quantity) {
-                return Ok(Some((*product).to_owned()));
+            match available {
+                None => return Ok(Some(((*product).to_owned(), false))),
+                Some(a) if a < *quantity => return Ok(Some(((*product).to_owned(), true))),
+                Some(_) => {}
             }
         }
         Ok(None)

@@ -206,6 +206,21 @@ async fn lifecycle(engine: Engine) {
         ["inventory.reserved", "inventory.released expired"]
     );
 
+    // A product inventory has not heard of yet: asked again, then out of stock.
+    let unknown = reserve("o-9", &[("lamp", 1)]);
+    assert!(
+        matches!(i.on_command(unknown.clone(), meta()).await, Err(HandlerError::Retry(r)) if r.contains("lamp"))
+    );
+    let last = Meta {
+        attempt: 3,
+        ..meta()
+    };
+    i.on_command(unknown, last).await.unwrap();
+    assert_eq!(
+        emitted(&i, "o-9").await,
+        ["inventory.rejected out_of_stock"]
+    );
+
     // Bad messages are rejected with a reason.
     let mut bad = reserve("o-7", &[("mug", 0)]);
     assert!(
