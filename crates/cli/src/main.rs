@@ -8,6 +8,7 @@ mod services;
 mod services_cmd;
 mod state;
 mod up;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -106,6 +107,23 @@ enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+    /// Check the shop's invariants through its services' APIs: every order ended,
+    /// stock conserved and never oversold, one charge per confirmed order, one refund
+    /// per charged cancelled order, one closing notification per order. Exits 1 and
+    /// names each violation with its ids if one is broken.
+    Verify {
+        /// Print the report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for orders still PENDING before counting them.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        settle: std::time::Duration,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Run one service alone, configured by file and environment.
     Run {
         #[arg(value_enum)]
@@ -193,6 +211,7 @@ fn main() -> ExitCode {
                 eprint!("{errors}");
                 ExitCode::from(EXIT_CONFIG)
             }
+            Err(Failure::Found) => ExitCode::FAILURE,
             Err(Failure::Other(e)) => {
                 eprintln!("error: {e:#}");
                 ExitCode::FAILURE
@@ -205,6 +224,13 @@ fn main() -> ExitCode {
 const MAX_SCALE: usize = 16;
 
 /// Parses `orders=3`.
+/// `30s`, `2m`, `1h30m`.
+fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
+    chassis::config::HumanDuration::parse(raw)
+        .map(|d| d.0)
+        .ok_or_else(|| format!("`{raw}` is not a duration; use e.g. 30s, 2m or 1h"))
+}
+
 fn parse_scale(raw: &str) -> Result<(ServiceName, usize), String> {
     use clap::ValueEnum;
     let (name, count) = raw
@@ -226,6 +252,8 @@ fn parse_scale(raw: &str) -> Result<(ServiceName, usize), String> {
 enum Failure {
     Config(chassis::config::Errors),
     Other(anyhow::Error),
+    /// The command ran and found something wrong (it said what).
+    Found,
 }
 
 impl From<anyhow::Error> for Failure {
@@ -321,6 +349,22 @@ async fn dispatch(
             let dir = data_dir.unwrap_or(shop.data_dir);
             services_cmd::run(&dir, &shop.discovery, json).await?;
             Ok(())
+        }
+        Command::Verify {
+            json,
+            settle,
+            data_dir,
+            config,
+        } => {
+            let dir = match data_dir {
+                Some(d) => d,
+                None => load(config.as_deref())?.data_dir,
+            };
+            if verify::run(&dir, settle, json).await? {
+                Ok(())
+            } else {
+                Err(Failure::Found)
+            }
         }
         Command::Run { service, config } => run_one(service, config, inherited).await,
     }

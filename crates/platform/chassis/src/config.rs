@@ -442,6 +442,11 @@ impl HumanDuration {
     pub const fn millis(ms: u64) -> Self {
         Self(Duration::from_millis(ms))
     }
+
+    /// `"30s"`, `"500ms"`, `"1h30m"`.
+    pub fn parse(s: &str) -> Option<Self> {
+        humantime::parse_duration(s).ok().map(HumanDuration)
+    }
 }
 
 impl<'de> Deserialize<'de> for HumanDuration {

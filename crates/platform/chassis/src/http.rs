@@ -397,10 +397,14 @@ async fn metrics(State(s): State<StdState>) -> Response {
 }
 
 /// Admin endpoints answer only callers on this machine: they change how the service
-/// treats its dependencies, and services may listen on a shared network.
+/// treats its dependencies, or show every user's data, and services may listen on a
+/// shared network.
 fn admin_allowed(request: &Request) -> Result<(), Problem> {
-    let local = request
-        .extensions()
+    local_only(request.extensions())
+}
+
+fn local_only(extensions: &http::Extensions) -> Result<(), Problem> {
+    let local = extensions
         .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .is_some_and(|c| c.0.ip().is_loopback());
     if local {
@@ -410,6 +414,21 @@ fn admin_allowed(request: &Request) -> Result<(), Problem> {
             Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden")
                 .with_detail("admin endpoints answer only on loopback"),
         )
+    }
+}
+
+/// An extractor for a service's own admin routes: the request came from this
+/// machine (403 problem otherwise).
+pub struct LocalOnly;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LocalOnly {
+    type Rejection = Problem;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Problem> {
+        local_only(&parts.extensions).map(|()| LocalOnly)
     }
 }
 

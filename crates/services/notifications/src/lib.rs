@@ -64,6 +64,69 @@ pub struct NotificationPage {
     pub items: Vec<Notification>,
 }
 
+/// A message as operators see it (every customer's).
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AdminNotification {
+    pub id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub order_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AdminPage {
+    pub items: Vec<AdminNotification>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AdminQuery {
+    /// 1 to 1000, default 500.
+    pub limit: Option<u32>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
+}
+
+/// Every message sent, oldest first (loopback only: `bazaar verify` reads it).
+#[utoipa::path(get, path = "/admin/notifications", params(AdminQuery),
+    responses((status = 200, body = AdminPage), (status = 403, body = Problem), (status = 422, body = Problem)))]
+async fn admin_list(
+    _local: chassis::http::LocalOnly,
+    State(pool): State<AnyPool>,
+    Query(q): Query<AdminQuery>,
+) -> Result<Json<AdminPage>, Problem> {
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::validation(vec![chassis::FieldError::new(
+            "limit",
+            "must be between 1 and 1000",
+        )]));
+    }
+    let rows = sqlx::query(
+        "SELECT id, user_id, kind, order_id FROM notifications WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(q.after.unwrap_or_default())
+    .bind(i64::from(limit))
+    .fetch_all(&pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(AdminNotification {
+                id: r.try_get(0)?,
+                user_id: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                order_id: r.try_get(3)?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|i| i.id.clone()))
+        .flatten();
+    Ok(Json(AdminPage { items, next }))
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ListQuery {
     /// 1 to 100, default 20.
@@ -76,8 +139,8 @@ pub struct ListQuery {
         title = "Bazaar notifications",
         description = "The messages sent to the signed-in customer."
     ),
-    paths(list),
-    components(schemas(Notification, NotificationPage, Problem))
+    paths(list, admin_list),
+    components(schemas(Notification, NotificationPage, AdminNotification, AdminPage, Problem))
 )]
 struct ApiDoc;
 
@@ -203,7 +266,9 @@ impl Application {
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
-        let routes = Router::new().route("/notifications", get(list));
+        let routes = Router::new()
+            .route("/notifications", get(list))
+            .route("/admin/notifications", get(admin_list));
         Service::fed_by(
             chassis,
             db,

@@ -263,3 +263,61 @@ pub async fn list(
         .collect::<Result<Vec<_>, _>>()?;
     with_items(pool, orders).await
 }
+
+/// Every order after `after` (ids sort by creation), with its lines: a page and the
+/// cursor of the next.
+pub async fn all(
+    pool: &AnyPool,
+    after: &str,
+    limit: u32,
+) -> Result<(Vec<crate::routes::AdminOrder>, Option<String>), sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT id, user_id, status, reason, total_cents, created_at FROM orders \
+         WHERE id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(after)
+    .bind(i64::from(limit))
+    .fetch_all(pool)
+    .await?;
+    let mut orders = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let status: String = r.try_get(2)?;
+        orders.push(crate::routes::AdminOrder {
+            id: r.try_get(0)?,
+            user_id: r.try_get(1)?,
+            status: Status::parse(&status)
+                .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+            reason: r.try_get(3)?,
+            total_cents: r.try_get(4)?,
+            items: Vec::new(),
+            created_at: chassis::clock::rfc3339(r.try_get(5)?),
+        });
+    }
+    if let (Some(first), Some(last)) = (orders.first(), orders.last()) {
+        let lines = sqlx::query(
+            "SELECT order_id, product_id, quantity FROM order_items \
+             WHERE order_id >= $1 AND order_id <= $2 ORDER BY order_id, line",
+        )
+        .bind(&first.id)
+        .bind(&last.id)
+        .fetch_all(pool)
+        .await?;
+        let mut by_order: HashMap<String, Vec<crate::routes::AdminLine>> = HashMap::new();
+        for l in &lines {
+            by_order
+                .entry(l.try_get(0)?)
+                .or_default()
+                .push(crate::routes::AdminLine {
+                    product_id: l.try_get(1)?,
+                    quantity: l.try_get(2)?,
+                });
+        }
+        for o in &mut orders {
+            o.items = by_order.remove(&o.id).unwrap_or_default();
+        }
+    }
+    let next = (orders.len() == limit as usize)
+        .then(|| orders.last().map(|o| o.id.clone()))
+        .flatten();
+    Ok((orders, next))
+}

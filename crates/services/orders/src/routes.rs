@@ -44,9 +44,20 @@ pub struct AppState {
         title = "Bazaar orders",
         description = "Placing and reading orders (signed-in users)."
     ),
-    paths(place_order, list_orders, get_order),
+    paths(place_order, list_orders, get_order, admin_orders),
     components(schemas(
-        PlaceOrder, LineInput, Order, OrderItem, SagaStep, Status, OrderPage, Problem, FieldError
+        PlaceOrder,
+        LineInput,
+        Order,
+        OrderItem,
+        SagaStep,
+        Status,
+        OrderPage,
+        Problem,
+        FieldError,
+        AdminOrder,
+        AdminLine,
+        AdminOrderPage
     ))
 )]
 pub struct ApiDoc;
@@ -55,7 +66,63 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/orders", get(list_orders).post(place_order))
         .route("/orders/{id}", get(get_order))
+        .route("/admin/orders", get(admin_orders))
         .with_state(state)
+}
+
+/// An order as operators see it (every user's).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AdminOrder {
+    pub id: String,
+    pub user_id: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub total_cents: i64,
+    /// `[{product_id, quantity}]`
+    pub items: Vec<AdminLine>,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AdminLine {
+    pub product_id: String,
+    pub quantity: i64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AdminOrderPage {
+    pub items: Vec<AdminOrder>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AdminQuery {
+    /// 1 to 1000, default 500.
+    limit: Option<u32>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+}
+
+/// Every order, oldest first (loopback only: `bazaar verify` reads it).
+#[utoipa::path(get, path = "/admin/orders", params(AdminQuery),
+    responses((status = 200, body = AdminOrderPage), (status = 403, body = Problem), (status = 422, body = Problem)))]
+async fn admin_orders(
+    _local: chassis::http::LocalOnly,
+    State(state): State<AppState>,
+    Query(q): Query<AdminQuery>,
+) -> Result<Json<AdminOrderPage>, Problem> {
+    let limit = q.limit.unwrap_or(500);
+    if !(1..=1000).contains(&limit) {
+        return Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            "must be between 1 and 1000",
+        )]));
+    }
+    let (items, next) =
+        repository::all(&state.pool, q.after.as_deref().unwrap_or_default(), limit).await?;
+    Ok(Json(AdminOrderPage { items, next }))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
