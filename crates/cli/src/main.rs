@@ -3,6 +3,7 @@
 
 mod config;
 mod events_cmd;
+mod load;
 mod ps;
 mod services;
 mod services_cmd;
@@ -105,6 +106,29 @@ enum Command {
         #[arg(long, global = true)]
         data_dir: Option<PathBuf>,
         #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+    /// Drive the shop through its gateway as customers would (sign up, log in,
+    /// browse, order): open loop at a fixed rate, or closed loop with N users.
+    Load {
+        /// Order journeys started per second, whatever the latency (open loop).
+        #[arg(long, conflicts_with = "users")]
+        rate: Option<u32>,
+        /// Customers each starting their next journey when the last ended (closed loop).
+        #[arg(long)]
+        users: Option<u32>,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Print the final report as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The running shop's gateway, instead of finding it through --data-dir.
+        #[arg(long)]
+        gateway: Option<String>,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
         config: Option<PathBuf>,
     },
     /// Check the shop's invariants through its services' APIs: every order ended,
@@ -224,6 +248,22 @@ fn main() -> ExitCode {
 const MAX_SCALE: usize = 16;
 
 /// Parses `orders=3`.
+/// The gateway and orders URLs of the shop running from `dir`.
+async fn shop_target(dir: &std::path::Path) -> Result<load::Target, Failure> {
+    let rows = ps::rows(dir).await?;
+    let url = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.url.clone());
+    match url("gateway") {
+        Some(gateway) => Ok(load::Target {
+            gateway,
+            orders: url("orders"),
+        }),
+        None => Err(Failure::Other(anyhow::anyhow!(
+            "no shop runs from {}; start one with `bazaar up`, or pass --data-dir or --gateway",
+            dir.display()
+        ))),
+    }
+}
+
 /// `30s`, `2m`, `1h30m`.
 fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
     chassis::config::HumanDuration::parse(raw)
@@ -348,6 +388,41 @@ async fn dispatch(
             let shop = load(config.as_deref())?;
             let dir = data_dir.unwrap_or(shop.data_dir);
             services_cmd::run(&dir, &shop.discovery, json).await?;
+            Ok(())
+        }
+        Command::Load {
+            rate,
+            users,
+            duration,
+            json,
+            gateway,
+            data_dir,
+            config,
+        } => {
+            let target = match gateway {
+                Some(gateway) => load::Target {
+                    gateway,
+                    orders: None,
+                },
+                None => {
+                    let dir = match data_dir {
+                        Some(d) => d,
+                        None => load(config.as_deref())?.data_dir,
+                    };
+                    shop_target(&dir).await?
+                }
+            };
+            let shape = match (rate, users) {
+                (_, Some(0)) | (Some(0), _) => {
+                    return Err(Failure::Other(anyhow::anyhow!(
+                        "--rate and --users must be at least 1"
+                    )));
+                }
+                (_, Some(users)) => load::Shape::Users(users),
+                (rate, None) => load::Shape::Rate(rate.unwrap_or(100)),
+            };
+            let report = load::run(target, shape, duration, json).await?;
+            load::print(&report, json)?;
             Ok(())
         }
         Command::Verify {

@@ -160,3 +160,62 @@ async fn verify_names_a_broken_invariant_and_exits_1() {
     assert_eq!(broken, ["sold_differs_from_confirmed"], "{report}");
     assert_eq!(report["violations"][0]["ids"][0], products[0].as_str());
 }
+
+/// `bazaar load` finds the shop like `bazaar ps`, keeps its rate (open loop), and
+/// reports request and saga latencies; `verify` agrees with what it placed.
+#[tokio::test]
+async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
+    let shop = Shop::up("processes", &[]);
+    let products = shop.product_ids(50).await;
+    stocked(&shop, &products).await;
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "load",
+            "--rate",
+            "40",
+            "--duration",
+            "3s",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], json!({}), "{report}");
+    assert_eq!(report["journeys"], 120, "{report}");
+    assert_eq!(report["orders_placed"], 120, "{report}");
+    assert_eq!(report["requests"]["count"], 240, "{report}");
+    assert_eq!(report["confirmed"], 120, "{report}");
+    assert_eq!(report["saga"]["count"], 120, "{report}");
+    assert!(report["saga"]["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
+    let (code, verified) = verify(&shop);
+    assert_eq!((code, &verified["orders"]), (0, &json!(120)), "{verified}");
+    // Through --gateway alone (no data dir), the same journeys and saga latencies.
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "load",
+            "--users",
+            "2",
+            "--duration",
+            "1s",
+            "--json",
+            "--gateway",
+            &shop.gateway,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["orders_placed"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["saga"]["count"], report["orders_placed"], "{report}");
+}

@@ -272,7 +272,7 @@ pub async fn all(
     limit: u32,
 ) -> Result<(Vec<crate::routes::AdminOrder>, Option<String>), sqlx::Error> {
     let rows = sqlx::query(
-        "SELECT id, user_id, status, reason, total_cents, created_at FROM orders \
+        "SELECT id, user_id, status, reason, total_cents, created_at, updated_at FROM orders \
          WHERE id > $1 ORDER BY id LIMIT $2",
     )
     .bind(after)
@@ -282,6 +282,8 @@ pub async fn all(
     let mut orders = Vec::with_capacity(rows.len());
     for r in &rows {
         let status: String = r.try_get(2)?;
+        let created: i64 = r.try_get(5)?;
+        let ended: Option<i64> = r.try_get(6)?;
         orders.push(crate::routes::AdminOrder {
             id: r.try_get(0)?,
             user_id: r.try_get(1)?,
@@ -290,7 +292,9 @@ pub async fn all(
             reason: r.try_get(3)?,
             total_cents: r.try_get(4)?,
             items: Vec::new(),
-            created_at: chassis::clock::rfc3339(r.try_get(5)?),
+            created_at: chassis::clock::rfc3339(created),
+            ended_at: ended.map(chassis::clock::rfc3339),
+            saga_ms: ended.map(|e| e - created),
         });
     }
     if let (Some(first), Some(last)) = (orders.first(), orders.last()) {

@@ -82,6 +82,10 @@ pub struct AdminOrder {
     pub items: Vec<AdminLine>,
     /// RFC 3339.
     pub created_at: String,
+    /// When it ended (RFC 3339), for a CONFIRMED or CANCELLED order.
+    pub ended_at: Option<String>,
+    /// Milliseconds from placed to ended: the saga's completion latency.
+    pub saga_ms: Option<i64>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
