@@ -1,6 +1,7 @@
 //! The `bazaar` binary.
 #![forbid(unsafe_code)]
 
+mod chaos;
 mod config;
 mod events_cmd;
 mod load;
@@ -125,6 +126,35 @@ enum Command {
         /// The running shop's gateway, instead of finding it through --data-dir.
         #[arg(long)]
         gateway: Option<String>,
+        /// The shop's data directory [default: .bazaar]
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Kill random service processes (SIGKILL) at an interval while the shop runs,
+    /// and let the supervisor restart them; optionally inject latency or errors into
+    /// one service. Run `bazaar load` beside it, then `bazaar verify`.
+    Chaos {
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+        /// Kill only these processes (as `bazaar ps` names them), e.g. `orders,payments`.
+        #[arg(long, value_delimiter = ',')]
+        services: Vec<String>,
+        /// Kill nothing: only inject.
+        #[arg(long)]
+        no_kill: bool,
+        /// Inject latency and/or errors into this service for the whole duration.
+        #[arg(long, value_name = "SERVICE")]
+        inject: Option<String>,
+        /// Latency added to each of its requests and events.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration, requires = "inject")]
+        latency: std::time::Duration,
+        /// Share of its requests (503) and events (retried) that fail, 0 to 1.
+        #[arg(long, default_value_t = 0.0, requires = "inject")]
+        error_rate: f64,
         /// The shop's data directory [default: .bazaar]
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -423,6 +453,36 @@ async fn dispatch(
             };
             let report = load::run(target, shape, duration, json).await?;
             load::print(&report, json)?;
+            Ok(())
+        }
+        Command::Chaos {
+            interval,
+            duration,
+            services,
+            no_kill,
+            inject,
+            latency,
+            error_rate,
+            data_dir,
+            config,
+        } => {
+            let dir = match data_dir {
+                Some(d) => d,
+                None => load(config.as_deref())?.data_dir,
+            };
+            chaos::run(
+                &dir,
+                chaos::Options {
+                    interval,
+                    duration,
+                    services,
+                    no_kill,
+                    inject,
+                    latency,
+                    error_rate,
+                },
+            )
+            .await?;
             Ok(())
         }
         Command::Verify {

@@ -219,3 +219,117 @@ async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
     assert!(report["orders_placed"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["saga"]["count"], report["orders_placed"], "{report}");
 }
+
+/// Load, SIGKILLs of random services every few seconds, then verify: no invariant
+/// may break, whichever process dies when.
+async fn chaos_keeps_every_invariant(mode: &str) {
+    let shop = Shop::up_with_args("processes", &["--saga-mode", mode], &[]);
+    let products = shop.product_ids(50).await;
+    stocked(&shop, &products).await;
+    let load = std::process::Command::new(support::BIN)
+        .args([
+            "load",
+            "--rate",
+            "25",
+            "--duration",
+            "40s",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let chaos = std::process::Command::new(support::BIN)
+        .args([
+            "chaos",
+            "--interval",
+            "4s",
+            "--duration",
+            "38s",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&chaos.stdout).into_owned();
+    assert!(
+        chaos.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&chaos.stderr)
+    );
+    let kills = said.lines().filter(|l| l.contains("killed ")).count();
+    assert!(kills >= 8, "{said}");
+    let load = load.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&load.stdout).unwrap();
+    assert!(report["orders_placed"].as_u64().unwrap() > 200, "{report}");
+    let (code, verified) = verify(&shop);
+    assert_eq!(verified["violations"], json!([]), "{said}\n{verified}");
+    assert_eq!((code, &verified["pending"]), (0, &json!(0)), "{verified}");
+    assert_eq!(
+        verified["orders"], report["orders_placed"],
+        "{verified}\n{report}"
+    );
+}
+
+#[tokio::test]
+async fn chaos_under_orchestration_breaks_no_invariant() {
+    chaos_keeps_every_invariant("orchestration").await;
+}
+
+#[tokio::test]
+async fn chaos_under_choreography_breaks_no_invariant() {
+    chaos_keeps_every_invariant("choreography").await;
+}
+
+/// An injected fault makes a service fail its work for a while, then it recovers.
+#[tokio::test]
+async fn chaos_injects_errors_into_one_service_for_a_while() {
+    let shop = Shop::up("processes", &[]);
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "chaos",
+            "--no-kill",
+            "--inject",
+            "products",
+            "--error-rate",
+            "1",
+            "--duration",
+            "2s",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .spawn()
+        .unwrap();
+    let products = format!("{}/products?limit=1", shop.url("products"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = shop.http.get(&products).send().await.unwrap();
+        if r.status() == 503 {
+            let body: Value = r.json().await.unwrap();
+            assert!(
+                body["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("fault was injected"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no fault seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = out.wait_with_output().unwrap().status;
+    assert!(status.success());
+    let r = shop.http.get(&products).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the fault ended with its duration");
+    // A bad request names the problem.
+    let out = std::process::Command::new(support::BIN)
+        .args(["chaos", "--inject", "nobody", "--data-dir"])
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no process `nobody`"));
+}

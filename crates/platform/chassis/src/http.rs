@@ -57,6 +57,7 @@ struct StdState {
     downstreams: Arc<crate::downstreams::Downstreams>,
     openapi: Arc<Value>,
     discovery: DiscoveryMetrics,
+    faults: crate::faults::Faults,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -129,7 +130,11 @@ impl Chassis {
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
             .route("/admin/breakers", get(list_breakers))
-            .route("/admin/breakers/{name}/{action}", post(change_breaker));
+            .route("/admin/breakers/{name}/{action}", post(change_breaker))
+            .route(
+                "/admin/faults",
+                get(show_fault).post(set_fault).delete(clear_fault),
+            );
         // `None`: the service serves its own `/openapi.json` (the gateway merges its
         // upstreams' documents).
         if openapi.is_some() {
@@ -147,6 +152,7 @@ impl Chassis {
             downstreams: self.client.downstreams().clone(),
             openapi: Arc::new(openapi),
             discovery: self.discovery_metrics.clone(),
+            faults: self.faults.clone(),
         });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
         let timeout = self.http.request_timeout.0;
@@ -155,6 +161,10 @@ impl Chassis {
             .layer(axum::Extension(IdentityVerifier(self.identity.clone())))
             .layer(RequestBodyLimitLayer::new(limit))
             .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn_with_state(
+                self.faults.clone(),
+                crate::faults::middleware,
+            ))
             .layer(middleware::from_fn_with_state(timeout, request_timeout))
             .layer(CatchPanicLayer::custom(|_| {
                 Problem::internal("a handler panicked").into_response()
@@ -417,6 +427,29 @@ fn local_only(extensions: &http::Extensions) -> Result<(), Problem> {
     }
 }
 
+/// `GET /admin/faults`: the fault in force, or null.
+async fn show_fault(_local: LocalOnly, State(state): State<StdState>) -> Response {
+    axum::Json(json!({ "fault": state.faults.current() })).into_response()
+}
+
+/// `POST /admin/faults` `{latency, error_rate, duration}`: injects a fault (chaos).
+async fn set_fault(
+    _local: LocalOnly,
+    State(state): State<StdState>,
+    crate::extract::Json(fault): crate::extract::Json<crate::faults::Fault>,
+) -> Result<Response, Problem> {
+    crate::faults::validate(&fault).map_err(Problem::bad_request)?;
+    tracing::warn!(?fault, "fault injected");
+    state.faults.set(fault.clone());
+    Ok(axum::Json(json!({ "fault": fault })).into_response())
+}
+
+/// `DELETE /admin/faults`: ends the fault now.
+async fn clear_fault(_local: LocalOnly, State(state): State<StdState>) -> StatusCode {
+    state.faults.clear();
+    StatusCode::NO_CONTENT
+}
+
 /// An extractor for a service's own admin routes: the request came from this
 /// machine (403 problem otherwise).
 pub struct LocalOnly;
@@ -529,8 +562,20 @@ impl Service {
         match self.chassis.events.clone() {
             Some(bus) => {
                 let config = messaging::consumer::ConsumerConfig::new(topic, group);
+                let faults = self.chassis.faults.clone();
+                let handler = Arc::new(handler);
                 self.with_background(move |stop| {
-                    messaging::consumer::run(bus, config, stop, handler)
+                    messaging::consumer::run(bus, config, stop, move |event, meta| {
+                        let (faults, handler) = (faults.clone(), handler.clone());
+                        async move {
+                            if !faults.strike().await {
+                                return Err(messaging::consumer::HandlerError::Retry(
+                                    "a fault was injected into this service (bazaar chaos)".into(),
+                                ));
+                            }
+                            handler(event, meta).await
+                        }
+                    })
                 })
             }
             None => {

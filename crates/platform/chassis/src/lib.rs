@@ -24,6 +24,7 @@ pub mod config;
 pub mod db;
 pub mod downstreams;
 pub mod extract;
+pub mod faults;
 pub mod http;
 pub mod identity;
 pub mod jwt;
@@ -82,6 +83,8 @@ pub struct Chassis {
     pub http: HttpSettings,
     /// The broker, if any (see [`ServiceConfig::events`]).
     pub events: Option<Arc<dyn messaging::EventBus>>,
+    /// Injected faults (`POST /admin/faults`), applied to requests and events.
+    pub faults: faults::Faults,
     registrar: Option<Arc<dyn discovery::Registrar>>,
     discovery_metrics: crate::http::DiscoveryMetrics,
     listener: tokio::net::TcpListener,
@@ -129,6 +132,7 @@ impl Chassis {
             http: config.http,
             registrar: config.registrar,
             events: config.events,
+            faults: faults::Faults::default(),
             discovery_metrics,
             listener,
             local_addr,
