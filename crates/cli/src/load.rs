@@ -95,6 +95,10 @@ pub struct Report {
     pub pending: u64,
     /// Placed -> CONFIRMED or CANCELLED.
     pub saga: Latency,
+    /// Where a saga's time goes, from up to 200 sampled orders' step histories: each
+    /// step from sent to answered (`reserve`, `charge`; in choreography, where nothing
+    /// is sent, from the step before).
+    pub steps: BTreeMap<String, Latency>,
 }
 
 struct Customer {
@@ -359,6 +363,7 @@ pub async fn run(
         .map_err(|_| anyhow::anyhow!("journeys still running"))?
         .into_inner();
     let sagas = saga_latencies(&http, &gateway, target.orders.as_deref(), &tally.placed).await?;
+    let steps = step_latencies(&http, &gateway, &tally.placed).await?;
     let requests = latency(&tally.requests);
     Ok(Report {
         shape: match shape {
@@ -376,7 +381,65 @@ pub async fn run(
         cancelled: sagas.cancelled,
         pending: sagas.pending,
         saga: latency(&sagas.latency),
+        steps: steps.iter().map(|(k, h)| (k.clone(), latency(h))).collect(),
     })
+}
+
+/// Per-step latencies of up to 200 orders spread over the run.
+async fn step_latencies(
+    http: &reqwest::Client,
+    gateway: &str,
+    placed: &[(String, String)],
+) -> anyhow::Result<BTreeMap<String, Histogram<u64>>> {
+    let mut steps: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    let every = (placed.len() / 200).max(1);
+    let parse = |v: &Value| {
+        time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
+            .ok()
+    };
+    for (id, token) in placed.iter().step_by(every) {
+        let order: Value = http
+            .get(format!("{gateway}/orders/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let Some(created) = parse(&order["created_at"]) else {
+            continue;
+        };
+        let mut since: BTreeMap<String, time::OffsetDateTime> = BTreeMap::new();
+        let mut last = created;
+        for step in order["steps"].as_array().into_iter().flatten() {
+            let (Some(name), Some(what), Some(at)) = (
+                step["step"].as_str(),
+                step["what"].as_str(),
+                parse(&step["at"]),
+            ) else {
+                continue;
+            };
+            match what {
+                "sent" | "requested" => {
+                    since.insert(name.to_owned(), at);
+                }
+                "done" => {
+                    // In choreography nothing is "sent": count from the step before.
+                    let from = since.get(name).copied().unwrap_or(last);
+                    let us = u64::try_from((at - from).whole_microseconds()).unwrap_or(0);
+                    let h = match steps.entry(name.to_owned()) {
+                        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::btree_map::Entry::Vacant(e) => {
+                            e.insert(Histogram::new_with_bounds(1, 3_600_000_000, 3)?)
+                        }
+                    };
+                    let _ = h.record(us.max(1));
+                }
+                _ => {}
+            }
+            last = at;
+        }
+    }
+    Ok(steps)
 }
 
 struct Sagas {
@@ -533,6 +596,12 @@ pub fn print(report: &Report, json_out: bool) -> anyhow::Result<()> {
         },
         report.pending
     );
+    for (step, l) in &report.steps {
+        println!(
+            "  {step:<8} p50 {:.2} ms  p99 {:.2} ms  (sent -> answered, {} sampled)",
+            l.p50_ms, l.p99_ms, l.count
+        );
+    }
     if report.errors.is_empty() {
         println!("errors    none");
     } else {

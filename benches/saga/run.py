@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Saga benchmark: the whole shop (release build, `bazaar up`, processes mode) driven
+through the gateway by `bazaar load` at a fixed rate (open loop), for each saga mode,
+on the embedded defaults (SQLite, embedded log) and on PostgreSQL + NATS JetStream.
+Reports achieved orders/s, request latency, saga completion latency (placed ->
+CONFIRMED/CANCELLED, from the orders service's timestamps) and per-step latency from
+sampled saga histories, then runs `bazaar verify`.
+
+Usage: python3 benches/saga/run.py [--rate 1000] [--seconds 20]
+Needs: PostgreSQL on 127.0.0.1:5432 (trust) and NATS with JetStream on 4222 for the
+second pair of rows. Prints Markdown.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "foundation"))
+from run import ROOT, target_dir  # noqa: E402
+
+
+def wait_stocked(binary, data_dir):
+    """Inventory learns products from product.created: wait until it knows them."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ps = json.loads(subprocess.run([binary, "ps", "--json", "--data-dir", data_dir],
+                                       capture_output=True, text=True).stdout or "[]")
+        inventory = next((p["url"] for p in ps if p["name"] == "inventory"), None)
+        if inventory:
+            try:
+                page = json.load(urllib.request.urlopen(f"{inventory}/inventory?limit=500", timeout=2))
+                if len(page["items"]) >= 50:
+                    return
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise SystemExit("inventory never learned the catalog")
+
+
+def run_one(binary, mode, backend, rate, seconds):
+    work = tempfile.mkdtemp(prefix="bazaar-saga-bench-")
+    env = {**os.environ, "BAZAAR_LOG__LEVEL": "warn", "BAZAAR_CONTROL_PLANE__PORT": "0",
+           # Enough stock that orders measure the saga, not an empty shelf.
+           "BAZAAR_INVENTORY__INITIAL_STOCK": "100000000"}
+    dbs = []
+    if backend == "postgres+nats":
+        run = uuid.uuid4().hex[:8]
+        for service in ["users", "products", "orders", "inventory", "payments",
+                        "notifications", "recommendations"]:
+            url = f"postgres://postgres@127.0.0.1:5432/bazaar_bench_{run}_{service}"
+            env[f"BAZAAR_{service.upper()}__DATABASE_URL"] = url
+            dbs.append(f"bazaar_bench_{run}_{service}")
+        env["BAZAAR_EVENTS__BACKEND"] = "nats"
+        env["BAZAAR_EVENTS__PREFIX"] = f"bench_{run}"
+    up = subprocess.Popen([binary, "up", "--port", "0", "--data-dir", work, "--saga-mode", mode],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in up.stdout:
+            if line.startswith("Press Ctrl-C"):
+                break
+        wait_stocked(binary, work)
+        out = subprocess.run([binary, "load", "--rate", str(rate), "--duration", f"{seconds}s",
+                              "--json", "--data-dir", work],
+                             capture_output=True, text=True, check=True).stdout
+        report = json.loads(out)
+        verify = subprocess.run([binary, "verify", "--json", "--data-dir", work],
+                                capture_output=True, text=True)
+        report["verify"] = json.loads(verify.stdout) if verify.stdout else {"violations": ["?"]}
+        return report
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+        shutil.rmtree(work, ignore_errors=True)
+        for db in dbs:
+            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-c",
+                            f"DROP DATABASE IF EXISTS {db} WITH (FORCE)"],
+                           capture_output=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=int, default=20)
+    parser.add_argument("--backends", default="embedded,postgres+nats")
+    args = parser.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar"], cwd=ROOT, check=True)
+    binary = os.path.join(target_dir(), "release", "bazaar")
+    rows = []
+    for backend in args.backends.split(","):
+        for mode in ["orchestration", "choreography"]:
+            rows.append((mode, backend, run_one(binary, mode, backend, args.rate, args.seconds)))
+    print(f"### Saga: {args.rate:,} orders/s offered for {args.seconds} s through the gateway\n")
+    print("| mode | backend | orders/s done | request p50 / p99 | saga p50 / p99 / p99.9 | "
+          "reserve p50 / p99 | charge p50 / p99 | errors | outcomes | verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, backend, r in rows:
+        q, s, st = r["requests"], r["saga"], r.get("steps", {})
+        step = lambda n: (f"{st[n]['p50_ms']:.1f} / {st[n]['p99_ms']:.1f} ms" if n in st else "-")
+        errors = sum(r["errors"].values())
+        cancelled = sum(r["cancelled"].values())
+        violations = len(r["verify"].get("violations", []))
+        print(f"| {mode} | {backend} | {r['orders_per_second']:,.0f} | "
+              f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} ms | "
+              f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['p999_ms']:.1f} ms | "
+              f"{step('reserve')} | {step('charge')} | {errors} | "
+              f"{r['confirmed']} confirmed, {cancelled} cancelled, {r['pending']} pending | "
+              f"{'clean' if violations == 0 else f'{violations} violations'} |")
+
+
+if __name__ == "__main__":
+    main()
