@@ -278,6 +278,17 @@ fn main() -> ExitCode {
 const MAX_SCALE: usize = 16;
 
 /// Parses `orders=3`.
+/// `--data-dir`, else the configuration's data directory.
+fn shop_dir(
+    data_dir: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> Result<PathBuf, Failure> {
+    match data_dir {
+        Some(dir) => Ok(dir),
+        None => Ok(load(config)?.data_dir),
+    }
+}
+
 /// The gateway and orders URLs of the shop running from `dir`.
 async fn shop_target(dir: &std::path::Path) -> Result<load::Target, Failure> {
     let rows = ps::rows(dir).await?;
@@ -374,10 +385,7 @@ async fn dispatch(
             data_dir,
             config,
         } => {
-            let dir = match data_dir {
-                Some(d) => d,
-                None => load(config.as_deref())?.data_dir,
-            };
+            let dir = shop_dir(data_dir, config.as_deref())?;
             ps::run(&dir, json).await?;
             Ok(())
         }
@@ -435,10 +443,7 @@ async fn dispatch(
                     orders: None,
                 },
                 None => {
-                    let dir = match data_dir {
-                        Some(d) => d,
-                        None => load(config.as_deref())?.data_dir,
-                    };
+                    let dir = shop_dir(data_dir, config.as_deref())?;
                     shop_target(&dir).await?
                 }
             };
@@ -466,10 +471,7 @@ async fn dispatch(
             data_dir,
             config,
         } => {
-            let dir = match data_dir {
-                Some(d) => d,
-                None => load(config.as_deref())?.data_dir,
-            };
+            let dir = shop_dir(data_dir, config.as_deref())?;
             chaos::run(
                 &dir,
                 chaos::Options {
@@ -491,10 +493,7 @@ async fn dispatch(
             data_dir,
             config,
         } => {
-            let dir = match data_dir {
-                Some(d) => d,
-                None => load(config.as_deref())?.data_dir,
-            };
+            let dir = shop_dir(data_dir, config.as_deref())?;
             if verify::run(&dir, settle, json).await? {
                 Ok(())
             } else {

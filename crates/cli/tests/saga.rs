@@ -11,21 +11,6 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use support::Shop;
 
-/// Waits until inventory has heard of `products` (product.created on its way).
-async fn stocked(shop: &Shop, products: &[String]) {
-    for p in products {
-        let url = format!("{}/inventory/{p}", shop.url("inventory"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while shop.http.get(&url).send().await.unwrap().status() != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "inventory never heard of {p}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 fn verify(shop: &Shop) -> (i32, Value) {
     let out = std::process::Command::new(support::BIN)
         .args(["verify", "--json", "--settle", "40s", "--data-dir"])
@@ -63,7 +48,7 @@ async fn every_order_ends_and_nothing_is_lost(mode: &str) {
     );
     let (_, token) = shop.user().await;
     let products = shop.product_ids(3).await;
-    stocked(&shop, &products).await;
+    shop.stocked(&products).await;
     let mut placed = Vec::new();
     for n in 0..24 {
         let product = &products[n % 3];
@@ -126,7 +111,7 @@ async fn verify_names_a_broken_invariant_and_exits_1() {
     let shop = Shop::up("processes", &[]);
     let (_, token) = shop.user().await;
     let products = shop.product_ids(1).await;
-    stocked(&shop, &products).await;
+    shop.stocked(&products).await;
     let (status, _) = shop
         .post(
             "/orders",
@@ -167,7 +152,7 @@ async fn verify_names_a_broken_invariant_and_exits_1() {
 async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
     let shop = Shop::up("processes", &[]);
     let products = shop.product_ids(50).await;
-    stocked(&shop, &products).await;
+    shop.stocked(&products).await;
     let out = std::process::Command::new(support::BIN)
         .args([
             "load",
@@ -225,7 +210,7 @@ async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
 async fn chaos_keeps_every_invariant(mode: &str) {
     let shop = Shop::up_with_args("processes", &["--saga-mode", mode], &[]);
     let products = shop.product_ids(50).await;
-    stocked(&shop, &products).await;
+    shop.stocked(&products).await;
     let load = std::process::Command::new(support::BIN)
         .args([
             "load",

@@ -55,23 +55,13 @@ async fn walkthrough(shop: &Shop) {
         .await;
     assert_eq!((status, &one), (200, first));
 
-    // Stock reaches inventory through product.created: wait for it before ordering
-    // (on a fresh shop the events may still be on their way).
-    for product in [first, second] {
-        let stock = format!(
-            "{}/inventory/{}",
-            shop.url("inventory"),
-            product["id"].as_str().unwrap()
-        );
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while shop.http.get(&stock).send().await.unwrap().status() != 200 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "inventory never heard of {stock}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // Stock reaches inventory through product.created: on a fresh shop it may still
+    // be on its way.
+    let ids: Vec<String> = [first, second]
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    shop.stocked(&ids).await;
     let order_body = json!({"items": [
         {"product_id": first["id"], "quantity": 2},
         {"product_id": second["id"], "quantity": 1},

@@ -171,6 +171,19 @@ impl Shop {
         token["access_token"].as_str().unwrap().to_owned()
     }
 
+    /// Waits until inventory has heard of `products` (their product.created may
+    /// still be on its way in a fresh shop).
+    pub async fn stocked(&self, products: &[String]) {
+        for p in products {
+            let url = format!("{}/inventory/{p}", self.url("inventory"));
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while self.http.get(&url).send().await.unwrap().status() != 200 {
+                assert!(Instant::now() < deadline, "inventory never heard of {p}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     pub async fn product_ids(&self, n: usize) -> Vec<String> {
         let (_, page) = self.get(&format!("/products?limit={n}"), None).await;
         page["items"]
