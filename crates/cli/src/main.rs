@@ -169,7 +169,8 @@ enum Command {
         /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
-        /// How long to wait for orders still PENDING before counting them.
+        /// How long to let the shop settle (orders end, their events reach every
+        /// service) before a violation counts.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         settle: std::time::Duration,
         /// The shop's data directory [default: .bazaar]

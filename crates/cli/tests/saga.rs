@@ -12,8 +12,12 @@ use serde_json::{Value, json};
 use support::Shop;
 
 fn verify(shop: &Shop) -> (i32, Value) {
+    verify_within(shop, "40s")
+}
+
+fn verify_within(shop: &Shop, settle: &str) -> (i32, Value) {
     let out = std::process::Command::new(support::BIN)
-        .args(["verify", "--json", "--settle", "40s", "--data-dir"])
+        .args(["verify", "--json", "--settle", settle, "--data-dir"])
         .arg(&shop.data_dir)
         .output()
         .unwrap();
@@ -134,7 +138,7 @@ async fn verify_names_a_broken_invariant_and_exits_1() {
     .execute(&pool)
     .await
     .unwrap();
-    let (code, report) = verify(&shop);
+    let (code, report) = verify_within(&shop, "2s");
     assert_eq!(code, 1, "{report}");
     let broken: Vec<&str> = report["violations"]
         .as_array()
@@ -252,8 +256,19 @@ async fn chaos_keeps_every_invariant(mode: &str) {
     let (code, verified) = verify(&shop);
     assert_eq!(verified["violations"], json!([]), "{said}\n{verified}");
     assert_eq!((code, &verified["pending"]), (0, &json!(0)), "{verified}");
-    assert_eq!(
-        verified["orders"], report["orders_placed"],
+    // An order whose 201 was lost with a killed process still exists: the shop may
+    // hold a few more orders than load saw placed, never fewer.
+    let placed = report["orders_placed"].as_u64().unwrap();
+    let lost_answers: u64 = report["errors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(kind, _)| kind.starts_with("POST /orders"))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum();
+    let orders = verified["orders"].as_u64().unwrap();
+    assert!(
+        (placed..=placed + lost_answers).contains(&orders),
         "{verified}\n{report}"
     );
 }
