@@ -3,7 +3,8 @@
 //! - every accepted order reaches a terminal status;
 //! - stock is conserved (initial = available + reserved + sold) and no product is
 //!   oversold; what was sold is what confirmed orders bought, and nothing stays
-//!   reserved once every order ended;
+//!   reserved once every order ended; a confirmed order's reservation was sold, a
+//!   cancelled one's holds nothing;
 //! - each confirmed order has exactly one charge and no refund; each cancelled order
 //!   that was charged has exactly one refund; no order is charged twice;
 //! - exactly one closing notification (confirmed or cancelled, as the order) per
@@ -127,6 +128,12 @@ struct Refund {
 }
 
 #[derive(Debug, serde::Deserialize)]
+struct Reservation {
+    order_id: String,
+    status: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
 struct Notification {
     kind: String,
     order_id: String,
@@ -163,6 +170,8 @@ async fn check_once(
     let orders: Vec<Order> =
         all(http, service(urls, "orders")?, "/admin/orders?limit=1000").await?;
     let stock: Vec<Stock> = all(http, service(urls, "inventory")?, "/inventory?limit=500").await?;
+    let reservations: Vec<Reservation> =
+        all(http, service(urls, "inventory")?, "/reservations?limit=500").await?;
     let payments: Vec<Payment> =
         all(http, service(urls, "payments")?, "/payments?limit=500").await?;
     let notifications: Vec<Notification> = all(
@@ -171,12 +180,19 @@ async fn check_once(
         "/admin/notifications?limit=1000",
     )
     .await?;
-    Ok(judge(&orders, &stock, &payments, &notifications))
+    Ok(judge(
+        &orders,
+        &stock,
+        &reservations,
+        &payments,
+        &notifications,
+    ))
 }
 
 fn judge(
     orders: &[Order],
     stock: &[Stock],
+    reservations: &[Reservation],
     payments: &[Payment],
     notifications: &[Notification],
 ) -> Report {
@@ -261,6 +277,10 @@ fn judge(
             format!("confirmed orders bought {quantity} of a product inventory does not know"),
         );
     }
+    let reserved: HashMap<&str, &str> = reservations
+        .iter()
+        .map(|r| (r.order_id.as_str(), r.status.as_str()))
+        .collect();
     let by_order: HashMap<&str, &Payment> =
         payments.iter().map(|p| (p.order_id.as_str(), p)).collect();
     let mut closing: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -298,6 +318,24 @@ fn judge(
                 ),
             ),
             _ => {}
+        }
+        // A confirmed order's stock was sold; a cancelled one's holds nothing.
+        let reservation = reserved.get(o.id.as_str()).copied();
+        let stock_ok = match o.status.as_str() {
+            "CONFIRMED" => reservation == Some("committed"),
+            "CANCELLED" => reservation != Some("held") && reservation != Some("committed"),
+            _ => true,
+        };
+        if !stock_ok {
+            violate(
+                "reservation_disagrees_with_order",
+                ids.clone(),
+                format!(
+                    "{} order whose reservation is {}",
+                    o.status,
+                    reservation.unwrap_or("missing")
+                ),
+            );
         }
         if o.status == "CONFIRMED" || o.status == "CANCELLED" {
             let want = if o.status == "CONFIRMED" {
@@ -401,6 +439,13 @@ mod tests {
         }
     }
 
+    fn held(order: &str, status: &str) -> Reservation {
+        Reservation {
+            order_id: order.into(),
+            status: status.into(),
+        }
+    }
+
     fn note(order: &str, kind: &str) -> Notification {
         Notification {
             kind: kind.into(),
@@ -434,7 +479,8 @@ mod tests {
             note("a", "order_confirmed"),
             note("b", "order_cancelled"),
         ];
-        let r = judge(&orders, &stock, &payments, &notes);
+        let held = [held("a", "committed"), held("b", "released")];
+        let r = judge(&orders, &stock, &held, &payments, &notes);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(
             (r.confirmed, r.cancelled, r.charges, r.refunds),
@@ -477,7 +523,13 @@ mod tests {
             note("a", "order_confirmed"),
             note("b", "order_cancelled"),
         ];
-        let r = judge(&orders, &stock, &payments, &notes);
+        // b was cancelled but its stock is still held; d's sale was recorded.
+        let held = [
+            held("a", "committed"),
+            held("b", "held"),
+            held("d", "committed"),
+        ];
+        let r = judge(&orders, &stock, &held, &payments, &notes);
         let mut got = invariants(&r);
         got.sort_unstable();
         assert_eq!(
@@ -490,6 +542,7 @@ mod tests {
                 "notification_not_once",
                 "order_not_terminal",
                 "oversold",
+                "reservation_disagrees_with_order",
                 "sold_differs_from_confirmed",
                 "sold_differs_from_confirmed",
                 "stock_not_conserved",

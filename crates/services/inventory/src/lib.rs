@@ -120,8 +120,8 @@ pub struct PageQuery {
         title = "Bazaar inventory",
         description = "Stock per product and reservations per order."
     ),
-    paths(stock_list, stock_one, reservation),
-    components(schemas(StockLevel, StockPage, Reservation, Problem))
+    paths(stock_list, stock_one, reservation_list, reservation),
+    components(schemas(StockLevel, StockPage, Reservation, ReservationPage, Problem))
 )]
 struct ApiDoc;
 
@@ -181,6 +181,56 @@ async fn stock_one(
     Ok(Json(level(&row)?))
 }
 
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReservationPage {
+    pub items: Vec<Reservation>,
+    /// Pass as `after` for the next page; null on the last.
+    pub next: Option<String>,
+}
+
+fn reservation_of(row: &sqlx::any::AnyRow) -> Result<Reservation, sqlx::Error> {
+    let items: String = row.try_get(3)?;
+    Ok(Reservation {
+        order_id: row.try_get(0)?,
+        status: row.try_get(1)?,
+        reason: row.try_get(2)?,
+        items: serde_json::from_str(&items).unwrap_or(Value::Null),
+        expires_at: chassis::clock::rfc3339(row.try_get(4)?),
+    })
+}
+
+/// Every reservation, by order id.
+#[utoipa::path(get, path = "/reservations", params(PageQuery),
+    responses((status = 200, body = ReservationPage), (status = 422, body = Problem)))]
+async fn reservation_list(
+    State(pool): State<AnyPool>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<ReservationPage>, Problem> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(Problem::validation(vec![chassis::FieldError::new(
+            "limit",
+            "must be between 1 and 500",
+        )]));
+    }
+    let rows = sqlx::query(
+        "SELECT order_id, status, reason, items, expires_at FROM reservations \
+         WHERE order_id > $1 ORDER BY order_id LIMIT $2",
+    )
+    .bind(q.after.unwrap_or_default())
+    .bind(i64::from(limit))
+    .fetch_all(&pool)
+    .await?;
+    let items = rows
+        .iter()
+        .map(reservation_of)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|i| i.order_id.clone()))
+        .flatten();
+    Ok(Json(ReservationPage { items, next }))
+}
+
 /// An order's reservation.
 #[utoipa::path(get, path = "/reservations/{order_id}",
     responses((status = 200, body = Reservation), (status = 404, body = Problem)))]
@@ -195,14 +245,7 @@ async fn reservation(
     .fetch_optional(&pool)
     .await?
     .ok_or_else(|| Problem::not_found("reservation"))?;
-    let items: String = row.try_get(3)?;
-    Ok(Json(Reservation {
-        order_id: row.try_get(0)?,
-        status: row.try_get(1)?,
-        reason: row.try_get(2)?,
-        items: serde_json::from_str(&items).unwrap_or(Value::Null),
-        expires_at: chassis::clock::rfc3339(row.try_get(4)?),
-    }))
+    Ok(Json(reservation_of(&row)?))
 }
 
 /// What a reserve needs to know of the order (the command's data, or the
@@ -685,6 +728,7 @@ impl Application {
         let routes = Router::new()
             .route("/inventory", get(stock_list))
             .route("/inventory/{product_id}", get(stock_one))
+            .route("/reservations", get(reservation_list))
             .route("/reservations/{order_id}", get(reservation))
             .with_state(db.pool().clone());
         let router = chassis.router(
