@@ -99,8 +99,8 @@ pub struct Meta {
 }
 
 /// Consumes until `shutdown`, re-subscribing after broker outages. Each partition
-/// has a worker handling its deliveries one after another (a key's events in order);
-/// partitions are handled concurrently.
+/// has a worker; within it each key's deliveries are handled one after another (a
+/// key's events in order) while different keys and partitions run concurrently.
 pub async fn run<F, Fut>(
     bus: Arc<dyn EventBus>,
     config: ConsumerConfig,
@@ -161,6 +161,14 @@ pub async fn run<F, Fut>(
 /// Deliveries waiting for one partition's worker.
 const WORKER_QUEUE: usize = 64;
 
+/// Keys of one partition handled at once. A key's deliveries go one after another
+/// through its lane; different keys run side by side where the broker lets a member
+/// hold several of a partition's messages (the embedded log's window; others hand
+/// out one at a time, so their lanes simply take turns).
+const LANES: usize = 16;
+
+type Lane = (mpsc::UnboundedSender<Delivery>, tokio::task::JoinHandle<()>);
+
 async fn worker<F, Fut>(
     bus: Arc<dyn EventBus>,
     config: Arc<ConsumerConfig>,
@@ -170,10 +178,70 @@ async fn worker<F, Fut>(
     F: Fn(CloudEvent, Meta) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
-    // After a nack the broker sends the partition again from the nacked message:
-    // what was already queued behind it is stale.
-    let mut stale_after: Option<u64> = None;
+    let permits = Arc::new(tokio::sync::Semaphore::new(LANES));
+    let mut lanes: HashMap<String, Lane> = HashMap::new();
     while let Some(d) = deliveries.recv().await {
+        // The key's lane, if it is still taking deliveries.
+        let d = match lanes.get(&d.key) {
+            Some((tx, _)) => match tx.send(d) {
+                Ok(()) => continue,
+                Err(mpsc::error::SendError(d)) => d,
+            },
+            None => d,
+        };
+        // A new lane, which starts once the key's previous one has finished, so a
+        // key's deliveries never overlap.
+        let previous = lanes.remove(&d.key).map(|(_, handle)| handle);
+        lanes.retain(|_, (_, handle)| !handle.is_finished());
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let key = d.key.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(d);
+        let (bus, config, handler) = (bus.clone(), config.clone(), handler.clone());
+        let handle = tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            lane(bus.as_ref(), &config, handler.as_ref(), rx).await;
+            drop(permit);
+        });
+        lanes.insert(key, (tx, handle));
+    }
+    for (_, (tx, handle)) in lanes {
+        drop(tx);
+        let _ = handle.await;
+    }
+}
+
+/// One key's deliveries, in order, until none is waiting.
+async fn lane<F, Fut>(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    handler: &F,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+) where
+    F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
+    Fut: Future<Output = Result<(), HandlerError>> + Send,
+{
+    // After a nack the broker sends the partition again from its first unsettled
+    // message: what was already queued behind the nacked one is stale.
+    let mut stale_after: Option<u64> = None;
+    loop {
+        let d = match rx.try_recv() {
+            Ok(d) => d,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Idle: refuse more (the worker starts a new lane after this one),
+                // then handle what arrived before the refusal.
+                rx.close();
+                match rx.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => return,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+        };
         if let Some(nacked) = stale_after {
             if d.offset > nacked {
                 continue;
@@ -181,7 +249,7 @@ async fn worker<F, Fut>(
             stale_after = None;
         }
         let offset = d.offset;
-        if settle(bus.as_ref(), &config, handler.as_ref(), d).await {
+        if settle(bus, config, handler, d).await {
             stale_after = Some(offset);
         }
     }
