@@ -103,6 +103,30 @@ impl From<QueryRejection> for Problem {
     }
 }
 
+/// The page size asked for with `?limit=`: `default` when absent, else it must be
+/// within 1..=`max` (a 422 naming `limit` otherwise).
+pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, Problem> {
+    let limit = limit.unwrap_or(default);
+    if (1..=max).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(Problem::validation(vec![FieldError::new(
+            "limit",
+            format!("must be between 1 and {max}"),
+        )]))
+    }
+}
+
+/// The `next` of a keyset-paged listing: the last item's key when the page came back
+/// full (another may follow), `None` on the last page.
+pub fn next_after<T>(items: &[T], limit: u32, key: impl Fn(&T) -> String) -> Option<String> {
+    if items.len() == limit as usize {
+        items.last().map(key)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +150,23 @@ mod tests {
                 "invalid value: integer `-1`, expected u32"
             )
         );
+    }
+
+    #[test]
+    fn page_limits_and_next_cursors() {
+        assert_eq!(page_limit(None, 20, 100).ok(), Some(20));
+        assert_eq!(page_limit(Some(100), 20, 100).ok(), Some(100));
+        for bad in [0, 101] {
+            let problem = page_limit(Some(bad), 20, 100)
+                .err()
+                .unwrap_or_else(|| panic!("{bad}"));
+            assert_eq!(problem.status_code(), StatusCode::UNPROCESSABLE_ENTITY);
+        }
+        let ids = ["a", "b", "c"];
+        assert_eq!(
+            next_after(&ids, 3, |i| (*i).to_owned()).as_deref(),
+            Some("c")
+        );
+        assert_eq!(next_after(&ids, 4, |i| (*i).to_owned()), None);
     }
 }

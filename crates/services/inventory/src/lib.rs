@@ -142,13 +142,7 @@ async fn stock_list(
     State(pool): State<AnyPool>,
     Query(q): Query<PageQuery>,
 ) -> Result<Json<StockPage>, Problem> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::validation(vec![chassis::FieldError::new(
-            "limit",
-            "must be between 1 and 500",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 100, 500)?;
     let rows = sqlx::query(
         "SELECT product_id, initial, available, reserved, sold FROM stock \
          WHERE product_id > $1 ORDER BY product_id LIMIT $2",
@@ -158,9 +152,7 @@ async fn stock_list(
     .fetch_all(&pool)
     .await?;
     let items = rows.iter().map(level).collect::<Result<Vec<_>, _>>()?;
-    let next = (items.len() == limit as usize)
-        .then(|| items.last().map(|i| i.product_id.clone()))
-        .flatten();
+    let next = chassis::extract::next_after(&items, limit, |i| i.product_id.clone());
     Ok(Json(StockPage { items, next }))
 }
 
@@ -206,13 +198,7 @@ async fn reservation_list(
     State(pool): State<AnyPool>,
     Query(q): Query<PageQuery>,
 ) -> Result<Json<ReservationPage>, Problem> {
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(Problem::validation(vec![chassis::FieldError::new(
-            "limit",
-            "must be between 1 and 500",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 100, 500)?;
     let rows = sqlx::query(
         "SELECT order_id, status, reason, items, expires_at FROM reservations \
          WHERE order_id > $1 ORDER BY order_id LIMIT $2",
@@ -225,9 +211,7 @@ async fn reservation_list(
         .iter()
         .map(reservation_of)
         .collect::<Result<Vec<_>, _>>()?;
-    let next = (items.len() == limit as usize)
-        .then(|| items.last().map(|i| i.order_id.clone()))
-        .flatten();
+    let next = chassis::extract::next_after(&items, limit, |i| i.order_id.clone());
     Ok(Json(ReservationPage { items, next }))
 }
 

@@ -96,13 +96,7 @@ async fn admin_list(
     State(pool): State<AnyPool>,
     Query(q): Query<AdminQuery>,
 ) -> Result<Json<AdminPage>, Problem> {
-    let limit = q.limit.unwrap_or(500);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::validation(vec![chassis::FieldError::new(
-            "limit",
-            "must be between 1 and 1000",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 500, 1000)?;
     let rows = sqlx::query(
         "SELECT id, user_id, kind, order_id FROM notifications WHERE id > $1 ORDER BY id LIMIT $2",
     )
@@ -121,9 +115,7 @@ async fn admin_list(
             })
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    let next = (items.len() == limit as usize)
-        .then(|| items.last().map(|i| i.id.clone()))
-        .flatten();
+    let next = chassis::extract::next_after(&items, limit, |i| i.id.clone());
     Ok(Json(AdminPage { items, next }))
 }
 
@@ -152,13 +144,7 @@ async fn list(
     identity: Identity,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<NotificationPage>, Problem> {
-    let limit = q.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(Problem::validation(vec![chassis::FieldError::new(
-            "limit",
-            "must be between 1 and 100",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 20, 100)?;
     let rows = sqlx::query(
         "SELECT id, kind, order_id, text, created_at FROM notifications \
          WHERE user_id = $1 ORDER BY id DESC LIMIT $2",

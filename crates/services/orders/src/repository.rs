@@ -320,8 +320,6 @@ pub async fn all(
             o.items = by_order.remove(&o.id).unwrap_or_default();
         }
     }
-    let next = (orders.len() == limit as usize)
-        .then(|| orders.last().map(|o| o.id.clone()))
-        .flatten();
+    let next = chassis::extract::next_after(&orders, limit, |o| o.id.clone());
     Ok((orders, next))
 }

@@ -117,13 +117,7 @@ async fn admin_orders(
     State(state): State<AppState>,
     Query(q): Query<AdminQuery>,
 ) -> Result<Json<AdminOrderPage>, Problem> {
-    let limit = q.limit.unwrap_or(500);
-    if !(1..=1000).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            "must be between 1 and 1000",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 500, 1000)?;
     let (items, next) =
         repository::all(&state.pool, q.after.as_deref().unwrap_or_default(), limit).await?;
     Ok(Json(AdminOrderPage { items, next }))
@@ -352,13 +346,7 @@ async fn list_orders(
     identity: Identity,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<OrderPage>, Problem> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            format!("must be between 1 and {MAX_LIMIT}"),
-        )]));
-    }
+    let limit = chassis::extract::page_limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let before = query
         .cursor
         .as_deref()

@@ -107,13 +107,7 @@ async fn list(
     State(pool): State<AnyPool>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<PaymentPage>, Problem> {
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            format!("must be between 1 and {MAX_LIMIT}"),
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     // One more than asked tells whether another page follows.
     let fetch = i64::from(limit) + 1;
     let rows = match q.after.as_deref().map(decode_cursor).transpose()? {

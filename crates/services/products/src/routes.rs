@@ -82,13 +82,7 @@ async fn list_products(
             next_cursor: None,
         }));
     }
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            format!("must be between 1 and {MAX_LIMIT}"),
-        )]));
-    }
+    let limit = chassis::extract::page_limit(query.limit, DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = query.cursor.as_deref().map(decode_cursor).transpose()?;
     let search = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
     if search.is_some_and(|q| q.chars().count() > MAX_QUERY_LEN) {

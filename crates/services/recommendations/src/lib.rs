@@ -90,13 +90,7 @@ async fn top(
     Path(product_id): Path<uuid::Uuid>,
     Query(q): Query<TopQuery>,
 ) -> Result<Json<Recommendations>, Problem> {
-    let limit = q.limit.unwrap_or(5);
-    if !(1..=50).contains(&limit) {
-        return Err(Problem::validation(vec![FieldError::new(
-            "limit",
-            "must be between 1 and 50",
-        )]));
-    }
+    let limit = chassis::extract::page_limit(q.limit, 5, 50)?;
     let product_id = product_id.to_string();
     let rows = sqlx::query(
         "SELECT c.other_id, COALESCE(n.name, ''), c.orders FROM co_purchases c \
