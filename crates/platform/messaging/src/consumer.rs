@@ -351,6 +351,13 @@ impl From<sqlx::Error> for HandlerError {
     }
 }
 
+/// So does an outbox write failing inside the handler's transaction.
+impl From<crate::outbox::OutboxError> for HandlerError {
+    fn from(e: crate::outbox::OutboxError) -> Self {
+        HandlerError::Retry(format!("outbox: {e}"))
+    }
+}
+
 impl From<BusError> for HandlerError {
     fn from(e: BusError) -> Self {
         HandlerError::Retry(e.to_string())

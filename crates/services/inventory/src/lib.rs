@@ -30,10 +30,10 @@ use chassis::http::{Readiness, Service};
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::settings::SagaMode;
 use chassis::{Chassis, Problem, ServiceConfig};
+use messaging::CloudEvent;
 use messaging::consumer::{HandlerError, Meta, triage};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
-use messaging::{CloudEvent, outbox::OutboxError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -262,28 +262,6 @@ fn order_id(event: &CloudEvent) -> Result<String, HandlerError> {
         .ok_or_else(|| HandlerError::Reject(format!("{} has no string `order_id`", event.ty)))
 }
 
-impl From<OutboxError> for InventoryError {
-    fn from(e: OutboxError) -> Self {
-        InventoryError(e.to_string())
-    }
-}
-
-/// A database or outbox failure: worth retrying.
-#[derive(Debug)]
-struct InventoryError(String);
-
-impl From<sqlx::Error> for InventoryError {
-    fn from(e: sqlx::Error) -> Self {
-        InventoryError(e.to_string())
-    }
-}
-
-impl From<InventoryError> for HandlerError {
-    fn from(e: InventoryError) -> Self {
-        HandlerError::Retry(e.0)
-    }
-}
-
 /// The service's state and its message handlers (public for tests that drive them).
 #[derive(Clone)]
 pub struct Inventory {
@@ -320,7 +298,7 @@ impl Inventory {
         order_id: &str,
         ty: &str,
         data: Value,
-    ) -> Result<(), InventoryError> {
+    ) -> Result<(), HandlerError> {
         let event = CloudEvent::new("/bazaar/inventory", ty, Some(order_id), data);
         self.outbox.enqueue(tx, TOPIC, order_id, &event).await?;
         Ok(())
@@ -527,7 +505,7 @@ impl Inventory {
         &self,
         tx: &mut AnyConnection,
         wanted: &BTreeMap<&str, i64>,
-    ) -> Result<Option<(String, bool)>, InventoryError> {
+    ) -> Result<Option<(String, bool)>, HandlerError> {
         for (product, quantity) in wanted {
             let available: Option<i64> =
                 sqlx::query_scalar("SELECT available FROM stock WHERE product_id = $1")

@@ -332,7 +332,7 @@ impl Payments {
         self.outbox
             .enqueue(tx, TOPIC, order_id, &answer.event(order_id))
             .await
-            .map_err(|e| HandlerError::Retry(format!("outbox: {e}")))
+            .map_err(HandlerError::from)
     }
 }
 
