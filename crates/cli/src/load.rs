@@ -164,62 +164,71 @@ async fn setup(
     Ok((customers, products))
 }
 
-/// One journey: look at a product, order one or two of it. Latencies count from
-/// `due`.
-async fn journey(
-    http: &reqwest::Client,
-    gateway: &str,
-    customer: &Customer,
-    product: &str,
-    quantity: u32,
-    due: Instant,
-    tally: &Mutex<Tally>,
-) {
-    let record = |tally: &mut Tally, started: Instant, outcome: Result<(), String>| {
-        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let _ = tally.requests.record(us.max(1));
-        if let Err(kind) = outcome {
-            *tally.errors.entry(kind).or_default() += 1;
-        }
-    };
-    let outcome = match http
-        .get(format!("{gateway}/products/{product}"))
-        .send()
-        .await
-    {
-        Ok(r) if r.status().is_success() => Ok(()),
-        Ok(r) => Err(format!("GET /products/{{id}} {}", r.status().as_u16())),
-        Err(e) => Err(format!("GET /products/{{id}}: {}", kind_of(&e))),
-    };
-    record(&mut *tally.lock().await, due, outcome);
-    let sent = Instant::now();
-    let placed = http
-        .post(format!("{gateway}/orders"))
-        .bearer_auth(&customer.token)
-        .json(&json!({"items": [{"product_id": product, "quantity": quantity}]}))
-        .send()
-        .await;
-    let mut t = tally.lock().await;
-    match placed {
-        Ok(r) if r.status().as_u16() == 201 => {
-            record(&mut t, sent, Ok(()));
-            drop(t);
-            if let Ok(order) = r.json::<Value>().await
-                && let Some(id) = order["id"].as_str()
-            {
-                tally
-                    .lock()
-                    .await
-                    .placed
-                    .push((id.to_owned(), customer.token.clone()));
+/// What every journey shares.
+struct Driver {
+    http: reqwest::Client,
+    gateway: String,
+    customers: Vec<Customer>,
+    products: Vec<String>,
+    tally: Mutex<Tally>,
+    journeys: AtomicU64,
+}
+
+impl Driver {
+    /// Journey `n` of customer `customer`: look at a product, order one or two of it.
+    /// Latencies count from `due`.
+    async fn journey(&self, customer: usize, n: usize, due: Instant) {
+        let customer = &self.customers[customer % self.customers.len()];
+        let product = &self.products[n % self.products.len()];
+        let quantity = 1 + n % 2;
+        let (http, gateway, tally) = (&self.http, &self.gateway, &self.tally);
+        let record = |tally: &mut Tally, started: Instant, outcome: Result<(), String>| {
+            let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let _ = tally.requests.record(us.max(1));
+            if let Err(kind) = outcome {
+                *tally.errors.entry(kind).or_default() += 1;
             }
+        };
+        let outcome = match http
+            .get(format!("{gateway}/products/{product}"))
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => Ok(()),
+            Ok(r) => Err(format!("GET /products/{{id}} {}", r.status().as_u16())),
+            Err(e) => Err(format!("GET /products/{{id}}: {}", kind_of(&e))),
+        };
+        record(&mut *tally.lock().await, due, outcome);
+        let sent = Instant::now();
+        let placed = http
+            .post(format!("{gateway}/orders"))
+            .bearer_auth(&customer.token)
+            .json(&json!({"items": [{"product_id": product, "quantity": quantity}]}))
+            .send()
+            .await;
+        let mut t = tally.lock().await;
+        match placed {
+            Ok(r) if r.status().as_u16() == 201 => {
+                record(&mut t, sent, Ok(()));
+                drop(t);
+                if let Ok(order) = r.json::<Value>().await
+                    && let Some(id) = order["id"].as_str()
+                {
+                    tally
+                        .lock()
+                        .await
+                        .placed
+                        .push((id.to_owned(), customer.token.clone()));
+                }
+            }
+            Ok(r) => record(
+                &mut t,
+                sent,
+                Err(format!("POST /orders {}", r.status().as_u16())),
+            ),
+            Err(e) => record(&mut t, sent, Err(format!("POST /orders: {}", kind_of(&e)))),
         }
-        Ok(r) => record(
-            &mut t,
-            sent,
-            Err(format!("POST /orders {}", r.status().as_u16())),
-        ),
-        Err(e) => record(&mut t, sent, Err(format!("POST /orders: {}", kind_of(&e)))),
+        self.journeys.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -246,14 +255,18 @@ pub async fn run(
         .build()?;
     let gateway = target.gateway.trim_end_matches('/').to_owned();
     let (customers, products) = setup(&http, &gateway).await?;
-    let customers = Arc::new(customers);
-    let products = Arc::new(products);
-    let tally = Arc::new(Mutex::new(Tally::new()?));
-    let journeys = Arc::new(AtomicU64::new(0));
+    let driver = Arc::new(Driver {
+        http: http.clone(),
+        gateway: gateway.clone(),
+        customers,
+        products,
+        tally: Mutex::new(Tally::new()?),
+        journeys: AtomicU64::new(0),
+    });
     let started = Instant::now();
     let end = started + duration;
     let progress = {
-        let tally = tally.clone();
+        let driver = driver.clone();
         tokio::spawn(async move {
             if json_out {
                 return;
@@ -263,7 +276,7 @@ pub async fn run(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let t = tally.lock().await;
+                let t = driver.tally.lock().await;
                 let n = t.requests.len();
                 let errors: u64 = t.errors.values().sum();
                 eprint!(
@@ -291,29 +304,16 @@ pub async fn run(
                 // Finished journeys are collected as we go, so the set stays small.
                 while tasks.try_join_next().is_some() {}
                 if tasks.len() >= MAX_IN_FLIGHT {
-                    *tally
+                    *driver
+                        .tally
                         .lock()
                         .await
                         .errors
                         .entry("client saturated".to_owned())
                         .or_default() += 1;
                 } else {
-                    let (http, gateway, customers, products, tally, journeys) = (
-                        http.clone(),
-                        gateway.clone(),
-                        customers.clone(),
-                        products.clone(),
-                        tally.clone(),
-                        journeys.clone(),
-                    );
-                    let this = n;
-                    tasks.spawn(async move {
-                        let customer = &customers[this % customers.len()];
-                        let product = &products[this % products.len()];
-                        let quantity = 1 + u32::try_from(this % 2).unwrap_or(0);
-                        journey(&http, &gateway, customer, product, quantity, due, &tally).await;
-                        journeys.fetch_add(1, Ordering::Relaxed);
-                    });
+                    let (driver, this) = (driver.clone(), n);
+                    tasks.spawn(async move { driver.journey(this, this, due).await });
                 }
                 n += 1;
                 due += every;
@@ -321,31 +321,11 @@ pub async fn run(
         }
         Shape::Users(users) => {
             for u in 0..users as usize {
-                let (http, gateway, customers, products, tally, journeys) = (
-                    http.clone(),
-                    gateway.clone(),
-                    customers.clone(),
-                    products.clone(),
-                    tally.clone(),
-                    journeys.clone(),
-                );
+                let driver = driver.clone();
                 tasks.spawn(async move {
                     let mut n = u;
                     while Instant::now() < end {
-                        let customer = &customers[u % customers.len()];
-                        let product = &products[n % products.len()];
-                        let quantity = 1 + u32::try_from(n % 2).unwrap_or(0);
-                        journey(
-                            &http,
-                            &gateway,
-                            customer,
-                            product,
-                            quantity,
-                            Instant::now(),
-                            &tally,
-                        )
-                        .await;
-                        journeys.fetch_add(1, Ordering::Relaxed);
+                        driver.journey(u, n, Instant::now()).await;
                         n += users as usize;
                     }
                 });
@@ -359,9 +339,9 @@ pub async fn run(
     if !json_out {
         eprintln!();
     }
-    let tally = Arc::try_unwrap(tally)
-        .map_err(|_| anyhow::anyhow!("journeys still running"))?
-        .into_inner();
+    let driver = Arc::try_unwrap(driver).map_err(|_| anyhow::anyhow!("journeys still running"))?;
+    let journeys = driver.journeys.load(Ordering::Relaxed);
+    let tally = driver.tally.into_inner();
     let sagas = saga_latencies(&http, &gateway, target.orders.as_deref(), &tally.placed).await?;
     let steps = step_latencies(&http, &gateway, &tally.placed).await?;
     let requests = latency(&tally.requests);
@@ -371,7 +351,7 @@ pub async fn run(
             Shape::Users(u) => json!({"users": u}),
         },
         seconds,
-        journeys: journeys.load(Ordering::Relaxed),
+        journeys,
         requests_per_second: requests.count as f64 / seconds,
         requests,
         errors: tally.errors,
