@@ -56,14 +56,26 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let mut invalid = config.resilience().validate();
     invalid.extend(config.payments.validate());
     invalid.extend(config.discovery.build().err());
+    // The gateway's declarative part: inline, or the file it will watch.
+    let (key, gateway_errors) = match &config.gateway.config_file {
+        Some(path) => (
+            "gateway.config_file",
+            std::fs::read_to_string(path)
+                .map_err(|e| vec![format!("cannot read {}: {e}", path.display())])
+                .and_then(|text| gateway::configuration::Declarative::from_toml(&text))
+                .err()
+                .unwrap_or_default(),
+        ),
+        None => ("gateway.routes", config.gateway.declarative().validate()),
+    };
     invalid.extend(
-        gateway::configuration::validate_routes(&config.gateway.routes)
+        gateway_errors
             .into_iter()
             .map(|problem| chassis::config::ConfigError {
-                key: "gateway.routes".into(),
+                key: key.into(),
                 origin: "configuration".into(),
                 problem,
-                fix: "see docs/configuration.md for the route fields".into(),
+                fix: "see docs/gateway.md for the route and policy fields".into(),
             }),
     );
     if !invalid.is_empty() {

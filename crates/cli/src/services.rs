@@ -189,6 +189,7 @@ pub async fn run(
                 service: chassis,
                 settings: config.gateway.clone(),
                 data_dir: config.data_dir.clone(),
+                admin_listener: None,
             })
             .await?
         }

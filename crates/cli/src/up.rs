@@ -95,6 +95,10 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     if let Some(port) = options.port {
         config.gateway.port = port;
     }
+    // `--port 0` runs shops side by side: their admin APIs cannot share a port.
+    if config.gateway.port == 0 {
+        config.gateway.admin_port = 0;
+    }
     let logs = data_dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     init_logging(&config, &logs, options.mode)?;
@@ -126,7 +130,11 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     match options.mode {
         Mode::Processes => {
             let exe = std::env::current_exe().context("cannot find the bazaar executable")?;
-            let env = child_env(&urls, &data_dir, config.saga.mode);
+            let mut env = child_env(&urls, &data_dir, config.saga.mode);
+            env.push((
+                "BAZAAR_GATEWAY__ADMIN_PORT".into(),
+                config.gateway.admin_port.to_string(),
+            ));
             for (index, b) in bound.into_iter().enumerate() {
                 let child = ChildSpec {
                     service: b.service,

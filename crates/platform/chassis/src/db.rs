@@ -83,7 +83,7 @@ impl Database {
             .map_err(DbError::Connect)?
             .disable_statement_logging();
         let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 4 } else { MAX_CONNECTIONS })
+            .max_connections(if backend == Backend::Sqlite { 1 } else { MAX_CONNECTIONS })
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
                 Box::pin(async move {

@@ -1,16 +1,24 @@
-//! `[gateway]` settings.
+//! The gateway's configuration: process settings (`[gateway]`: ports, keys, the
+//! token issuer) and the declarative part that can change while it runs
+//! ([`Declarative`]: routes, rate-limit policies, path policy), read either from
+//! `[gateway]` itself or from the file `gateway.config_file` names, which is
+//! watched and reloaded. docs/gateway.md has a complete example.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chassis::config::HumanDuration;
 use chassis::config_section;
 use serde::Deserialize;
 
+use crate::normalize::SlashPolicy;
+
 /// Who may use a route.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthPolicy {
     /// No token needed; a token sent anyway is ignored.
+    #[default]
     Anonymous,
     /// A valid token, if present, is forwarded as identity; an invalid one is a 401.
     Optional,
@@ -18,14 +26,141 @@ pub enum AuthPolicy {
     Required,
 }
 
-/// One route: requests whose path is `prefix` or under it (on a `/` boundary) go to
-/// `service`. The longest matching prefix wins.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+/// Headers a route sets or removes on the way to the upstream or back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderTransform {
+    /// Set (replacing any value the message had).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Removed.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+impl HeaderTransform {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// One route. Exactly one of `prefix`, `exact` and `template` says which paths it
+/// takes: `prefix = "/orders"` takes `/orders` and what is under it (on a `/`
+/// boundary), `exact = "/health"` that path only, `template = "/orders/{id}"` one
+/// value per `{name}` segment (a last `{*name}` takes the rest of the path).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    pub prefix: String,
+    /// Shown in logs, metrics and the admin API; defaults to the path pattern.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `shop.example.com` or `*.example.com`; unset takes any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Methods taken (`GET`, `POST`...); empty takes all. A path matched by routes
+    /// none of which takes the method is a 405 with `Allow`.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// The upstream service (resolved through discovery).
     pub service: String,
+    /// The path sent upstream: replaces the matched prefix, or for a template is a
+    /// template itself (`/v2/orders/{id}`), or for an exact route the whole path.
+    #[serde(default)]
+    pub rewrite: Option<String>,
+    /// Deadline for the upstream's response head; the gateway's default otherwise.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    #[serde(default)]
     pub auth: AuthPolicy,
+    /// A policy of `rate_limits`.
+    #[serde(default)]
+    pub rate_limit: Option<String>,
+    #[serde(default)]
+    pub request_headers: HeaderTransform,
+    #[serde(default)]
+    pub response_headers: HeaderTransform,
+}
+
+impl RouteConfig {
+    /// A prefix route, the common case.
+    pub fn prefix(prefix: &str, service: &str, auth: AuthPolicy) -> Self {
+        Self {
+            prefix: Some(prefix.to_owned()),
+            service: service.to_owned(),
+            auth,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a rate limit counts requests by.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitKey {
+    /// The client's address (as trusted-proxy rules reveal it).
+    #[default]
+    Ip,
+    /// The authenticated user (`sub`); anonymous requests count by address.
+    User,
+    /// The whole route, all clients together.
+    Route,
+}
+
+/// A GCRA policy: `rate` requests per `per`, with up to `burst` at once.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitPolicy {
+    pub rate: u32,
+    #[serde(default = "one_second")]
+    pub per: HumanDuration,
+    /// Requests admitted at once after a quiet spell; defaults to `rate`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    #[serde(default)]
+    pub key: LimitKey,
+}
+
+fn one_second() -> HumanDuration {
+    HumanDuration::secs(1)
+}
+
+/// The declarative, reloadable configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Declarative {
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub rate_limits: BTreeMap<String, RateLimitPolicy>,
+    /// Repeated slashes in paths: `merge` (default), `reject` or `keep`.
+    #[serde(default)]
+    pub slashes: SlashPolicy,
+}
+
+impl Declarative {
+    /// Parses a configuration file's text (TOML); every problem is named.
+    pub fn from_toml(text: &str) -> Result<Self, Vec<String>> {
+        let parsed: Self = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let errors = parsed.validate();
+        if errors.is_empty() {
+            Ok(parsed)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Every problem, so they are reported together.
+    pub fn validate(&self) -> Vec<String> {
+        crate::routes::RouteTable::compile(self)
+            .err()
+            .unwrap_or_default()
+    }
 }
 
 config_section! {
@@ -48,38 +183,44 @@ config_section! {
     pub struct Settings {
         /// The public port.
         pub port: u16 = 8080,
+        /// The admin API's port, on loopback (`0` picks a free one).
+        pub admin_port: u16 = 8081,
+        /// The admin API's address; loopback unless you mean to expose it.
+        pub admin_address: String = "127.0.0.1".to_owned(),
         /// Deadline for an upstream's response head: past it the client gets a 504.
         /// Below `http.request_timeout` so the gateway answers before its own limit.
         pub upstream_timeout: HumanDuration = HumanDuration::secs(15),
         /// PKCS#8 PEM key that signs forwarded identities; created on first start.
         /// Unset means `<data_dir>/gateway/identity-key.pem`.
         pub identity_key_file: Option<PathBuf> = None,
+        /// A TOML file holding the declarative configuration (routes, rate limits,
+        /// slashes), watched and reloaded on change, SIGHUP or `POST /reload` on the
+        /// admin port. When set, the inline `routes` and `rate_limits` are ignored.
+        pub config_file: Option<PathBuf> = None,
         /// Routes; `bazaar` fills in the shop's when none are configured.
         pub routes: Vec<RouteConfig> = Vec::new(),
+        pub rate_limits: BTreeMap<String, RateLimitPolicy> = BTreeMap::new(),
+        pub slashes: SlashPolicy = SlashPolicy::Merge,
         pub auth: AuthSettings,
+    }
+}
+
+impl Settings {
+    /// The inline declarative configuration.
+    pub fn declarative(&self) -> Declarative {
+        Declarative {
+            routes: self.routes.clone(),
+            rate_limits: self.rate_limits.clone(),
+            slashes: self.slashes,
+        }
     }
 }
 
 /// Every problem in a route table, so they are reported together.
 pub fn validate_routes(routes: &[RouteConfig]) -> Vec<String> {
-    let mut errors = Vec::new();
-    if routes.is_empty() {
-        errors.push("gateway.routes: no routes; add at least one [[gateway.routes]]".to_owned());
+    Declarative {
+        routes: routes.to_vec(),
+        ..Declarative::default()
     }
-    for (i, r) in routes.iter().enumerate() {
-        let at = format!("gateway.routes[{i}]");
-        if !r.prefix.starts_with('/') {
-            errors.push(format!("{at}.prefix `{}` must start with `/`", r.prefix));
-        }
-        if r.prefix.len() > 1 && r.prefix.ends_with('/') {
-            errors.push(format!("{at}.prefix `{}` must not end with `/`", r.prefix));
-        }
-        if r.service.trim().is_empty() {
-            errors.push(format!("{at}.service must name a service"));
-        }
-        if routes[..i].iter().any(|o| o.prefix == r.prefix) {
-            errors.push(format!("{at}.prefix `{}` is defined twice", r.prefix));
-        }
-    }
-    errors
+    .validate()
 }

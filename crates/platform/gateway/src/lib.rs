@@ -1,7 +1,9 @@
 //! The API gateway: the single public entry of a set of services.
 //!
-//! Per request: path checks (dot segments, encoded separators and NUL are refused),
-//! longest-prefix routing on segment boundaries, the route's auth policy (JWT
+//! Per request: path normalization done once (dot segments resolved, unreserved
+//! escapes decoded; encoded separators, NUL and invalid UTF-8 refused), routing on
+//! host, path (exact, template or prefix) and method, the route's GCRA rate limit,
+//! the route's auth policy (JWT
 //! verified against the issuer's JWKS, algorithm pinned by key), removal of
 //! hop-by-hop headers and of any identity a client tries to assert, a freshly
 //! minted forwarded identity, `X-Forwarded-*`, and a streaming forward through the
@@ -9,14 +11,19 @@
 //! is down answers 502, one that is too slow 504, both as problem+json.
 //!
 //! The gateway knows nothing of any shop: routes, services and issuers come from
-//! [`Settings`].
+//! [`Settings`] or from a declarative file it watches and reloads without dropping a
+//! request ([`runtime`]); its admin API ([`admin`]) listens on its own port.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod configuration;
+pub mod normalize;
 pub mod openapi;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
+pub mod runtime;
 pub mod startup;
 
 pub use configuration::{AuthPolicy, RouteConfig, Settings};

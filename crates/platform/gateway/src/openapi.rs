@@ -12,7 +12,8 @@ use crate::configuration::AuthPolicy;
 use crate::proxy::Proxy;
 
 pub async fn merged(State(proxy): State<Arc<Proxy>>) -> Response {
-    let services = proxy.routes.services();
+    let runtime = proxy.config.current();
+    let services = runtime.table.services();
     let docs = join_all(
         services
             .iter()
@@ -41,9 +42,9 @@ pub async fn merged(State(proxy): State<Arc<Proxy>>) -> Response {
             continue;
         };
         for (path, item) in found {
-            let Some(route) = proxy
-                .routes
-                .matching(path)
+            let Some(route) = runtime
+                .table
+                .route_for_doc(path)
                 .filter(|r| &r.service == service)
             else {
                 continue;

@@ -16,7 +16,11 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
 use crate::auth;
-use crate::routes::{RouteTable, check_path};
+use crate::configuration::LimitKey;
+use crate::normalize::normalize;
+use crate::ratelimit::{Decision, KeyedLimiter};
+use crate::routes::Match;
+use crate::runtime::Config;
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -43,10 +47,12 @@ const PROTECTED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWAR
 
 /// Everything a request needs, shared by all requests.
 pub struct Proxy {
-    pub routes: RouteTable,
+    /// Routes and policies, swapped whole on reload.
+    pub config: Arc<Config>,
     pub client: HttpClient,
     pub verifier: JwtVerifier,
     pub issuer: IdentityIssuer,
+    /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
 }
 
@@ -70,27 +76,111 @@ pub async fn handle(
 
 type Failure = (Option<RouteLabel>, Problem);
 
+/// The request's host, without a port, from `Host` or the absolute URI.
+fn host_of(request: &Request) -> Option<&str> {
+    let raw = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().host())?;
+    // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port.
+    Some(match raw.rsplit_once(':') {
+        Some((host, port))
+            if !host.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && !raw.ends_with(']') =>
+        {
+            host
+        }
+        _ => raw,
+    })
+}
+
 async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Response, Failure> {
-    let path = request.uri().path();
-    check_path(path).map_err(|reason| {
-        (
-            None,
-            Problem::bad_request(format!("refused path: {reason}")),
-        )
-    })?;
-    let route = proxy.routes.matching(path).ok_or_else(|| {
-        (
-            None,
-            Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
-                .with_detail("no route serves this path"),
-        )
-    })?;
+    // One runtime for the whole request, even if a reload lands meanwhile.
+    let runtime = proxy.config.current();
+    let path = normalize(request.uri().path(), runtime.slashes)
+        .map_err(|e| (None, Problem::bad_request(format!("refused path: {e}"))))?;
+    let (route, upstream_path) =
+        match runtime
+            .table
+            .matching(host_of(&request), request.method(), &path)
+        {
+            Match::Found {
+                route,
+                upstream_path,
+            } => (route, upstream_path),
+            Match::MethodNotAllowed(allowed) => {
+                let allow = allowed
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let problem = Problem::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method-not-allowed",
+                    "Method not allowed",
+                )
+                .with_detail(format!("this path takes {allow}"));
+                let problem = match HeaderValue::from_str(&allow) {
+                    Ok(v) => problem.with_header(header::ALLOW, v),
+                    Err(_) => problem,
+                };
+                return Err((None, problem));
+            }
+            Match::NotFound => {
+                return Err((
+                    None,
+                    Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+                        .with_detail("no route serves this path"),
+                ));
+            }
+        };
     let label = RouteLabel(route.label.clone());
     let fail = |p: Problem| (Some(label.clone()), p);
 
     let caller = auth::authenticate(&proxy.verifier, route.auth, request.headers())
         .await
         .map_err(fail)?;
+
+    let limit = match &route.rate_limit {
+        Some(name) => {
+            let limiter = runtime.limiters.get(name).ok_or_else(|| {
+                fail(Problem::internal(format!(
+                    "rate-limit policy `{name}` missing"
+                )))
+            })?;
+            let ip = peer.ip().to_string();
+            let key = match limiter.policy.key {
+                LimitKey::Ip => ip,
+                LimitKey::User => caller.as_ref().map_or(ip, |c| format!("user:{}", c.sub)),
+                LimitKey::Route => route.label.to_string(),
+            };
+            let decision = limiter.check(&key, std::time::Instant::now());
+            let headers = rate_limit_headers(name, limiter, &decision);
+            if !decision.allowed {
+                let mut problem = Problem::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate-limited",
+                    "Too many requests",
+                )
+                .with_detail(format!(
+                    "over the limit of {} requests per {}; retry after the time in Retry-After",
+                    limiter.policy.rate, limiter.policy.per
+                ))
+                .with_header(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(decision.retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                );
+                for (name, value) in headers {
+                    problem = problem.with_header(name, value);
+                }
+                return Err(fail(problem));
+            }
+            Some(headers)
+        }
+        None => None,
+    };
 
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
@@ -101,6 +191,7 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
     // Services get the gateway-signed identity, never the user's credential.
     parts.headers.remove(header::AUTHORIZATION);
     parts.headers.remove(header::HOST);
+    route.request_headers.apply(&mut parts.headers);
     if let Some(claims) = &caller {
         let token = proxy
             .issuer
@@ -124,17 +215,59 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
             parts.headers.remove(X_FORWARDED_HOST);
         }
     }
+    // The upstream gets the normalized (and rewritten) path: the one checked.
+    let target = match (parts.uri.query(), upstream_path.contains('?')) {
+        (Some(q), true) => format!("{upstream_path}&{q}"),
+        (Some(q), false) => format!("{upstream_path}?{q}"),
+        (None, _) => upstream_path,
+    };
+    parts.uri = target.parse().map_err(|_| {
+        fail(Problem::bad_request(
+            "the rewritten path is not a valid URI",
+        ))
+    })?;
     let upstream = Request::from_parts(parts, body);
     let response = proxy
         .client
-        .send_with_timeout(&route.service, upstream, proxy.upstream_timeout)
+        .send_with_timeout(
+            &route.service,
+            upstream,
+            route.timeout.unwrap_or(proxy.upstream_timeout),
+        )
         .await
         .map_err(|e| fail(upstream_problem(&route.service, e)))?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    route.response_headers.apply(&mut parts.headers);
+    for (name, value) in limit.into_iter().flatten() {
+        parts.headers.insert(name, value);
+    }
     let mut response = Response::from_parts(parts, Body::new(body));
     response.extensions_mut().insert(label);
     Ok(response)
+}
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+fn rate_limit_headers(
+    name: &str,
+    limiter: &KeyedLimiter,
+    d: &Decision,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let state = format!(
+        "\"{name}\";r={};t={}",
+        d.remaining,
+        d.reset.as_secs_f64().ceil() as u64
+    );
+    [
+        (RATELIMIT_POLICY, limiter.header_policy(name)),
+        (RATELIMIT, state),
+    ]
+    .into_iter()
+    .filter_map(|(n, v)| HeaderValue::from_str(&v).ok().map(|v| (n, v)))
+    .collect()
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -1,47 +1,265 @@
-//! The route table and the path checks made before routing.
+//! The route table, compiled from [`Declarative`] once per (re)load: host, path
+//! pattern and methods pick a route; its rewrite, timeout, policies and header
+//! transforms say what happens next.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::configuration::{AuthPolicy, RouteConfig};
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Method};
+
+use crate::configuration::{AuthPolicy, Declarative, HeaderTransform, RouteConfig};
+
+/// How a route's paths are matched.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Prefix(String),
+    /// Segments: literal, `{name}` (one segment) or a last `{*name}` (the rest).
+    Template(Vec<Segment>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Segment {
+    Literal(String),
+    Param(String),
+    Rest(String),
+}
+
+/// Header changes, parsed once.
+#[derive(Clone, Debug, Default)]
+pub struct Transform {
+    set: Vec<(HeaderName, HeaderValue)>,
+    remove: Vec<HeaderName>,
+}
+
+impl Transform {
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct Route {
-    pub prefix: String,
-    pub service: String,
-    pub auth: AuthPolicy,
-    /// The metrics label (the prefix), shared to avoid an allocation per request.
+    /// The metrics and log label, shared to avoid an allocation per request.
     pub label: Arc<str>,
+    pub host: Option<String>,
+    pub pattern: Pattern,
+    /// Empty: every method.
+    pub methods: Vec<Method>,
+    pub service: String,
+    pub rewrite: Option<String>,
+    pub timeout: Option<Duration>,
+    pub auth: AuthPolicy,
+    pub rate_limit: Option<String>,
+    pub request_headers: Transform,
+    pub response_headers: Transform,
+    /// The route as configured, for the admin API.
+    pub config: RouteConfig,
 }
 
-/// Routes, longest prefix first.
-#[derive(Clone, Debug)]
+/// What matching found.
+#[derive(Debug)]
+pub enum Match<'a> {
+    Found {
+        route: &'a Route,
+        /// The path to send upstream.
+        upstream_path: String,
+    },
+    /// The path is routed, but not for this method: these are.
+    MethodNotAllowed(Vec<Method>),
+    NotFound,
+}
+
+/// Routes, most specific first: a named host before any host, then exact, template
+/// (more literal segments first) and prefix (longest first).
+#[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
 }
 
 impl RouteTable {
-    pub fn new(configs: &[RouteConfig]) -> Self {
-        let mut routes: Vec<Route> = configs
-            .iter()
-            .map(|c| Route {
-                prefix: c.prefix.clone(),
+    /// Compiles `config`, or returns every problem in it.
+    pub fn compile(config: &Declarative) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        if config.routes.is_empty() {
+            errors.push("routes: no routes; add at least one [[routes]]".to_owned());
+        }
+        let mut routes = Vec::new();
+        let mut seen: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+        for (i, c) in config.routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let before = errors.len();
+            let pattern = match (&c.prefix, &c.exact, &c.template) {
+                (Some(p), None, None) => {
+                    check_pattern_path(&at, "prefix", p, &mut errors);
+                    if p.len() > 1 && p.ends_with('/') {
+                        errors.push(format!("{at}.prefix `{p}` must not end with `/`"));
+                    }
+                    Pattern::Prefix(p.clone())
+                }
+                (None, Some(e), None) => {
+                    check_pattern_path(&at, "exact", e, &mut errors);
+                    Pattern::Exact(e.clone())
+                }
+                (None, None, Some(t)) => {
+                    check_pattern_path(&at, "template", t, &mut errors);
+                    match parse_template(t) {
+                        Ok(segments) => Pattern::Template(segments),
+                        Err(e) => {
+                            errors.push(format!("{at}.template `{t}`: {e}"));
+                            Pattern::Exact(t.clone())
+                        }
+                    }
+                }
+                _ => {
+                    errors.push(format!(
+                        "{at}: give exactly one of `prefix`, `exact` or `template`"
+                    ));
+                    Pattern::Exact(String::new())
+                }
+            };
+            let shown = describe(&pattern);
+            if let Some(j) = seen.insert((c.host.clone(), format!("{shown} {:?}", c.methods)), i) {
+                errors.push(format!("{at}: same host, path and methods as routes[{j}]"));
+            }
+            let mut methods = Vec::new();
+            for m in &c.methods {
+                match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(m) => methods.push(m),
+                    Err(_) => errors.push(format!("{at}.methods: `{m}` is not an HTTP method")),
+                }
+            }
+            if c.service.trim().is_empty() {
+                errors.push(format!("{at}.service must name a service"));
+            }
+            if let Some(host) = &c.host {
+                let bare = host.strip_prefix("*.").unwrap_or(host);
+                if bare.is_empty()
+                    || bare.contains('*')
+                    || !bare
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b':'))
+                {
+                    errors.push(format!(
+                        "{at}.host `{host}` must be a host name, optionally starting with `*.`"
+                    ));
+                }
+            }
+            if let Some(rewrite) = &c.rewrite {
+                if !rewrite.starts_with('/') {
+                    errors.push(format!("{at}.rewrite `{rewrite}` must start with `/`"));
+                }
+                if let Pattern::Template(segments) = &pattern {
+                    let names: Vec<&str> = segments
+                        .iter()
+                        .filter_map(|s| match s {
+                            Segment::Param(n) | Segment::Rest(n) => Some(n.as_str()),
+                            Segment::Literal(_) => None,
+                        })
+                        .collect();
+                    for used in placeholders(rewrite) {
+                        if !names.contains(&used) {
+                            errors.push(format!(
+                                "{at}.rewrite uses `{{{used}}}`, which the template does not capture"
+                            ));
+                        }
+                    }
+                }
+            }
+            if let Some(policy) = &c.rate_limit
+                && !config.rate_limits.contains_key(policy)
+            {
+                errors.push(format!(
+                    "{at}.rate_limit `{policy}` is not a policy of [rate_limits]"
+                ));
+            }
+            let request_headers = transform(
+                &format!("{at}.request_headers"),
+                &c.request_headers,
+                &mut errors,
+            );
+            let response_headers = transform(
+                &format!("{at}.response_headers"),
+                &c.response_headers,
+                &mut errors,
+            );
+            if errors.len() > before {
+                continue;
+            }
+            routes.push(Route {
+                label: Arc::from(c.name.clone().unwrap_or(shown).as_str()),
+                host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                pattern,
+                methods,
                 service: c.service.clone(),
+                rewrite: c.rewrite.clone(),
+                timeout: c.timeout.map(|t| t.0),
                 auth: c.auth,
-                label: Arc::from(c.prefix.as_str()),
-            })
-            .collect();
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
-        Self { routes }
+                rate_limit: c.rate_limit.clone(),
+                request_headers,
+                response_headers,
+                config: c.clone(),
+            });
+        }
+        for (name, p) in &config.rate_limits {
+            let at = format!("rate_limits.{name}");
+            if p.rate == 0 {
+                errors.push(format!("{at}.rate must be at least 1"));
+            }
+            if p.per.0.is_zero() {
+                errors.push(format!("{at}.per must be longer than 0"));
+            }
+            if p.burst == Some(0) {
+                errors.push(format!("{at}.burst must be at least 1"));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        routes.sort_by_key(specificity);
+        Ok(Self { routes })
     }
 
-    /// The route for `path`: its prefix equals the path or is followed by `/`.
-    pub fn matching(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| {
-            r.prefix == "/"
-                || path == r.prefix
-                || (path.starts_with(&r.prefix)
-                    && path.as_bytes().get(r.prefix.len()) == Some(&b'/'))
-        })
+    /// The route for `host` (without port), `method` and the normalized `path`.
+    pub fn matching(&self, host: Option<&str>, method: &Method, path: &str) -> Match<'_> {
+        let mut allowed: Vec<Method> = Vec::new();
+        for route in &self.routes {
+            if !host_matches(route.host.as_deref(), host) {
+                continue;
+            }
+            let Some(upstream_path) = path_matches(route, path) else {
+                continue;
+            };
+            if route.methods.is_empty() || route.methods.contains(method) {
+                return Match::Found {
+                    route,
+                    upstream_path,
+                };
+            }
+            allowed.extend(route.methods.iter().cloned());
+        }
+        if allowed.is_empty() {
+            Match::NotFound
+        } else {
+            allowed.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            allowed.dedup();
+            Match::MethodNotAllowed(allowed)
+        }
+    }
+
+    /// The route a documented `path` would take (any host, any method): for the
+    /// merged OpenAPI document.
+    pub fn route_for_doc(&self, path: &str) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|r| r.host.is_none() && doc_matches(r, path))
     }
 
     pub fn services(&self) -> Vec<String> {
@@ -56,107 +274,418 @@ impl RouteTable {
     }
 }
 
-/// Refuses paths that could make the gateway and a service disagree on what was
-/// asked for: dot segments, encoded `/`, `\` or NUL, a literal `\`, malformed
-/// percent-encoding and invalid UTF-8. The gateway routes, authorizes and forwards
-/// the one path it checked.
-pub fn check_path(path: &str) -> Result<(), &'static str> {
+fn check_pattern_path(at: &str, field: &str, path: &str, errors: &mut Vec<String>) {
     if !path.starts_with('/') {
-        return Err("the path must start with `/`");
+        errors.push(format!("{at}.{field} `{path}` must start with `/`"));
+    } else if crate::normalize::normalize(path, crate::normalize::SlashPolicy::Keep)
+        .map(|n| n != path)
+        .unwrap_or(true)
+        && !path.contains('{')
+    {
+        errors.push(format!(
+            "{at}.{field} `{path}` is not a normalized path (no dot segments or needless escapes), so no request could match it"
+        ));
     }
-    let bytes = path.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .ok_or("malformed percent-encoding")?;
-                let text = std::str::from_utf8(hex).map_err(|_| "malformed percent-encoding")?;
-                let byte =
-                    u8::from_str_radix(text, 16).map_err(|_| "malformed percent-encoding")?;
-                if matches!(byte, b'/' | b'\\' | 0) {
-                    return Err("encoded `/`, `\\` or NUL in the path");
+}
+
+fn parse_template(t: &str) -> Result<Vec<Segment>, String> {
+    let parts: Vec<&str> = t[1..].split('/').collect();
+    let mut segments = Vec::new();
+    let mut names = Vec::new();
+    for (n, part) in parts.iter().enumerate() {
+        let segment = if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}'))
+        {
+            let (rest, name) = match inner.strip_prefix('*') {
+                Some(name) => (true, name),
+                None => (false, inner),
+            };
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "`{part}`: a parameter is `{{name}}` or `{{*name}}`"
+                ));
+            }
+            if names.contains(&name) {
+                return Err(format!("`{name}` is captured twice"));
+            }
+            names.push(name);
+            if rest {
+                if n != parts.len() - 1 {
+                    return Err(format!("`{part}` must be the last segment"));
                 }
-                decoded.push(byte);
-                i += 3;
+                Segment::Rest(name.to_owned())
+            } else {
+                Segment::Param(name.to_owned())
             }
-            b'\\' => return Err("`\\` in the path"),
-            b => {
-                decoded.push(b);
-                i += 1;
-            }
+        } else if part.contains('{') || part.contains('}') {
+            return Err(format!("`{part}`: a parameter takes a whole segment"));
+        } else {
+            Segment::Literal((*part).to_owned())
+        };
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+/// The `{name}`s a rewrite uses.
+fn placeholders(rewrite: &str) -> impl Iterator<Item = &str> {
+    rewrite.split('{').skip(1).filter_map(|s| {
+        let name = s.split('}').next()?;
+        Some(name.strip_prefix('*').unwrap_or(name))
+    })
+}
+
+fn transform(at: &str, t: &HeaderTransform, errors: &mut Vec<String>) -> Transform {
+    let mut out = Transform::default();
+    for (name, value) in &t.set {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) => out.set.push((n, v)),
+            (Err(_), _) => errors.push(format!("{at}.set: `{name}` is not a header name")),
+            (_, Err(_)) => errors.push(format!(
+                "{at}.set.{name}: the value is not a valid header value"
+            )),
         }
     }
-    let decoded = std::str::from_utf8(&decoded).map_err(|_| "the path is not valid UTF-8")?;
-    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err("`.` or `..` segments in the path");
+    for name in &t.remove {
+        match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(n) => out.remove.push(n),
+            Err(_) => errors.push(format!("{at}.remove: `{name}` is not a header name")),
+        }
     }
-    Ok(())
+    out
+}
+
+fn describe(p: &Pattern) -> String {
+    match p {
+        Pattern::Exact(e) => e.clone(),
+        Pattern::Prefix(p) => p.clone(),
+        Pattern::Template(segments) => {
+            let mut s = String::new();
+            for seg in segments {
+                s.push('/');
+                match seg {
+                    Segment::Literal(l) => s.push_str(l),
+                    Segment::Param(n) => s.push_str(&format!("{{{n}}}")),
+                    Segment::Rest(n) => s.push_str(&format!("{{*{n}}}")),
+                }
+            }
+            s
+        }
+    }
+}
+
+/// Sort key: smaller is tried first.
+fn specificity(r: &Route) -> (u8, u8, std::cmp::Reverse<usize>, u8) {
+    let host = match &r.host {
+        Some(h) if !h.starts_with("*.") => 0,
+        Some(_) => 1,
+        None => 2,
+    };
+    let (kind, weight) = match &r.pattern {
+        Pattern::Exact(e) => (0, e.len()),
+        Pattern::Template(segments) => (
+            1,
+            segments.len() * 2
+                + segments
+                    .iter()
+                    .filter(|s| matches!(s, Segment::Literal(_)))
+                    .count()
+                - usize::from(matches!(segments.last(), Some(Segment::Rest(_)))),
+        ),
+        Pattern::Prefix(p) => (2, p.len()),
+    };
+    // Routes limited to some methods before catch-all ones on the same path.
+    (
+        host,
+        kind,
+        std::cmp::Reverse(weight),
+        u8::from(r.methods.is_empty()),
+    )
+}
+
+fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
+    let Some(pattern) = pattern else { return true };
+    let Some(host) = host else { return false };
+    let host = host.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+        None => host == pattern,
+    }
+}
+
+/// The upstream path if `route` takes `path`.
+fn path_matches(route: &Route, path: &str) -> Option<String> {
+    match &route.pattern {
+        Pattern::Exact(e) => {
+            (path == e).then(|| route.rewrite.clone().unwrap_or_else(|| path.to_owned()))
+        }
+        Pattern::Prefix(p) => {
+            let rest = if p == "/" {
+                path
+            } else if path == p {
+                ""
+            } else {
+                path.strip_prefix(p.as_str())
+                    .filter(|r| r.starts_with('/'))?
+            };
+            Some(match &route.rewrite {
+                None => path.to_owned(),
+                Some(w) if rest.is_empty() => w.clone(),
+                Some(w) => format!("{}{rest}", w.trim_end_matches('/')),
+            })
+        }
+        Pattern::Template(segments) => {
+            let mut params: Vec<(&str, &str)> = Vec::new();
+            let mut rest = &path[1..];
+            for (n, seg) in segments.iter().enumerate() {
+                if let Segment::Rest(name) = seg {
+                    params.push((name, rest));
+                    rest = "";
+                    break;
+                }
+                let (head, tail) = match rest.split_once('/') {
+                    Some((h, t)) => (h, Some(t)),
+                    None => (rest, None),
+                };
+                match seg {
+                    Segment::Literal(l) if l == head => {}
+                    Segment::Param(name) if !head.is_empty() => params.push((name, head)),
+                    _ => return None,
+                }
+                match tail {
+                    Some(t) => rest = t,
+                    None if n == segments.len() - 1 => rest = "",
+                    None => {
+                        // The path ended: only a trailing `{*rest}` may still match.
+                        if let Some(Segment::Rest(name)) = segments.get(n + 1)
+                            && n + 2 == segments.len()
+                        {
+                            params.push((name, ""));
+                            rest = "";
+                            break;
+                        }
+                        return None;
+                    }
+                }
+            }
+            if !rest.is_empty() {
+                return None;
+            }
+            Some(match &route.rewrite {
+                None => path.to_owned(),
+                Some(w) => {
+                    let mut out = w.clone();
+                    for (name, value) in params {
+                        out = out.replace(&format!("{{*{name}}}"), value);
+                        out = out.replace(&format!("{{{name}}}"), value);
+                    }
+                    out
+                }
+            })
+        }
+    }
+}
+
+/// Whether an OpenAPI path (with `{param}`s) falls under a route.
+fn doc_matches(route: &Route, path: &str) -> bool {
+    match &route.pattern {
+        Pattern::Template(_) => {
+            describe(&route.pattern) == path || path_matches(route, path).is_some()
+        }
+        _ => path_matches(route, path).is_some(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::configuration::RateLimitPolicy;
 
-    fn table() -> RouteTable {
-        let r = |prefix: &str, service: &str, auth| RouteConfig {
-            prefix: prefix.into(),
-            service: service.into(),
-            auth,
-        };
-        RouteTable::new(&[
-            r("/users", "users", AuthPolicy::Anonymous),
-            r("/users/me", "users", AuthPolicy::Required),
-            r("/orders", "orders", AuthPolicy::Required),
-        ])
+    fn table(routes: Vec<RouteConfig>) -> RouteTable {
+        RouteTable::compile(&Declarative {
+            routes,
+            ..Declarative::default()
+        })
+        .unwrap()
+    }
+
+    fn hit(t: &RouteTable, method: Method, path: &str) -> Option<(String, String)> {
+        match t.matching(None, &method, path) {
+            Match::Found {
+                route,
+                upstream_path,
+            } => Some((route.label.to_string(), upstream_path)),
+            _ => None,
+        }
     }
 
     #[test]
     fn longest_prefix_on_segment_boundaries() {
-        let t = table();
-        let hit = |p: &str| t.matching(p).map(|r| (r.prefix.as_str(), r.auth));
-        assert_eq!(hit("/users"), Some(("/users", AuthPolicy::Anonymous)));
-        assert_eq!(hit("/users/me"), Some(("/users/me", AuthPolicy::Required)));
-        assert_eq!(
-            hit("/users/me/x"),
-            Some(("/users/me", AuthPolicy::Required))
-        );
-        assert_eq!(hit("/users/meow"), Some(("/users", AuthPolicy::Anonymous)));
-        assert_eq!(hit("/ordersx"), None);
-        assert_eq!(hit("/orders/1"), Some(("/orders", AuthPolicy::Required)));
-        assert_eq!(hit("/"), None);
+        let t = table(vec![
+            RouteConfig::prefix("/users", "users", AuthPolicy::Anonymous),
+            RouteConfig::prefix("/users/me", "users", AuthPolicy::Required),
+            RouteConfig::prefix("/orders", "orders", AuthPolicy::Required),
+        ]);
+        let label = |p: &str| hit(&t, Method::GET, p).map(|(l, _)| l);
+        assert_eq!(label("/users").as_deref(), Some("/users"));
+        assert_eq!(label("/users/me").as_deref(), Some("/users/me"));
+        assert_eq!(label("/users/me/x").as_deref(), Some("/users/me"));
+        assert_eq!(label("/users/meow").as_deref(), Some("/users"));
+        assert_eq!(label("/ordersx"), None);
+        assert_eq!(label("/orders/1").as_deref(), Some("/orders"));
+        assert_eq!(label("/"), None);
     }
 
     #[test]
-    fn path_tricks_are_refused() {
-        for bad in [
-            "/products/../orders",
-            "/products/%2e%2e/orders",
-            "/products/.%2E/orders",
-            "/./orders",
-            "/orders%2F1",
-            "/orders%2f1",
-            "/orders%5c1",
-            "/orders\\1",
-            "/orders%00",
-            "/orders%zz",
-            "/orders%",
-            "/orders/%ff",
-            "relative",
+    fn exact_template_and_prefix_with_rewrites() {
+        let t = table(vec![
+            RouteConfig {
+                template: Some("/api/orders/{id}/lines/{line}".into()),
+                rewrite: Some("/orders/{id}?line={line}".into()),
+                service: "orders".into(),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                template: Some("/files/{*path}".into()),
+                rewrite: Some("/blob/{path}".into()),
+                service: "files".into(),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                exact: Some("/api/health".into()),
+                rewrite: Some("/health/ready".into()),
+                service: "orders".into(),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                prefix: Some("/api".into()),
+                rewrite: Some("/v2".into()),
+                service: "legacy".into(),
+                ..RouteConfig::default()
+            },
+        ]);
+        let up = |p: &str| hit(&t, Method::GET, p).map(|(_, u)| u);
+        assert_eq!(
+            up("/api/orders/7/lines/2").as_deref(),
+            Some("/orders/7?line=2")
+        );
+        assert_eq!(
+            up("/api/orders/7/lines").as_deref(),
+            Some("/v2/orders/7/lines")
+        );
+        assert_eq!(up("/api/health").as_deref(), Some("/health/ready"));
+        assert_eq!(up("/api/health/x").as_deref(), Some("/v2/health/x"));
+        assert_eq!(up("/api").as_deref(), Some("/v2"));
+        assert_eq!(up("/files/a/b/c").as_deref(), Some("/blob/a/b/c"));
+        assert_eq!(up("/files").as_deref(), Some("/blob/"));
+        assert_eq!(up("/other"), None);
+    }
+
+    #[test]
+    fn methods_and_hosts() {
+        let t = table(vec![
+            RouteConfig {
+                prefix: Some("/orders".into()),
+                methods: vec!["GET".into()],
+                service: "read".into(),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                prefix: Some("/orders".into()),
+                methods: vec!["post".into()],
+                service: "write".into(),
+                ..RouteConfig::default()
+            },
+            RouteConfig {
+                prefix: Some("/".into()),
+                host: Some("*.example.com".into()),
+                service: "tenant".into(),
+                ..RouteConfig::default()
+            },
+        ]);
+        let service = |host: Option<&str>, m: Method, p: &str| match t.matching(host, &m, p) {
+            Match::Found { route, .. } => route.service.clone(),
+            Match::MethodNotAllowed(a) => format!("405 {a:?}"),
+            Match::NotFound => "404".into(),
+        };
+        assert_eq!(service(None, Method::GET, "/orders/1"), "read");
+        assert_eq!(service(None, Method::POST, "/orders"), "write");
+        assert_eq!(
+            service(None, Method::DELETE, "/orders/1"),
+            "405 [GET, POST]"
+        );
+        assert_eq!(service(Some("a.example.com"), Method::GET, "/x"), "tenant");
+        assert_eq!(service(Some("A.EXAMPLE.COM"), Method::GET, "/x"), "tenant");
+        assert_eq!(service(Some("example.com"), Method::GET, "/x"), "404");
+        assert_eq!(
+            service(Some("a.example.com"), Method::GET, "/orders"),
+            "tenant"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_named() {
+        let config = Declarative {
+            routes: vec![
+                RouteConfig {
+                    prefix: Some("orders/".into()),
+                    exact: Some("/x".into()),
+                    service: " ".into(),
+                    ..RouteConfig::default()
+                },
+                RouteConfig {
+                    template: Some("/a/{id}/{id}".into()),
+                    service: "a".into(),
+                    ..RouteConfig::default()
+                },
+                RouteConfig {
+                    template: Some("/b/{id}".into()),
+                    rewrite: Some("/c/{other}".into()),
+                    methods: vec!["GE T".into()],
+                    rate_limit: Some("nope".into()),
+                    service: "b".into(),
+                    ..RouteConfig::default()
+                },
+                RouteConfig {
+                    prefix: Some("/p/../q".into()),
+                    host: Some("bad host".into()),
+                    service: "p".into(),
+                    ..RouteConfig::default()
+                },
+            ],
+            rate_limits: [(
+                "zero".to_owned(),
+                RateLimitPolicy {
+                    rate: 0,
+                    per: chassis::config::HumanDuration::secs(1),
+                    burst: Some(0),
+                    key: Default::default(),
+                },
+            )]
+            .into(),
+            ..Declarative::default()
+        };
+        let errors = RouteTable::compile(&config).unwrap_err();
+        for expected in [
+            "routes[0]: give exactly one of",
+            "routes[0].service must name a service",
+            "routes[1].template `/a/{id}/{id}`: `id` is captured twice",
+            "routes[2].methods: `GE T` is not an HTTP method",
+            "routes[2].rewrite uses `{other}`",
+            "routes[2].rate_limit `nope`",
+            "routes[3].prefix `/p/../q` is not a normalized path",
+            "routes[3].host `bad host`",
+            "rate_limits.zero.rate must be at least 1",
+            "rate_limits.zero.burst must be at least 1",
         ] {
-            assert!(check_path(bad).is_err(), "{bad} accepted");
-        }
-        for good in [
-            "/",
-            "/orders",
-            "/orders/",
-            "/products/caf%C3%A9",
-            "/a.b/c..d",
-            "/x%20y",
-        ] {
-            assert!(check_path(good).is_ok(), "{good} refused");
+            assert!(
+                errors.iter().any(|e| e.starts_with(expected)),
+                "missing `{expected}` in {errors:#?}"
+            );
         }
     }
 }

@@ -15,15 +15,18 @@ use chassis::jwt::{JwksCache, JwtVerifier, SigningKey};
 use chassis::secrecy::ExposeSecret;
 use chassis::{Chassis, ServiceConfig};
 
-use crate::configuration::{Settings, validate_routes};
+use crate::configuration::Settings;
 use crate::proxy::{self, Proxy};
-use crate::routes::RouteTable;
+use crate::runtime::{Config as RoutingConfig, Source};
 
 pub struct Config {
     pub service: ServiceConfig,
     pub settings: Settings,
     /// Where the identity key lives unless `identity_key_file` says otherwise.
     pub data_dir: PathBuf,
+    /// The admin API's listener, already bound; `None` binds
+    /// `admin_address:admin_port`.
+    pub admin_listener: Option<std::net::TcpListener>,
 }
 
 /// Builds the service; the chassis's [`Service`] runs it.
@@ -32,19 +35,40 @@ pub struct Application;
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Service> {
         let settings = config.settings;
-        let errors = validate_routes(&settings.routes);
-        if !errors.is_empty() {
-            anyhow::bail!("invalid gateway routes:\n  - {}", errors.join("\n  - "));
-        }
+        let source = match &settings.config_file {
+            Some(path) => Source::File(path.clone()),
+            None => Source::Settings(Box::new(settings.declarative())),
+        };
+        let routing = Arc::new(RoutingConfig::load(source.clone()).map_err(|errors| {
+            anyhow::anyhow!(
+                "invalid gateway configuration ({}):\n  - {}",
+                source.describe(),
+                errors.join("\n  - ")
+            )
+        })?);
         let key_file = settings
             .identity_key_file
             .clone()
             .unwrap_or_else(|| config.data_dir.join("gateway").join("identity-key.pem"));
         let key = load_or_create_key(&key_file)?;
         let identity = config.service.identity.clone();
+        let admin_addr = format!("{}:{}", settings.admin_address, settings.admin_port);
+        let admin_listener = match config.admin_listener {
+            Some(std) => {
+                std.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(std)?
+            }
+            None => tokio::net::TcpListener::bind(&admin_addr)
+                .await
+                .with_context(|| {
+                    format!("binding the admin API on {admin_addr} (set gateway.admin_port; 0 picks a free port)")
+                })?,
+        };
+        let admin_url = format!("http://{}", admin_listener.local_addr()?);
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
+        routing.register_metrics(&chassis.metrics);
         let auth = &settings.auth;
         let verifier = JwtVerifier::with_jwks(
             JwksCache::new(chassis.client.clone(), &auth.jwks_service, &auth.jwks_path),
@@ -52,10 +76,11 @@ impl Application {
             &auth.audience,
             auth.leeway.0,
         );
-        let routes = RouteTable::new(&settings.routes);
-        let dependencies = routes.services();
+        // Readiness follows the services routed at start; reloads may add others,
+        // which the proxy reaches through discovery all the same.
+        let dependencies = routing.current().table.services();
         let proxy = Arc::new(Proxy {
-            routes,
+            config: routing.clone(),
             client: chassis.client.clone(),
             verifier,
             issuer: IdentityIssuer::new(
@@ -65,6 +90,10 @@ impl Application {
                 identity.token_ttl.0,
             ),
             upstream_timeout: settings.upstream_timeout.0,
+        });
+        let admin = crate::admin::router(crate::admin::Admin {
+            config: routing.clone(),
+            client: chassis.client.clone(),
         });
         let own = Router::new()
             .route(&identity.jwks_path, get(identity_jwks))
@@ -79,7 +108,20 @@ impl Application {
             },
             None,
         );
-        Ok(Service::new(chassis, router, None))
+        tracing::info!(admin = %admin_url, source = %routing.source().describe(), "gateway admin API listening");
+        let watcher = routing.clone();
+        Ok(Service::new(chassis, router, None)
+            .with_background(move |stop| Box::pin(watcher.watch(stop)))
+            .with_background(move |stop| {
+                Box::pin(async move {
+                    let served = axum::serve(admin_listener, admin)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "the admin API stopped");
+                    }
+                })
+            }))
     }
 }
 

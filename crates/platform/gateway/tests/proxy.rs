@@ -43,6 +43,7 @@ async fn upstream(seen: Seen) -> String {
 
 struct Gw {
     url: String,
+    admin: String,
     users: IdentityFixture,
     identity_jwks: String,
     seen: Seen,
@@ -51,6 +52,11 @@ struct Gw {
 }
 
 async fn spawn() -> Gw {
+    spawn_with(|_| {}).await
+}
+
+/// The gateway with the standard routes, changed by `adjust`.
+async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Gw {
     let seen: Seen = Arc::default();
     let echo = upstream(seen.clone()).await;
     let users = IdentityFixture::issuer("/.well-known/jwks.json", "bazaar-users", "bazaar").await;
@@ -72,12 +78,22 @@ async fn spawn() -> Gw {
     }
     .resolver()
     .unwrap();
-    let route = |prefix: &str, service: &str, auth| RouteConfig {
-        prefix: prefix.into(),
-        service: service.into(),
-        auth,
-    };
+    let route = RouteConfig::prefix;
     let dir = std::env::temp_dir().join(format!("gw-{}", uuid::Uuid::new_v4()));
+    let mut settings = Settings {
+        upstream_timeout: HumanDuration::millis(300),
+        routes: vec![
+            route("/open", "echo", AuthPolicy::Anonymous),
+            route("/private", "echo", AuthPolicy::Required),
+            route("/maybe", "echo", AuthPolicy::Optional),
+            route("/slow", "echo", AuthPolicy::Anonymous),
+            route("/down", "dead", AuthPolicy::Anonymous),
+        ],
+        ..Settings::default()
+    };
+    adjust(&mut settings);
+    let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin = format!("http://{}", admin_listener.local_addr().unwrap());
     let app = gateway::Application::build(gateway::Config {
         service: ServiceConfig {
             name: gateway::NAME,
@@ -90,23 +106,15 @@ async fn spawn() -> Gw {
             registrar: None,
             events: None,
         },
-        settings: Settings {
-            upstream_timeout: HumanDuration::millis(300),
-            routes: vec![
-                route("/open", "echo", AuthPolicy::Anonymous),
-                route("/private", "echo", AuthPolicy::Required),
-                route("/maybe", "echo", AuthPolicy::Optional),
-                route("/slow", "echo", AuthPolicy::Anonymous),
-                route("/down", "dead", AuthPolicy::Anonymous),
-            ],
-            ..Settings::default()
-        },
+        settings,
         data_dir: dir.clone(),
+        admin_listener: Some(admin_listener),
     })
     .await
     .unwrap();
     tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
     Gw {
+        admin,
         identity_jwks: format!("{url}{}", IdentitySettings::default().jwks_path),
         url,
         users,
@@ -304,29 +312,58 @@ fn b64(v: &Value) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
 }
 
+/// The path security corpus: each raw request path with the status it must get
+/// and, when it passes, the one normalized path the upstream must see. Refused
+/// requests must not reach the upstream at all.
+const PATH_CASES: &[(&str, u16, Option<&str>)] = &[
+    // Dot segments are resolved before routing: a trick to reach a protected route
+    // lands on that route and meets its auth.
+    ("/open/../private/y", 401, None),
+    ("/open/%2e%2e/private/y", 401, None),
+    ("/open/.%2E/private/y", 401, None),
+    ("/open/a/../../private/y", 401, None),
+    ("/open/./x", 200, Some("/open/x")),
+    ("/open//x", 200, Some("/open/x")),
+    ("//open/x", 200, Some("/open/x")),
+    ("/%6Fpen/x", 200, Some("/open/x")),
+    ("/open/caf%c3%a9", 200, Some("/open/caf%C3%A9")),
+    ("/open/x?q=%2F..", 200, Some("/open/x?q=%2F..")),
+    // What servers read differently is refused.
+    ("/private%2fy", 400, None),
+    ("/open%2F..%2Fprivate", 400, None),
+    ("/open%5cx", 400, None),
+    ("/open\\x", 400, None),
+    ("/open/%00", 400, None),
+    ("/open/%ff", 400, None),
+    ("/open/%c3", 400, None),
+    ("/open/%zz", 400, None),
+];
+
 #[tokio::test]
 async fn path_tricks_never_reach_the_upstream() {
     let gw = spawn().await;
-    let before = gw.seen_count();
-    for path in [
-        "/open/../private/y",
-        "/open/./x",
-        "/open/%2e%2e/private/y",
-        "/private%2fy",
-        "/open%5cx",
-        "/open\\x",
-        "/open/%00",
-        "/open/%ff",
-    ] {
+    for (path, status, upstream) in PATH_CASES {
+        let before = gw.seen_count();
         let head = raw_get(&gw.url, path).await;
-        assert!(head.starts_with("HTTP/1.1 400"), "{path}: {head}");
         assert!(
-            head.to_ascii_lowercase()
-                .contains("content-type: application/problem+json"),
-            "{head}"
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path}: {head}"
         );
+        match upstream {
+            Some(seen) => {
+                assert_eq!(gw.seen_count(), before + 1, "{path}");
+                assert_eq!(gw.last_seen().0, *seen, "{path}");
+            }
+            None => {
+                assert_eq!(gw.seen_count(), before, "{path} reached the upstream");
+                assert!(
+                    head.to_ascii_lowercase()
+                        .contains("content-type: application/problem+json"),
+                    "{head}"
+                );
+            }
+        }
     }
-    assert_eq!(gw.seen_count(), before);
     let r = gw
         .http
         .get(format!("{}/nowhere", gw.url))
@@ -335,6 +372,218 @@ async fn path_tricks_never_reach_the_upstream() {
         .unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn methods_templates_rewrites_and_header_transforms() {
+    let gw = spawn_with(|s| {
+        s.routes = vec![
+            RouteConfig {
+                template: Some("/api/things/{id}".into()),
+                methods: vec!["GET".into(), "PUT".into()],
+                rewrite: Some("/open/thing/{id}".into()),
+                service: "echo".into(),
+                request_headers: gateway::configuration::HeaderTransform {
+                    set: [("x-api-version".to_owned(), "2".to_owned())].into(),
+                    remove: vec!["x-debug".into()],
+                },
+                response_headers: gateway::configuration::HeaderTransform {
+                    set: [("cache-control".to_owned(), "no-store".to_owned())].into(),
+                    remove: vec![],
+                },
+                ..RouteConfig::default()
+            },
+            RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous),
+        ];
+    })
+    .await;
+    let r = gw
+        .http
+        .get(format!("{}/api/things/42?full=1", gw.url))
+        .header("x-debug", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+    let (uri, headers) = gw.last_seen();
+    assert_eq!(uri, "/open/thing/42?full=1");
+    assert_eq!(headers["x-api-version"], "2");
+    assert!(headers.get("x-debug").is_none());
+
+    let before = gw.seen_count();
+    let r = gw
+        .http
+        .delete(format!("{}/api/things/42", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET, PUT");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(gw.seen_count(), before);
+}
+
+#[tokio::test]
+async fn rate_limited_requests_get_429_with_headers_and_never_reach_the_upstream() {
+    let gw = spawn_with(|s| {
+        s.routes = vec![RouteConfig {
+            rate_limit: Some("tight".into()),
+            ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
+        }];
+        s.rate_limits = [(
+            "tight".to_owned(),
+            gateway::configuration::RateLimitPolicy {
+                rate: 3,
+                per: HumanDuration::secs(60),
+                burst: None,
+                key: gateway::configuration::LimitKey::Ip,
+            },
+        )]
+        .into();
+    })
+    .await;
+    for left in [2, 1, 0] {
+        let r = gw
+            .http
+            .get(format!("{}/open/x", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["ratelimit-policy"], "\"tight\";q=3;w=60");
+        let state = r.headers()["ratelimit"].to_str().unwrap().to_owned();
+        assert!(
+            state.starts_with(&format!("\"tight\";r={left};t=")),
+            "{state}"
+        );
+    }
+    let before = gw.seen_count();
+    let r = gw
+        .http
+        .get(format!("{}/open/x", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((19..=20).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    assert_eq!(gw.seen_count(), before);
+}
+
+#[tokio::test]
+async fn the_config_file_reloads_on_change_and_admin_call_and_a_bad_one_is_refused() {
+    let dir = std::env::temp_dir().join(format!("gw-file-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    let v1 = "[[routes]]\nprefix = \"/open\"\nservice = \"echo\"\n";
+    std::fs::write(&file, v1).unwrap();
+    let gw = spawn_with(|s| s.config_file = Some(file.clone())).await;
+    let get = |path: &str| gw.http.get(format!("{}{path}", gw.url)).send();
+    assert_eq!(get("/open/a").await.unwrap().status(), 200);
+    assert_eq!(get("/moved/a").await.unwrap().status(), 404);
+    let config: Value = gw
+        .http
+        .get(format!("{}/config", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["version"], 1);
+    assert_eq!(config["source"], file.display().to_string());
+
+    // A change on disk is picked up by the watcher.
+    let v2 =
+        format!("{v1}[[routes]]\nprefix = \"/moved\"\nrewrite = \"/open\"\nservice = \"echo\"\n");
+    std::fs::write(&file, &v2).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while get("/moved/a").await.unwrap().status() != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the change was never loaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gw.last_seen().0, "/open/a");
+
+    // A broken file: every error named, and the old routes keep serving.
+    std::fs::write(
+        &file,
+        "[[routes]]\nprefix = \"moved\"\nservice = \"\"\nmethods = [\"NOT A METHOD\"]\n",
+    )
+    .unwrap();
+    let r = gw
+        .http
+        .post(format!("{}/reload", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let problem: Value = r.json().await.unwrap();
+    let errors = problem["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(get("/moved/a").await.unwrap().status(), 200);
+    let config: Value = gw
+        .http
+        .get(format!("{}/config", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["last_reload"]["ok"], false);
+    let version = config["version"].as_u64().unwrap();
+    assert!(version >= 2);
+
+    // Fixed, then reloaded through the admin API.
+    std::fs::write(&file, v1).unwrap();
+    let r = gw
+        .http
+        .post(format!("{}/reload", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["version"].as_u64().unwrap() > version);
+    assert_eq!(get("/moved/a").await.unwrap().status(), 404);
+    let routes: Value = gw
+        .http
+        .get(format!("{}/routes", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(routes["routes"][0]["prefix"], "/open");
+    let upstreams: Value = gw
+        .http
+        .get(format!("{}/upstreams", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(upstreams["upstreams"][0]["service"], "echo");
+    assert_eq!(
+        upstreams["upstreams"][0]["instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[tokio::test]

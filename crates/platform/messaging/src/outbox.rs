@@ -273,8 +273,20 @@ impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         let mut observed = None;
+        // When the lease was last confirmed: renewing it is a write, and a write per
+        // batch competed with the service's own transactions, so it is renewed once a
+        // third of its term has passed (well before another relay may take it).
+        let mut held_since: Option<std::time::Instant> = None;
         while !shutdown.is_cancelled() {
-            let pause = match self.hold_lease().await {
+            let fresh = held_since.is_some_and(|t| t.elapsed() < self.lease / 3);
+            let holding = if fresh {
+                Ok(true)
+            } else {
+                let held = self.hold_lease().await;
+                held_since = matches!(held, Ok(true)).then(std::time::Instant::now);
+                held
+            };
+            let pause = match holding {
                 Ok(true) => match self.publish_batch().await {
                     Ok(n) if n as i64 == self.batch => Duration::ZERO,
                     Ok(0) if failures == 0 => self.poll,

@@ -1,0 +1,153 @@
+//! The admin API, on its own listener (loopback by default): what the gateway
+//! serves with and a way to reload it. Never on the public port.
+//!
+//! - `GET /config`: version, when and from where it was loaded, the last reload;
+//! - `GET /routes`: the compiled route table, in matching order;
+//! - `GET /upstreams`: each routed service's instances and its breaker;
+//! - `POST /reload`: re-reads the configuration; 200 with the new version, or 422
+//!   with every error (the current configuration keeps serving).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chassis::Problem;
+use chassis::client::HttpClient;
+use http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::routes::{Pattern, Route, Segment};
+use crate::runtime::Config;
+
+#[derive(Clone)]
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub client: HttpClient,
+}
+
+pub fn router(admin: Admin) -> Router {
+    Router::new()
+        .route("/config", get(config))
+        .route("/routes", get(routes))
+        .route("/upstreams", get(upstreams))
+        .route("/reload", post(reload))
+        .with_state(admin)
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+async fn config(State(admin): State<Admin>) -> Response {
+    let runtime = admin.config.current();
+    axum::Json(json!({
+        "version": runtime.version,
+        "loaded_at": rfc3339(runtime.loaded_at),
+        "source": admin.config.source().describe(),
+        "routes": runtime.table.iter().count(),
+        "rate_limits": runtime.limiters.keys().collect::<Vec<_>>(),
+        "slashes": format!("{:?}", runtime.slashes).to_lowercase(),
+        "last_reload": admin.config.last_reload(),
+    }))
+    .into_response()
+}
+
+fn pattern(route: &Route) -> Value {
+    match &route.pattern {
+        Pattern::Exact(p) => json!({"exact": p}),
+        Pattern::Prefix(p) => json!({"prefix": p}),
+        Pattern::Template(segments) => {
+            let text: String = segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Literal(l) => format!("/{l}"),
+                    Segment::Param(n) => format!("/{{{n}}}"),
+                    Segment::Rest(n) => format!("/{{*{n}}}"),
+                })
+                .collect();
+            json!({"template": text})
+        }
+    }
+}
+
+async fn routes(State(admin): State<Admin>) -> Response {
+    let runtime = admin.config.current();
+    let routes: Vec<Value> = runtime
+        .table
+        .iter()
+        .map(|r| {
+            let mut v = json!({
+                "name": &*r.label,
+                "host": r.host,
+                "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+                "service": r.service,
+                "rewrite": r.rewrite,
+                "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
+                "auth": format!("{:?}", r.auth).to_lowercase(),
+                "rate_limit": r.rate_limit,
+            });
+            if let (Some(obj), Value::Object(p)) = (v.as_object_mut(), pattern(r)) {
+                obj.extend(p);
+            }
+            v
+        })
+        .collect();
+    axum::Json(json!({"version": runtime.version, "routes": routes})).into_response()
+}
+
+async fn upstreams(State(admin): State<Admin>) -> Response {
+    let runtime = admin.config.current();
+    let breakers = admin.client.downstreams().snapshots();
+    let resolver = admin.client.resolver();
+    let services: Vec<Value> = runtime
+        .table
+        .services()
+        .into_iter()
+        .map(|service| {
+            let (instances, error) = match resolver.resolve(&service) {
+                Ok(found) => (
+                    found
+                        .iter()
+                        .map(|i| json!({"id": i.id, "url": i.base_url.to_string()}))
+                        .collect(),
+                    None,
+                ),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+            let breaker = breakers.iter().find(|b| b.name == service).map(|b| {
+                json!({"state": format!("{:?}", b.state).to_lowercase(),
+                       "failure_rate": b.failure_rate, "calls_in_window": b.calls_in_window})
+            });
+            json!({
+                "service": service,
+                "instances": instances,
+                "stale": resolver.stale(&service),
+                "error": error,
+                "breaker": breaker,
+            })
+        })
+        .collect();
+    axum::Json(json!({"upstreams": services})).into_response()
+}
+
+async fn reload(State(admin): State<Admin>) -> Response {
+    match admin.config.reload("admin API").await {
+        Ok(version) => axum::Json(json!({"version": version})).into_response(),
+        Err(errors) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-configuration",
+            "Invalid configuration",
+        )
+        .with_detail(format!(
+            "{} problem(s) in {}; the configuration in service is unchanged",
+            errors.len(),
+            admin.config.source().describe()
+        ))
+        .with_extension("errors", json!(errors))
+        .into_response(),
+    }
+}
