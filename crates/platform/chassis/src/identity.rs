@@ -55,6 +55,11 @@ impl IdentityIssuer {
         &self.key
     }
 
+    /// How long minted tokens are valid.
+    pub fn ttl(&self) -> std::time::Duration {
+        self.ttl
+    }
+
     /// A token for `subject`, valid for the configured TTL.
     pub fn mint(&self, subject: &str, email: Option<&str>) -> Result<String, JwtError> {
         let now = now_secs();

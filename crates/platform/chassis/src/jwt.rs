@@ -141,6 +141,72 @@ struct RawJwk {
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: HashMap<String, (Algorithm, DecodingKey)>,
+    /// Keys configured without a `kid`, for tokens that carry none: the token's
+    /// `alg` picks among them, and only a key of exactly that algorithm is used.
+    unnamed: Vec<(Algorithm, DecodingKey)>,
+}
+
+/// The algorithms a configured key may be pinned to.
+const CONFIGURABLE: &[Algorithm] = &[
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// Shortest HMAC secret accepted: RFC 7518 §3.2 asks for a key at least as long
+/// as the hash (32 bytes for HS256).
+pub const MIN_HMAC_SECRET: usize = 32;
+
+/// A verification key from configuration: `alg` pins what it verifies; HMAC
+/// algorithms take `secret`, the others a PEM public key (SPKI, or PKCS#1 for RSA).
+pub fn configured_key(
+    alg: &str,
+    secret: Option<&str>,
+    pem: Option<&[u8]>,
+) -> Result<(Algorithm, DecodingKey), String> {
+    let algorithm: Algorithm = alg
+        .parse()
+        .ok()
+        .filter(|a| CONFIGURABLE.contains(a))
+        .ok_or_else(|| {
+            format!(
+                "`{alg}` is not an algorithm a key can be pinned to (HS256, RS256, ES256, EdDSA...)"
+            )
+        })?;
+    let key = match (algorithm, secret, pem) {
+        (Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512, Some(secret), None) => {
+            if secret.len() < MIN_HMAC_SECRET {
+                return Err(format!(
+                    "an {alg} secret must be at least {MIN_HMAC_SECRET} bytes"
+                ));
+            }
+            DecodingKey::from_secret(secret.as_bytes())
+        }
+        (Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512, _, _) => {
+            return Err(format!("an {alg} key takes `secret` (and no public key)"));
+        }
+        (_, None, Some(pem)) => match algorithm {
+            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+            _ => DecodingKey::from_rsa_pem(pem),
+        }
+        .map_err(|e| format!("the {alg} public key is not a usable PEM: {e}"))?,
+        (_, _, _) => {
+            return Err(format!(
+                "an {alg} key takes a PEM public key (and no secret)"
+            ));
+        }
+    };
+    Ok((algorithm, key))
 }
 
 impl KeySet {
@@ -164,7 +230,25 @@ impl KeySet {
                 keys.insert(kid, entry);
             }
         }
-        Ok(Self { keys })
+        Ok(Self {
+            keys,
+            unnamed: Vec::new(),
+        })
+    }
+
+    /// Adds a key; without `kid` it serves tokens that name none.
+    pub fn insert(&mut self, kid: Option<&str>, key: (Algorithm, DecodingKey)) {
+        match kid {
+            Some(kid) => {
+                self.keys.insert(kid.to_owned(), key);
+            }
+            None => self.unnamed.push(key),
+        }
+    }
+
+    /// The key for a token without `kid` signed with `alg`.
+    fn unnamed(&self, alg: Algorithm) -> Option<&(Algorithm, DecodingKey)> {
+        self.unnamed.iter().find(|(a, _)| *a == alg)
     }
 
     pub fn from_signing_keys<'a>(keys: impl IntoIterator<Item = &'a SigningKey>) -> Self {
@@ -177,11 +261,11 @@ impl KeySet {
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.unnamed.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && self.unnamed.is_empty()
     }
 }
 
@@ -232,19 +316,23 @@ fn decoding_key(jwk: &RawJwk) -> Option<(Algorithm, DecodingKey)> {
     Some((alg, key))
 }
 
-/// Where a verifier gets its keys.
-enum Keys {
-    Static(KeySet),
-    Remote(Box<JwksCache>),
+/// Where a JWKS comes from.
+enum JwksSource {
+    /// A service found through discovery, and the path it serves the JWKS on.
+    Service {
+        client: Box<HttpClient>,
+        service: String,
+        path: String,
+    },
+    /// An absolute URL (an identity provider outside the mesh).
+    Url { http: reqwest::Client, url: String },
 }
 
 /// A JWKS fetched from a service through the client, cached, refreshed on an unknown
 /// `kid` no more than once per `min_interval` (so forged `kid`s cannot make us hammer
 /// the issuer).
 pub struct JwksCache {
-    client: HttpClient,
-    service: String,
-    path: String,
+    source: JwksSource,
     keys: RwLock<Arc<KeySet>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     min_interval: Duration,
@@ -255,13 +343,60 @@ const JWKS_MIN_REFRESH: Duration = Duration::from_secs(10);
 
 impl JwksCache {
     pub fn new(client: HttpClient, service: &str, path: &str) -> Self {
-        Self {
-            client,
+        Self::from_source(JwksSource::Service {
+            client: Box::new(client),
             service: service.to_owned(),
             path: path.to_owned(),
+        })
+    }
+
+    /// A JWKS served at an absolute `url`.
+    pub fn from_url(url: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self::from_source(JwksSource::Url {
+            http,
+            url: url.to_owned(),
+        })
+    }
+
+    fn from_source(source: JwksSource) -> Self {
+        Self {
+            source,
             keys: RwLock::new(Arc::new(KeySet::default())),
             last_fetch: tokio::sync::Mutex::new(None),
             min_interval: JWKS_MIN_REFRESH,
+        }
+    }
+
+    fn describe(&self) -> &str {
+        match &self.source {
+            JwksSource::Service { service, .. } => service,
+            JwksSource::Url { url, .. } => url,
+        }
+    }
+
+    async fn fetch(&self) -> Result<Value, String> {
+        match &self.source {
+            JwksSource::Service {
+                client,
+                service,
+                path,
+            } => client
+                .get_json(service, path)
+                .await
+                .map_err(|e| e.to_string()),
+            JwksSource::Url { http, url } => {
+                let response = http
+                    .get(url)
+                    .send()
+                    .await
+                    .and_then(reqwest::Response::error_for_status)
+                    .map_err(|e| e.to_string())?;
+                response.json().await.map_err(|e| e.to_string())
+            }
         }
     }
 
@@ -283,13 +418,9 @@ impl JwksCache {
             return Err(JwtError::UnknownKid(kid.to_owned()));
         }
         *last = Some(Instant::now());
-        let doc: Value = self
-            .client
-            .get_json(&self.service, &self.path)
-            .await
-            .map_err(|e| JwtError::KeysUnavailable(e.to_string()))?;
+        let doc = self.fetch().await.map_err(JwtError::KeysUnavailable)?;
         let set = KeySet::from_jwks(&doc)?;
-        tracing::info!(issuer = %self.service, keys = set.len(), "fetched JWKS");
+        tracing::info!(issuer = %self.describe(), keys = set.len(), "fetched JWKS");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.cached(kid)
             .ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
@@ -298,7 +429,10 @@ impl JwksCache {
 
 /// Verifies tokens of one issuer and audience.
 pub struct JwtVerifier {
-    keys: Keys,
+    /// Keys from configuration, tried first.
+    keys: KeySet,
+    /// The issuer's JWKS, for `kid`s not configured.
+    remote: Option<Box<JwksCache>>,
     issuer: String,
     audience: String,
     leeway: Duration,
@@ -306,17 +440,24 @@ pub struct JwtVerifier {
 
 impl JwtVerifier {
     pub fn with_keys(keys: KeySet, issuer: &str, audience: &str, leeway: Duration) -> Self {
-        Self {
-            keys: Keys::Static(keys),
-            issuer: issuer.to_owned(),
-            audience: audience.to_owned(),
-            leeway,
-        }
+        Self::new(keys, None, issuer, audience, leeway)
     }
 
     pub fn with_jwks(cache: JwksCache, issuer: &str, audience: &str, leeway: Duration) -> Self {
+        Self::new(KeySet::default(), Some(cache), issuer, audience, leeway)
+    }
+
+    /// Configured keys first, then the JWKS (if any) for other `kid`s.
+    pub fn new(
+        keys: KeySet,
+        remote: Option<JwksCache>,
+        issuer: &str,
+        audience: &str,
+        leeway: Duration,
+    ) -> Self {
         Self {
-            keys: Keys::Remote(Box::new(cache)),
+            keys,
+            remote: remote.map(Box::new),
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             leeway,
@@ -326,13 +467,17 @@ impl JwtVerifier {
     /// Verifies signature, `iss`, `aud`, `exp`, `nbf` (with leeway) and decodes claims.
     pub async fn verify<C: DeserializeOwned>(&self, token: &str) -> Result<C, JwtError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
-        let kid = header.kid.ok_or(JwtError::MissingKid)?;
-        let (alg, key) = match &self.keys {
-            Keys::Static(set) => set
-                .get(&kid)
+        let (alg, key) = match (&header.kid, &self.remote) {
+            (Some(kid), remote) => match (self.keys.get(kid), remote) {
+                (Some(found), _) => found.clone(),
+                (None, Some(cache)) => cache.key(kid).await?,
+                (None, None) => return Err(JwtError::UnknownKid(kid.clone())),
+            },
+            (None, _) => self
+                .keys
+                .unnamed(header.alg)
                 .cloned()
-                .ok_or_else(|| JwtError::UnknownKid(kid.clone()))?,
-            Keys::Remote(cache) => cache.key(&kid).await?,
+                .ok_or(JwtError::MissingKid)?,
         };
         if header.alg != alg {
             return Err(JwtError::AlgorithmMismatch);

@@ -1,62 +1,291 @@
-//! Access-token checks per route policy, and the identity forwarded downstream.
+//! Who is calling: a bearer JWT (configured keys, algorithm pinned per key, or the
+//! issuer's JWKS) or an API key, checked against the route's policy, and the
+//! identity forwarded downstream.
+//!
+//! Verified tokens are remembered until they expire, so a client sending the same
+//! token again costs a hash lookup instead of a signature check (ES256 verification
+//! is ~100x the rest of a request's work).
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chassis::Problem;
-use chassis::jwt::{JwtError, JwtVerifier};
+use chassis::jwt::{JwtError, JwtVerifier, now_secs};
 use http::HeaderMap;
-use serde::Deserialize;
+use http::header::HeaderName;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::configuration::AuthPolicy;
 
-/// The claims the gateway reads from an access token.
-#[derive(Debug, Deserialize)]
-pub struct AccessClaims {
+/// The API key header.
+pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The user (the token's subject claim) or `consumer:<name>` for an API key.
     pub sub: String,
-    #[serde(default)]
     pub email: Option<String>,
+    /// The API key's consumer.
+    pub consumer: Option<String>,
+    /// Unix seconds after which a cached verification is stale.
+    pub exp: u64,
 }
 
-/// The caller, once the route's policy is satisfied: `None` is anonymous.
-pub async fn authenticate(
-    verifier: &JwtVerifier,
-    policy: AuthPolicy,
-    headers: &HeaderMap,
-) -> Result<Option<AccessClaims>, Problem> {
-    if policy == AuthPolicy::Anonymous {
-        return Ok(None);
+/// A bounded map, sharded so concurrent requests rarely share a lock. A full shard
+/// is emptied rather than scanned: entries are cheap to recompute.
+pub struct Memo<K, V> {
+    shards: Vec<Mutex<HashMap<K, V>>>,
+    per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+const MEMO_SHARDS: usize = 16;
+
+impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            shards: (0..MEMO_SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: (capacity / MEMO_SHARDS).max(1),
+            hasher: Default::default(),
+        }
     }
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-        return match policy {
+
+    fn shard<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V>> {
+        &self.shards[(self.hasher.hash_one(key) as usize) % MEMO_SHARDS]
+    }
+
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        shard.get(key).cloned()
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+        if shard.len() >= self.per_shard {
+            shard.clear();
+        }
+        shard.insert(key, value);
+    }
+}
+
+/// Claims read from an access token, by configurable names.
+#[derive(Clone, Debug)]
+pub struct ClaimNames {
+    pub subject: String,
+    pub email: String,
+}
+
+/// API keys by the SHA-256 of the key (keys are never stored in clear).
+#[derive(Clone, Debug, Default)]
+pub struct ApiKeys {
+    by_hash: HashMap<[u8; 32], String>,
+}
+
+impl ApiKeys {
+    /// From `consumer -> hex SHA-256` pairs; every malformed hash is named.
+    pub fn new<'a>(
+        entries: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Self, Vec<String>> {
+        let mut by_hash = HashMap::new();
+        let mut errors = Vec::new();
+        for (consumer, hex) in entries {
+            match decode_hex32(hex) {
+                Some(hash) => {
+                    if let Some(other) = by_hash.insert(hash, consumer.clone()) {
+                        errors.push(format!(
+                            "api_keys.{consumer}: the same key as api_keys.{other}"
+                        ));
+                    }
+                }
+                None => errors.push(format!(
+                    "api_keys.{consumer}.sha256 must be 64 hex digits (sha256sum of the key)"
+                )),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self { by_hash })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// The consumer whose key this is. The lookup is by hash, so how long it takes
+    /// says nothing about how close a guess was.
+    pub fn consumer(&self, key: &str) -> Option<&str> {
+        let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.by_hash.get(&hash).map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Verifies credentials, remembering verified tokens.
+pub struct Authenticator {
+    pub verifier: JwtVerifier,
+    pub claims: ClaimNames,
+    pub leeway: Duration,
+    verified: Memo<Box<str>, Arc<Caller>>,
+}
+
+/// Verified tokens remembered at most.
+const VERIFIED_CAPACITY: usize = 65_536;
+
+impl Authenticator {
+    pub fn new(verifier: JwtVerifier, claims: ClaimNames, leeway: Duration) -> Self {
+        Self {
+            verifier,
+            claims,
+            leeway,
+            verified: Memo::new(VERIFIED_CAPACITY),
+        }
+    }
+
+    /// The caller, once `policy` is satisfied: `None` is anonymous.
+    pub async fn authenticate(
+        &self,
+        policy: AuthPolicy,
+        headers: &HeaderMap,
+        api_keys: &ApiKeys,
+    ) -> Result<Option<Arc<Caller>>, Problem> {
+        if policy == AuthPolicy::Anonymous {
+            return Ok(None);
+        }
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    let (scheme, token) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                })
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    Problem::unauthorized("the Authorization header must be `Bearer <token>`")
+                })?;
+            return self.bearer(token).await.map(Some);
+        }
+        if let Some(value) = headers.get(API_KEY) {
+            let consumer = value
+                .to_str()
+                .ok()
+                .and_then(|key| api_keys.consumer(key))
+                .ok_or_else(|| Problem::unauthorized("the API key is not valid"))?;
+            return Ok(Some(Arc::new(Caller {
+                sub: format!("consumer:{consumer}"),
+                email: None,
+                consumer: Some(consumer.to_owned()),
+                exp: u64::MAX,
+            })));
+        }
+        match policy {
             AuthPolicy::Required => Err(Problem::unauthorized(
-                "this route needs a Bearer access token: log in at POST /auth/login",
+                "this route needs a Bearer access token (log in at POST /auth/login) or an API key in X-Api-Key",
             )),
             _ => Ok(None),
-        };
-    };
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            Problem::unauthorized("the Authorization header must be `Bearer <token>`")
-        })?;
-    match verifier.verify::<AccessClaims>(token).await {
-        Ok(claims) => Ok(Some(claims)),
-        Err(JwtError::KeysUnavailable(e)) => {
-            tracing::warn!(error = %e, "cannot fetch the token issuer's keys");
-            Err(Problem::unavailable(
-                "tokens cannot be verified right now; try again shortly",
-            ))
         }
-        Err(e) => {
-            // The reason is logged, not told: it would help an attacker tune a forgery.
-            tracing::info!(reason = %e, "access token refused");
-            Err(Problem::unauthorized(
-                "the access token is invalid or expired; log in again",
-            ))
+    }
+
+    async fn bearer(&self, token: &str) -> Result<Arc<Caller>, Problem> {
+        let now = now_secs();
+        if let Some(caller) = self.verified.get(token)
+            && now <= caller.exp.saturating_add(self.leeway.as_secs())
+        {
+            return Ok(caller);
         }
+        match self
+            .verifier
+            .verify::<serde_json::Map<String, Value>>(token)
+            .await
+        {
+            Ok(claims) => {
+                let sub = claims
+                    .get(&self.claims.subject)
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| Problem::unauthorized("the access token names no subject"))?;
+                let caller = Arc::new(Caller {
+                    sub: sub.to_owned(),
+                    email: claims
+                        .get(&self.claims.email)
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    consumer: None,
+                    exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(now),
+                });
+                self.verified.insert(token.into(), caller.clone());
+                Ok(caller)
+            }
+            Err(JwtError::KeysUnavailable(e)) => {
+                tracing::warn!(error = %e, "cannot fetch the token issuer's keys");
+                Err(Problem::unavailable(
+                    "tokens cannot be verified right now; try again shortly",
+                ))
+            }
+            Err(e) => {
+                // The reason is logged, not told: it would help an attacker tune a forgery.
+                tracing::info!(reason = %e, "access token refused");
+                Err(Problem::unauthorized(
+                    "the access token is invalid or expired; log in again",
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_keys_are_found_by_hash_and_bad_hashes_named() {
+        let hash = hex(&Sha256::digest(b"s3cret-key"));
+        let keys = ApiKeys::new([(&"mobile".to_owned(), &hash)]).unwrap();
+        assert_eq!(keys.consumer("s3cret-key"), Some("mobile"));
+        assert_eq!(keys.consumer("s3cret-kez"), None);
+        let errors = ApiKeys::new([
+            (&"a".to_owned(), &"zz".to_owned()),
+            (&"b".to_owned(), &hash),
+            (&"c".to_owned(), &hash),
+        ])
+        .unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn memo_is_bounded() {
+        let memo: Memo<u32, u32> = Memo::new(32);
+        for i in 0..10_000 {
+            memo.insert(i, i);
+        }
+        let kept = (0..10_000).filter(|i| memo.get(i).is_some()).count();
+        assert!(kept <= 32, "{kept}");
+        assert_eq!(memo.get(&9_999), Some(9_999));
     }
 }

@@ -108,6 +108,8 @@ pub enum LimitKey {
     Ip,
     /// The authenticated user (`sub`); anonymous requests count by address.
     User,
+    /// The API key's consumer; otherwise the user, otherwise the address.
+    Consumer,
     /// The whole route, all clients together.
     Route,
 }
@@ -141,6 +143,34 @@ pub struct Declarative {
     /// Repeated slashes in paths: `merge` (default), `reject` or `keep`.
     #[serde(default)]
     pub slashes: SlashPolicy,
+    /// API keys by consumer name, as the hex SHA-256 of the key (sent in `X-Api-Key`).
+    #[serde(default)]
+    pub api_keys: BTreeMap<String, ApiKeyConfig>,
+}
+
+/// One consumer's API key, stored hashed: `sha256 = "<sha256sum of the key>"`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub sha256: String,
+}
+
+/// A token verification key from configuration, pinned to one algorithm.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Tokens naming this `kid` use this key; without it, the key serves tokens that
+    /// name none (and whose `alg` is this key's).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// `HS256` (the guide's shared secret), `RS256`, `ES256`, `EdDSA`...
+    pub alg: String,
+    /// The HMAC secret, for HS256/384/512.
+    #[serde(default)]
+    pub secret: Option<chassis::secrecy::SecretString>,
+    /// A PEM public key, for the others.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
 }
 
 impl Declarative {
@@ -157,18 +187,34 @@ impl Declarative {
 
     /// Every problem, so they are reported together.
     pub fn validate(&self) -> Vec<String> {
-        crate::routes::RouteTable::compile(self)
+        let mut errors = crate::routes::RouteTable::compile(self)
             .err()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        errors.extend(self.api_keys().err().unwrap_or_default());
+        errors
+    }
+
+    /// The API keys, indexed by hash.
+    pub fn api_keys(&self) -> Result<crate::auth::ApiKeys, Vec<String>> {
+        crate::auth::ApiKeys::new(self.api_keys.iter().map(|(name, k)| (name, &k.sha256)))
     }
 }
 
 config_section! {
     /// `[gateway.auth]`: the issuer of the access tokens clients present.
     pub struct AuthSettings {
-        /// Service serving the issuer's JWKS.
+        /// Service serving the issuer's JWKS (found through discovery); empty for
+        /// none.
         pub jwks_service: String = "users".to_owned(),
         pub jwks_path: String = "/.well-known/jwks.json".to_owned(),
+        /// The JWKS at an absolute URL instead of a service.
+        pub jwks_url: Option<String> = None,
+        /// Keys from configuration, tried before the JWKS: `[[gateway.auth.keys]]`.
+        pub keys: Vec<KeyConfig> = Vec::new(),
+        /// The claim forwarded as the caller's identity.
+        pub subject_claim: String = "sub".to_owned(),
+        /// The claim forwarded as the caller's e-mail, when present.
+        pub email_claim: String = "email".to_owned(),
         /// Expected `iss`.
         pub issuer: String = "bazaar-users".to_owned(),
         /// Expected `aud`.
@@ -201,6 +247,7 @@ config_section! {
         pub routes: Vec<RouteConfig> = Vec::new(),
         pub rate_limits: BTreeMap<String, RateLimitPolicy> = BTreeMap::new(),
         pub slashes: SlashPolicy = SlashPolicy::Merge,
+        pub api_keys: BTreeMap<String, ApiKeyConfig> = BTreeMap::new(),
         pub auth: AuthSettings,
     }
 }
@@ -212,6 +259,7 @@ impl Settings {
             routes: self.routes.clone(),
             rate_limits: self.rate_limits.clone(),
             slashes: self.slashes,
+            api_keys: self.api_keys.clone(),
         }
     }
 }

@@ -11,11 +11,10 @@ use chassis::Problem;
 use chassis::client::{ClientError, HttpClient};
 use chassis::http::RouteLabel;
 use chassis::identity::{IDENTITY_HEADER, IdentityIssuer};
-use chassis::jwt::JwtVerifier;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
-use crate::auth;
+use crate::auth::{API_KEY, Authenticator, Caller, Memo};
 use crate::configuration::LimitKey;
 use crate::normalize::normalize;
 use crate::ratelimit::{Decision, KeyedLimiter};
@@ -50,10 +49,33 @@ pub struct Proxy {
     /// Routes and policies, swapped whole on reload.
     pub config: Arc<Config>,
     pub client: HttpClient,
-    pub verifier: JwtVerifier,
+    pub auth: Authenticator,
     pub issuer: IdentityIssuer,
+    /// Forwarded identities minted in the last half of their lifetime, by caller:
+    /// signing one per request would cost more than the rest of the request.
+    pub minted: Memo<(String, Option<String>), (Arc<str>, std::time::Instant)>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
+}
+
+impl Proxy {
+    /// The forwarded identity for `caller`: a fresh one, or one minted less than half
+    /// its lifetime ago (so it has at least that half left when it arrives).
+    fn identity(&self, caller: &Caller) -> Result<Arc<str>, chassis::jwt::JwtError> {
+        let key = (caller.sub.clone(), caller.email.clone());
+        if let Some((token, minted)) = self.minted.get(&key)
+            && minted.elapsed() < self.issuer.ttl() / 2
+        {
+            return Ok(token);
+        }
+        let token: Arc<str> = self
+            .issuer
+            .mint(&caller.sub, caller.email.as_deref())?
+            .into();
+        self.minted
+            .insert(key, (token.clone(), std::time::Instant::now()));
+        Ok(token)
+    }
 }
 
 /// The axum handler behind every path the gateway does not serve itself.
@@ -139,7 +161,9 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
     let label = RouteLabel(route.label.clone());
     let fail = |p: Problem| (Some(label.clone()), p);
 
-    let caller = auth::authenticate(&proxy.verifier, route.auth, request.headers())
+    let caller = proxy
+        .auth
+        .authenticate(route.auth, request.headers(), &runtime.api_keys)
         .await
         .map_err(fail)?;
 
@@ -154,6 +178,14 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
             let key = match limiter.policy.key {
                 LimitKey::Ip => ip,
                 LimitKey::User => caller.as_ref().map_or(ip, |c| format!("user:{}", c.sub)),
+                LimitKey::Consumer => match caller.as_deref() {
+                    Some(Caller {
+                        consumer: Some(consumer),
+                        ..
+                    }) => format!("consumer:{consumer}"),
+                    Some(c) => format!("user:{}", c.sub),
+                    None => ip,
+                },
                 LimitKey::Route => route.label.to_string(),
             };
             let decision = limiter.check(&key, std::time::Instant::now());
@@ -190,12 +222,12 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
     }
     // Services get the gateway-signed identity, never the user's credential.
     parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(API_KEY);
     parts.headers.remove(header::HOST);
     route.request_headers.apply(&mut parts.headers);
-    if let Some(claims) = &caller {
+    if let Some(caller) = &caller {
         let token = proxy
-            .issuer
-            .mint(&claims.sub, claims.email.as_deref())
+            .identity(caller)
             .map_err(|e| fail(Problem::internal(e)))?;
         let value = HeaderValue::from_str(&token).map_err(|e| fail(Problem::internal(e)))?;
         parts.headers.insert(IDENTITY_HEADER, value);

@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::ApiKeys;
 use crate::configuration::Declarative;
 use crate::normalize::SlashPolicy;
 use crate::ratelimit::KeyedLimiter;
@@ -33,6 +34,7 @@ pub struct Runtime {
     pub table: RouteTable,
     pub slashes: SlashPolicy,
     pub limiters: HashMap<String, Arc<KeyedLimiter>>,
+    pub api_keys: ApiKeys,
     pub config: Declarative,
 }
 
@@ -44,7 +46,16 @@ impl Runtime {
         version: u64,
         previous: Option<&Runtime>,
     ) -> Result<Self, Vec<String>> {
-        let table = RouteTable::compile(&config)?;
+        let table = RouteTable::compile(&config);
+        let api_keys = config.api_keys();
+        let (table, api_keys) = match (table, api_keys) {
+            (Ok(t), Ok(k)) => (t, k),
+            (t, k) => {
+                let mut errors = t.err().unwrap_or_default();
+                errors.extend(k.err().unwrap_or_default());
+                return Err(errors);
+            }
+        };
         let limiters = config
             .rate_limits
             .iter()
@@ -65,6 +76,7 @@ impl Runtime {
             table,
             slashes: config.slashes,
             limiters,
+            api_keys,
             config,
         })
     }

@@ -9,13 +9,15 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use chassis::client::HttpClient;
 use chassis::http::{Readiness, Service};
 use chassis::identity::IdentityIssuer;
-use chassis::jwt::{JwksCache, JwtVerifier, SigningKey};
+use chassis::jwt::{JwksCache, JwtVerifier, KeySet, SigningKey, configured_key};
 use chassis::secrecy::ExposeSecret;
 use chassis::{Chassis, ServiceConfig};
 
-use crate::configuration::Settings;
+use crate::auth::{Authenticator, ClaimNames, Memo};
+use crate::configuration::{AuthSettings, Settings};
 use crate::proxy::{self, Proxy};
 use crate::runtime::{Config as RoutingConfig, Source};
 
@@ -69,12 +71,14 @@ impl Application {
             .await
             .context("binding the listener")?;
         routing.register_metrics(&chassis.metrics);
-        let auth = &settings.auth;
-        let verifier = JwtVerifier::with_jwks(
-            JwksCache::new(chassis.client.clone(), &auth.jwks_service, &auth.jwks_path),
-            &auth.issuer,
-            &auth.audience,
-            auth.leeway.0,
+        let verifier = verifier(&settings.auth, &chassis.client)?;
+        let auth = Authenticator::new(
+            verifier,
+            ClaimNames {
+                subject: settings.auth.subject_claim.clone(),
+                email: settings.auth.email_claim.clone(),
+            },
+            settings.auth.leeway.0,
         );
         // Readiness follows the services routed at start; reloads may add others,
         // which the proxy reaches through discovery all the same.
@@ -82,7 +86,8 @@ impl Application {
         let proxy = Arc::new(Proxy {
             config: routing.clone(),
             client: chassis.client.clone(),
-            verifier,
+            auth,
+            minted: Memo::new(65_536),
             issuer: IdentityIssuer::new(
                 key,
                 &identity.issuer,
@@ -123,6 +128,48 @@ impl Application {
                 })
             }))
     }
+}
+
+/// The access-token verifier: configured keys (each pinned to its algorithm), then
+/// the issuer's JWKS (a URL, or a service through discovery) for other `kid`s.
+fn verifier(auth: &AuthSettings, client: &HttpClient) -> anyhow::Result<JwtVerifier> {
+    let mut keys = KeySet::default();
+    let mut errors = Vec::new();
+    for (i, k) in auth.keys.iter().enumerate() {
+        let pem = match &k.public_key_file {
+            Some(path) => match std::fs::read(path) {
+                Ok(pem) => Some(pem),
+                Err(e) => {
+                    errors.push(format!(
+                        "gateway.auth.keys[{i}]: cannot read {}: {e}",
+                        path.display()
+                    ));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        let secret = k.secret.as_ref().map(|s| s.expose_secret().to_owned());
+        match configured_key(&k.alg, secret.as_deref(), pem.as_deref()) {
+            Ok(key) => keys.insert(k.kid.as_deref(), key),
+            Err(e) => errors.push(format!("gateway.auth.keys[{i}]: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        anyhow::bail!("invalid gateway token keys:\n  - {}", errors.join("\n  - "));
+    }
+    let remote = match (&auth.jwks_url, auth.jwks_service.trim()) {
+        (Some(url), _) => Some(JwksCache::from_url(url)),
+        (None, "") => None,
+        (None, service) => Some(JwksCache::new(client.clone(), service, &auth.jwks_path)),
+    };
+    Ok(JwtVerifier::new(
+        keys,
+        remote,
+        &auth.issuer,
+        &auth.audience,
+        auth.leeway.0,
+    ))
 }
 
 /// The public half of the identity key, for services to verify forwarded identities.
