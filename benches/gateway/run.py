@@ -51,6 +51,8 @@ def wait_port(port, timeout=20):
 
 
 def ensure_tools():
+    # nginx and haproxy install into /usr/sbin, which a user's PATH may lack.
+    os.environ["PATH"] = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
     missing = [t for t in ["nginx", "haproxy", "wrk"] if not shutil.which(t)
                and not os.path.exists(f"/usr/sbin/{t}")]
     if missing:
@@ -206,7 +208,7 @@ def haproxy(work, upstream):
         f.write(f"""
 global
   nbthread 2
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -259,17 +261,29 @@ rate_limit = "per-user"
 rate = 1000000000
 key = "user"
 """)
+    settings = os.path.join(work, f"bazaar-{'full' if full else 'plain'}.toml")
+    with open(settings, "w") as f:
+        f.write(f"""
+[gateway]
+config_file = "{config}"
+
+[gateway.auth]
+issuer = "bench"
+audience = "bench"
+jwks_service = ""
+
+[[gateway.auth.keys]]
+alg = "HS256"
+secret = "{SECRET}"
+""")
     env = {
         "BAZAAR_GATEWAY__PORT": str(port), "BAZAAR_GATEWAY__ADMIN_PORT": "0",
-        "BAZAAR_GATEWAY__CONFIG_FILE": config,
         "BAZAAR_DATA_DIR": os.path.join(work, "data"),
         "BAZAAR_DISCOVERY__SERVICES__UPSTREAM": f"http://127.0.0.1:{upstream}",
-        "BAZAAR_GATEWAY__AUTH__ISSUER": "bench", "BAZAAR_GATEWAY__AUTH__AUDIENCE": "bench",
-        "BAZAAR_GATEWAY__AUTH__HS256_SECRET": SECRET,
         # The plain proxy logs warnings only; the full one writes every access line.
         "BAZAAR_LOG__LEVEL": "info" if full else "warn",
     }
-    proc = subprocess.Popen([binary, "run", "gateway"], env={**os.environ, **env},
+    proc = subprocess.Popen([binary, "run", "gateway", "--config", settings], env={**os.environ, **env},
                             stdout=open(os.path.join(work, f"gateway-{full}.log"), "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     wait_port(port)
@@ -281,10 +295,12 @@ def main():
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--only", default="")
+    parser.add_argument("--no-build", action="store_true", help="use the release build as it is")
     args = parser.parse_args()
     ensure_tools()
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar", "-p", "bench-upstream"],
-                   cwd=ROOT, check=True)
+    if not args.no_build:
+        subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar", "-p", "bench-upstream"],
+                       cwd=ROOT, check=True)
     release = os.path.join(target_dir(), "release")
     work = tempfile.mkdtemp(prefix="bazaar-gw-bench-")
     up = subprocess.Popen([os.path.join(release, "bench-upstream"), "0"], stdout=subprocess.PIPE, text=True)

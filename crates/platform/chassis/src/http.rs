@@ -114,6 +114,57 @@ struct ObserveState {
     service: &'static str,
     metrics: Metrics,
     request_timeout: Duration,
+    log: Arc<AccessLogPolicy>,
+}
+
+/// Which requests get an access log line.
+struct AccessLogPolicy {
+    enabled: bool,
+    /// Log one in `every` requests below `always_from`.
+    every: u64,
+    always_from: u16,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl AccessLogPolicy {
+    fn new(http: &crate::settings::HttpSettings) -> Self {
+        let sample = http.access_log_sample.clamp(0.0, 1.0);
+        Self {
+            enabled: http.access_log && sample > 0.0,
+            every: if sample > 0.0 {
+                (1.0 / sample).round().max(1.0) as u64
+            } else {
+                u64::MAX
+            },
+            always_from: http.access_log_always_from,
+            seen: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn logs(&self, status: u16) -> bool {
+        if status >= self.always_from {
+            return true;
+        }
+        self.enabled
+            && (self.every == 1
+                || self
+                    .seen
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    .is_multiple_of(self.every))
+    }
+}
+
+/// What a proxy knows of a request beyond what the chassis sees, added to its
+/// access log line: put it in the response's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct AccessLog {
+    /// The client, as trusted proxies reveal it (else the peer address).
+    pub client_ip: Option<std::net::IpAddr>,
+    pub user_id: Option<String>,
+    /// The path as routed (normalized).
+    pub path: Option<String>,
+    pub upstream: Option<String>,
+    pub upstream_ms: Option<f64>,
 }
 
 impl Chassis {
@@ -175,6 +226,7 @@ impl Chassis {
                     service: self.name,
                     metrics: self.metrics.clone(),
                     request_timeout: timeout,
+                    log: Arc::new(AccessLogPolicy::new(&self.http)),
                 },
                 observe,
             ))
@@ -284,6 +336,10 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
     let ctx =
         RequestContext::from_headers(request.headers()).with_deadline_within(state.request_timeout);
     let method = request.method().clone();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -316,14 +372,29 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
     if let Some(v) = correlation {
         response.headers_mut().insert(CORRELATION_ID, v);
     }
-    span.in_scope(|| {
-        tracing::info!(
-            status = status.as_u16(),
-            route = %route,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-            "request completed"
-        );
-    });
+    if state.log.logs(status.as_u16()) {
+        let extra = response.extensions().get::<AccessLog>();
+        let bytes = response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let client_ip = extra.and_then(|e| e.client_ip).or(peer);
+        span.in_scope(|| {
+            tracing::info!(
+                status = status.as_u16(),
+                route = %route,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes,
+                client_ip = client_ip.map(tracing::field::display),
+                user_id = extra.and_then(|e| e.user_id.as_deref()),
+                routed_path = extra.and_then(|e| e.path.as_deref()),
+                upstream = extra.and_then(|e| e.upstream.as_deref()),
+                upstream_ms = extra.and_then(|e| e.upstream_ms),
+                "request completed"
+            );
+        });
+    }
     response
 }
 

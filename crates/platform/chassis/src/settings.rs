@@ -29,6 +29,12 @@ config_section! {
         /// Connect timeout of outgoing calls: on loopback or a LAN a connect takes
         /// microseconds, so one second means the peer is gone.
         pub client_connect_timeout: HumanDuration = HumanDuration::secs(1),
+        /// One JSON line per request (`request completed`, at INFO).
+        pub access_log: bool = true,
+        /// Share of requests logged (0.0 to 1.0), taken evenly (every n-th)...
+        pub access_log_sample: f64 = 1.0,
+        /// ...except responses with this status or above, always logged.
+        pub access_log_always_from: u16 = 400,
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - `GET /config`: version, when and from where it was loaded, the last reload;
 //! - `GET /routes`: the compiled route table, in matching order;
-//! - `GET /upstreams`: each routed service's instances and its breaker;
+//! - `GET /upstreams`: each routed service's instances as balancing sees them
+//!   (outstanding requests, EWMA latency, failures, ejection);
 //! - `POST /reload`: re-reads the configuration; 200 with the new version, or 422
 //!   with every error (the current configuration keeps serving).
 
@@ -14,7 +15,9 @@ use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chassis::Problem;
-use chassis::client::HttpClient;
+use std::sync::atomic::Ordering;
+
+use crate::proxy::Proxy;
 use http::StatusCode;
 use serde_json::{Value, json};
 
@@ -24,7 +27,7 @@ use crate::runtime::Config;
 #[derive(Clone)]
 pub struct Admin {
     pub config: Arc<Config>,
-    pub client: HttpClient,
+    pub proxy: Arc<Proxy>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -101,33 +104,34 @@ async fn routes(State(admin): State<Admin>) -> Response {
 
 async fn upstreams(State(admin): State<Admin>) -> Response {
     let runtime = admin.config.current();
-    let breakers = admin.client.downstreams().snapshots();
-    let resolver = admin.client.resolver();
+    let upstreams = &admin.proxy.upstreams;
+    let resolver = upstreams.resolver();
     let services: Vec<Value> = runtime
         .table
         .services()
         .into_iter()
         .map(|service| {
-            let (instances, error) = match resolver.resolve(&service) {
-                Ok(found) => (
-                    found
-                        .iter()
-                        .map(|i| json!({"id": i.id, "url": i.base_url.to_string()}))
-                        .collect(),
-                    None,
-                ),
-                Err(e) => (Vec::new(), Some(e.to_string())),
-            };
-            let breaker = breakers.iter().find(|b| b.name == service).map(|b| {
-                json!({"state": format!("{:?}", b.state).to_lowercase(),
-                       "failure_rate": b.failure_rate, "calls_in_window": b.calls_in_window})
-            });
+            let config = runtime.upstream(&service);
+            let error = resolver.resolve(&service).err().map(|e| e.to_string());
+            let instances: Vec<Value> = upstreams
+                .states(&service)
+                .into_iter()
+                .map(|(i, st, ejected)| {
+                    json!({
+                        "id": i.id, "url": i.base_url.to_string(), "ejected": ejected,
+                        "outstanding": st.outstanding.load(Ordering::Relaxed),
+                        "ewma_ms": st.ewma_us.load(Ordering::Relaxed) as f64 / 1000.0,
+                        "consecutive_failures": st.consecutive_failures.load(Ordering::Relaxed),
+                        "ejections": st.ejections.load(Ordering::Relaxed),
+                    })
+                })
+                .collect();
             json!({
                 "service": service,
+                "lb": format!("{:?}", config.lb).to_lowercase(),
                 "instances": instances,
                 "stale": resolver.stale(&service),
                 "error": error,
-                "breaker": breaker,
             })
         })
         .collect();

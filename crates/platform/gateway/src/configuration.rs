@@ -146,6 +146,91 @@ pub struct Declarative {
     /// API keys by consumer name, as the hex SHA-256 of the key (sent in `X-Api-Key`).
     #[serde(default)]
     pub api_keys: BTreeMap<String, ApiKeyConfig>,
+    /// Per upstream service: balancing, retries, outlier ejection.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+}
+
+/// How an upstream's instance is chosen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    /// Power of two choices: of two random instances, the one with fewer requests
+    /// outstanding times its recent (EWMA) latency.
+    P2c,
+    /// The same key always reaches the same instance while it is up (rendezvous
+    /// hashing: an instance leaving moves only its own keys).
+    ConsistentHash,
+}
+
+/// What consistent hashing hashes: `header:<name>`, `cookie:<name>` or
+/// `param:<name>` (a `{name}` of the route's template).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+    Param(String),
+}
+
+impl TryFrom<String> for HashOn {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("header", n)) if !n.is_empty() => Ok(Self::Header(n.to_ascii_lowercase())),
+            Some(("cookie", n)) if !n.is_empty() => Ok(Self::Cookie(n.to_owned())),
+            Some(("param", n)) if !n.is_empty() => Ok(Self::Param(n.to_owned())),
+            _ => Err(format!(
+                "`{s}`: hash_on is `header:<name>`, `cookie:<name>` or `param:<name>`"
+            )),
+        }
+    }
+}
+
+/// `[upstreams.<service>]`: balancing, retries and outlier ejection for one
+/// upstream service; services not listed get the defaults.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub lb: LbPolicy,
+    pub hash_on: Option<HashOn>,
+    /// Extra attempts (on another instance) for a failed connect, or for an
+    /// idempotent request without a body that got 502/503/504 or no answer.
+    pub retries: u32,
+    /// Retries allowed as a share of requests, in percent (a budget, so retries
+    /// cannot multiply an outage).
+    pub retry_budget_percent: u8,
+    /// Consecutive failures (5xx, connect errors, timeouts) that eject an instance.
+    pub outlier_consecutive_failures: u32,
+    /// First ejection; each further one of the same instance doubles it...
+    pub outlier_base_ejection: HumanDuration,
+    /// ...up to this.
+    pub outlier_max_ejection: HumanDuration,
+    /// Most instances ejected at once, in percent (at least one of two or more).
+    pub outlier_max_ejected_percent: u8,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            lb: LbPolicy::RoundRobin,
+            hash_on: None,
+            retries: 1,
+            retry_budget_percent: 20,
+            outlier_consecutive_failures: 5,
+            outlier_base_ejection: HumanDuration::secs(10),
+            outlier_max_ejection: HumanDuration::secs(300),
+            outlier_max_ejected_percent: 50,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn retry_budget(&self) -> f32 {
+        f32::from(self.retry_budget_percent) / 100.0
+    }
 }
 
 /// One consumer's API key, stored hashed: `sha256 = "<sha256sum of the key>"`.
@@ -247,7 +332,11 @@ config_section! {
         pub routes: Vec<RouteConfig> = Vec::new(),
         pub rate_limits: BTreeMap<String, RateLimitPolicy> = BTreeMap::new(),
         pub slashes: SlashPolicy = SlashPolicy::Merge,
+        /// Proxies in front of the gateway whose `X-Forwarded-*` are believed:
+        /// addresses or CIDR ranges. Empty: the peer is the client.
+        pub trusted_proxies: Vec<String> = Vec::new(),
         pub api_keys: BTreeMap<String, ApiKeyConfig> = BTreeMap::new(),
+        pub upstreams: BTreeMap<String, UpstreamConfig> = BTreeMap::new(),
         pub auth: AuthSettings,
     }
 }
@@ -260,6 +349,7 @@ impl Settings {
             rate_limits: self.rate_limits.clone(),
             slashes: self.slashes,
             api_keys: self.api_keys.clone(),
+            upstreams: self.upstreams.clone(),
         }
     }
 }

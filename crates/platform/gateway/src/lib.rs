@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod auth;
 pub mod configuration;
+pub mod forwarded;
 pub mod normalize;
 pub mod openapi;
 pub mod proxy;
@@ -25,6 +26,7 @@ pub mod ratelimit;
 pub mod routes;
 pub mod runtime;
 pub mod startup;
+pub mod upstream;
 
 pub use configuration::{AuthPolicy, RouteConfig, Settings};
 pub use startup::{Application, Config};

@@ -8,18 +8,20 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
-use chassis::client::{ClientError, HttpClient};
-use chassis::http::RouteLabel;
+use chassis::client::HttpClient;
+use chassis::http::{AccessLog, RouteLabel};
 use chassis::identity::{IDENTITY_HEADER, IdentityIssuer};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
 use crate::auth::{API_KEY, Authenticator, Caller, Memo};
 use crate::configuration::LimitKey;
+use crate::forwarded::TrustedProxies;
 use crate::normalize::normalize;
 use crate::ratelimit::{Decision, KeyedLimiter};
 use crate::routes::Match;
 use crate::runtime::Config;
+use crate::upstream::{Call, UpstreamError};
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -48,11 +50,15 @@ const PROTECTED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWAR
 pub struct Proxy {
     /// Routes and policies, swapped whole on reload.
     pub config: Arc<Config>,
+    pub upstreams: crate::upstream::Upstreams,
+    /// For the gateway's own calls (merging the upstreams' OpenAPI documents).
     pub client: HttpClient,
     pub auth: Authenticator,
     pub issuer: IdentityIssuer,
     /// Forwarded identities minted in the last half of their lifetime, by caller:
     /// signing one per request would cost more than the rest of the request.
+    /// Proxies whose `X-Forwarded-*` are believed.
+    pub trusted: TrustedProxies,
     pub minted: Memo<(String, Option<String>), (Arc<str>, std::time::Instant)>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
@@ -84,7 +90,8 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
-    match forward(&proxy, peer, request).await {
+    let mut log = AccessLog::default();
+    let mut response = match forward(&proxy, peer, request, &mut log).await {
         Ok(response) => response,
         Err((label, problem)) => {
             let mut response = problem.into_response();
@@ -93,7 +100,9 @@ pub async fn handle(
             }
             response
         }
-    }
+    };
+    response.extensions_mut().insert(log);
+    response
 }
 
 type Failure = (Option<RouteLabel>, Problem);
@@ -118,12 +127,19 @@ fn host_of(request: &Request) -> Option<&str> {
     })
 }
 
-async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Response, Failure> {
+async fn forward(
+    proxy: &Proxy,
+    peer: SocketAddr,
+    request: Request,
+    log: &mut AccessLog,
+) -> Result<Response, Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
+    let forwarded = proxy.trusted.forwarded(peer.ip(), request.headers());
+    log.client_ip = Some(forwarded.client);
     let path = normalize(request.uri().path(), runtime.slashes)
         .map_err(|e| (None, Problem::bad_request(format!("refused path: {e}"))))?;
-    let (route, upstream_path) =
+    let (route, upstream_path, params) =
         match runtime
             .table
             .matching(host_of(&request), request.method(), &path)
@@ -131,7 +147,8 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
             Match::Found {
                 route,
                 upstream_path,
-            } => (route, upstream_path),
+                params,
+            } => (route, upstream_path, params),
             Match::MethodNotAllowed(allowed) => {
                 let allow = allowed
                     .iter()
@@ -160,12 +177,14 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
         };
     let label = RouteLabel(route.label.clone());
     let fail = |p: Problem| (Some(label.clone()), p);
+    log.path = Some(path.to_string());
 
     let caller = proxy
         .auth
         .authenticate(route.auth, request.headers(), &runtime.api_keys)
         .await
         .map_err(fail)?;
+    log.user_id = caller.as_ref().map(|c| c.sub.clone());
 
     let limit = match &route.rate_limit {
         Some(name) => {
@@ -174,7 +193,7 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
                     "rate-limit policy `{name}` missing"
                 )))
             })?;
-            let ip = peer.ip().to_string();
+            let ip = forwarded.client.to_string();
             let key = match limiter.policy.key {
                 LimitKey::Ip => ip,
                 LimitKey::User => caller.as_ref().map_or(ip, |c| format!("user:{}", c.sub)),
@@ -232,20 +251,26 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
         let value = HeaderValue::from_str(&token).map_err(|e| fail(Problem::internal(e)))?;
         parts.headers.insert(IDENTITY_HEADER, value);
     }
-    // This gateway is the edge: what clients claim about earlier hops is not kept.
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+    // What untrusted clients claim about earlier hops is not kept.
+    if let Ok(v) = HeaderValue::from_str(&forwarded.chain) {
         parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    parts
-        .headers
-        .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    match host {
-        Some(h) => {
-            parts.headers.insert(X_FORWARDED_HOST, h);
+    if !forwarded.trusted_peer {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        match host {
+            Some(h) => {
+                parts.headers.insert(X_FORWARDED_HOST, h);
+            }
+            None => {
+                parts.headers.remove(X_FORWARDED_HOST);
+            }
         }
-        None => {
-            parts.headers.remove(X_FORWARDED_HOST);
-        }
+    } else if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts
+            .headers
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     // The upstream gets the normalized (and rewritten) path: the one checked.
     let target = match (parts.uri.query(), upstream_path.contains('?')) {
@@ -258,16 +283,28 @@ async fn forward(proxy: &Proxy, peer: SocketAddr, request: Request) -> Result<Re
             "the rewritten path is not a valid URI",
         ))
     })?;
+    let upstream_config = runtime.upstream(&route.service);
+    let hash_key = upstream_config
+        .hash_on
+        .as_ref()
+        .and_then(|on| crate::upstream::hash_key(on, &parts.headers, &params));
     let upstream = Request::from_parts(parts, body);
+    log.upstream = Some(route.service.clone());
+    let sent = std::time::Instant::now();
     let response = proxy
-        .client
-        .send_with_timeout(
-            &route.service,
+        .upstreams
+        .send(
+            Call {
+                service: &route.service,
+                config: upstream_config,
+                timeout: route.timeout.unwrap_or(proxy.upstream_timeout),
+                hash_key: hash_key.as_deref(),
+            },
             upstream,
-            route.timeout.unwrap_or(proxy.upstream_timeout),
         )
-        .await
-        .map_err(|e| fail(upstream_problem(&route.service, e)))?;
+        .await;
+    log.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+    let response = response.map_err(|e| fail(upstream_problem(&route.service, e)))?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
@@ -321,24 +358,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn upstream_problem(service: &str, error: ClientError) -> Problem {
+fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
     tracing::warn!(upstream = service, error = %error, "upstream failed");
     match error {
-        ClientError::CircuitOpen { .. }
-        | ClientError::RateLimited { .. }
-        | ClientError::BulkheadFull { .. } => {
-            let seconds = error.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1);
-            Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream-circuit-open",
-                "Upstream paused",
-            )
-            .with_detail(format!(
-                "calls to `{service}` are paused or over capacity ({error}); try again shortly"
-            ))
-            .with_header(http::header::RETRY_AFTER, HeaderValue::from(seconds))
-        }
-        ClientError::Timeout { after, .. } => Problem::new(
+        UpstreamError::Timeout { after, .. } => Problem::new(
             StatusCode::GATEWAY_TIMEOUT,
             "upstream-timeout",
             "Upstream timed out",

@@ -71,6 +71,8 @@ pub enum Match<'a> {
         route: &'a Route,
         /// The path to send upstream.
         upstream_path: String,
+        /// What a template captured.
+        params: Vec<(String, String)>,
     },
     /// The path is routed, but not for this method: these are.
     MethodNotAllowed(Vec<Method>),
@@ -208,6 +210,20 @@ impl RouteTable {
                 config: c.clone(),
             });
         }
+        for (name, u) in &config.upstreams {
+            let at = format!("upstreams.{name}");
+            if u.lb == crate::configuration::LbPolicy::ConsistentHash && u.hash_on.is_none() {
+                errors.push(format!("{at}: lb = \"consistent_hash\" needs hash_on"));
+            }
+            if u.retry_budget_percent > 100 || u.outlier_max_ejected_percent > 100 {
+                errors.push(format!("{at}: percentages are 0 to 100"));
+            }
+            if u.outlier_consecutive_failures == 0 {
+                errors.push(format!(
+                    "{at}.outlier_consecutive_failures must be at least 1"
+                ));
+            }
+        }
         for (name, p) in &config.rate_limits {
             let at = format!("rate_limits.{name}");
             if p.rate == 0 {
@@ -234,13 +250,14 @@ impl RouteTable {
             if !host_matches(route.host.as_deref(), host) {
                 continue;
             }
-            let Some(upstream_path) = path_matches(route, path) else {
+            let Some((upstream_path, params)) = path_matches(route, path) else {
                 continue;
             };
             if route.methods.is_empty() || route.methods.contains(method) {
                 return Match::Found {
                     route,
                     upstream_path,
+                    params,
                 };
             }
             allowed.extend(route.methods.iter().cloned());
@@ -417,12 +434,17 @@ fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
     }
 }
 
-/// The upstream path if `route` takes `path`.
-fn path_matches(route: &Route, path: &str) -> Option<String> {
+type Params = Vec<(String, String)>;
+
+/// The upstream path (and the template's captures) if `route` takes `path`.
+fn path_matches(route: &Route, path: &str) -> Option<(String, Params)> {
     match &route.pattern {
-        Pattern::Exact(e) => {
-            (path == e).then(|| route.rewrite.clone().unwrap_or_else(|| path.to_owned()))
-        }
+        Pattern::Exact(e) => (path == e).then(|| {
+            (
+                route.rewrite.clone().unwrap_or_else(|| path.to_owned()),
+                Vec::new(),
+            )
+        }),
         Pattern::Prefix(p) => {
             let rest = if p == "/" {
                 path
@@ -432,11 +454,12 @@ fn path_matches(route: &Route, path: &str) -> Option<String> {
                 path.strip_prefix(p.as_str())
                     .filter(|r| r.starts_with('/'))?
             };
-            Some(match &route.rewrite {
+            let upstream = match &route.rewrite {
                 None => path.to_owned(),
                 Some(w) if rest.is_empty() => w.clone(),
                 Some(w) => format!("{}{rest}", w.trim_end_matches('/')),
-            })
+            };
+            Some((upstream, Vec::new()))
         }
         Pattern::Template(segments) => {
             let mut params: Vec<(&str, &str)> = Vec::new();
@@ -475,17 +498,22 @@ fn path_matches(route: &Route, path: &str) -> Option<String> {
             if !rest.is_empty() {
                 return None;
             }
-            Some(match &route.rewrite {
+            let upstream = match &route.rewrite {
                 None => path.to_owned(),
                 Some(w) => {
                     let mut out = w.clone();
-                    for (name, value) in params {
+                    for (name, value) in &params {
                         out = out.replace(&format!("{{*{name}}}"), value);
                         out = out.replace(&format!("{{{name}}}"), value);
                     }
                     out
                 }
-            })
+            };
+            let params = params
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+            Some((upstream, params))
         }
     }
 }
@@ -518,6 +546,7 @@ mod tests {
             Match::Found {
                 route,
                 upstream_path,
+                ..
             } => Some((route.label.to_string(), upstream_path)),
             _ => None,
         }

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::ApiKeys;
-use crate::configuration::Declarative;
+use crate::configuration::{Declarative, UpstreamConfig};
 use crate::normalize::SlashPolicy;
 use crate::ratelimit::KeyedLimiter;
 use crate::routes::RouteTable;
@@ -38,7 +38,19 @@ pub struct Runtime {
     pub config: Declarative,
 }
 
+/// What an upstream not configured gets.
+static DEFAULT_UPSTREAM: std::sync::LazyLock<UpstreamConfig> =
+    std::sync::LazyLock::new(UpstreamConfig::default);
+
 impl Runtime {
+    /// `service`'s upstream settings (the defaults when not configured).
+    pub fn upstream(&self, service: &str) -> &UpstreamConfig {
+        self.config
+            .upstreams
+            .get(service)
+            .unwrap_or(&DEFAULT_UPSTREAM)
+    }
+
     /// Compiles `config`; limiters whose policy did not change keep their state
     /// (a reload must not hand every client a fresh burst).
     fn compile(

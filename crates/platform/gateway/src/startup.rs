@@ -18,8 +18,10 @@ use chassis::{Chassis, ServiceConfig};
 
 use crate::auth::{Authenticator, ClaimNames, Memo};
 use crate::configuration::{AuthSettings, Settings};
+use crate::forwarded::TrustedProxies;
 use crate::proxy::{self, Proxy};
 use crate::runtime::{Config as RoutingConfig, Source};
+use crate::upstream::Upstreams;
 
 pub struct Config {
     pub service: ServiceConfig,
@@ -48,6 +50,8 @@ impl Application {
                 errors.join("\n  - ")
             )
         })?);
+        let trusted = TrustedProxies::parse(&settings.trusted_proxies)
+            .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n  - ")))?;
         let key_file = settings
             .identity_key_file
             .clone()
@@ -72,6 +76,11 @@ impl Application {
             .context("binding the listener")?;
         routing.register_metrics(&chassis.metrics);
         let verifier = verifier(&settings.auth, &chassis.client)?;
+        let upstreams = Upstreams::new(
+            chassis.client.resolver().clone(),
+            chassis.http.client_connect_timeout.0,
+        );
+        upstreams.register_metrics(&chassis.metrics);
         let auth = Authenticator::new(
             verifier,
             ClaimNames {
@@ -85,9 +94,11 @@ impl Application {
         let dependencies = routing.current().table.services();
         let proxy = Arc::new(Proxy {
             config: routing.clone(),
+            upstreams,
             client: chassis.client.clone(),
             auth,
             minted: Memo::new(65_536),
+            trusted,
             issuer: IdentityIssuer::new(
                 key,
                 &identity.issuer,
@@ -98,7 +109,7 @@ impl Application {
         });
         let admin = crate::admin::router(crate::admin::Admin {
             config: routing.clone(),
-            client: chassis.client.clone(),
+            proxy: proxy.clone(),
         });
         let own = Router::new()
             .route(&identity.jwks_path, get(identity_jwks))

@@ -57,6 +57,23 @@ async fn spawn() -> Gw {
 
 /// The gateway with the standard routes, changed by `adjust`.
 async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Gw {
+    spawn_full(adjust, Vec::new()).await
+}
+
+/// An instance that answers `status` with its `name` in `x-instance`.
+async fn instance(name: &'static str, status: u16) -> String {
+    let app = Router::new().fallback(any(move || async move {
+        (
+            http::StatusCode::from_u16(status).unwrap(),
+            [("x-instance", name)],
+            name,
+        )
+    }));
+    chassis::testing::serve(app).await
+}
+
+/// [`spawn_with`], with more services known to discovery.
+async fn spawn_full(adjust: impl FnOnce(&mut Settings), more: Vec<(String, String)>) -> Gw {
     let seen: Seen = Arc::default();
     let echo = upstream(seen.clone()).await;
     let users = IdentityFixture::issuer("/.well-known/jwks.json", "bazaar-users", "bazaar").await;
@@ -73,7 +90,9 @@ async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Gw {
             ("dead".to_owned(), format!("http://{dead}")),
             ("gateway".to_owned(), url.clone()),
         ]
-        .into(),
+        .into_iter()
+        .chain(more)
+        .collect(),
         ..Default::default()
     }
     .resolver()
@@ -902,4 +921,191 @@ async fn jwt_attack_corpus_against_configured_keys() {
         .unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(gw.seen_count(), before);
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies_read_right_to_left() {
+    let gw = spawn_with(|s| {
+        s.trusted_proxies = vec!["127.0.0.1".into()];
+        s.routes = vec![RouteConfig {
+            rate_limit: Some("one".into()),
+            ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
+        }];
+        s.rate_limits = [(
+            "one".to_owned(),
+            gateway::configuration::RateLimitPolicy {
+                rate: 1,
+                per: HumanDuration::secs(60),
+                burst: None,
+                key: gateway::configuration::LimitKey::Ip,
+            },
+        )]
+        .into();
+    })
+    .await;
+    let get = |xff: &'static str| {
+        gw.http
+            .get(format!("{}/open/x", gw.url))
+            .header("x-forwarded-for", xff)
+            .header("x-forwarded-proto", "https")
+            .send()
+    };
+    // The test client (127.0.0.1) is a trusted proxy: the client is the rightmost
+    // untrusted address; the spoofed one on the left is dropped.
+    let r = get("6.6.6.6, 198.51.100.4").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let headers = gw.last_seen().1;
+    assert_eq!(headers["x-forwarded-for"], "198.51.100.4, 127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    // Rate limits count that client, whatever it puts on the left.
+    assert_eq!(get("7.7.7.7, 198.51.100.4").await.unwrap().status(), 429);
+    assert_eq!(get("198.51.100.5").await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn balancing_retries_and_outlier_ejection() {
+    use gateway::configuration::{HashOn, LbPolicy, UpstreamConfig};
+    let (a, b, bad) = (
+        instance("a", 200).await,
+        instance("b", 200).await,
+        instance("bad", 503).await,
+    );
+    let gw = spawn_full(
+        |s| {
+            s.routes = vec![
+                RouteConfig::prefix("/duo", "duo", AuthPolicy::Anonymous),
+                RouteConfig::prefix("/trio", "trio", AuthPolicy::Anonymous),
+                RouteConfig::prefix("/sticky", "sticky", AuthPolicy::Anonymous),
+                RouteConfig::prefix("/fast", "fast", AuthPolicy::Anonymous),
+            ];
+            s.upstreams = [
+                (
+                    "trio".to_owned(),
+                    UpstreamConfig {
+                        outlier_consecutive_failures: 3,
+                        outlier_base_ejection: HumanDuration::secs(60),
+                        retry_budget_percent: 100,
+                        ..UpstreamConfig::default()
+                    },
+                ),
+                (
+                    "sticky".to_owned(),
+                    UpstreamConfig {
+                        lb: LbPolicy::ConsistentHash,
+                        hash_on: Some(HashOn::Header("x-user".into())),
+                        ..UpstreamConfig::default()
+                    },
+                ),
+                (
+                    "fast".to_owned(),
+                    UpstreamConfig {
+                        lb: LbPolicy::P2c,
+                        ..UpstreamConfig::default()
+                    },
+                ),
+            ]
+            .into();
+        },
+        vec![
+            ("duo".into(), format!("{a},{b}")),
+            ("trio".into(), format!("{a},{b},{bad}")),
+            ("sticky".into(), format!("{a},{b}")),
+            ("fast".into(), format!("{a},{b}")),
+        ],
+    )
+    .await;
+    let hit = |path: &'static str, user: Option<&'static str>| {
+        let mut req = gw.http.get(format!("{}{path}", gw.url));
+        if let Some(u) = user {
+            req = req.header("x-user", u);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.headers()
+                    .get("x-instance")
+                    .map(|v| v.to_str().unwrap().to_owned()),
+            )
+        }
+    };
+    // Round robin: an even split.
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let (status, who) = hit("/duo", None).await;
+        assert_eq!(status, 200);
+        *counts.entry(who.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts["a"], 10);
+    assert_eq!(counts["b"], 10);
+
+    // A failing instance: its 503s are retried on another instance (GET is
+    // idempotent), so clients see none, and after 3 in a row it is ejected.
+    for _ in 0..30 {
+        let (status, who) = hit("/trio", None).await;
+        assert_eq!(status, 200);
+        assert_ne!(who.as_deref(), Some("bad"));
+    }
+    let upstreams: Value = gw
+        .http
+        .get(format!("{}/upstreams", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let trio = upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["service"] == "trio")
+        .unwrap()
+        .clone();
+    let bad_state = trio["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["url"].as_str().unwrap().starts_with(&bad))
+        .unwrap()
+        .clone();
+    assert_eq!(bad_state["ejected"], true, "{trio}");
+    assert_eq!(bad_state["ejections"], 1);
+    // A POST is never replayed: the one that lands on the bad instance gets its 503.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(
+            gw.http
+                .post(format!("{}/trio", gw.url))
+                .body("x")
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+        );
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "the ejected instance got a POST: {statuses:?}"
+    );
+
+    // Consistent hashing: a user sticks to one instance; users spread over both.
+    let mut homes = std::collections::HashMap::new();
+    for user in ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"] {
+        let (_, first) = hit("/sticky", Some(user)).await;
+        for _ in 0..3 {
+            assert_eq!(hit("/sticky", Some(user)).await.1, first, "{user} moved");
+        }
+        homes.insert(user, first.unwrap());
+    }
+    let used: std::collections::HashSet<_> = homes.values().collect();
+    assert_eq!(used.len(), 2, "{homes:?}");
+
+    // P2C answers from both instances.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        seen.insert(hit("/fast", None).await.1.unwrap());
+    }
+    assert_eq!(seen.len(), 2);
 }

@@ -1,0 +1,528 @@
+//! Upstream calls: instances come through discovery; one is chosen by the
+//! upstream's load-balancing policy among those not ejected; failures eject an
+//! instance for a growing time; idempotent requests (and requests that never left
+//! because the connection failed) are retried on another instance within a budget.
+//! One pooled HTTP client serves every upstream (its pool is per authority).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use axum::body::Body;
+use chassis::client::Instance;
+use discovery::Resolver;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use rand::Rng;
+use resilience::retry::RetryPolicy;
+
+use crate::configuration::{HashOn, LbPolicy, UpstreamConfig};
+
+/// Why an upstream call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no instance of `{service}` is known: {reason}")]
+    NoInstance { service: String, reason: String },
+    #[error("cannot connect to `{service}`: {reason}")]
+    Connect { service: String, reason: String },
+    #[error("`{service}` did not answer within {after:?}")]
+    Timeout { service: String, after: Duration },
+    #[error("`{service}` failed: {reason}")]
+    Failed { service: String, reason: String },
+}
+
+/// One instance's live state.
+#[derive(Debug, Default)]
+pub struct InstanceState {
+    pub outstanding: AtomicU32,
+    /// Exponentially weighted response time, microseconds.
+    pub ewma_us: AtomicU64,
+    pub consecutive_failures: AtomicU32,
+    pub ejections: AtomicU32,
+    /// Nanoseconds since the upstreams' epoch; 0: not ejected.
+    pub ejected_until: AtomicU64,
+}
+
+/// The instances last resolved, with their states (rebuilt when discovery answers
+/// with a new set).
+struct Snapshot {
+    instances: Arc<[Instance]>,
+    states: Vec<Arc<InstanceState>>,
+}
+
+/// One upstream service.
+pub struct Upstream {
+    pub name: String,
+    snapshot: ArcSwapOption<Snapshot>,
+    /// States survive instance-set changes (an instance keeps its ejection).
+    states: Mutex<HashMap<String, Arc<InstanceState>>>,
+    next: AtomicUsize,
+    retry: Arc<RetryPolicy>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    outcomes: Family<OutcomeLabels, Counter>,
+    ejections: Family<OutcomeLabels, Counter>,
+}
+
+/// Every upstream, and the client they share.
+pub struct Upstreams {
+    client: Client<HttpConnector, Body>,
+    resolver: Arc<dyn Resolver>,
+    map: Mutex<HashMap<String, Arc<Upstream>>>,
+    epoch: Instant,
+    metrics: Metrics,
+}
+
+/// What a caller passes for one request.
+pub struct Call<'a> {
+    pub service: &'a str,
+    pub config: &'a UpstreamConfig,
+    pub timeout: Duration,
+    /// The key for consistent hashing, when the policy hashes.
+    pub hash_key: Option<&'a str>,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Upstreams {
+    pub fn new(resolver: Arc<dyn Resolver>, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self {
+            client,
+            resolver,
+            map: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// `bazaar_gateway_upstream_responses_total{upstream, outcome}` and
+    /// `bazaar_gateway_upstream_ejections_total{upstream}`.
+    pub fn register_metrics(&self, metrics: &telemetry::metrics::Metrics) {
+        metrics.register(
+            "bazaar_gateway_upstream_responses",
+            "Upstream attempts by outcome (2xx..5xx, connect_error, timeout)",
+            self.metrics.outcomes.clone(),
+        );
+        metrics.register(
+            "bazaar_gateway_upstream_ejections",
+            "Instances ejected by outlier detection",
+            self.metrics.ejections.clone(),
+        );
+    }
+
+    pub fn resolver(&self) -> &Arc<dyn Resolver> {
+        &self.resolver
+    }
+
+    fn upstream(&self, service: &str, config: &UpstreamConfig) -> Arc<Upstream> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = map.get(service) {
+            return u.clone();
+        }
+        let u = Arc::new(Upstream {
+            name: service.to_owned(),
+            snapshot: ArcSwapOption::empty(),
+            states: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+            retry: RetryPolicy::new(
+                config.retries + 1,
+                Duration::from_millis(5),
+                Duration::from_millis(100),
+                config.retry_budget(),
+            ),
+        });
+        map.insert(service.to_owned(), u.clone());
+        u
+    }
+
+    /// Each instance of `service` with its state, for the admin API.
+    pub fn states(&self, service: &str) -> Vec<(Instance, Arc<InstanceState>, bool)> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(u) = map.get(service) else {
+            return Vec::new();
+        };
+        let now = nanos(self.epoch.elapsed());
+        u.snapshot
+            .load_full()
+            .map(|s| {
+                s.instances
+                    .iter()
+                    .cloned()
+                    .zip(s.states.iter().cloned())
+                    .map(|(i, st)| {
+                        let ejected = st.ejected_until.load(Ordering::Relaxed) > now;
+                        (i, st, ejected)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn snapshot(&self, u: &Upstream) -> Result<Arc<Snapshot>, UpstreamError> {
+        let instances = self
+            .resolver
+            .resolve(&u.name)
+            .map_err(|e| UpstreamError::NoInstance {
+                service: u.name.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(s) = u.snapshot.load_full()
+            && Arc::ptr_eq(&s.instances, &instances)
+        {
+            return Ok(s);
+        }
+        let mut states = u.states.lock().unwrap_or_else(|e| e.into_inner());
+        let list = instances
+            .iter()
+            .map(|i| states.entry(i.id.clone()).or_default().clone())
+            .collect();
+        let s = Arc::new(Snapshot {
+            instances,
+            states: list,
+        });
+        u.snapshot.store(Some(s.clone()));
+        Ok(s)
+    }
+
+    /// Indexes of instances to use, ejected ones left out unless all are.
+    fn candidates(&self, s: &Snapshot, tried: &[usize]) -> Vec<usize> {
+        let now = nanos(self.epoch.elapsed());
+        let fresh: Vec<usize> = (0..s.instances.len())
+            .filter(|i| !tried.contains(i))
+            .collect();
+        let healthy: Vec<usize> = fresh
+            .iter()
+            .copied()
+            .filter(|&i| s.states[i].ejected_until.load(Ordering::Relaxed) <= now)
+            .collect();
+        // Every instance ejected: use them all rather than fail (Envoy's panic mode).
+        if healthy.is_empty() { fresh } else { healthy }
+    }
+
+    fn pick(&self, u: &Upstream, s: &Snapshot, call: &Call<'_>, tried: &[usize]) -> Option<usize> {
+        let c = self.candidates(s, tried);
+        match (c.len(), call.config.lb) {
+            (0, _) => None,
+            (1, _) => Some(c[0]),
+            (_, LbPolicy::RoundRobin) => Some(c[u.next.fetch_add(1, Ordering::Relaxed) % c.len()]),
+            (n, LbPolicy::P2c) => {
+                let mut rng = rand::thread_rng();
+                let a = rng.gen_range(0..n);
+                let b = (a + rng.gen_range(1..n)) % n;
+                let score = |i: usize| {
+                    let st = &s.states[c[i]];
+                    let load = u64::from(st.outstanding.load(Ordering::Relaxed)) + 1;
+                    load * st.ewma_us.load(Ordering::Relaxed).max(1)
+                };
+                Some(if score(a) <= score(b) { c[a] } else { c[b] })
+            }
+            (_, LbPolicy::ConsistentHash) => match call.hash_key {
+                // Rendezvous hashing: the instance with the highest hash of
+                // (key, instance) wins, so removing one moves only its keys.
+                Some(key) => c.iter().copied().max_by_key(|&i| {
+                    mix(fnv(
+                        key.as_bytes(),
+                        fnv(s.instances[i].id.as_bytes(), 0xcbf2_9ce4_8422_2325),
+                    ))
+                }),
+                None => Some(c[u.next.fetch_add(1, Ordering::Relaxed) % c.len()]),
+            },
+        }
+    }
+
+    /// Records an attempt's outcome: latency, and failures towards ejection.
+    fn record(
+        &self,
+        u: &Upstream,
+        s: &Snapshot,
+        i: usize,
+        call: &Call<'_>,
+        took: Duration,
+        failed: bool,
+    ) {
+        let st = &s.states[i];
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = st.ewma_us.load(Ordering::Relaxed);
+        // alpha = 1/8: follows a slowdown within a few dozen requests.
+        let new = if old == 0 { us } else { old - old / 8 + us / 8 };
+        st.ewma_us.store(new, Ordering::Relaxed);
+        if !failed {
+            st.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = st.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let o = &call.config;
+        if failures < o.outlier_consecutive_failures {
+            return;
+        }
+        let now = nanos(self.epoch.elapsed());
+        let n = s.instances.len();
+        let ejected = s
+            .states
+            .iter()
+            .filter(|st| st.ejected_until.load(Ordering::Relaxed) > now)
+            .count();
+        let cap = (n * usize::from(o.outlier_max_ejected_percent) / 100).max(usize::from(n > 1));
+        if ejected >= cap {
+            return;
+        }
+        let times = st.ejections.fetch_add(1, Ordering::Relaxed);
+        let base = o.outlier_base_ejection.0;
+        let span = base
+            .saturating_mul(1u32 << times.min(16))
+            .min(o.outlier_max_ejection.0.max(base));
+        st.ejected_until.store(now + nanos(span), Ordering::Relaxed);
+        st.consecutive_failures.store(0, Ordering::Relaxed);
+        self.metrics
+            .ejections
+            .get_or_create(&OutcomeLabels {
+                upstream: u.name.clone(),
+                outcome: "ejected",
+            })
+            .inc();
+        tracing::warn!(upstream = %u.name, instance = %s.instances[i].id, ejected_for = ?span, "instance ejected after consecutive failures");
+    }
+
+    fn count(&self, service: &str, outcome: &'static str) {
+        self.metrics
+            .outcomes
+            .get_or_create(&OutcomeLabels {
+                upstream: service.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Sends `request` (its URI a path and query) to an instance of `call.service`.
+    pub async fn send(
+        &self,
+        call: Call<'_>,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let u = self.upstream(call.service, call.config);
+        let s = self.snapshot(&u)?;
+        u.retry.on_request();
+        // A request can be sent again only if it has no body to replay.
+        let bodiless = is_bodiless(request.method(), request.headers());
+        let (parts, body) = request.into_parts();
+        let mut body = Some(body);
+        let mut tried = Vec::new();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let Some(i) = self.pick(&u, &s, &call, &tried) else {
+                return Err(UpstreamError::NoInstance {
+                    service: u.name.clone(),
+                    reason: "every instance was tried".into(),
+                });
+            };
+            tried.push(i);
+            let instance = &s.instances[i];
+            let mut request =
+                Request::from_parts(parts.clone(), body.take().unwrap_or_else(Body::empty));
+            *request.uri_mut() = upstream_uri(&instance.base_url, &parts.uri)?;
+            telemetry::context::inject_current(request.headers_mut());
+            let state = &s.states[i];
+            state.outstanding.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let outcome = tokio::time::timeout(call.timeout, self.client.request(request)).await;
+            state.outstanding.fetch_sub(1, Ordering::Relaxed);
+            let took = started.elapsed();
+            let (result, failed, connect, label) = match outcome {
+                Err(_) => (
+                    Err(UpstreamError::Timeout {
+                        service: u.name.clone(),
+                        after: call.timeout,
+                    }),
+                    true,
+                    false,
+                    "timeout",
+                ),
+                Ok(Err(e)) if e.is_connect() => (
+                    Err(UpstreamError::Connect {
+                        service: u.name.clone(),
+                        reason: e.to_string(),
+                    }),
+                    true,
+                    true,
+                    "connect_error",
+                ),
+                Ok(Err(e)) => (
+                    Err(UpstreamError::Failed {
+                        service: u.name.clone(),
+                        reason: e.to_string(),
+                    }),
+                    true,
+                    false,
+                    "error",
+                ),
+                Ok(Ok(r)) => {
+                    let status = r.status();
+                    let failed = status.is_server_error();
+                    (Ok(r), failed, false, status_class(status))
+                }
+            };
+            self.record(&u, &s, i, &call, took, failed);
+            self.count(&u.name, label);
+            // Retry: a connection that failed (nothing was sent) if the body can be
+            // sent again, or an idempotent bodiless request that failed upstream.
+            let retryable = bodiless
+                && (connect
+                    || (resilience::retry::is_idempotent(&parts.method)
+                        && match &result {
+                            Ok(r) => matches!(
+                                r.status(),
+                                StatusCode::BAD_GATEWAY
+                                    | StatusCode::SERVICE_UNAVAILABLE
+                                    | StatusCode::GATEWAY_TIMEOUT
+                            ),
+                            Err(_) => true,
+                        }));
+            if !retryable || tried.len() >= s.instances.len() {
+                return result;
+            }
+            match u.retry.next_delay(attempt, None, None) {
+                Some(_) => {
+                    tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");
+                }
+                None => return result,
+            }
+        }
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// No body to replay: none declared, or declared empty.
+fn is_bodiless(method: &Method, headers: &HeaderMap) -> bool {
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    !headers.contains_key(http::header::TRANSFER_ENCODING)
+        && (length == Some(0)
+            || (length.is_none()
+                && method != Method::POST
+                && method != Method::PUT
+                && method != Method::PATCH))
+}
+
+fn upstream_uri(base: &Uri, target: &Uri) -> Result<Uri, UpstreamError> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = target.path_and_query().cloned();
+    Uri::from_parts(parts).map_err(|e| UpstreamError::Failed {
+        service: base.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// FNV-1a, seeded: cheap and well spread for short keys.
+fn fnv(bytes: &[u8], seed: u64) -> u64 {
+    bytes.iter().fold(seed, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// MurmurHash3's finalizer: FNV alone leaves keys that differ in their last byte
+/// close together, and rendezvous hashing compares whole values.
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+/// The hashing key of a request for `on`.
+pub fn hash_key(on: &HashOn, headers: &HeaderMap, params: &[(String, String)]) -> Option<String> {
+    match on {
+        HashOn::Header(name) => headers
+            .get(name.as_str())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        HashOn::Cookie(name) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|c| c.trim().split_once('='))
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.to_owned()),
+        HashOn::Param(name) => params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodiless_requests_can_be_replayed() {
+        let mut h = HeaderMap::new();
+        assert!(is_bodiless(&Method::GET, &h));
+        assert!(!is_bodiless(&Method::POST, &h));
+        h.insert(http::header::CONTENT_LENGTH, "0".parse().unwrap());
+        assert!(is_bodiless(&Method::POST, &h));
+        h.insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
+        assert!(!is_bodiless(&Method::GET, &h));
+    }
+
+    #[test]
+    fn hash_keys_from_header_cookie_and_param() {
+        let mut h = HeaderMap::new();
+        h.insert("x-tenant", "acme".parse().unwrap());
+        h.insert(http::header::COOKIE, "a=1; session=s42".parse().unwrap());
+        let params = vec![("id".to_owned(), "7".to_owned())];
+        assert_eq!(
+            hash_key(&HashOn::Header("x-tenant".into()), &h, &params).as_deref(),
+            Some("acme")
+        );
+        assert_eq!(
+            hash_key(&HashOn::Cookie("session".into()), &h, &params).as_deref(),
+            Some("s42")
+        );
+        assert_eq!(
+            hash_key(&HashOn::Param("id".into()), &h, &params).as_deref(),
+            Some("7")
+        );
+        assert_eq!(hash_key(&HashOn::Param("nope".into()), &h, &params), None);
+    }
+}
