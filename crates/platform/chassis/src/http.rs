@@ -118,7 +118,7 @@ struct ObserveState {
 }
 
 /// Which requests get an access log line.
-struct AccessLogPolicy {
+pub struct AccessLogPolicy {
     enabled: bool,
     /// Log one in `every` requests below `always_from`.
     every: u64,
@@ -127,7 +127,7 @@ struct AccessLogPolicy {
 }
 
 impl AccessLogPolicy {
-    fn new(http: &crate::settings::HttpSettings) -> Self {
+    pub fn new(http: &crate::settings::HttpSettings) -> Self {
         let sample = http.access_log_sample.clamp(0.0, 1.0);
         Self {
             enabled: http.access_log && sample > 0.0,
@@ -141,7 +141,7 @@ impl AccessLogPolicy {
         }
     }
 
-    fn logs(&self, status: u16) -> bool {
+    pub fn logs(&self, status: u16) -> bool {
         if status >= self.always_from {
             return true;
         }
@@ -235,6 +235,18 @@ impl Chassis {
     /// Serves `router` until `shutdown` is cancelled, then drains in-flight requests
     /// for at most the configured grace period.
     pub async fn serve(self, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+        self.serve_with(router, shutdown, None).await
+    }
+
+    /// [`serve`](Self::serve), with `server` accepting the connections instead of
+    /// axum's loop (the gateway's own server); registration, draining and the grace
+    /// period stay the chassis's.
+    pub async fn serve_with(
+        self,
+        router: Router,
+        shutdown: CancellationToken,
+        server: Option<ServerFn>,
+    ) -> std::io::Result<()> {
         let grace = self.http.shutdown_grace.0;
         let addr = self.local_addr;
         let service = self.name;
@@ -245,11 +257,17 @@ impl Chassis {
             let task = tokio::spawn(keep_registered(registrar.clone(), registration));
             (registrar, id, task)
         });
-        let server = axum::serve(
-            self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server: futures::future::BoxFuture<'static, std::io::Result<()>> = match server {
+            Some(custom) => custom(self.listener, router, shutdown.clone()),
+            None => Box::pin(
+                axum::serve(
+                    self.listener,
+                    router.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .into_future(),
+            ),
+        };
         let drained = tokio::select! {
             result = server => result.map(|()| true),
             () = async {
@@ -579,6 +597,17 @@ async fn openapi_doc(State(s): State<StdState>) -> Response {
 }
 
 /// A built service ready to run: its bound chassis, its full router and its database.
+/// A server loop replacing axum's: gets the bound listener, the service's full
+/// router and the shutdown token; returns once its connections are drained.
+pub type ServerFn = Box<
+    dyn FnOnce(
+            tokio::net::TcpListener,
+            Router,
+            CancellationToken,
+        ) -> futures::future::BoxFuture<'static, std::io::Result<()>>
+        + Send,
+>;
+
 /// Work a service runs beside its HTTP server (an outbox relay, a consumer).
 pub type BackgroundTask =
     Box<dyn FnOnce(CancellationToken) -> futures::future::BoxFuture<'static, ()> + Send>;
@@ -591,6 +620,7 @@ pub struct Service {
     router: Router,
     database: Option<Database>,
     background: Vec<BackgroundTask>,
+    server: Option<ServerFn>,
 }
 
 impl Service {
@@ -600,7 +630,14 @@ impl Service {
             router,
             database,
             background: Vec::new(),
+            server: None,
         }
+    }
+
+    /// Accepts connections with `server` instead of axum's loop.
+    pub fn with_server(mut self, server: ServerFn) -> Self {
+        self.server = Some(server);
+        self
     }
 
     /// Publishes what this service writes into `outbox` (in `pool`'s database)
@@ -725,7 +762,10 @@ impl Service {
             .into_iter()
             .map(|task| tokio::spawn(task(shutdown.child_token())))
             .collect();
-        let served = self.chassis.serve(self.router, shutdown).await;
+        let served = self
+            .chassis
+            .serve_with(self.router, shutdown, self.server)
+            .await;
         let _ = tokio::time::timeout(BACKGROUND_GRACE, join_all(tasks)).await;
         if let Some(db) = self.database {
             db.close().await;

@@ -318,6 +318,21 @@ config_section! {
         pub admin_port: u16 = 8081,
         /// The admin API's address; loopback unless you mean to expose it.
         pub admin_address: String = "127.0.0.1".to_owned(),
+        /// Threads serving requests, each with its own connections; 0: one per core.
+        pub workers: usize = 0,
+        /// Request line and headers, in bytes; past it, 431.
+        pub max_header_bytes: usize = 16 * 1024,
+        /// Header fields per request; past it, 431.
+        pub max_headers: usize = 100,
+        /// Path and query, in bytes; past it, 414.
+        pub max_uri_bytes: usize = 8 * 1024,
+        /// A client has this long to send its request head (slow clients).
+        pub header_timeout: HumanDuration = HumanDuration::secs(10),
+        /// HTTP/2 streams a connection may have open at once.
+        pub h2_max_concurrent_streams: u32 = 100,
+        /// HTTP/2 streams a client may reset before the server caught up (rapid
+        /// reset); past it the connection is closed.
+        pub h2_max_pending_resets: usize = 20,
         /// Deadline for an upstream's response head: past it the client gets a 504.
         /// Below `http.request_timeout` so the gateway answers before its own limit.
         pub upstream_timeout: HumanDuration = HumanDuration::secs(15),

@@ -25,6 +25,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
 pub mod runtime;
+pub mod server;
 pub mod startup;
 pub mod upstream;
 

@@ -62,6 +62,8 @@ pub struct Proxy {
     pub minted: Memo<(String, Option<String>), (Arc<str>, std::time::Instant)>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
+    /// Largest request body forwarded.
+    pub max_body: usize,
 }
 
 impl Proxy {
@@ -90,8 +92,14 @@ pub async fn handle(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
+    handle_request(&proxy, peer, request).await
+}
+
+/// Forwards one request, or answers it with a problem; the response carries the
+/// [`AccessLog`] and route label for the access log and metrics.
+pub async fn handle_request(proxy: &Proxy, peer: SocketAddr, request: Request) -> Response {
     let mut log = AccessLog::default();
-    let mut response = match forward(&proxy, peer, request, &mut log).await {
+    let mut response = match forward(proxy, peer, request, &mut log).await {
         Ok(response) => response,
         Err((label, problem)) => {
             let mut response = problem.into_response();
@@ -288,6 +296,8 @@ async fn forward(
         .hash_on
         .as_ref()
         .and_then(|on| crate::upstream::hash_key(on, &parts.headers, &params));
+    // A body without a declared length is cut off at the limit as it streams.
+    let body = Body::new(http_body_util::Limited::new(body, proxy.max_body));
     let upstream = Request::from_parts(parts, body);
     log.upstream = Some(route.service.clone());
     let sent = std::time::Instant::now();

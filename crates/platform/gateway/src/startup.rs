@@ -21,6 +21,7 @@ use crate::configuration::{AuthSettings, Settings};
 use crate::forwarded::TrustedProxies;
 use crate::proxy::{self, Proxy};
 use crate::runtime::{Config as RoutingConfig, Source};
+use crate::server::Limits;
 use crate::upstream::Upstreams;
 
 pub struct Config {
@@ -106,6 +107,7 @@ impl Application {
                 identity.token_ttl.0,
             ),
             upstream_timeout: settings.upstream_timeout.0,
+            max_body: usize::try_from(chassis.http.body_limit.0).unwrap_or(usize::MAX),
         });
         let admin = crate::admin::router(crate::admin::Admin {
             config: routing.clone(),
@@ -115,7 +117,7 @@ impl Application {
             .route(&identity.jwks_path, get(identity_jwks))
             .route("/openapi.json", get(crate::openapi::merged))
             .fallback(proxy::handle)
-            .with_state(proxy);
+            .with_state(proxy.clone());
         let router = chassis.router(
             own,
             Readiness {
@@ -126,7 +128,35 @@ impl Application {
         );
         tracing::info!(admin = %admin_url, source = %routing.source().describe(), "gateway admin API listening");
         let watcher = routing.clone();
+        let limits = Limits {
+            workers: settings.workers,
+            max_header_bytes: settings.max_header_bytes,
+            max_headers: settings.max_headers,
+            max_uri_bytes: settings.max_uri_bytes,
+            max_body_bytes: chassis.http.body_limit.0,
+            header_timeout: settings.header_timeout.0,
+            h2_max_concurrent_streams: settings.h2_max_concurrent_streams,
+            h2_max_pending_resets: settings.h2_max_pending_resets,
+        };
+        // The chassis router serves these on the public port; the rest is proxied.
+        let own_paths = [
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+            identity.jwks_path.as_str(),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let server = crate::server::server(
+            proxy,
+            chassis.metrics.clone(),
+            &chassis.http,
+            limits,
+            own_paths,
+        );
         Ok(Service::new(chassis, router, None)
+            .with_server(server)
             .with_background(move |stop| Box::pin(watcher.watch(stop)))
             .with_background(move |stop| {
                 Box::pin(async move {

@@ -80,9 +80,25 @@ struct Metrics {
     ejections: Family<OutcomeLabels, Counter>,
 }
 
-/// Every upstream, and the client they share.
+thread_local! {
+    /// The upstream client of this thread: a gateway worker thread keeps its
+    /// upstream connections to itself, so their I/O never wakes another thread.
+    static CLIENT: std::cell::OnceCell<Client<HttpConnector, Body>> = const { std::cell::OnceCell::new() };
+}
+
+fn build_client(connect_timeout: Duration) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(256)
+        .build(connector)
+}
+
+/// Every upstream's state; the HTTP clients are per thread.
 pub struct Upstreams {
-    client: Client<HttpConnector, Body>,
+    connect_timeout: Duration,
     resolver: Arc<dyn Resolver>,
     map: Mutex<HashMap<String, Arc<Upstream>>>,
     epoch: Instant,
@@ -104,15 +120,8 @@ fn nanos(d: Duration) -> u64 {
 
 impl Upstreams {
     pub fn new(resolver: Arc<dyn Resolver>, connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Self {
-            client,
+            connect_timeout,
             resolver,
             map: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
@@ -350,7 +359,9 @@ impl Upstreams {
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let outcome = tokio::time::timeout(call.timeout, self.client.request(request)).await;
+            let client =
+                CLIENT.with(|c| c.get_or_init(|| build_client(self.connect_timeout)).clone());
+            let outcome = tokio::time::timeout(call.timeout, client.request(request)).await;
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();
             let (result, failed, connect, label) = match outcome {

@@ -1,0 +1,339 @@
+//! The gateway's own server: thread per core, each thread a single-threaded runtime
+//! accepting on the shared listener, so a request's server connection, upstream
+//! connection and everything between run on one thread without cross-thread
+//! wake-ups (the model of nginx's workers). HTTP/1.1 and h2c on one port, with the
+//! protocol limits configured here; the gateway's own endpoints (health, metrics,
+//! OpenAPI, JWKS, admin routes of the chassis) go through the chassis router, and
+//! everything else takes the proxy's short path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use chassis::Problem;
+use chassis::http::{AccessLog, AccessLogPolicy, RouteLabel, ServerFn};
+use futures::FutureExt;
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use telemetry::context::{CORRELATION_ID, RequestContext};
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt;
+
+use crate::proxy::{self, Proxy};
+
+/// Protocol limits, from `[gateway]`.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Request line plus headers, in bytes: past it, 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Past it, 414.
+    pub max_uri_bytes: usize,
+    /// Past it, 413.
+    pub max_body_bytes: u64,
+    /// A client must send its whole request head within this (slow clients).
+    pub header_timeout: Duration,
+    pub h2_max_concurrent_streams: u32,
+    /// Streams a client may reset before the server answers them (HTTP/2 rapid
+    /// reset, CVE-2023-44487).
+    pub h2_max_pending_resets: usize,
+}
+
+/// What every worker shares.
+struct Shared {
+    own: Router,
+    proxy: Arc<Proxy>,
+    metrics: telemetry::metrics::Metrics,
+    request_timeout: Duration,
+    access: AccessLogPolicy,
+    limits: Limits,
+    /// Exact paths the chassis router serves on the public port.
+    own_paths: Vec<String>,
+}
+
+/// The gateway's [`ServerFn`].
+pub fn server(
+    proxy: Arc<Proxy>,
+    metrics: telemetry::metrics::Metrics,
+    http: &chassis::settings::HttpSettings,
+    limits: Limits,
+    own_paths: Vec<String>,
+) -> ServerFn {
+    let request_timeout = http.request_timeout.0;
+    let access = AccessLogPolicy::new(http);
+    Box::new(move |listener, own, shutdown| {
+        let shared = Arc::new(Shared {
+            own,
+            proxy,
+            metrics,
+            request_timeout,
+            access,
+            limits,
+            own_paths,
+        });
+        Box::pin(run(listener, shared, shutdown))
+    })
+}
+
+async fn run(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = listener.into_std()?;
+    let workers = match shared.limits.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Each worker reports its end on a channel: joining threads from a blocking task
+    // would hold up the owning runtime's shutdown for as long as they run.
+    let mut ended = Vec::with_capacity(workers);
+    for n in 0..workers {
+        let listener = listener.try_clone()?;
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let (done, end) = tokio::sync::oneshot::channel();
+        ended.push(end);
+        std::thread::Builder::new()
+            .name(format!("gateway-{n}"))
+            .spawn(move || {
+                let result = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .and_then(|runtime| runtime.block_on(worker(listener, shared, shutdown)));
+                let _ = done.send(result);
+            })?;
+    }
+    let mut result = Ok(());
+    for end in ended {
+        match end.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(e),
+            Err(_) => result = Err(std::io::Error::other("a gateway worker panicked")),
+        }
+    }
+    result
+}
+
+fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn worker(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = builder(&shared.limits);
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(shared.dispatch(peer, request).await) }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+impl Shared {
+    async fn dispatch(&self, peer: SocketAddr, request: Request<Incoming>) -> Response {
+        let mut request = request.map(Body::new);
+        let path = request.uri().path();
+        if self.own_paths.iter().any(|p| p == path) || path.starts_with("/admin/") {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            return match self.own.clone().oneshot(request).await {
+                Ok(r) => r,
+                Err(never) => match never {},
+            };
+        }
+        self.proxied(peer, request).await
+    }
+
+    /// The short path: context, limits, the proxy, metrics and the access log.
+    async fn proxied(&self, peer: SocketAddr, request: Request<Body>) -> Response {
+        let started = Instant::now();
+        let ctx = RequestContext::from_headers(request.headers())
+            .with_deadline_within(self.request_timeout);
+        let correlation = HeaderValue::from_str(&ctx.correlation_id).ok();
+        let correlation_id = ctx.correlation_id.clone();
+        let trace_id = ctx.trace.trace_id_hex();
+        let method = request.method().clone();
+        let raw_path = request.uri().path().to_owned();
+        let limited = self.check_limits(&request);
+        let mut response = match limited {
+            Some(problem) => problem.into_response(),
+            None => {
+                let deadline = ctx.deadline;
+                let forward = telemetry::context::scope(
+                    ctx,
+                    proxy::handle_request(&self.proxy, peer, request),
+                );
+                let forward = AssertUnwindSafe(forward).catch_unwind();
+                let outcome = match deadline {
+                    Some(at) => tokio::time::timeout_at(at, forward).await.ok(),
+                    None => Some(forward.await),
+                };
+                match outcome {
+                    Some(Ok(r)) => r,
+                    Some(Err(_)) => {
+                        Problem::internal("the gateway failed on this request").into_response()
+                    }
+                    None => Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "timeout",
+                        "Request timed out",
+                    )
+                    .with_detail("the request took longer than its deadline")
+                    .into_response(),
+                }
+            }
+        };
+        let status = response.status();
+        // A problem the gateway wrote itself names the request and its correlation id.
+        if let Some(problem) = response.extensions().get::<Problem>().cloned() {
+            let mut problem = problem;
+            problem.instance.get_or_insert(raw_path.clone());
+            problem
+                .correlation_id
+                .get_or_insert_with(|| correlation_id.to_string());
+            let extensions = std::mem::take(response.extensions_mut());
+            let headers = std::mem::take(response.headers_mut());
+            response = problem.into_response();
+            for (name, value) in headers.iter() {
+                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                    response.headers_mut().insert(name.clone(), value.clone());
+                }
+            }
+            response.extensions_mut().extend(extensions);
+        }
+        let route = response
+            .extensions()
+            .get::<RouteLabel>()
+            .map(|r| r.0.clone());
+        let elapsed = started.elapsed();
+        self.metrics.observe_http(
+            method.as_str(),
+            route.as_deref().unwrap_or("<unmatched>"),
+            status.as_u16(),
+            elapsed,
+        );
+        if let Some(v) = correlation {
+            response.headers_mut().insert(CORRELATION_ID, v);
+        }
+        if self.access.logs(status.as_u16()) {
+            let extra = response.extensions().get::<AccessLog>();
+            let bytes = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            tracing::info!(
+                target: "access",
+                service = crate::NAME,
+                correlation_id = %correlation_id,
+                trace_id = %trace_id,
+                method = %method,
+                path = %raw_path,
+                status = status.as_u16(),
+                route = route.as_deref().unwrap_or("<unmatched>"),
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes,
+                client_ip = extra.and_then(|e| e.client_ip).unwrap_or(peer.ip()).to_string(),
+                user_id = extra.and_then(|e| e.user_id.as_deref()),
+                routed_path = extra.and_then(|e| e.path.as_deref()),
+                upstream = extra.and_then(|e| e.upstream.as_deref()),
+                upstream_ms = extra.and_then(|e| e.upstream_ms),
+                "request completed"
+            );
+        }
+        response
+    }
+
+    /// URI and body size limits (header limits are the connection's).
+    fn check_limits(&self, request: &Request<Body>) -> Option<Problem> {
+        let uri = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |p| p.as_str().len());
+        if uri > self.limits.max_uri_bytes {
+            return Some(
+                Problem::new(StatusCode::URI_TOO_LONG, "uri-too-long", "URI too long").with_detail(
+                    format!(
+                        "the URI is {uri} bytes; at most {} are taken",
+                        self.limits.max_uri_bytes
+                    ),
+                ),
+            );
+        }
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if length.is_some_and(|l| l > self.limits.max_body_bytes) {
+            return Some(
+                Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body-too-large",
+                    "Body too large",
+                )
+                .with_detail(format!(
+                    "bodies of at most {} bytes are taken",
+                    self.limits.max_body_bytes
+                )),
+            );
+        }
+        None
+    }
+}
