@@ -296,8 +296,33 @@ async fn forward(
         .hash_on
         .as_ref()
         .and_then(|on| crate::upstream::hash_key(on, &parts.headers, &params));
-    // A body without a declared length is cut off at the limit as it streams.
-    let body = Body::new(http_body_util::Limited::new(body, proxy.max_body));
+    // The body is read whole before anything goes upstream (nginx's request
+    // buffering): a malformed chunk or a client that stops midway never reaches a
+    // service as half a request, and a slow client holds no upstream connection.
+    let body =
+        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, proxy.max_body))
+            .await
+        {
+            Ok(collected) => Body::from(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(fail(
+                    Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "body-too-large",
+                        "Body too large",
+                    )
+                    .with_detail(format!(
+                        "bodies of at most {} bytes are taken",
+                        proxy.max_body
+                    )),
+                ));
+            }
+            Err(_) => {
+                return Err(fail(Problem::bad_request(
+                    "the request body is malformed (bad chunk encoding) or was cut short",
+                )));
+            }
+        };
     let upstream = Request::from_parts(parts, body);
     log.upstream = Some(route.service.clone());
     let sent = std::time::Instant::now();

@@ -1109,3 +1109,154 @@ async fn balancing_retries_and_outlier_ejection() {
     }
     assert_eq!(seen.len(), 2);
 }
+
+/// Sends `bytes` as they are and returns everything the gateway answers.
+async fn raw_send(base: &str, bytes: Vec<u8>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // The gateway may answer and close before reading everything sent.
+    let _ = stream.write_all(&bytes).await;
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Request smuggling and protocol abuse over a raw socket: each case with the status
+/// it must get, and none of them may reach the upstream.
+#[tokio::test]
+async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
+    let gw = spawn().await;
+    let h = "Host: gw\r\n";
+    let chunked_over_limit = {
+        let chunk = "x".repeat(64 * 1024);
+        let mut body = String::new();
+        for _ in 0..20 {
+            body.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        body.push_str("0\r\n\r\n");
+        format!(
+            "POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+        )
+    };
+    // Content-Length with Transfer-Encoding: hyper lets chunked framing win and drops
+    // Content-Length before the gateway sees the request (RFC 9112 §6.3), then
+    // closes the connection: the request smuggled behind it is never read.
+    let before = gw.seen_count();
+    let answer = raw_send(
+        &gw.url,
+        format!("POST /open/x HTTP/1.1\r\n{h}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /open/smuggled HTTP/1.1\r\n{h}\r\n").into_bytes(),
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(gw.seen_count(), before + 1);
+    assert_eq!(gw.last_seen().0, "/open/x");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "two different Content-Lengths",
+            format!(
+                "POST /open/x HTTP/1.1\r\n{h}Content-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd"
+            ),
+            "400",
+        ),
+        (
+            "invalid Content-Length",
+            format!(
+                "POST /open/x HTTP/1.1\r\n{h}Content-Length: 4x\r\nConnection: close\r\n\r\nabcd"
+            ),
+            "400",
+        ),
+        (
+            "invalid chunk size",
+            format!(
+                "POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+            ),
+            "400",
+        ),
+        (
+            "obsolete line folding",
+            format!("GET /open/x HTTP/1.1\r\n{h}X-A: a\r\n b\r\nConnection: close\r\n\r\n"),
+            "400",
+        ),
+        (
+            "a coding other than chunked last",
+            format!(
+                "POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: gzip\r\nConnection: close\r\n\r\nabc"
+            ),
+            "400",
+        ),
+        (
+            "space before the colon",
+            format!("GET /open/x HTTP/1.1\r\n{h}Content-Length : 0\r\nConnection: close\r\n\r\n"),
+            "400",
+        ),
+        (
+            "NUL in a header",
+            format!("GET /open/x HTTP/1.1\r\n{h}X-A: a\0b\r\nConnection: close\r\n\r\n"),
+            "400",
+        ),
+        (
+            "bare CR line ending",
+            format!("GET /open/x HTTP/1.1\r{h}Connection: close\r\n\r\n"),
+            "400",
+        ),
+        (
+            "URI over the limit",
+            format!(
+                "GET /open/{} HTTP/1.1\r\n{h}Connection: close\r\n\r\n",
+                "a".repeat(9000)
+            ),
+            "414",
+        ),
+        (
+            "too many headers",
+            format!(
+                "GET /open/x HTTP/1.1\r\n{h}{}Connection: close\r\n\r\n",
+                (0..150)
+                    .map(|i| format!("X-H{i}: v\r\n"))
+                    .collect::<String>()
+            ),
+            "431",
+        ),
+        (
+            "oversized header",
+            format!(
+                "GET /open/x HTTP/1.1\r\n{h}X-Big: {}\r\nConnection: close\r\n\r\n",
+                "v".repeat(20_000)
+            ),
+            "431",
+        ),
+        (
+            "declared body over the limit",
+            format!(
+                "POST /open/x HTTP/1.1\r\n{h}Content-Length: 2000000\r\nConnection: close\r\n\r\n"
+            ),
+            "413",
+        ),
+        ("chunked body over the limit", chunked_over_limit, "413"),
+    ];
+    for (name, request, status) in cases {
+        let before = gw.seen_count();
+        let answer = raw_send(&gw.url, request.into_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{name}: {answer}"
+        );
+        assert!(
+            !answer.contains("HTTP/1.1 200"),
+            "{name}: a smuggled request was answered"
+        );
+        assert_eq!(gw.seen_count(), before, "{name} reached the upstream");
+    }
+    // And a well-formed chunked request passes whole.
+    let answer = raw_send(
+        &gw.url,
+        format!("POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n").into_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
