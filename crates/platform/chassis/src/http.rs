@@ -391,29 +391,51 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
         response.headers_mut().insert(CORRELATION_ID, v);
     }
     if state.log.logs(status.as_u16()) {
-        let extra = response.extensions().get::<AccessLog>();
-        let bytes = response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let client_ip = extra.and_then(|e| e.client_ip).or(peer);
-        span.in_scope(|| {
-            tracing::info!(
-                status = status.as_u16(),
-                route = %route,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                bytes,
-                client_ip = client_ip.map(tracing::field::display),
-                user_id = extra.and_then(|e| e.user_id.as_deref()),
-                routed_path = extra.and_then(|e| e.path.as_deref()),
-                upstream = extra.and_then(|e| e.upstream.as_deref()),
-                upstream_ms = extra.and_then(|e| e.upstream_ms),
-                "request completed"
-            );
-        });
+        span.in_scope(|| log_access(&response, &route, elapsed, peer, None));
     }
     response
+}
+
+/// A request's own ids, for an access line logged outside the request's span.
+pub struct RequestIds<'a> {
+    pub correlation_id: &'a str,
+    pub trace_id: &'a str,
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
+/// The access line (`request completed`) for `response`, with what an [`AccessLog`]
+/// in its extensions adds; `ids` when the caller is not inside the request's span.
+pub fn log_access(
+    response: &Response,
+    route: &str,
+    elapsed: Duration,
+    peer: Option<std::net::IpAddr>,
+    ids: Option<RequestIds<'_>>,
+) {
+    let extra = response.extensions().get::<AccessLog>();
+    let bytes = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let client_ip = extra.and_then(|e| e.client_ip).or(peer);
+    tracing::info!(
+        correlation_id = ids.as_ref().map(|i| i.correlation_id),
+        trace_id = ids.as_ref().map(|i| i.trace_id),
+        method = ids.as_ref().map(|i| i.method),
+        path = ids.as_ref().map(|i| i.path),
+        status = response.status().as_u16(),
+        route,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        bytes,
+        client_ip = client_ip.map(tracing::field::display),
+        user_id = extra.and_then(|e| e.user_id.as_deref()),
+        routed_path = extra.and_then(|e| e.path.as_deref()),
+        upstream = extra.and_then(|e| e.upstream.as_deref()),
+        upstream_ms = extra.and_then(|e| e.upstream_ms),
+        "request completed"
+    );
 }
 
 /// Drops the handler when the request's deadline passes (the caller's, or this

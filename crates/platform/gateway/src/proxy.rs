@@ -305,17 +305,9 @@ async fn forward(
         {
             Ok(collected) => Body::from(collected.to_bytes()),
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(fail(
-                    Problem::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "body-too-large",
-                        "Body too large",
-                    )
-                    .with_detail(format!(
-                        "bodies of at most {} bytes are taken",
-                        proxy.max_body
-                    )),
-                ));
+                return Err(fail(body_too_large(
+                    u64::try_from(proxy.max_body).unwrap_or(u64::MAX),
+                )));
             }
             Err(_) => {
                 return Err(fail(Problem::bad_request(
@@ -349,6 +341,16 @@ async fn forward(
     let mut response = Response::from_parts(parts, Body::new(body));
     response.extensions_mut().insert(label);
     Ok(response)
+}
+
+/// The 413 for a body over `limit` bytes.
+pub fn body_too_large(limit: u64) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body-too-large",
+        "Body too large",
+    )
+    .with_detail(format!("bodies of at most {limit} bytes are taken"))
 }
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");

@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
-use chassis::http::{AccessLog, AccessLogPolicy, RouteLabel, ServerFn};
+use chassis::http::{AccessLogPolicy, RequestIds, RouteLabel, ServerFn, log_access};
 use futures::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
@@ -272,29 +272,17 @@ impl Shared {
             response.headers_mut().insert(CORRELATION_ID, v);
         }
         if self.access.logs(status.as_u16()) {
-            let extra = response.extensions().get::<AccessLog>();
-            let bytes = response
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            tracing::info!(
-                target: "access",
-                service = crate::NAME,
-                correlation_id = %correlation_id,
-                trace_id = %trace_id,
-                method = %method,
-                path = %raw_path,
-                status = status.as_u16(),
-                route = route.as_deref().unwrap_or("<unmatched>"),
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                bytes,
-                client_ip = extra.and_then(|e| e.client_ip).unwrap_or(peer.ip()).to_string(),
-                user_id = extra.and_then(|e| e.user_id.as_deref()),
-                routed_path = extra.and_then(|e| e.path.as_deref()),
-                upstream = extra.and_then(|e| e.upstream.as_deref()),
-                upstream_ms = extra.and_then(|e| e.upstream_ms),
-                "request completed"
+            log_access(
+                &response,
+                route.as_deref().unwrap_or("<unmatched>"),
+                elapsed,
+                Some(peer.ip()),
+                Some(RequestIds {
+                    correlation_id: &correlation_id,
+                    trace_id: &trace_id,
+                    method: method.as_str(),
+                    path: &raw_path,
+                }),
             );
         }
         response
@@ -322,17 +310,7 @@ impl Shared {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if length.is_some_and(|l| l > self.limits.max_body_bytes) {
-            return Some(
-                Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body-too-large",
-                    "Body too large",
-                )
-                .with_detail(format!(
-                    "bodies of at most {} bytes are taken",
-                    self.limits.max_body_bytes
-                )),
-            );
+            return Some(proxy::body_too_large(self.limits.max_body_bytes));
         }
         None
     }

@@ -450,16 +450,7 @@ async fn rate_limited_requests_get_429_with_headers_and_never_reach_the_upstream
             rate_limit: Some("tight".into()),
             ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
         }];
-        s.rate_limits = [(
-            "tight".to_owned(),
-            gateway::configuration::RateLimitPolicy {
-                rate: 3,
-                per: HumanDuration::secs(60),
-                burst: None,
-                key: gateway::configuration::LimitKey::Ip,
-            },
-        )]
-        .into();
+        s.rate_limits = [("tight".to_owned(), per_minute_by_ip(3))].into();
     })
     .await;
     for left in [2, 1, 0] {
@@ -931,16 +922,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies_read_right_to_left(
             rate_limit: Some("one".into()),
             ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
         }];
-        s.rate_limits = [(
-            "one".to_owned(),
-            gateway::configuration::RateLimitPolicy {
-                rate: 1,
-                per: HumanDuration::secs(60),
-                burst: None,
-                key: gateway::configuration::LimitKey::Ip,
-            },
-        )]
-        .into();
+        s.rate_limits = [("one".to_owned(), per_minute_by_ip(1))].into();
     })
     .await;
     let get = |xff: &'static str| {
@@ -1108,6 +1090,16 @@ async fn balancing_retries_and_outlier_ejection() {
         seen.insert(hit("/fast", None).await.1.unwrap());
     }
     assert_eq!(seen.len(), 2);
+}
+
+/// A policy of `rate` requests a minute per client address.
+fn per_minute_by_ip(rate: u32) -> gateway::configuration::RateLimitPolicy {
+    gateway::configuration::RateLimitPolicy {
+        rate,
+        per: HumanDuration::secs(60),
+        burst: None,
+        key: gateway::configuration::LimitKey::Ip,
+    }
 }
 
 /// Sends `bytes` as they are and returns everything the gateway answers.
