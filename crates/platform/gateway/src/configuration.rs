@@ -126,6 +126,34 @@ pub struct RateLimitPolicy {
     pub burst: Option<u32>,
     #[serde(default)]
     pub key: LimitKey,
+    /// `local` (this gateway's memory) or `redis` (shared by every gateway on
+    /// `gateway.redis_url`).
+    #[serde(default)]
+    pub store: LimitStore,
+}
+
+/// Where a rate limit's state lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitStore {
+    #[default]
+    Local,
+    Redis,
+}
+
+/// What a Redis-backed limit does while Redis cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisFallback {
+    /// Count in this gateway's memory meanwhile (each gateway admits the full
+    /// rate: the limit loosens by the number of gateways, and no one is locked out).
+    #[default]
+    Local,
+    /// Admit everything.
+    Allow,
+    /// Refuse with a 503 (for limits that protect something that must not be
+    /// overrun).
+    Deny,
 }
 
 fn one_second() -> HumanDuration {
@@ -347,6 +375,12 @@ config_section! {
         pub routes: Vec<RouteConfig> = Vec::new(),
         pub rate_limits: BTreeMap<String, RateLimitPolicy> = BTreeMap::new(),
         pub slashes: SlashPolicy = SlashPolicy::Merge,
+        /// Redis for `store = "redis"` rate limits (one round trip per request).
+        pub redis_url: Option<chassis::secrecy::SecretString> = None,
+        /// Key prefix in Redis, so gateways of different shops can share one.
+        pub redis_prefix: String = "bazaar:gateway:ratelimit".to_owned(),
+        /// What Redis-backed limits do while Redis is unreachable.
+        pub redis_fallback: RedisFallback = RedisFallback::Local,
         /// Proxies in front of the gateway whose `X-Forwarded-*` are believed:
         /// addresses or CIDR ranges. Empty: the peer is the client.
         pub trusted_proxies: Vec<String> = Vec::new(),

@@ -15,10 +15,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
 use crate::auth::{API_KEY, Authenticator, Caller, Memo};
-use crate::configuration::LimitKey;
+use crate::configuration::{LimitKey, LimitStore, RedisFallback};
 use crate::forwarded::TrustedProxies;
 use crate::normalize::normalize;
-use crate::ratelimit::{Decision, KeyedLimiter};
+use crate::ratelimit::{Decision, KeyedLimiter, RedisLimiter};
 use crate::routes::Match;
 use crate::runtime::Config;
 use crate::upstream::{Call, UpstreamError};
@@ -64,9 +64,49 @@ pub struct Proxy {
     pub upstream_timeout: Duration,
     /// Largest request body forwarded.
     pub max_body: usize,
+    /// The shared store of `store = "redis"` rate limits.
+    pub redis: Option<RedisLimiter>,
+    pub redis_fallback: RedisFallback,
+    /// `bazaar_gateway_ratelimit_store_errors_total`.
+    pub redis_errors: prometheus_client::metrics::counter::Counter,
 }
 
 impl Proxy {
+    /// A rate-limit decision, in Redis for `store = "redis"` policies (with the
+    /// configured fallback while Redis is unreachable), else in memory.
+    async fn decide(
+        &self,
+        name: &str,
+        limiter: &KeyedLimiter,
+        key: &str,
+    ) -> Result<Decision, Problem> {
+        let local = || limiter.check(key, std::time::Instant::now());
+        if limiter.policy.store != LimitStore::Redis {
+            return Ok(local());
+        }
+        let error = match &self.redis {
+            Some(redis) => match redis.check(name, limiter, key).await {
+                Ok(decision) => return Ok(decision),
+                Err(e) => e.to_string(),
+            },
+            None => "no gateway.redis_url is configured".to_owned(),
+        };
+        self.redis_errors.inc();
+        tracing::debug!(error = %error, policy = name, "rate limit store unavailable; falling back");
+        match self.redis_fallback {
+            RedisFallback::Local => Ok(local()),
+            RedisFallback::Allow => Ok(Decision {
+                allowed: true,
+                remaining: 0,
+                reset: Duration::ZERO,
+                retry_after: Duration::ZERO,
+            }),
+            RedisFallback::Deny => Err(Problem::unavailable(
+                "the rate limit cannot be checked right now; try again shortly",
+            )),
+        }
+    }
+
     /// The forwarded identity for `caller`: a fresh one, or one minted less than half
     /// its lifetime ago (so it has at least that half left when it arrives).
     fn identity(&self, caller: &Caller) -> Result<Arc<str>, chassis::jwt::JwtError> {
@@ -215,7 +255,7 @@ async fn forward(
                 },
                 LimitKey::Route => route.label.to_string(),
             };
-            let decision = limiter.check(&key, std::time::Instant::now());
+            let decision = proxy.decide(name, limiter, &key).await.map_err(fail)?;
             let headers = rate_limit_headers(name, limiter, &decision);
             if !decision.allowed {
                 let mut problem = Problem::new(

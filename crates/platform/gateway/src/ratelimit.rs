@@ -111,6 +111,86 @@ impl KeyedLimiter {
     }
 }
 
+/// The same GCRA as one Redis script, so gateways sharing a Redis admit together
+/// what one would alone: one round trip, atomic, on Redis's clock (gateways' clocks
+/// need not agree). Returns `{allowed, reset_us, retry_after_us}`.
+const GCRA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local allowed_at = tat - tolerance
+if allowed_at > now then
+  return {0, tat - now, allowed_at - now}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, new_tat - now, 0}
+";
+
+/// A limiter whose state lives in Redis.
+pub struct RedisLimiter {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+    prefix: String,
+}
+
+impl RedisLimiter {
+    /// Connects to `url`; keys are `<prefix>:<policy>:<key>`.
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_millis(500))
+            .set_response_timeout(Duration::from_millis(500))
+            .set_number_of_retries(1);
+        let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        Ok(Self {
+            connection,
+            script: redis::Script::new(GCRA_SCRIPT),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// Decides for `key` under `limiter`'s policy named `name`.
+    pub async fn check(
+        &self,
+        name: &str,
+        limiter: &KeyedLimiter,
+        key: &str,
+    ) -> Result<Decision, redis::RedisError> {
+        let mut connection = self.connection.clone();
+        let (allowed, reset_us, retry_us): (i64, i64, i64) = self
+            .script
+            .key(format!("{}:{name}:{key}", self.prefix))
+            .arg(micros(limiter.interval))
+            .arg(micros(limiter.tolerance))
+            .invoke_async(&mut connection)
+            .await?;
+        let reset = Duration::from_micros(u64::try_from(reset_us).unwrap_or(0));
+        let interval = limiter.interval.max(Duration::from_micros(1));
+        let remaining = (limiter.tolerance + limiter.interval)
+            .saturating_sub(reset)
+            .as_micros()
+            / interval.as_micros();
+        Ok(Decision {
+            allowed: allowed == 1,
+            remaining: if allowed == 1 {
+                u64::try_from(remaining).unwrap_or(0).min(limiter.burst)
+            } else {
+                0
+            },
+            reset,
+            retry_after: Duration::from_micros(u64::try_from(retry_us).unwrap_or(0)),
+        })
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -127,6 +207,7 @@ mod tests {
             per: HumanDuration::secs(1),
             burst: Some(burst),
             key: LimitKey::Ip,
+            store: Default::default(),
         })
     }
 

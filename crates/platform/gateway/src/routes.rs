@@ -693,6 +693,7 @@ mod tests {
                     per: chassis::config::HumanDuration::secs(1),
                     burst: Some(0),
                     key: Default::default(),
+                    store: Default::default(),
                 },
             )]
             .into(),

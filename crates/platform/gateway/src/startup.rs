@@ -20,6 +20,7 @@ use crate::auth::{Authenticator, ClaimNames, Memo};
 use crate::configuration::{AuthSettings, Settings};
 use crate::forwarded::TrustedProxies;
 use crate::proxy::{self, Proxy};
+use crate::ratelimit::RedisLimiter;
 use crate::runtime::{Config as RoutingConfig, Source};
 use crate::server::Limits;
 use crate::upstream::Upstreams;
@@ -82,6 +83,22 @@ impl Application {
             chassis.http.client_connect_timeout.0,
         );
         upstreams.register_metrics(&chassis.metrics);
+        // Redis for shared rate limits: connected at start, reconnected by the
+        // connection manager after an outage.
+        let redis = match &settings.redis_url {
+            Some(url) => Some(
+                RedisLimiter::connect(url.expose_secret(), &settings.redis_prefix)
+                    .await
+                    .context("connecting to gateway.redis_url for rate limits")?,
+            ),
+            None => None,
+        };
+        let redis_errors = prometheus_client::metrics::counter::Counter::default();
+        chassis.metrics.register(
+            "bazaar_gateway_ratelimit_store_errors",
+            "Rate-limit checks that could not reach Redis (the fallback decided)",
+            redis_errors.clone(),
+        );
         let auth = Authenticator::new(
             verifier,
             ClaimNames {
@@ -108,6 +125,9 @@ impl Application {
             ),
             upstream_timeout: settings.upstream_timeout.0,
             max_body: usize::try_from(chassis.http.body_limit.0).unwrap_or(usize::MAX),
+            redis,
+            redis_fallback: settings.redis_fallback,
+            redis_errors,
         });
         let admin = crate::admin::router(crate::admin::Admin {
             config: routing.clone(),

@@ -1099,6 +1099,7 @@ fn per_minute_by_ip(rate: u32) -> gateway::configuration::RateLimitPolicy {
         per: HumanDuration::secs(60),
         burst: None,
         key: gateway::configuration::LimitKey::Ip,
+        store: Default::default(),
     }
 }
 
@@ -1251,4 +1252,69 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Two gateways sharing the machine's Redis admit together what the policy allows,
+/// within 2%, while both are hammered at many times the rate.
+#[tokio::test]
+async fn two_gateways_sharing_redis_admit_the_configured_rate() {
+    let prefix = format!("bazaar-test-{}", uuid::Uuid::new_v4().simple());
+    let configure = |s: &mut Settings| {
+        s.redis_url = Some("redis://127.0.0.1:6379".to_owned().into());
+        s.redis_prefix = prefix.clone();
+        s.routes = vec![RouteConfig {
+            rate_limit: Some("shared".into()),
+            ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
+        }];
+        s.rate_limits = [(
+            "shared".to_owned(),
+            gateway::configuration::RateLimitPolicy {
+                rate: 100,
+                per: HumanDuration::secs(1),
+                burst: Some(10),
+                key: gateway::configuration::LimitKey::Route,
+                store: gateway::configuration::LimitStore::Redis,
+            },
+        )]
+        .into();
+    };
+    let (a, b) = (spawn_with(configure).await, spawn_with(configure).await);
+    let started = std::time::Instant::now();
+    let run_for = Duration::from_secs(3);
+    let mut tasks = Vec::new();
+    for gw in [&a.url, &b.url] {
+        for _ in 0..6 {
+            let (http, url) = (reqwest::Client::new(), format!("{gw}/open/x"));
+            tasks.push(tokio::spawn(async move {
+                let (mut admitted, mut refused) = (0u32, 0u32);
+                while started.elapsed() < run_for {
+                    match http.get(&url).send().await.unwrap().status().as_u16() {
+                        200 => admitted += 1,
+                        429 => refused += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                (admitted, refused)
+            }));
+        }
+    }
+    let (mut admitted, mut refused) = (0u32, 0u32);
+    for t in tasks {
+        let (a, r) = t.await.unwrap();
+        admitted += a;
+        refused += r;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst at the start, then the rate.
+    let expected = 10.0 + 100.0 * elapsed;
+    let error = (f64::from(admitted) - expected).abs() / expected;
+    assert!(
+        refused > admitted,
+        "the load never exceeded the limit: {admitted} admitted, {refused} refused"
+    );
+    assert!(
+        error <= 0.02,
+        "{admitted} admitted in {elapsed:.2} s, expected {expected:.0} ({:.1}% off)",
+        error * 100.0
+    );
 }
