@@ -81,6 +81,9 @@ pub struct RouteConfig {
     /// A policy of `rate_limits`.
     #[serde(default)]
     pub rate_limit: Option<String>,
+    /// A policy of `cors`.
+    #[serde(default)]
+    pub cors: Option<String>,
     #[serde(default)]
     pub request_headers: HeaderTransform,
     #[serde(default)]
@@ -177,6 +180,9 @@ pub struct Declarative {
     /// Per upstream service: balancing, retries, outlier ejection.
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// CORS policies routes name.
+    #[serde(default)]
+    pub cors: BTreeMap<String, crate::cors::CorsPolicy>,
 }
 
 /// How an upstream's instance is chosen.
@@ -386,6 +392,7 @@ config_section! {
         pub trusted_proxies: Vec<String> = Vec::new(),
         pub api_keys: BTreeMap<String, ApiKeyConfig> = BTreeMap::new(),
         pub upstreams: BTreeMap<String, UpstreamConfig> = BTreeMap::new(),
+        pub cors: BTreeMap<String, crate::cors::CorsPolicy> = BTreeMap::new(),
         pub auth: AuthSettings,
     }
 }
@@ -399,6 +406,7 @@ impl Settings {
             slashes: self.slashes,
             api_keys: self.api_keys.clone(),
             upstreams: self.upstreams.clone(),
+            cors: self.cors.clone(),
         }
     }
 }

@@ -18,6 +18,7 @@
 pub mod admin;
 pub mod auth;
 pub mod configuration;
+pub mod cors;
 pub mod forwarded;
 pub mod normalize;
 pub mod openapi;

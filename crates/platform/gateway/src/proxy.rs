@@ -16,6 +16,7 @@ use http::{HeaderMap, StatusCode};
 
 use crate::auth::{API_KEY, Authenticator, Caller, Memo};
 use crate::configuration::{LimitKey, LimitStore, RedisFallback};
+use crate::cors::is_preflight;
 use crate::forwarded::TrustedProxies;
 use crate::normalize::normalize;
 use crate::ratelimit::{Decision, KeyedLimiter, RedisLimiter};
@@ -187,11 +188,18 @@ async fn forward(
     log.client_ip = Some(forwarded.client);
     let path = normalize(request.uri().path(), runtime.slashes)
         .map_err(|e| (None, Problem::bad_request(format!("refused path: {e}"))))?;
+    // A preflight is routed as the request it announces.
+    let preflight = is_preflight(request.method(), request.headers());
+    let method = match preflight {
+        true => request
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+            .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or_else(|| request.method().clone()),
+        false => request.method().clone(),
+    };
     let (route, upstream_path, params) =
-        match runtime
-            .table
-            .matching(host_of(&request), request.method(), &path)
-        {
+        match runtime.table.matching(host_of(&request), &method, &path) {
             Match::Found {
                 route,
                 upstream_path,
@@ -224,8 +232,27 @@ async fn forward(
             }
         };
     let label = RouteLabel(route.label.clone());
-    let fail = |p: Problem| (Some(label.clone()), p);
     log.path = Some(path.to_string());
+    // The route's CORS grants for this origin, on every answer including problems.
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let mut grants = HeaderMap::new();
+    if let Some(cors) = &route.cors {
+        if preflight {
+            let (status, headers) = cors.preflight(request.headers());
+            let mut response = Response::new(Body::empty());
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response.extensions_mut().insert(label);
+            return Ok(response);
+        }
+        cors.decorate(origin.as_ref(), &mut grants);
+    }
+    let fail = |p: Problem| {
+        let p = grants.iter().fold(p, |p, (name, value)| {
+            p.with_header(name.clone(), value.clone())
+        });
+        (Some(label.clone()), p)
+    };
 
     let caller = proxy
         .auth
@@ -375,6 +402,9 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
+    for (name, value) in &grants {
+        parts.headers.insert(name.clone(), value.clone());
+    }
     for (name, value) in limit.into_iter().flatten() {
         parts.headers.insert(name, value);
     }

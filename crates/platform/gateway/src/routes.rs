@@ -58,6 +58,7 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub auth: AuthPolicy,
     pub rate_limit: Option<String>,
+    pub cors: Option<crate::cors::CorsPolicy>,
     pub request_headers: Transform,
     pub response_headers: Transform,
     /// The route as configured, for the admin API.
@@ -175,6 +176,11 @@ impl RouteTable {
                     }
                 }
             }
+            if let Some(policy) = &c.cors
+                && !config.cors.contains_key(policy)
+            {
+                errors.push(format!("{at}.cors `{policy}` is not a policy of [cors]"));
+            }
             if let Some(policy) = &c.rate_limit
                 && !config.rate_limits.contains_key(policy)
             {
@@ -205,10 +211,14 @@ impl RouteTable {
                 timeout: c.timeout.map(|t| t.0),
                 auth: c.auth,
                 rate_limit: c.rate_limit.clone(),
+                cors: c.cors.as_ref().and_then(|n| config.cors.get(n)).cloned(),
                 request_headers,
                 response_headers,
                 config: c.clone(),
             });
+        }
+        for (name, policy) in &config.cors {
+            errors.extend(policy.validate(name));
         }
         for (name, u) in &config.upstreams {
             let at = format!("upstreams.{name}");

@@ -1318,3 +1318,107 @@ async fn two_gateways_sharing_redis_admit_the_configured_rate() {
         error * 100.0
     );
 }
+
+#[tokio::test]
+async fn cors_preflights_are_answered_by_the_gateway_and_grants_added_for_allowed_origins() {
+    let gw = spawn_with(|s| {
+        s.routes = vec![RouteConfig {
+            cors: Some("shop".into()),
+            methods: vec!["GET".into(), "POST".into()],
+            ..RouteConfig::prefix("/private", "echo", AuthPolicy::Required)
+        }];
+        s.cors = [(
+            "shop".to_owned(),
+            gateway::cors::CorsPolicy {
+                allow_origins: vec!["https://shop.example.com".into()],
+                allow_credentials: true,
+                ..Default::default()
+            },
+        )]
+        .into();
+    })
+    .await;
+    let before = gw.seen_count();
+    let preflight = |origin: &'static str, method: &'static str| {
+        gw.http
+            .request(reqwest::Method::OPTIONS, format!("{}/private/y", gw.url))
+            .header("origin", origin)
+            .header("access-control-request-method", method)
+            .header("access-control-request-headers", "authorization")
+            .send()
+    };
+    let r = preflight("https://shop.example.com", "POST").await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    assert_eq!(r.headers()["access-control-allow-credentials"], "true");
+    assert!(
+        r.headers()["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    assert_eq!(
+        preflight("https://evil.example.com", "POST")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    // A method the route does not take gets the route's 405, preflight or not.
+    assert_eq!(
+        preflight("https://shop.example.com", "TRACE")
+            .await
+            .unwrap()
+            .status(),
+        405
+    );
+    // Preflights carry no credentials and never reach the upstream.
+    assert_eq!(gw.seen_count(), before);
+
+    // The actual request: grants for the allowed origin, on success and on a 401.
+    let token = gw.users.token("user-1");
+    let r = gw
+        .http
+        .get(format!("{}/private/y", gw.url))
+        .bearer_auth(&token)
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    assert!(
+        r.headers()["access-control-expose-headers"]
+            .to_str()
+            .unwrap()
+            .contains("x-correlation-id")
+    );
+    let r = gw
+        .http
+        .get(format!("{}/private/y", gw.url))
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://shop.example.com"
+    );
+    let r = gw
+        .http
+        .get(format!("{}/private/y", gw.url))
+        .bearer_auth(&token)
+        .header("origin", "https://evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}
