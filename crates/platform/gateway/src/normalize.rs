@@ -266,6 +266,32 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any path, however hostile: no panic; what is accepted is absolute, has no
+        /// dot segment or escaped unreserved character left, and is a fixed point.
+        #[test]
+        fn any_input_is_refused_or_canonical(
+            path in "/[a-zA-Z0-9./%~_\\-]{0,40}",
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let lossy = format!("/{}", String::from_utf8_lossy(&raw));
+            for input in [path.as_str(), lossy.as_str()] {
+                for policy in [SlashPolicy::Merge, SlashPolicy::Reject, SlashPolicy::Keep] {
+                    if let Ok(once) = normalize(input, policy) {
+                        proptest::prop_assert!(once.starts_with('/'));
+                        proptest::prop_assert!(!once.split('/').any(|s| s == "." || s == ".."));
+                        proptest::prop_assert!(!once.contains("%2E") && !once.contains("%2e"));
+                        let twice = normalize(&once, policy).map(Cow::into_owned);
+                        proptest::prop_assert_eq!(twice.as_deref(), Ok(once.as_ref()));
+                        if policy == SlashPolicy::Merge {
+                            proptest::prop_assert!(!once.contains("//"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn normalizing_twice_changes_nothing() {
         for input in [
