@@ -131,6 +131,37 @@ impl ClientError {
     }
 }
 
+/// The pooled client's settings every outgoing HTTP client shares (the chassis's
+/// and the gateway's per-thread ones).
+pub fn client_builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+    builder
+}
+
+/// A TCP connector with `connect_timeout` and Nagle off (requests are small and
+/// latency-bound).
+pub fn connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    connector
+}
+
+/// `target`'s path and query (`/` when it has none) on `base`'s scheme and authority.
+pub fn instance_uri(base: &Uri, target: &Uri) -> Result<Uri, http::uri::InvalidUriParts> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = base.scheme().cloned();
+    parts.authority = base.authority().cloned();
+    parts.path_and_query = Some(
+        target
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts)
+}
+
 /// Cheap to clone; clones share the connection pool.
 #[derive(Clone)]
 pub struct HttpClient {
@@ -148,12 +179,7 @@ impl HttpClient {
         timeout: Duration,
         connect_timeout: Duration,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
+        let inner = client_builder().build(connector(connect_timeout));
         Self {
             inner,
             resolver,
@@ -270,21 +296,7 @@ impl HttpClient {
         mut request: Request<Body>,
         timeout: Duration,
     ) -> Result<Response<Incoming>, ClientError> {
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".to_owned());
-        let authority = instance
-            .base_url
-            .authority()
-            .map(|a| a.as_str().to_owned())
-            .unwrap_or_default();
-        let uri = Uri::builder()
-            .scheme(instance.base_url.scheme_str().unwrap_or("http"))
-            .authority(authority.as_str())
-            .path_and_query(path_and_query)
-            .build()
+        let uri = instance_uri(&instance.base_url, request.uri())
             .map_err(|e| ClientError::InvalidUri(e.to_string()))?;
         *request.uri_mut() = uri;
         telemetry::context::inject_current(request.headers_mut());

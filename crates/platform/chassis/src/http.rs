@@ -35,7 +35,8 @@ use telemetry::metrics::Metrics;
 pub struct RouteLabel(pub Arc<str>);
 
 /// Label used when nothing matched: one series for all unmatched paths.
-const UNMATCHED_ROUTE: &str = "<unmatched>";
+/// The route label of requests no route matched.
+pub const UNMATCHED_ROUTE: &str = "<unmatched>";
 /// How long one readiness check may take before it counts as failed.
 const READINESS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -450,13 +451,7 @@ async fn request_timeout(
         .unwrap_or_else(|| tokio::time::Instant::now() + timeout);
     match tokio::time::timeout_at(deadline, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            "Request timed out",
-        )
-        .with_detail("the request's deadline passed before it was done; its work was stopped")
-        .into_response(),
+        Err(_) => Problem::timed_out().into_response(),
     }
 }
 

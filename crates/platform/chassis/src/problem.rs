@@ -147,6 +147,16 @@ impl Problem {
     }
 
     /// 503 for a dependency that is down or too slow.
+    /// 503 for a request whose deadline passed before it was done.
+    pub fn timed_out() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            "Request timed out",
+        )
+        .with_detail("the request's deadline passed before it was done; its work was stopped")
+    }
+
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -219,6 +229,14 @@ pub async fn render(request: Request, next: Next) -> Response {
         // Already a problem document from elsewhere (e.g. proxied): keep it whole.
         return response;
     }
+    complete(response, instance, correlation_id)
+}
+
+/// An error response as a complete problem document: its [`Problem`] (or one made
+/// from its status) naming the request path and correlation id, with the headers and
+/// extensions the response already had.
+pub fn complete(response: Response, instance: String, correlation_id: Option<String>) -> Response {
+    let status = response.status();
     let (parts, _) = response.into_parts();
     let mut problem = parts
         .extensions

@@ -21,8 +21,7 @@ use crate::proxy::Proxy;
 use http::StatusCode;
 use serde_json::{Value, json};
 
-use crate::routes::{Pattern, Route, Segment};
-use crate::runtime::Config;
+use crate::runtime::{Config, rfc3339};
 
 #[derive(Clone)]
 pub struct Admin {
@@ -39,12 +38,6 @@ pub fn router(admin: Admin) -> Router {
         .with_state(admin)
 }
 
-fn rfc3339(t: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
-}
-
 async fn config(State(admin): State<Admin>) -> Response {
     let runtime = admin.config.current();
     axum::Json(json!({
@@ -53,28 +46,10 @@ async fn config(State(admin): State<Admin>) -> Response {
         "source": admin.config.source().describe(),
         "routes": runtime.table.iter().count(),
         "rate_limits": runtime.limiters.keys().collect::<Vec<_>>(),
-        "slashes": format!("{:?}", runtime.slashes).to_lowercase(),
+        "slashes": format!("{:?}", runtime.config.slashes).to_lowercase(),
         "last_reload": admin.config.last_reload(),
     }))
     .into_response()
-}
-
-fn pattern(route: &Route) -> Value {
-    match &route.pattern {
-        Pattern::Exact(p) => json!({"exact": p}),
-        Pattern::Prefix(p) => json!({"prefix": p}),
-        Pattern::Template(segments) => {
-            let text: String = segments
-                .iter()
-                .map(|s| match s {
-                    Segment::Literal(l) => format!("/{l}"),
-                    Segment::Param(n) => format!("/{{{n}}}"),
-                    Segment::Rest(n) => format!("/{{*{n}}}"),
-                })
-                .collect();
-            json!({"template": text})
-        }
-    }
 }
 
 async fn routes(State(admin): State<Admin>) -> Response {
@@ -93,9 +68,7 @@ async fn routes(State(admin): State<Admin>) -> Response {
                 "auth": format!("{:?}", r.auth).to_lowercase(),
                 "rate_limit": r.rate_limit,
             });
-            if let (Some(obj), Value::Object(p)) = (v.as_object_mut(), pattern(r)) {
-                obj.extend(p);
-            }
+            v[r.pattern.kind()] = json!(r.pattern.describe());
             v
         })
         .collect();

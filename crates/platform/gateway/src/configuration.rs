@@ -306,16 +306,24 @@ impl Declarative {
 
     /// Every problem, so they are reported together.
     pub fn validate(&self) -> Vec<String> {
-        let mut errors = crate::routes::RouteTable::compile(self)
-            .err()
-            .unwrap_or_default();
-        errors.extend(self.api_keys().err().unwrap_or_default());
-        errors
+        self.compile().err().unwrap_or_default()
     }
 
-    /// The API keys, indexed by hash.
-    pub fn api_keys(&self) -> Result<crate::auth::ApiKeys, Vec<String>> {
-        crate::auth::ApiKeys::new(self.api_keys.iter().map(|(name, k)| (name, &k.sha256)))
+    /// The route table and the API keys indexed by hash, or every problem in both.
+    pub fn compile(
+        &self,
+    ) -> Result<(crate::routes::RouteTable, crate::auth::ApiKeys), Vec<String>> {
+        let table = crate::routes::RouteTable::compile(self);
+        let keys =
+            crate::auth::ApiKeys::new(self.api_keys.iter().map(|(name, k)| (name, &k.sha256)));
+        match (table, keys) {
+            (Ok(table), Ok(keys)) => Ok((table, keys)),
+            (table, keys) => {
+                let mut errors = table.err().unwrap_or_default();
+                errors.extend(keys.err().unwrap_or_default());
+                Err(errors)
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
 use chassis::client::HttpClient;
@@ -56,15 +56,15 @@ pub struct Proxy {
     pub client: HttpClient,
     pub auth: Authenticator,
     pub issuer: IdentityIssuer,
-    /// Forwarded identities minted in the last half of their lifetime, by caller:
-    /// signing one per request would cost more than the rest of the request.
     /// Proxies whose `X-Forwarded-*` are believed.
     pub trusted: TrustedProxies,
+    /// Forwarded identities minted in the last half of their lifetime, by caller:
+    /// signing one per request would cost more than the rest of the request.
     pub minted: Memo<(String, Option<String>), (Arc<str>, std::time::Instant)>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
-    /// Largest request body forwarded.
-    pub max_body: usize,
+    /// Largest request body forwarded, in bytes.
+    pub max_body: u64,
     /// The shared store of `store = "redis"` rate limits.
     pub redis: Option<RedisLimiter>,
     pub redis_fallback: RedisFallback,
@@ -127,15 +127,6 @@ impl Proxy {
     }
 }
 
-/// The axum handler behind every path the gateway does not serve itself.
-pub async fn handle(
-    State(proxy): State<Arc<Proxy>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    handle_request(&proxy, peer, request).await
-}
-
 /// Forwards one request, or answers it with a problem; the response carries the
 /// [`AccessLog`] and route label for the access log and metrics.
 pub async fn handle_request(proxy: &Proxy, peer: SocketAddr, request: Request) -> Response {
@@ -186,7 +177,7 @@ async fn forward(
     let runtime = proxy.config.current();
     let forwarded = proxy.trusted.forwarded(peer.ip(), request.headers());
     log.client_ip = Some(forwarded.client);
-    let path = normalize(request.uri().path(), runtime.slashes)
+    let path = normalize(request.uri().path(), runtime.config.slashes)
         .map_err(|e| (None, Problem::bad_request(format!("refused path: {e}"))))?;
     // A preflight is routed as the request it announces.
     let preflight = is_preflight(request.method(), request.headers());
@@ -366,22 +357,20 @@ async fn forward(
     // The body is read whole before anything goes upstream (nginx's request
     // buffering): a malformed chunk or a client that stops midway never reaches a
     // service as half a request, and a slow client holds no upstream connection.
-    let body =
-        match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, proxy.max_body))
-            .await
-        {
-            Ok(collected) => Body::from(collected.to_bytes()),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(fail(body_too_large(
-                    u64::try_from(proxy.max_body).unwrap_or(u64::MAX),
-                )));
-            }
-            Err(_) => {
-                return Err(fail(Problem::bad_request(
-                    "the request body is malformed (bad chunk encoding) or was cut short",
-                )));
-            }
-        };
+    let max_body = usize::try_from(proxy.max_body).unwrap_or(usize::MAX);
+    let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max_body))
+        .await
+    {
+        Ok(collected) => Body::from(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(fail(body_too_large(proxy.max_body)));
+        }
+        Err(_) => {
+            return Err(fail(Problem::bad_request(
+                "the request body is malformed (bad chunk encoding) or was cut short",
+            )));
+        }
+    };
     let upstream = Request::from_parts(parts, body);
     log.upstream = Some(route.service.clone());
     let sent = std::time::Instant::now();

@@ -128,7 +128,7 @@ impl RouteTable {
                     Pattern::Exact(String::new())
                 }
             };
-            let shown = describe(&pattern);
+            let shown = pattern.describe();
             if let Some(j) = seen.insert((c.host.clone(), format!("{shown} {:?}", c.methods)), i) {
                 errors.push(format!("{at}: same host, path and methods as routes[{j}]"));
             }
@@ -384,21 +384,33 @@ fn transform(at: &str, t: &HeaderTransform, errors: &mut Vec<String>) -> Transfo
     out
 }
 
-fn describe(p: &Pattern) -> String {
-    match p {
-        Pattern::Exact(e) => e.clone(),
-        Pattern::Prefix(p) => p.clone(),
-        Pattern::Template(segments) => {
-            let mut s = String::new();
-            for seg in segments {
-                s.push('/');
-                match seg {
-                    Segment::Literal(l) => s.push_str(l),
-                    Segment::Param(n) => s.push_str(&format!("{{{n}}}")),
-                    Segment::Rest(n) => s.push_str(&format!("{{*{n}}}")),
+impl Pattern {
+    /// The pattern as written in the configuration (`/orders/{id}`).
+    pub fn describe(&self) -> String {
+        match self {
+            Pattern::Exact(e) => e.clone(),
+            Pattern::Prefix(p) => p.clone(),
+            Pattern::Template(segments) => {
+                let mut s = String::new();
+                for seg in segments {
+                    s.push('/');
+                    match seg {
+                        Segment::Literal(l) => s.push_str(l),
+                        Segment::Param(n) => s.push_str(&format!("{{{n}}}")),
+                        Segment::Rest(n) => s.push_str(&format!("{{*{n}}}")),
+                    }
                 }
+                s
             }
-            s
+        }
+    }
+
+    /// The configuration key it is written under.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Pattern::Exact(_) => "exact",
+            Pattern::Prefix(_) => "prefix",
+            Pattern::Template(_) => "template",
         }
     }
 }
@@ -532,7 +544,7 @@ fn path_matches(route: &Route, path: &str) -> Option<(String, Params)> {
 fn doc_matches(route: &Route, path: &str) -> bool {
     match &route.pattern {
         Pattern::Template(_) => {
-            describe(&route.pattern) == path || path_matches(route, path).is_some()
+            route.pattern.describe() == path || path_matches(route, path).is_some()
         }
         _ => path_matches(route, path).is_some(),
     }

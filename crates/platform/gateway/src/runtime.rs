@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::ApiKeys;
 use crate::configuration::{Declarative, UpstreamConfig};
-use crate::normalize::SlashPolicy;
 use crate::ratelimit::KeyedLimiter;
 use crate::routes::RouteTable;
 
@@ -32,7 +31,6 @@ pub struct Runtime {
     pub version: u64,
     pub loaded_at: SystemTime,
     pub table: RouteTable,
-    pub slashes: SlashPolicy,
     pub limiters: HashMap<String, Arc<KeyedLimiter>>,
     pub api_keys: ApiKeys,
     pub config: Declarative,
@@ -58,16 +56,7 @@ impl Runtime {
         version: u64,
         previous: Option<&Runtime>,
     ) -> Result<Self, Vec<String>> {
-        let table = RouteTable::compile(&config);
-        let api_keys = config.api_keys();
-        let (table, api_keys) = match (table, api_keys) {
-            (Ok(t), Ok(k)) => (t, k),
-            (t, k) => {
-                let mut errors = t.err().unwrap_or_default();
-                errors.extend(k.err().unwrap_or_default());
-                return Err(errors);
-            }
-        };
+        let (table, api_keys) = config.compile()?;
         let limiters = config
             .rate_limits
             .iter()
@@ -86,7 +75,6 @@ impl Runtime {
             version,
             loaded_at: SystemTime::now(),
             table,
-            slashes: config.slashes,
             limiters,
             api_keys,
             config,
@@ -126,6 +114,13 @@ impl Source {
             Source::File(path) => path.display().to_string(),
         }
     }
+}
+
+/// `t` as RFC 3339, for the admin API.
+pub fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// The last reload's outcome, for the admin API.
@@ -213,9 +208,7 @@ impl Config {
             let version = self.next_version.fetch_add(1, Ordering::Relaxed);
             Runtime::compile(config, version, Some(&previous))
         });
-        let at = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
+        let at = rfc3339(SystemTime::now());
         let result = match outcome {
             Ok(runtime) => {
                 let version = runtime.version;

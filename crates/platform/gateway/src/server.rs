@@ -17,7 +17,9 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
-use chassis::http::{AccessLogPolicy, RequestIds, RouteLabel, ServerFn, log_access};
+use chassis::http::{
+    AccessLogPolicy, RequestIds, RouteLabel, ServerFn, UNMATCHED_ROUTE, log_access,
+};
 use futures::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
@@ -40,8 +42,6 @@ pub struct Limits {
     pub max_headers: usize,
     /// Past it, 414.
     pub max_uri_bytes: usize,
-    /// Past it, 413.
-    pub max_body_bytes: u64,
     /// A client must send its whole request head within this (slow clients).
     pub header_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
@@ -229,33 +229,19 @@ impl Shared {
                     Some(Err(_)) => {
                         Problem::internal("the gateway failed on this request").into_response()
                     }
-                    None => Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "timeout",
-                        "Request timed out",
-                    )
-                    .with_detail("the request took longer than its deadline")
-                    .into_response(),
+                    None => Problem::timed_out().into_response(),
                 }
             }
         };
         let status = response.status();
-        // A problem the gateway wrote itself names the request and its correlation id.
-        if let Some(problem) = response.extensions().get::<Problem>().cloned() {
-            let mut problem = problem;
-            problem.instance.get_or_insert(raw_path.clone());
-            problem
-                .correlation_id
-                .get_or_insert_with(|| correlation_id.to_string());
-            let extensions = std::mem::take(response.extensions_mut());
-            let headers = std::mem::take(response.headers_mut());
-            response = problem.into_response();
-            for (name, value) in headers.iter() {
-                if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-                    response.headers_mut().insert(name.clone(), value.clone());
-                }
-            }
-            response.extensions_mut().extend(extensions);
+        // A problem the gateway wrote itself names the request and its correlation id
+        // (an upstream's error answers pass as they are).
+        if response.extensions().get::<Problem>().is_some() {
+            response = chassis::problem::complete(
+                response,
+                raw_path.clone(),
+                Some(correlation_id.to_string()),
+            );
         }
         let route = response
             .extensions()
@@ -264,7 +250,7 @@ impl Shared {
         let elapsed = started.elapsed();
         self.metrics.observe_http(
             method.as_str(),
-            route.as_deref().unwrap_or("<unmatched>"),
+            route.as_deref().unwrap_or(UNMATCHED_ROUTE),
             status.as_u16(),
             elapsed,
         );
@@ -274,7 +260,7 @@ impl Shared {
         if self.access.logs(status.as_u16()) {
             log_access(
                 &response,
-                route.as_deref().unwrap_or("<unmatched>"),
+                route.as_deref().unwrap_or(UNMATCHED_ROUTE),
                 elapsed,
                 Some(peer.ip()),
                 Some(RequestIds {
@@ -309,8 +295,10 @@ impl Shared {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if length.is_some_and(|l| l > self.limits.max_body_bytes) {
-            return Some(proxy::body_too_large(self.limits.max_body_bytes));
+        // Refused before a byte of the body is read; a body without a length is
+        // held to the same limit as the proxy reads it.
+        if length.is_some_and(|l| l > self.proxy.max_body) {
+            return Some(proxy::body_too_large(self.proxy.max_body));
         }
         None
     }

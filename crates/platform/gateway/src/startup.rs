@@ -19,7 +19,7 @@ use chassis::{Chassis, ServiceConfig};
 use crate::auth::{Authenticator, ClaimNames, Memo};
 use crate::configuration::{AuthSettings, Settings};
 use crate::forwarded::TrustedProxies;
-use crate::proxy::{self, Proxy};
+use crate::proxy::Proxy;
 use crate::ratelimit::RedisLimiter;
 use crate::runtime::{Config as RoutingConfig, Source};
 use crate::server::Limits;
@@ -124,7 +124,7 @@ impl Application {
                 identity.token_ttl.0,
             ),
             upstream_timeout: settings.upstream_timeout.0,
-            max_body: usize::try_from(chassis.http.body_limit.0).unwrap_or(usize::MAX),
+            max_body: chassis.http.body_limit.0,
             redis,
             redis_fallback: settings.redis_fallback,
             redis_errors,
@@ -136,7 +136,6 @@ impl Application {
         let own = Router::new()
             .route(&identity.jwks_path, get(identity_jwks))
             .route("/openapi.json", get(crate::openapi::merged))
-            .fallback(proxy::handle)
             .with_state(proxy.clone());
         let router = chassis.router(
             own,
@@ -153,7 +152,6 @@ impl Application {
             max_header_bytes: settings.max_header_bytes,
             max_headers: settings.max_headers,
             max_uri_bytes: settings.max_uri_bytes,
-            max_body_bytes: chassis.http.body_limit.0,
             header_timeout: settings.header_timeout.0,
             h2_max_concurrent_streams: settings.h2_max_concurrent_streams,
             h2_max_pending_resets: settings.h2_max_pending_resets,
@@ -177,16 +175,14 @@ impl Application {
         );
         Ok(Service::new(chassis, router, None)
             .with_server(server)
-            .with_background(move |stop| Box::pin(watcher.watch(stop)))
-            .with_background(move |stop| {
-                Box::pin(async move {
-                    let served = axum::serve(admin_listener, admin)
-                        .with_graceful_shutdown(stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = served {
-                        tracing::error!(error = %e, "the admin API stopped");
-                    }
-                })
+            .with_background(move |stop| watcher.watch(stop))
+            .with_background(move |stop| async move {
+                let served = axum::serve(admin_listener, admin)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the admin API stopped");
+                }
             }))
     }
 }

@@ -9,15 +9,14 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::body::Body;
 use chassis::client::Instance;
 use discovery::Resolver;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,6 +24,7 @@ use rand::Rng;
 use resilience::retry::RetryPolicy;
 
 use crate::configuration::{HashOn, LbPolicy, UpstreamConfig};
+use crate::ratelimit::nanos;
 
 /// Why an upstream call failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,34 @@ pub struct Upstream {
     /// States survive instance-set changes (an instance keeps its ejection).
     states: Mutex<HashMap<String, Arc<InstanceState>>>,
     next: AtomicUsize,
-    retry: Arc<RetryPolicy>,
+    /// Attempts and budget, rebuilt when a reload changes the upstream's settings.
+    retry: ArcSwap<Retry>,
+}
+
+/// A retry policy and the settings it was built from.
+struct Retry {
+    retries: u32,
+    budget_percent: u8,
+    policy: Arc<RetryPolicy>,
+}
+
+impl Retry {
+    fn new(config: &UpstreamConfig) -> Arc<Self> {
+        Arc::new(Self {
+            retries: config.retries,
+            budget_percent: config.retry_budget_percent,
+            policy: RetryPolicy::new(
+                config.retries + 1,
+                Duration::from_millis(5),
+                Duration::from_millis(100),
+                config.retry_budget(),
+            ),
+        })
+    }
+
+    fn matches(&self, config: &UpstreamConfig) -> bool {
+        self.retries == config.retries && self.budget_percent == config.retry_budget_percent
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,13 +114,9 @@ thread_local! {
 }
 
 fn build_client(connect_timeout: Duration) -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+    chassis::client::client_builder()
         .pool_max_idle_per_host(256)
-        .build(connector)
+        .build(chassis::client::connector(connect_timeout))
 }
 
 /// Every upstream's state; the HTTP clients are per thread.
@@ -112,10 +135,6 @@ pub struct Call<'a> {
     pub timeout: Duration,
     /// The key for consistent hashing, when the policy hashes.
     pub hash_key: Option<&'a str>,
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Upstreams {
@@ -151,6 +170,9 @@ impl Upstreams {
     fn upstream(&self, service: &str, config: &UpstreamConfig) -> Arc<Upstream> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(u) = map.get(service) {
+            if !u.retry.load().matches(config) {
+                u.retry.store(Retry::new(config));
+            }
             return u.clone();
         }
         let u = Arc::new(Upstream {
@@ -158,12 +180,7 @@ impl Upstreams {
             snapshot: ArcSwapOption::empty(),
             states: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
-            retry: RetryPolicy::new(
-                config.retries + 1,
-                Duration::from_millis(5),
-                Duration::from_millis(100),
-                config.retry_budget(),
-            ),
+            retry: ArcSwap::new(Retry::new(config)),
         });
         map.insert(service.to_owned(), u.clone());
         u
@@ -335,7 +352,8 @@ impl Upstreams {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
         let s = self.snapshot(&u)?;
-        u.retry.on_request();
+        let retry = u.retry.load_full();
+        retry.policy.on_request();
         // A request can be sent again only if it has no body to replay.
         let bodiless = is_bodiless(request.method(), request.headers());
         let (parts, body) = request.into_parts();
@@ -354,7 +372,11 @@ impl Upstreams {
             let instance = &s.instances[i];
             let mut request =
                 Request::from_parts(parts.clone(), body.take().unwrap_or_else(Body::empty));
-            *request.uri_mut() = upstream_uri(&instance.base_url, &parts.uri)?;
+            *request.uri_mut() = chassis::client::instance_uri(&instance.base_url, &parts.uri)
+                .map_err(|e| UpstreamError::Failed {
+                    service: u.name.clone(),
+                    reason: e.to_string(),
+                })?;
             telemetry::context::inject_current(request.headers_mut());
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
@@ -417,7 +439,9 @@ impl Upstreams {
             if !retryable || tried.len() >= s.instances.len() {
                 return result;
             }
-            match u.retry.next_delay(attempt, None, None) {
+            // Another instance is tried at once (no backoff: a different instance is
+            // not the one that just failed); the policy only counts attempts and budget.
+            match retry.policy.next_delay(attempt, None, None) {
                 Some(_) => {
                     tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");
                 }
@@ -449,17 +473,6 @@ fn is_bodiless(method: &Method, headers: &HeaderMap) -> bool {
                 && method != Method::POST
                 && method != Method::PUT
                 && method != Method::PATCH))
-}
-
-fn upstream_uri(base: &Uri, target: &Uri) -> Result<Uri, UpstreamError> {
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = base.scheme().cloned();
-    parts.authority = base.authority().cloned();
-    parts.path_and_query = target.path_and_query().cloned();
-    Uri::from_parts(parts).map_err(|e| UpstreamError::Failed {
-        service: base.to_string(),
-        reason: e.to_string(),
-    })
 }
 
 /// FNV-1a, seeded: cheap and well spread for short keys.
