@@ -5,6 +5,8 @@
 //! - `GET /routes`: the compiled route table, in matching order;
 //! - `GET /upstreams`: each routed service's instances as balancing sees them
 //!   (outstanding requests, EWMA latency, failures, ejection);
+//! - `GET /cache`: the in-memory cache's entries and bytes; `DELETE /cache` drops
+//!   every cached answer, in memory and in Redis;
 //! - `POST /reload`: re-reads the configuration; 200 with the new version, or 422
 //!   with every error (the current configuration keeps serving).
 
@@ -34,6 +36,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/config", get(config))
         .route("/routes", get(routes))
         .route("/upstreams", get(upstreams))
+        .route("/cache", get(cache).delete(purge))
         .route("/reload", post(reload))
         .with_state(admin)
 }
@@ -50,6 +53,30 @@ async fn config(State(admin): State<Admin>) -> Response {
         "last_reload": admin.config.last_reload(),
     }))
     .into_response()
+}
+
+async fn cache(State(admin): State<Admin>) -> Response {
+    let (entries, bytes) = admin.proxy.cache.memory_usage();
+    axum::Json(json!({
+        "entries": entries,
+        "bytes": bytes,
+        "max_bytes": admin.proxy.cache.max_bytes(),
+        "policies": admin.config.current().config.caches.keys().collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn purge(State(admin): State<Admin>) -> Response {
+    admin.proxy.cache.purge_memory();
+    match admin.proxy.cache.purge_redis().await {
+        Ok(redis_keys) => {
+            axum::Json(json!({ "purged": true, "redis_keys": redis_keys })).into_response()
+        }
+        Err(e) => Problem::unavailable(format!(
+            "the memory cache is purged, but Redis could not be: {e}; retry when it is reachable"
+        ))
+        .into_response(),
+    }
 }
 
 async fn routes(State(admin): State<Admin>) -> Response {

@@ -84,6 +84,13 @@ pub struct RouteConfig {
     /// A policy of `cors`.
     #[serde(default)]
     pub cors: Option<String>,
+    /// A policy of `caches`: GET and HEAD answers are cached as RFC 9111 says.
+    #[serde(default)]
+    pub cache: Option<String>,
+    /// Extra attempts for this route, in place of its upstream's `retries` (the
+    /// same rules: failed connects, or idempotent requests without a body).
+    #[serde(default)]
+    pub retries: Option<u32>,
     #[serde(default)]
     pub request_headers: HeaderTransform,
     #[serde(default)]
@@ -183,6 +190,66 @@ pub struct Declarative {
     /// CORS policies routes name.
     #[serde(default)]
     pub cors: BTreeMap<String, crate::cors::CorsPolicy>,
+    /// Cache policies routes name.
+    #[serde(default)]
+    pub caches: BTreeMap<String, CachePolicy>,
+}
+
+/// Whether answers to authenticated requests are cached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthenticatedCaching {
+    /// Requests with a caller (token or API key) bypass the cache.
+    #[default]
+    Never,
+    /// One copy for every caller: for answers that do not depend on who asks.
+    Shared,
+    /// One copy per caller (`sub`).
+    PerUser,
+}
+
+/// Where cached answers live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheStore {
+    /// This gateway's memory, bounded by `gateway.cache_max_bytes`.
+    #[default]
+    Memory,
+    /// `gateway.redis_url`, shared by every gateway (memory when none is set).
+    Redis,
+}
+
+/// `[caches.<name>]`: a shared HTTP cache (RFC 9111) for the routes naming it.
+/// Freshness comes from the upstream (`s-maxage`, `max-age`, `Expires`); `no-store`,
+/// `private`, `Set-Cookie` and `Vary: *` keep an answer out.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachePolicy {
+    /// Freshness for answers that state none; `0s` stores only answers that do.
+    pub default_ttl: HumanDuration,
+    /// No answer is fresh for longer than this, whatever it says.
+    pub max_ttl: HumanDuration,
+    /// How long past its freshness an answer may still be served while the upstream
+    /// fails (5xx, unreachable, timed out), unless it says `must-revalidate`; its
+    /// own `stale-if-error=N` wins.
+    pub stale_if_error: HumanDuration,
+    /// Larger answers are forwarded, not stored.
+    pub max_object_bytes: u64,
+    pub authenticated: AuthenticatedCaching,
+    pub store: CacheStore,
+}
+
+impl Default for CachePolicy {
+    fn default() -> Self {
+        Self {
+            default_ttl: HumanDuration::secs(0),
+            max_ttl: HumanDuration::secs(86_400),
+            stale_if_error: HumanDuration::secs(0),
+            max_object_bytes: 1024 * 1024,
+            authenticated: AuthenticatedCaching::Never,
+            store: CacheStore::Memory,
+        }
+    }
 }
 
 /// How an upstream's instance is chosen.
@@ -389,10 +456,11 @@ config_section! {
         pub routes: Vec<RouteConfig> = Vec::new(),
         pub rate_limits: BTreeMap<String, RateLimitPolicy> = BTreeMap::new(),
         pub slashes: SlashPolicy = SlashPolicy::Merge,
-        /// Redis for `store = "redis"` rate limits (one round trip per request).
+        /// Redis for `store = "redis"` rate limits (one round trip per request) and
+        /// caches. The gateway starts without it and reconnects when it returns.
         pub redis_url: Option<chassis::secrecy::SecretString> = None,
         /// Key prefix in Redis, so gateways of different shops can share one.
-        pub redis_prefix: String = "bazaar:gateway:ratelimit".to_owned(),
+        pub redis_prefix: String = "bazaar:gateway".to_owned(),
         /// What Redis-backed limits do while Redis is unreachable.
         pub redis_fallback: RedisFallback = RedisFallback::Local,
         /// Proxies in front of the gateway whose `X-Forwarded-*` are believed:
@@ -401,6 +469,10 @@ config_section! {
         pub api_keys: BTreeMap<String, ApiKeyConfig> = BTreeMap::new(),
         pub upstreams: BTreeMap<String, UpstreamConfig> = BTreeMap::new(),
         pub cors: BTreeMap<String, crate::cors::CorsPolicy> = BTreeMap::new(),
+        pub caches: BTreeMap<String, CachePolicy> = BTreeMap::new(),
+        /// Memory for cached answers (bodies, headers and keys), in bytes; the least
+        /// useful entries go first past it.
+        pub cache_max_bytes: u64 = 64 * 1024 * 1024,
         pub auth: AuthSettings,
     }
 }
@@ -415,6 +487,7 @@ impl Settings {
             api_keys: self.api_keys.clone(),
             upstreams: self.upstreams.clone(),
             cors: self.cors.clone(),
+            caches: self.caches.clone(),
         }
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod configuration;
 pub mod cors;
 pub mod forwarded;
@@ -24,6 +25,7 @@ pub mod normalize;
 pub mod openapi;
 pub mod proxy;
 pub mod ratelimit;
+pub mod redis_store;
 pub mod routes;
 pub mod runtime;
 pub mod server;

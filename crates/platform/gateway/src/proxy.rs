@@ -15,7 +15,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
 use crate::auth::{API_KEY, Authenticator, Caller, Memo};
-use crate::configuration::{LimitKey, LimitStore, RedisFallback};
+use crate::cache::{Cache, CacheRequest};
+use crate::configuration::{AuthenticatedCaching, LimitKey, LimitStore, RedisFallback};
 use crate::cors::is_preflight;
 use crate::forwarded::TrustedProxies;
 use crate::normalize::normalize;
@@ -70,6 +71,7 @@ pub struct Proxy {
     pub redis_fallback: RedisFallback,
     /// `bazaar_gateway_ratelimit_store_errors_total`.
     pub redis_errors: prometheus_client::metrics::counter::Counter,
+    pub cache: Cache,
 }
 
 impl Proxy {
@@ -299,6 +301,7 @@ async fn forward(
         None => None,
     };
 
+    let host_name = host_of(&request).map(str::to_ascii_lowercase);
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut parts.headers);
@@ -361,7 +364,7 @@ async fn forward(
     let body = match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, max_body))
         .await
     {
-        Ok(collected) => Body::from(collected.to_bytes()),
+        Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(fail(body_too_large(proxy.max_body)));
         }
@@ -371,22 +374,69 @@ async fn forward(
             )));
         }
     };
-    let upstream = Request::from_parts(parts, body);
+    let bodiless = body.is_empty();
     log.upstream = Some(route.service.clone());
-    let sent = std::time::Instant::now();
-    let response = proxy
-        .upstreams
-        .send(
-            Call {
-                service: &route.service,
-                config: upstream_config,
-                timeout: route.timeout.unwrap_or(proxy.upstream_timeout),
-                hash_key: hash_key.as_deref(),
-            },
-            upstream,
-        )
-        .await;
-    log.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+    let timeout = route.timeout.unwrap_or(proxy.upstream_timeout);
+    let call = Call {
+        service: &route.service,
+        config: upstream_config,
+        timeout,
+        hash_key: hash_key.as_deref(),
+        retries: route.retries,
+    };
+    let upstream_ms = &mut log.upstream_ms;
+    let send = async |parts: http::request::Parts| {
+        let sent = std::time::Instant::now();
+        let response = proxy
+            .upstreams
+            .send(call, Request::from_parts(parts, Body::from(body)))
+            .await;
+        *upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        response
+    };
+    let plain = |r: http::Response<hyper::body::Incoming>| r.map(Body::new);
+    let cache = route
+        .cache
+        .as_ref()
+        .filter(|(_, p)| caller.is_none() || p.authenticated != AuthenticatedCaching::Never);
+    let response = match cache {
+        Some((name, policy)) => {
+            let user = match policy.authenticated {
+                AuthenticatedCaching::PerUser => caller.as_ref().map(|c| c.sub.as_str()),
+                _ => None,
+            };
+            let key = Cache::key(name, &route.service, host_name.as_deref(), &target, user);
+            let method = parts.method.clone();
+            if (method == http::Method::GET || method == http::Method::HEAD) && bodiless {
+                let request = CacheRequest {
+                    key,
+                    policy,
+                    route: &route.label,
+                    head: method == http::Method::HEAD,
+                    deadline: timeout,
+                };
+                proxy.cache.serve(request, parts, send).await
+            } else {
+                proxy.cache.bypassed(&route.label);
+                let response = send(parts).await;
+                // A change through the URI makes what is stored for it stale
+                // (RFC 9111 §4.4).
+                if let Ok(r) = &response
+                    && !method.is_safe()
+                    && (r.status().is_success() || r.status().is_redirection())
+                {
+                    proxy.cache.invalidate(&key, policy).await;
+                }
+                response.map(plain)
+            }
+        }
+        None => {
+            if route.cache.is_some() {
+                proxy.cache.bypassed(&route.label);
+            }
+            send(parts).await.map(plain)
+        }
+    };
     let response = response.map_err(|e| fail(upstream_problem(&route.service, e)))?;
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -397,7 +447,7 @@ async fn forward(
     for (name, value) in limit.into_iter().flatten() {
         parts.headers.insert(name, value);
     }
-    let mut response = Response::from_parts(parts, Body::new(body));
+    let mut response = Response::from_parts(parts, body);
     response.extensions_mut().insert(label);
     Ok(response)
 }
@@ -435,7 +485,7 @@ fn rate_limit_headers(
     .collect()
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

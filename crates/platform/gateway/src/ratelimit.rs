@@ -132,25 +132,17 @@ return {1, new_tat - now, 0}
 
 /// A limiter whose state lives in Redis.
 pub struct RedisLimiter {
-    connection: redis::aio::ConnectionManager,
+    redis: std::sync::Arc<crate::redis_store::SharedRedis>,
     script: redis::Script,
-    prefix: String,
 }
 
 impl RedisLimiter {
-    /// Connects to `url`; keys are `<prefix>:<policy>:<key>`.
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_millis(500))
-            .set_response_timeout(Duration::from_millis(500))
-            .set_number_of_retries(1);
-        let connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
-        Ok(Self {
-            connection,
+    /// Keys are `<prefix>:ratelimit:<policy>:<key>`.
+    pub fn new(redis: std::sync::Arc<crate::redis_store::SharedRedis>) -> Self {
+        Self {
+            redis,
             script: redis::Script::new(GCRA_SCRIPT),
-            prefix: prefix.to_owned(),
-        })
+        }
     }
 
     /// Decides for `key` under `limiter`'s policy named `name`.
@@ -160,10 +152,10 @@ impl RedisLimiter {
         limiter: &KeyedLimiter,
         key: &str,
     ) -> Result<Decision, redis::RedisError> {
-        let mut connection = self.connection.clone();
+        let mut connection = self.redis.connection().await?;
         let (allowed, reset_us, retry_us): (i64, i64, i64) = self
             .script
-            .key(format!("{}:{name}:{key}", self.prefix))
+            .key(format!("{}:ratelimit:{name}:{key}", self.redis.prefix))
             .arg(micros(limiter.interval))
             .arg(micros(limiter.tolerance))
             .invoke_async(&mut connection)

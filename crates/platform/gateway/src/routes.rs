@@ -59,6 +59,9 @@ pub struct Route {
     pub auth: AuthPolicy,
     pub rate_limit: Option<String>,
     pub cors: Option<crate::cors::CorsPolicy>,
+    /// The cache policy's name (it keys the stored answers) and the policy.
+    pub cache: Option<(Arc<str>, crate::configuration::CachePolicy)>,
+    pub retries: Option<u32>,
     pub request_headers: Transform,
     pub response_headers: Transform,
     /// The route as configured, for the admin API.
@@ -181,6 +184,11 @@ impl RouteTable {
             {
                 errors.push(format!("{at}.cors `{policy}` is not a policy of [cors]"));
             }
+            if let Some(policy) = &c.cache
+                && !config.caches.contains_key(policy)
+            {
+                errors.push(format!("{at}.cache `{policy}` is not a policy of [caches]"));
+            }
             if let Some(policy) = &c.rate_limit
                 && !config.rate_limits.contains_key(policy)
             {
@@ -212,6 +220,13 @@ impl RouteTable {
                 auth: c.auth,
                 rate_limit: c.rate_limit.clone(),
                 cors: c.cors.as_ref().and_then(|n| config.cors.get(n)).cloned(),
+                cache: c.cache.as_ref().and_then(|n| {
+                    config
+                        .caches
+                        .get(n)
+                        .map(|p| (Arc::from(n.as_str()), p.clone()))
+                }),
+                retries: c.retries,
                 request_headers,
                 response_headers,
                 config: c.clone(),
@@ -232,6 +247,15 @@ impl RouteTable {
                 errors.push(format!(
                     "{at}.outlier_consecutive_failures must be at least 1"
                 ));
+            }
+        }
+        for (name, p) in &config.caches {
+            let at = format!("caches.{name}");
+            if p.max_object_bytes == 0 {
+                errors.push(format!("{at}.max_object_bytes must be at least 1"));
+            }
+            if p.max_ttl.0 < p.default_ttl.0 {
+                errors.push(format!("{at}.default_ttl is longer than max_ttl"));
             }
         }
         for (name, p) in &config.rate_limits {

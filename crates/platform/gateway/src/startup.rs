@@ -17,10 +17,12 @@ use chassis::secrecy::ExposeSecret;
 use chassis::{Chassis, ServiceConfig};
 
 use crate::auth::{Authenticator, ClaimNames, Memo};
+use crate::cache::Cache;
 use crate::configuration::{AuthSettings, Settings};
 use crate::forwarded::TrustedProxies;
 use crate::proxy::Proxy;
 use crate::ratelimit::RedisLimiter;
+use crate::redis_store::SharedRedis;
 use crate::runtime::{Config as RoutingConfig, Source};
 use crate::server::Limits;
 use crate::upstream::Upstreams;
@@ -83,16 +85,23 @@ impl Application {
             chassis.http.client_connect_timeout.0,
         );
         upstreams.register_metrics(&chassis.metrics);
-        // Redis for shared rate limits: connected at start, reconnected by the
-        // connection manager after an outage.
-        let redis = match &settings.redis_url {
-            Some(url) => Some(
-                RedisLimiter::connect(url.expose_secret(), &settings.redis_prefix)
-                    .await
-                    .context("connecting to gateway.redis_url for rate limits")?,
-            ),
+        // Redis for shared rate limits and caches: connected on first use, so the
+        // gateway starts while Redis is down (the fallbacks decide meanwhile).
+        let shared_redis = match &settings.redis_url {
+            Some(url) => Some(Arc::new(
+                SharedRedis::new(url.expose_secret(), &settings.redis_prefix)
+                    .context("gateway.redis_url is not a Redis URL (redis://host:port/db)")?,
+            )),
             None => None,
         };
+        if let Some(redis) = &shared_redis
+            && let Err(e) = redis.connect(std::time::Duration::from_secs(1)).await
+        {
+            tracing::warn!(error = %e, "Redis is unreachable at start; rate limits and caches stored there fall back until it returns");
+        }
+        let redis = shared_redis.clone().map(RedisLimiter::new);
+        let cache = Cache::new(settings.cache_max_bytes, shared_redis);
+        cache.register_metrics(&chassis.metrics);
         let redis_errors = prometheus_client::metrics::counter::Counter::default();
         chassis.metrics.register(
             "bazaar_gateway_ratelimit_store_errors",
@@ -128,6 +137,7 @@ impl Application {
             redis,
             redis_fallback: settings.redis_fallback,
             redis_errors,
+            cache,
         });
         let admin = crate::admin::router(crate::admin::Admin {
             config: routing.clone(),

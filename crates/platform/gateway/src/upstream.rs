@@ -135,6 +135,8 @@ pub struct Call<'a> {
     pub timeout: Duration,
     /// The key for consistent hashing, when the policy hashes.
     pub hash_key: Option<&'a str>,
+    /// The route's extra attempts, in place of the upstream's `retries`.
+    pub retries: Option<u32>,
 }
 
 impl Upstreams {
@@ -440,13 +442,12 @@ impl Upstreams {
                 return result;
             }
             // Another instance is tried at once (no backoff: a different instance is
-            // not the one that just failed); the policy only counts attempts and budget.
-            match retry.policy.next_delay(attempt, None, None) {
-                Some(_) => {
-                    tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");
-                }
-                None => return result,
+            // not the one that just failed); the budget keeps retries from
+            // multiplying an outage.
+            if attempt > call.retries.unwrap_or(call.config.retries) || !retry.policy.withdraw() {
+                return result;
             }
+            tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");
         }
     }
 }

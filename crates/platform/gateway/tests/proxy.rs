@@ -1,168 +1,16 @@
 //! The gateway in front of a recording upstream, on real ports.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
+mod common;
+
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::Request;
-use axum::routing::{any, get};
 use chassis::config::HumanDuration;
 use chassis::jwt::{JwtVerifier, KeySet, now_secs};
-use chassis::settings::{HttpSettings, IdentitySettings};
 use chassis::testing::IdentityFixture;
-use chassis::{Listen, ServiceConfig};
+use common::*;
 use gateway::{AuthPolicy, RouteConfig, Settings};
 use serde_json::{Value, json};
-
-type Seen = Arc<Mutex<Vec<(String, http::HeaderMap)>>>;
-
-/// An upstream that records what reached it.
-async fn upstream(seen: Seen) -> String {
-    let record = move |req: Request| {
-        let seen = seen.clone();
-        async move {
-            seen.lock()
-                .unwrap()
-                .push((req.uri().to_string(), req.headers().clone()));
-            axum::Json(json!({ "ok": true }))
-        }
-    };
-    let app = Router::new()
-        .route("/slow", get(|| async {
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            "late"
-        }))
-        .route("/openapi.json", get(|| async {
-            axum::Json(json!({"paths": {"/open/x": {"get": {}}, "/private/y": {"get": {}}, "/elsewhere": {"get": {}}},
-                "components": {"schemas": {"Thing": {"type": "object"}}}}))
-        }))
-        .fallback(any(record));
-    chassis::testing::serve(app).await
-}
-
-struct Gw {
-    url: String,
-    admin: String,
-    users: IdentityFixture,
-    identity_jwks: String,
-    seen: Seen,
-    http: reqwest::Client,
-    _dir: std::path::PathBuf,
-}
-
-async fn spawn() -> Gw {
-    spawn_with(|_| {}).await
-}
-
-/// The gateway with the standard routes, changed by `adjust`.
-async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> Gw {
-    spawn_full(adjust, Vec::new()).await
-}
-
-/// An instance that answers `status` with its `name` in `x-instance`.
-async fn instance(name: &'static str, status: u16) -> String {
-    let app = Router::new().fallback(any(move || async move {
-        (
-            http::StatusCode::from_u16(status).unwrap(),
-            [("x-instance", name)],
-            name,
-        )
-    }));
-    chassis::testing::serve(app).await
-}
-
-/// [`spawn_with`], with more services known to discovery.
-async fn spawn_full(adjust: impl FnOnce(&mut Settings), more: Vec<(String, String)>) -> Gw {
-    let seen: Seen = Arc::default();
-    let echo = upstream(seen.clone()).await;
-    let users = IdentityFixture::issuer("/.well-known/jwks.json", "bazaar-users", "bazaar").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let resolver = chassis::settings::DiscoverySettings {
-        services: [
-            ("echo".to_owned(), echo),
-            ("users".to_owned(), users.url.clone()),
-            ("dead".to_owned(), format!("http://{dead}")),
-            ("gateway".to_owned(), url.clone()),
-        ]
-        .into_iter()
-        .chain(more)
-        .collect(),
-        ..Default::default()
-    }
-    .resolver()
-    .unwrap();
-    let route = RouteConfig::prefix;
-    let dir = std::env::temp_dir().join(format!("gw-{}", uuid::Uuid::new_v4()));
-    let mut settings = Settings {
-        upstream_timeout: HumanDuration::millis(300),
-        routes: vec![
-            route("/open", "echo", AuthPolicy::Anonymous),
-            route("/private", "echo", AuthPolicy::Required),
-            route("/maybe", "echo", AuthPolicy::Optional),
-            route("/slow", "echo", AuthPolicy::Anonymous),
-            route("/down", "dead", AuthPolicy::Anonymous),
-        ],
-        ..Settings::default()
-    };
-    adjust(&mut settings);
-    let admin_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let admin = format!("http://{}", admin_listener.local_addr().unwrap());
-    let app = gateway::Application::build(gateway::Config {
-        service: ServiceConfig {
-            name: gateway::NAME,
-            version: "test",
-            listen: Listen::Inherited(listener),
-            http: HttpSettings::default(),
-            identity: IdentitySettings::default(),
-            resilience: chassis::settings::ResilienceSettings::default(),
-            resolver: Arc::new(resolver),
-            registrar: None,
-            events: None,
-        },
-        settings,
-        data_dir: dir.clone(),
-        admin_listener: Some(admin_listener),
-    })
-    .await
-    .unwrap();
-    tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
-    Gw {
-        admin,
-        identity_jwks: format!("{url}{}", IdentitySettings::default().jwks_path),
-        url,
-        users,
-        seen,
-        http: reqwest::Client::new(),
-        _dir: dir,
-    }
-}
-
-/// A GET sent byte for byte: HTTP clients normalize paths before sending.
-async fn raw_get(base: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    String::from_utf8_lossy(&response).into_owned()
-}
-
-impl Gw {
-    fn seen_count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-    fn last_seen(&self) -> (String, http::HeaderMap) {
-        self.seen.lock().unwrap().last().cloned().unwrap()
-    }
-}
 
 #[tokio::test]
 async fn forwards_with_forwarded_headers_and_without_client_identity() {
@@ -1421,4 +1269,127 @@ async fn cors_preflights_are_answered_by_the_gateway_and_grants_added_for_allowe
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().get("access-control-allow-origin").is_none());
+}
+
+/// A gateway whose Redis is down starts, and its Redis-backed limits do what
+/// `redis_fallback` says: count locally, admit all, or refuse with 503.
+#[tokio::test]
+async fn redis_limits_fall_back_as_configured_while_redis_is_down() {
+    use gateway::configuration::{LimitKey, LimitStore, RateLimitPolicy, RedisFallback};
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gateway_with = |fallback: RedisFallback| {
+        spawn_with(move |s| {
+            s.redis_url = Some(format!("redis://{closed}").into());
+            s.redis_fallback = fallback;
+            s.routes = vec![RouteConfig {
+                rate_limit: Some("shared".into()),
+                ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
+            }];
+            s.rate_limits = [(
+                "shared".to_owned(),
+                RateLimitPolicy {
+                    rate: 2,
+                    per: HumanDuration::secs(60),
+                    burst: Some(2),
+                    key: LimitKey::Route,
+                    store: LimitStore::Redis,
+                },
+            )]
+            .into();
+        })
+    };
+    let statuses = async |gw: &Gw| {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let r = gw
+                .http
+                .get(format!("{}/open/x", gw.url))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        statuses
+    };
+    let local = gateway_with(RedisFallback::Local).await;
+    assert_eq!(statuses(&local).await, [200, 200, 429, 429]);
+    let allow = gateway_with(RedisFallback::Allow).await;
+    assert_eq!(statuses(&allow).await, [200, 200, 200, 200]);
+    let deny = gateway_with(RedisFallback::Deny).await;
+    assert_eq!(statuses(&deny).await, [503, 503, 503, 503]);
+    assert_eq!(
+        deny.seen_count(),
+        0,
+        "a denied request reached the upstream"
+    );
+    let metrics = local
+        .http
+        .get(format!("{}/metrics", local.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("bazaar_gateway_ratelimit_store_errors_total{service=\"gateway\"} 4"),
+        "{metrics}"
+    );
+}
+
+/// A route's `retries` replaces its upstream's: with none, a request that met the
+/// dead instance fails; with one, it is sent again to the live one.
+#[tokio::test]
+async fn a_routes_retries_override_its_upstreams() {
+    let live = instance("live", 200).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = spawn_full(
+        |s| {
+            s.routes = vec![
+                RouteConfig {
+                    retries: Some(0),
+                    ..RouteConfig::prefix("/once", "pair", AuthPolicy::Anonymous)
+                },
+                RouteConfig {
+                    retries: Some(1),
+                    ..RouteConfig::prefix("/twice", "pair", AuthPolicy::Anonymous)
+                },
+            ];
+            s.upstreams = [(
+                "pair".to_owned(),
+                gateway::configuration::UpstreamConfig {
+                    retries: 3,
+                    retry_budget_percent: 100,
+                    outlier_consecutive_failures: 1000,
+                    ..Default::default()
+                },
+            )]
+            .into();
+        },
+        vec![("pair".into(), format!("{live},http://{dead}"))],
+    )
+    .await;
+    let statuses = async |p: &str| {
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let r = gw
+                .http
+                .get(format!("{}{p}/x", gw.url))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        statuses
+    };
+    let once = statuses("/once").await;
+    let twice = statuses("/twice").await;
+    assert!(once.contains(&502), "{once:?}");
+    assert!(twice.iter().all(|s| *s == 200), "{twice:?}");
 }

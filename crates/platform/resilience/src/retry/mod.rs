@@ -64,6 +64,12 @@ impl RetryPolicy {
         self.budget.deposit();
     }
 
+    /// Takes one retry from the budget, for callers that count attempts themselves
+    /// (a gateway whose routes override the attempts); `false` when it is spent.
+    pub fn withdraw(&self) -> bool {
+        self.budget.withdraw()
+    }
+
     /// After attempt number `attempt` (1-based) failed retryably: the delay before the
     /// next one, or `None` when attempts, deadline or budget say stop.
     pub fn next_delay(
