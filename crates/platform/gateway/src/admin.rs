@@ -29,6 +29,8 @@ use crate::runtime::{Config, rfc3339};
 pub struct Admin {
     pub config: Arc<Config>,
     pub proxy: Arc<Proxy>,
+    /// Each listener's bound address and whether it terminates TLS.
+    pub listeners: Arc<Vec<Value>>,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -47,6 +49,7 @@ async fn config(State(admin): State<Admin>) -> Response {
         "version": runtime.version,
         "loaded_at": rfc3339(runtime.loaded_at),
         "source": admin.config.source().describe(),
+        "listeners": *admin.listeners,
         "routes": runtime.table.iter().count(),
         "rate_limits": runtime.limiters.keys().collect::<Vec<_>>(),
         "slashes": format!("{:?}", runtime.config.slashes).to_lowercase(),

@@ -418,11 +418,33 @@ config_section! {
     }
 }
 
+/// `[[gateway.listeners]]`: a listener besides the main one (`gateway.port`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// The address to bind; all interfaces by default.
+    #[serde(default = "any_address")]
+    pub address: String,
+    /// `0` picks a free port (logged at start).
+    pub port: u16,
+    /// Terminate TLS here (HTTP/2 through ALPN, HTTP/1.1 otherwise).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
+}
+
+fn any_address() -> String {
+    "0.0.0.0".to_owned()
+}
+
 config_section! {
     /// `[gateway]`
     pub struct Settings {
         /// The public port.
         pub port: u16 = 8080,
+        /// TLS on the main port: `tls = { cert_file = "...", key_file = "..." }`.
+        pub tls: Option<crate::tls::TlsConfig> = None,
+        /// More listeners, each plain or TLS.
+        pub listeners: Vec<ListenerConfig> = Vec::new(),
         /// The admin API's port, on loopback (`0` picks a free one).
         pub admin_port: u16 = 8081,
         /// The admin API's address; loopback unless you mean to expose it.

@@ -30,6 +30,7 @@ pub mod routes;
 pub mod runtime;
 pub mod server;
 pub mod startup;
+pub mod tls;
 pub mod upstream;
 
 pub use configuration::{AuthPolicy, RouteConfig, Settings};

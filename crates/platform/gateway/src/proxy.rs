@@ -302,6 +302,10 @@ async fn forward(
     };
 
     let host_name = host_of(&request).map(str::to_ascii_lowercase);
+    let proto = match request.extensions().get::<crate::server::Https>() {
+        Some(_) => HeaderValue::from_static("https"),
+        None => HeaderValue::from_static("http"),
+    };
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
     strip_hop_by_hop(&mut parts.headers);
@@ -325,9 +329,7 @@ async fn forward(
         parts.headers.insert(X_FORWARDED_FOR, v);
     }
     if !forwarded.trusted_peer {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts.headers.insert(X_FORWARDED_PROTO, proto);
         match host {
             Some(h) => {
                 parts.headers.insert(X_FORWARDED_HOST, h);
@@ -337,9 +339,7 @@ async fn forward(
             }
         }
     } else if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        parts.headers.insert(X_FORWARDED_PROTO, proto);
     }
     // The upstream gets the normalized (and rewritten) path: the one checked.
     let target = match (parts.uri.query(), upstream_path.contains('?')) {
@@ -347,6 +347,8 @@ async fn forward(
         (Some(q), false) => format!("{upstream_path}?{q}"),
         (None, _) => upstream_path,
     };
+    // Upstreams are spoken to in HTTP/1.1, whatever the client spoke.
+    parts.version = http::Version::HTTP_11;
     parts.uri = target.parse().map_err(|_| {
         fail(Problem::bad_request(
             "the rewritten path is not a valid URI",

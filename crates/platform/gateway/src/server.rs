@@ -50,6 +50,16 @@ pub struct Limits {
     pub h2_max_pending_resets: usize,
 }
 
+/// A listener beyond the chassis's main one, bound at start.
+pub struct Listener {
+    pub socket: std::net::TcpListener,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Marks a request that came over TLS (for `X-Forwarded-Proto`).
+#[derive(Clone, Copy, Debug)]
+pub struct Https;
+
 /// What every worker shares.
 struct Shared {
     own: Router,
@@ -69,6 +79,8 @@ pub fn server(
     http: &chassis::settings::HttpSettings,
     limits: Limits,
     own_paths: Vec<String>,
+    main_tls: Option<tokio_rustls::TlsAcceptor>,
+    more: Vec<Listener>,
 ) -> ServerFn {
     let request_timeout = http.request_timeout.0;
     let access = AccessLogPolicy::new(http);
@@ -82,16 +94,22 @@ pub fn server(
             limits,
             own_paths,
         });
-        Box::pin(run(listener, shared, shutdown))
+        Box::pin(async move {
+            let mut listeners = vec![Listener {
+                socket: listener.into_std()?,
+                tls: main_tls,
+            }];
+            listeners.extend(more);
+            run(listeners, shared, shutdown).await
+        })
     })
 }
 
 async fn run(
-    listener: tokio::net::TcpListener,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = listener.into_std()?;
     let workers = match shared.limits.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -100,7 +118,15 @@ async fn run(
     // would hold up the owning runtime's shutdown for as long as they run.
     let mut ended = Vec::with_capacity(workers);
     for n in 0..workers {
-        let listener = listener.try_clone()?;
+        let listeners = listeners
+            .iter()
+            .map(|l| {
+                Ok(Listener {
+                    socket: l.socket.try_clone()?,
+                    tls: l.tls.clone(),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
         let (done, end) = tokio::sync::oneshot::channel();
         ended.push(end);
@@ -110,7 +136,7 @@ async fn run(
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .and_then(|runtime| runtime.block_on(worker(listener, shared, shutdown)));
+                    .and_then(|runtime| runtime.block_on(worker(listeners, shared, shutdown)));
                 let _ = done.send(result);
             })?;
     }
@@ -142,20 +168,37 @@ fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// One worker: accepts on every listener until shutdown, then lets its
+/// connections finish.
 async fn worker(
-    listener: std::net::TcpListener,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    listener.set_nonblocking(true)?;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = builder(&shared.limits);
+    let loops = listeners
+        .into_iter()
+        .map(|l| accept(l, &shared, &shutdown, &graceful, &builder));
+    futures::future::try_join_all(loops).await?;
+    graceful.shutdown().await;
+    Ok(())
+}
+
+async fn accept(
+    listener: Listener,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    builder: &auto::Builder<TokioExecutor>,
+) -> std::io::Result<()> {
+    listener.socket.set_nonblocking(true)?;
+    let socket = tokio::net::TcpListener::from_std(listener.socket)?;
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            () = shutdown.cancelled() => return Ok(()),
+            accepted = socket.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -166,24 +209,58 @@ async fn worker(
             },
         };
         let _ = stream.set_nodelay(true);
+        let https = listener.tls.is_some();
+        let handshake_timeout = shared.limits.header_timeout;
         let shared = shared.clone();
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
             let shared = shared.clone();
+            if https {
+                request.extensions_mut().insert(Https);
+            }
             async move { Ok::<_, Infallible>(shared.dispatch(peer, request).await) }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+        let watcher = graceful.watcher();
+        match &listener.tls {
+            None => {
+                let connection = watcher.watch(
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned(),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                let (acceptor, builder) = (acceptor.clone(), builder.clone());
+                tokio::spawn(async move {
+                    // The handshake is held to the deadline of a request head.
+                    let handshake = acceptor.accept(stream);
+                    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = watcher.watch(
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .into_owned(),
+                    );
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
 }
 
 impl Shared {

@@ -15,6 +15,7 @@ use chassis::identity::IdentityIssuer;
 use chassis::jwt::{JwksCache, JwtVerifier, KeySet, SigningKey, configured_key};
 use chassis::secrecy::ExposeSecret;
 use chassis::{Chassis, ServiceConfig};
+use serde_json::json;
 
 use crate::auth::{Authenticator, ClaimNames, Memo};
 use crate::cache::Cache;
@@ -139,9 +140,51 @@ impl Application {
             redis_errors,
             cache,
         });
+        // TLS certificates, and the listeners beyond the main one.
+        let mut certificates = Vec::new();
+        let mut tls_errors = Vec::new();
+        let mut acceptor = |at: &str, tls: &Option<crate::tls::TlsConfig>| match tls {
+            None => None,
+            Some(config) => {
+                match crate::tls::Certificate::load(config).and_then(|c| Ok((c.acceptor()?, c))) {
+                    Ok((acceptor, certificate)) => {
+                        certificates.push(certificate);
+                        Some(acceptor)
+                    }
+                    Err(e) => {
+                        tls_errors.push(format!("{at}.tls: {e}"));
+                        None
+                    }
+                }
+            }
+        };
+        let main_tls = acceptor("gateway", &settings.tls);
+        let mut more = Vec::new();
+        let mut listening = vec![json!({
+            "address": chassis.local_addr().to_string(),
+            "tls": settings.tls.is_some(),
+        })];
+        for (i, l) in settings.listeners.iter().enumerate() {
+            let at = format!("gateway.listeners[{i}]");
+            let tls = acceptor(&at, &l.tls);
+            let address = format!("{}:{}", l.address, l.port);
+            let socket = std::net::TcpListener::bind(&address).with_context(|| {
+                format!(
+                    "{at}: cannot listen on {address} (in use, or not an address of this machine)"
+                )
+            })?;
+            let bound = socket.local_addr()?;
+            tracing::info!(address = %bound, tls = l.tls.is_some(), "gateway listening");
+            listening.push(json!({ "address": bound.to_string(), "tls": l.tls.is_some() }));
+            more.push(crate::server::Listener { socket, tls });
+        }
+        if !tls_errors.is_empty() {
+            anyhow::bail!("invalid TLS settings:\n  - {}", tls_errors.join("\n  - "));
+        }
         let admin = crate::admin::router(crate::admin::Admin {
             config: routing.clone(),
             proxy: proxy.clone(),
+            listeners: Arc::new(listening),
         });
         let own = Router::new()
             .route(&identity.jwks_path, get(identity_jwks))
@@ -182,9 +225,14 @@ impl Application {
             &chassis.http,
             limits,
             own_paths,
+            main_tls,
+            more,
         );
-        Ok(Service::new(chassis, router, None)
-            .with_server(server)
+        let mut service = Service::new(chassis, router, None).with_server(server);
+        for certificate in certificates {
+            service = service.with_background(move |stop| certificate.watch(stop));
+        }
+        Ok(service
             .with_background(move |stop| watcher.watch(stop))
             .with_background(move |stop| async move {
                 let served = axum::serve(admin_listener, admin)

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chassis::config::HumanDuration;
@@ -1392,4 +1393,138 @@ async fn a_routes_retries_override_its_upstreams() {
     let twice = statuses("/twice").await;
     assert!(once.contains(&502), "{once:?}");
     assert!(twice.iter().all(|s| *s == 200), "{twice:?}");
+}
+
+/// Sends GET `path` over `io` with HTTP/2 (`h2`) or HTTP/1.1; the status and the body.
+async fn get_over<IO>(io: IO, h2: bool, path: &str) -> (u16, String)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(io);
+    let request = http::Request::get(path)
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A TLS client trusting the test CA, offering `alpn`.
+async fn tls_connect(
+    addr: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_file(key_file("tls-ca.pem")).unwrap())
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// A TLS listener negotiates HTTP/2 or HTTP/1.1 through ALPN, tells the upstream the
+/// request came over https, and serves a renewed certificate without a restart; the
+/// plain port speaks h2c.
+#[tokio::test]
+async fn tls_listeners_negotiate_h2_and_reload_renewed_certificates() {
+    let dir = std::env::temp_dir().join(format!("gw-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::copy(key_file("tls-cert.pem"), &cert).unwrap();
+    std::fs::copy(key_file("tls-key.pem"), &key).unwrap();
+    let tls = gateway::tls::TlsConfig {
+        cert_file: cert.clone(),
+        key_file: key,
+    };
+    let gw = spawn_with(|s| {
+        s.listeners = vec![gateway::configuration::ListenerConfig {
+            address: "127.0.0.1".into(),
+            port: 0,
+            tls: Some(tls),
+        }];
+    })
+    .await;
+    let config: Value = gw
+        .http
+        .get(format!("{}/config", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["listeners"][1]["tls"], true, "{config}");
+    let addr = config["listeners"][1]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let stream = tls_connect(&addr, &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(get_over(stream, true, "/open/tls").await.0, 200);
+    let (_, headers) = gw.last_seen();
+    assert_eq!(headers["x-forwarded-proto"], "https");
+
+    let stream = tls_connect(&addr, &[b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(get_over(stream, false, "/open/tls1").await.0, 200);
+
+    // h2c with prior knowledge on the plain port.
+    let plain = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    assert_eq!(get_over(plain, true, "/open/h2c").await.0, 200);
+    let (_, headers) = gw.last_seen();
+    assert_eq!(headers["x-forwarded-proto"], "http");
+
+    // A renewed certificate is served within the watch interval.
+    let renewed = std::fs::read(key_file("tls-cert-2.pem")).unwrap();
+    let renewed_der = {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_slice(&renewed)
+            .unwrap()
+            .to_vec()
+    };
+    std::fs::write(&cert, &renewed).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stream = tls_connect(&addr, &[b"h2"]).await;
+        let served = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        if served == renewed_der {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was not served"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
