@@ -67,8 +67,14 @@ pub struct RouteConfig {
     /// none of which takes the method is a 405 with `Allow`.
     #[serde(default)]
     pub methods: Vec<String>,
-    /// The upstream service (resolved through discovery).
+    /// The upstream service (resolved through discovery); empty for a route that
+    /// aggregates.
+    #[serde(default)]
     pub service: String,
+    /// Fan out to these in parallel and merge their JSON answers (GET only), instead
+    /// of forwarding to `service`.
+    #[serde(default)]
+    pub aggregate: Vec<AggregatePart>,
     /// The path sent upstream: replaces the matched prefix, or for a template is a
     /// template itself (`/v2/orders/{id}`), or for an exact route the whole path.
     #[serde(default)]
@@ -107,6 +113,27 @@ impl RouteConfig {
             ..Self::default()
         }
     }
+}
+
+/// One backend of an aggregating route.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatePart {
+    pub service: String,
+    /// The path asked of it; `{name}`s take the route template's values. The
+    /// client's query string is passed on.
+    pub path: String,
+    /// The answer goes under this key; without one, its object is merged into the
+    /// top level (later parts win on a clash).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// This part's deadline (answer and body); the route's timeout otherwise.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
+    /// Without this part there is no answer: its failure fails the request (502 or
+    /// 504) instead of being marked missing.
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// What a rate limit counts requests by.

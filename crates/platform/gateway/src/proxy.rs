@@ -377,8 +377,23 @@ async fn forward(
         }
     };
     let bodiless = body.is_empty();
-    log.upstream = Some(route.service.clone());
     let timeout = route.timeout.unwrap_or(proxy.upstream_timeout);
+    if !route.config.aggregate.is_empty() {
+        let services: Vec<&str> = route
+            .config
+            .aggregate
+            .iter()
+            .map(|p| p.service.as_str())
+            .collect();
+        log.upstream = Some(services.join("+"));
+        let sent = std::time::Instant::now();
+        let merged =
+            crate::aggregate::fan_out(proxy, &runtime, route, &parts, &params, timeout).await;
+        log.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+        let response = merged.map_err(fail)?;
+        return Ok(finish(response, route, &grants, limit, label));
+    }
+    log.upstream = Some(route.service.clone());
     let call = Call {
         service: &route.service,
         config: upstream_config,
@@ -440,10 +455,22 @@ async fn forward(
         }
     };
     let response = response.map_err(|e| fail(upstream_problem(&route.service, e)))?;
+    Ok(finish(response, route, &grants, limit, label))
+}
+
+/// The upstream's answer as the client gets it: hop-by-hop headers out, the route's
+/// transform, CORS grants and rate-limit headers in.
+fn finish(
+    response: Response,
+    route: &crate::routes::Route,
+    grants: &HeaderMap,
+    limit: Option<Vec<(HeaderName, HeaderValue)>>,
+    label: RouteLabel,
+) -> Response {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
-    for (name, value) in &grants {
+    for (name, value) in grants {
         parts.headers.insert(name.clone(), value.clone());
     }
     for (name, value) in limit.into_iter().flatten() {
@@ -451,7 +478,7 @@ async fn forward(
     }
     let mut response = Response::from_parts(parts, body);
     response.extensions_mut().insert(label);
-    Ok(response)
+    response
 }
 
 /// The 413 for a body over `limit` bytes.
@@ -506,7 +533,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
-fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
+pub(crate) fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
     tracing::warn!(upstream = service, error = %error, "upstream failed");
     match error {
         UpstreamError::Timeout { after, .. } => Problem::new(

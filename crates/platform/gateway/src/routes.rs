@@ -142,8 +142,17 @@ impl RouteTable {
                     Err(_) => errors.push(format!("{at}.methods: `{m}` is not an HTTP method")),
                 }
             }
-            if c.service.trim().is_empty() {
-                errors.push(format!("{at}.service must name a service"));
+            match (c.service.trim().is_empty(), c.aggregate.is_empty()) {
+                (true, true) => errors.push(format!(
+                    "{at}: give `service`, or `aggregate` to merge several"
+                )),
+                (false, false) => {
+                    errors.push(format!("{at}: give `service` or `aggregate`, not both"))
+                }
+                _ => {}
+            }
+            if !c.aggregate.is_empty() {
+                check_aggregate(&at, c, &pattern, &methods, &mut errors);
             }
             if let Some(host) = &c.host {
                 let bare = host.strip_prefix("*.").unwrap_or(host);
@@ -314,7 +323,15 @@ impl RouteTable {
     }
 
     pub fn services(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.routes.iter().map(|r| r.service.clone()).collect();
+        let mut names: Vec<String> = self
+            .routes
+            .iter()
+            .flat_map(|r| {
+                std::iter::once(r.service.clone())
+                    .chain(r.config.aggregate.iter().map(|p| p.service.clone()))
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
         names.sort();
         names.dedup();
         names
@@ -375,6 +392,78 @@ fn parse_template(t: &str) -> Result<Vec<Segment>, String> {
         segments.push(segment);
     }
     Ok(segments)
+}
+
+/// An aggregating route's parts: a path each, using only captured names, GET only,
+/// keys distinct, no cache (each part is its own request).
+fn check_aggregate(
+    at: &str,
+    c: &RouteConfig,
+    pattern: &Pattern,
+    methods: &[Method],
+    errors: &mut Vec<String>,
+) {
+    if methods.is_empty()
+        || methods
+            .iter()
+            .any(|m| m != Method::GET && m != Method::HEAD)
+    {
+        errors.push(format!(
+            "{at}: an aggregating route takes GET (and HEAD) only; set methods = [\"GET\"]"
+        ));
+    }
+    if c.cache.is_some() || c.rewrite.is_some() {
+        errors.push(format!(
+            "{at}: an aggregating route has no `cache` or `rewrite` (each part has its own path)"
+        ));
+    }
+    let captured: Vec<&str> = match pattern {
+        Pattern::Template(segments) => segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Param(n) | Segment::Rest(n) => Some(n.as_str()),
+                Segment::Literal(_) => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let mut keys = std::collections::BTreeSet::new();
+    for (j, part) in c.aggregate.iter().enumerate() {
+        let at = format!("{at}.aggregate[{j}]");
+        if part.service.trim().is_empty() {
+            errors.push(format!("{at}.service must name a service"));
+        }
+        if !part.path.starts_with('/') {
+            errors.push(format!("{at}.path `{}` must start with `/`", part.path));
+        }
+        for used in placeholders(&part.path) {
+            if !captured.contains(&used) {
+                errors.push(format!(
+                    "{at}.path uses `{{{used}}}`, which the route's template does not capture"
+                ));
+            }
+        }
+        if let Some(key) = &part.key
+            && (key.is_empty() || key == MISSING || !keys.insert(key.clone()))
+        {
+            errors.push(format!(
+                "{at}.key `{key}` must be non-empty, unique and not `{MISSING}`"
+            ));
+        }
+    }
+}
+
+/// The top-level field of an aggregated answer that names the parts missing from it.
+pub const MISSING: &str = "_missing";
+
+/// `template` with the route's captured values put in.
+pub fn fill(template: &str, params: &[(String, String)]) -> String {
+    let mut out = template.to_owned();
+    for (name, value) in params {
+        out = out.replace(&format!("{{*{name}}}"), value);
+        out = out.replace(&format!("{{{name}}}"), value);
+    }
+    out
 }
 
 /// The `{name}`s a rewrite uses.
@@ -546,19 +635,16 @@ fn path_matches(route: &Route, path: &str) -> Option<(String, Params)> {
             }
             let upstream = match &route.rewrite {
                 None => path.to_owned(),
-                Some(w) => {
-                    let mut out = w.clone();
-                    for (name, value) in &params {
-                        out = out.replace(&format!("{{*{name}}}"), value);
-                        out = out.replace(&format!("{{{name}}}"), value);
-                    }
-                    out
-                }
+                Some(_) => String::new(),
             };
-            let params = params
+            let params: Vec<(String, String)> = params
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect();
+            let upstream = match &route.rewrite {
+                Some(w) => fill(w, &params),
+                None => upstream,
+            };
             Some((upstream, params))
         }
     }

@@ -1528,3 +1528,157 @@ async fn tls_listeners_negotiate_h2_and_reload_renewed_certificates() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An aggregating route asks its parts in parallel, merges their JSON, and marks a
+/// part that failed or ran over its deadline instead of failing the whole, unless the
+/// part is required.
+#[tokio::test]
+async fn aggregation_merges_parts_and_marks_the_missing_ones() {
+    use axum::extract::{Path, Query};
+    use axum::routing::get;
+    use gateway::configuration::AggregatePart;
+    use std::collections::HashMap;
+    let catalog = chassis::testing::serve(axum::Router::new().route(
+        "/products/{id}",
+        get(
+            |Path(id): Path<String>,
+             Query(q): Query<HashMap<String, String>>,
+             headers: http::HeaderMap| async move {
+                axum::Json(json!({
+                    "id": id,
+                    "lang": q.get("lang"),
+                    "identified": headers.contains_key("x-bazaar-identity"),
+                }))
+            },
+        ),
+    ))
+    .await;
+    let stock = chassis::testing::serve(axum::Router::new().route(
+        "/stock/{id}",
+        get(|Path(id): Path<String>| async move { axum::Json(json!({ "sku": id, "qty": 3 })) }),
+    ))
+    .await;
+    let slow = chassis::testing::serve(axum::Router::new().fallback(get(|| async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        axum::Json(json!({ "late": true }))
+    })))
+    .await;
+    let broken = instance("broken", 500).await;
+    let part = |service: &str, path: &str, key: Option<&str>| AggregatePart {
+        service: service.into(),
+        path: path.into(),
+        key: key.map(str::to_owned),
+        timeout: Some(HumanDuration::millis(300)),
+        required: false,
+    };
+    let route = |template: &str, parts: Vec<AggregatePart>| RouteConfig {
+        template: Some(template.into()),
+        methods: vec!["GET".into()],
+        aggregate: parts,
+        auth: AuthPolicy::Optional,
+        ..RouteConfig::default()
+    };
+    let gw = spawn_full(
+        |s| {
+            s.upstream_timeout = HumanDuration::secs(5);
+            s.routes = vec![
+                route(
+                    "/storefront/{id}",
+                    vec![
+                        part("catalog", "/products/{id}", None),
+                        part("stock", "/stock/{id}", Some("stock")),
+                        part("slow", "/reviews/{id}", Some("reviews")),
+                        part("broken", "/extra", Some("extra")),
+                    ],
+                ),
+                route(
+                    "/strict/{id}",
+                    vec![
+                        part("catalog", "/products/{id}", None),
+                        AggregatePart {
+                            required: true,
+                            ..part("slow", "/reviews/{id}", Some("reviews"))
+                        },
+                    ],
+                ),
+                route(
+                    "/hopeless/{id}",
+                    vec![
+                        part("slow", "/reviews/{id}", Some("reviews")),
+                        part("broken", "/extra", Some("extra")),
+                    ],
+                ),
+            ];
+        },
+        vec![
+            ("catalog".into(), catalog),
+            ("stock".into(), stock),
+            ("slow".into(), slow),
+            ("broken".into(), broken),
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let r = gw
+        .http
+        .get(format!("{}/storefront/p-1?lang=fr", gw.url))
+        .bearer_auth(gw.users.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["bazaar-completed"], "false");
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "the parts were not asked in parallel under their deadlines"
+    );
+    assert_eq!(
+        body,
+        json!({
+            "id": "p-1", "lang": "fr", "identified": true,
+            "stock": { "sku": "p-1", "qty": 3 },
+            "reviews": null, "extra": null,
+            "_missing": ["reviews", "extra"],
+        })
+    );
+
+    let r = gw
+        .http
+        .get(format!("{}/strict/p-1", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let r = gw
+        .http
+        .get(format!("{}/hopeless/p-1", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+
+    // Aggregating routes are checked when the configuration loads.
+    let errors = gateway::configuration::validate_routes(&[
+        RouteConfig {
+            methods: vec!["POST".into()],
+            ..route(
+                "/a/{id}",
+                vec![part("catalog", "/p/{other}", Some("_missing"))],
+            )
+        },
+        RouteConfig {
+            service: "catalog".into(),
+            ..route("/b", vec![part("catalog", "/p", None)])
+        },
+    ]);
+    let all = errors.join("\n");
+    for expected in [
+        "takes GET",
+        "does not capture",
+        "`_missing` must be non-empty, unique and not `_missing`",
+        "not both",
+    ] {
+        assert!(all.contains(expected), "{expected} in:\n{all}");
+    }
+}
