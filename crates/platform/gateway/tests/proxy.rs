@@ -1682,3 +1682,108 @@ async fn aggregation_merges_parts_and_marks_the_missing_ones() {
         assert!(all.contains(expected), "{expected} in:\n{all}");
     }
 }
+
+/// Ten configuration changes while clients keep sending: not one request fails, and
+/// the last configuration is the one serving.
+#[tokio::test]
+async fn ten_reloads_under_load_fail_no_request() {
+    let dir = std::env::temp_dir().join(format!("gw-load-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    let version = |n: u32| {
+        // Each version changes the route table (a route more) and the answers.
+        let mut text = format!(
+            "[[routes]]\nprefix = \"/open\"\nservice = \"echo\"\nresponse_headers = {{ set = {{ \"x-config\" = \"{n}\" }} }}\n"
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[routes]]\nprefix = \"/extra{i}\"\nservice = \"echo\"\n"
+            ));
+        }
+        text
+    };
+    // Written whole and renamed into place, as deployment tools do.
+    let write = |n: u32| {
+        let tmp = dir.join("gateway.toml.tmp");
+        std::fs::write(&tmp, version(n)).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    write(0);
+    let gw = spawn_with(|s| s.config_file = Some(file.clone())).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (http, url, stop) = (gw.http.clone(), format!("{}/open/x", gw.url), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match http.get(&url).send().await {
+                        Ok(r) if r.status() == 200 => ok += 1,
+                        Ok(r) => failed.push(r.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    for n in 1..=10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        write(n);
+        // Half the changes are picked up by the watcher, half by the admin call.
+        if n % 2 == 0 {
+            let r = gw
+                .http
+                .post(format!("{}/reload", gw.admin))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = gw
+            .http
+            .get(format!("{}/open/x", gw.url))
+            .send()
+            .await
+            .unwrap();
+        if r.headers().get("x-config").is_some_and(|v| v == "10") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last change never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 500, "too little load to mean anything: {ok} requests");
+    let config: Value = gw
+        .http
+        .get(format!("{}/config", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(config["version"].as_u64().unwrap() >= 6, "{config}");
+    assert_eq!(config["routes"], 11);
+    let _ = std::fs::remove_dir_all(dir);
+}
