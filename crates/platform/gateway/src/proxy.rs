@@ -261,17 +261,23 @@ async fn forward(
                     "rate-limit policy `{name}` missing"
                 )))
             })?;
-            let ip = forwarded.client.to_string();
+            let ip = || forwarded.client.to_string();
+            let user = |c: &Caller| {
+                let mut key = String::with_capacity(5 + c.sub.len());
+                key.push_str("user:");
+                key.push_str(&c.sub);
+                key
+            };
             let key = match limiter.policy.key {
-                LimitKey::Ip => ip,
-                LimitKey::User => caller.as_ref().map_or(ip, |c| format!("user:{}", c.sub)),
+                LimitKey::Ip => ip(),
+                LimitKey::User => caller.as_deref().map_or_else(ip, user),
                 LimitKey::Consumer => match caller.as_deref() {
                     Some(Caller {
                         consumer: Some(consumer),
                         ..
                     }) => format!("consumer:{consumer}"),
-                    Some(c) => format!("user:{}", c.sub),
-                    None => ip,
+                    Some(c) => user(c),
+                    None => ip(),
                 },
                 LimitKey::Route => route.label.to_string(),
             };
@@ -505,13 +511,14 @@ fn rate_limit_headers(
         d.remaining,
         d.reset.as_secs_f64().ceil() as u64
     );
-    [
-        (RATELIMIT_POLICY, limiter.header_policy(name)),
-        (RATELIMIT, state),
-    ]
-    .into_iter()
-    .filter_map(|(n, v)| HeaderValue::from_str(&v).ok().map(|v| (n, v)))
-    .collect()
+    let mut headers = Vec::with_capacity(2);
+    if let Some(policy) = limiter.header_policy(name) {
+        headers.push((RATELIMIT_POLICY, policy));
+    }
+    if let Ok(state) = HeaderValue::from_str(&state) {
+        headers.push((RATELIMIT, state));
+    }
+    headers
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -37,6 +37,8 @@ pub struct KeyedLimiter {
     epoch: Instant,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<Shard>>,
+    /// The `RateLimit-Policy` value, made once: it never changes.
+    policy_header: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 #[derive(Default)]
@@ -58,16 +60,23 @@ impl KeyedLimiter {
             hasher: Default::default(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             policy,
+            policy_header: std::sync::OnceLock::new(),
         }
     }
 
-    /// `RateLimit-Policy` value: `"<name>";q=<rate>;w=<seconds>`.
-    pub fn header_policy(&self, name: &str) -> String {
-        format!(
-            "\"{name}\";q={};w={}",
-            self.policy.rate,
-            self.policy.per.0.as_secs().max(1)
-        )
+    /// `RateLimit-Policy` value: `"<name>";q=<rate>;w=<seconds>` (a limiter serves
+    /// one policy name).
+    pub fn header_policy(&self, name: &str) -> Option<http::HeaderValue> {
+        self.policy_header
+            .get_or_init(|| {
+                let value = format!(
+                    "\"{name}\";q={};w={}",
+                    self.policy.rate,
+                    self.policy.per.0.as_secs().max(1)
+                );
+                http::HeaderValue::from_str(&value).ok()
+            })
+            .clone()
     }
 
     /// Decides for `key` at `now`.

@@ -834,7 +834,7 @@ mod tests {
         let errors = RouteTable::compile(&config).unwrap_err();
         for expected in [
             "routes[0]: give exactly one of",
-            "routes[0].service must name a service",
+            "routes[0]: give `service`, or `aggregate` to merge several",
             "routes[1].template `/a/{id}/{id}`: `id` is captured twice",
             "routes[2].methods: `GE T` is not an HTTP method",
             "routes[2].rewrite uses `{other}`",

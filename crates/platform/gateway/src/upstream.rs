@@ -67,6 +67,28 @@ pub struct Upstream {
     next: AtomicUsize,
     /// Attempts and budget, rebuilt when a reload changes the upstream's settings.
     retry: ArcSwap<Retry>,
+    /// `bazaar_gateway_upstream_responses_total` per outcome, looked up once.
+    outcomes: [Counter; OUTCOMES.len()],
+}
+
+/// The outcomes an upstream attempt is counted under.
+const OUTCOMES: [&str; 8] = [
+    "1xx",
+    "2xx",
+    "3xx",
+    "4xx",
+    "5xx",
+    "connect_error",
+    "timeout",
+    "error",
+];
+
+impl Upstream {
+    fn count(&self, outcome: &str) {
+        if let Some(i) = OUTCOMES.iter().position(|o| *o == outcome) {
+            self.outcomes[i].inc();
+        }
+    }
 }
 
 /// A retry policy and the settings it was built from.
@@ -123,7 +145,9 @@ fn build_client(connect_timeout: Duration) -> Client<HttpConnector, Body> {
 pub struct Upstreams {
     connect_timeout: Duration,
     resolver: Arc<dyn Resolver>,
-    map: Mutex<HashMap<String, Arc<Upstream>>>,
+    /// Read on every request without a lock; copied on the rare insert.
+    map: ArcSwap<HashMap<String, Arc<Upstream>>>,
+    inserting: Mutex<()>,
     epoch: Instant,
     metrics: Metrics,
 }
@@ -144,7 +168,8 @@ impl Upstreams {
         Self {
             connect_timeout,
             resolver,
-            map: Mutex::new(HashMap::new()),
+            map: ArcSwap::from_pointee(HashMap::new()),
+            inserting: Mutex::new(()),
             epoch: Instant::now(),
             metrics: Metrics::default(),
         }
@@ -170,27 +195,46 @@ impl Upstreams {
     }
 
     fn upstream(&self, service: &str, config: &UpstreamConfig) -> Arc<Upstream> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = map.get(service) {
+        let known = |u: &Arc<Upstream>| {
             if !u.retry.load().matches(config) {
                 u.retry.store(Retry::new(config));
             }
-            return u.clone();
+            u.clone()
+        };
+        if let Some(u) = self.map.load().get(service) {
+            return known(u);
         }
+        let _inserting = self.inserting.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.load_full();
+        if let Some(u) = map.get(service) {
+            return known(u);
+        }
+        let outcomes = OUTCOMES.map(|outcome| {
+            self.metrics
+                .outcomes
+                .get_or_create(&OutcomeLabels {
+                    upstream: service.to_owned(),
+                    outcome,
+                })
+                .clone()
+        });
         let u = Arc::new(Upstream {
             name: service.to_owned(),
             snapshot: ArcSwapOption::empty(),
             states: Mutex::new(HashMap::new()),
             next: AtomicUsize::new(0),
             retry: ArcSwap::new(Retry::new(config)),
+            outcomes,
         });
-        map.insert(service.to_owned(), u.clone());
+        let mut grown = (*map).clone();
+        grown.insert(service.to_owned(), u.clone());
+        self.map.store(Arc::new(grown));
         u
     }
 
     /// Each instance of `service` with its state, for the admin API.
     pub fn states(&self, service: &str) -> Vec<(Instance, Arc<InstanceState>, bool)> {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.load();
         let Some(u) = map.get(service) else {
             return Vec::new();
         };
@@ -336,16 +380,6 @@ impl Upstreams {
         tracing::warn!(upstream = %u.name, instance = %s.instances[i].id, ejected_for = ?span, "instance ejected after consecutive failures");
     }
 
-    fn count(&self, service: &str, outcome: &'static str) {
-        self.metrics
-            .outcomes
-            .get_or_create(&OutcomeLabels {
-                upstream: service.to_owned(),
-                outcome,
-            })
-            .inc();
-    }
-
     /// Sends `request` (its URI a path and query) to an instance of `call.service`.
     pub async fn send(
         &self,
@@ -423,7 +457,7 @@ impl Upstreams {
                 }
             };
             self.record(&u, &s, i, &call, took, failed);
-            self.count(&u.name, label);
+            u.count(label);
             // Retry: a connection that failed (nothing was sent) if the body can be
             // sent again, or an idempotent bodiless request that failed upstream.
             let retryable = bodiless

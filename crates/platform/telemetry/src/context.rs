@@ -1,7 +1,6 @@
 //! Correlation id and W3C `traceparent`, taken from an incoming request or generated,
 //! and propagated on outgoing calls.
 
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,12 +87,16 @@ impl TraceContext {
 
     /// The `traceparent` header value for this context.
     pub fn to_header(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            self.trace_id_hex(),
-            self.span_id_hex(),
-            self.flags
-        )
+        // Written by hand: this runs on every outgoing call, and `format!` with
+        // per-byte hex was a measurable share of the gateway's time per request.
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        push_hex(&mut s, &self.span_id);
+        s.push('-');
+        push_hex(&mut s, &[self.flags]);
+        s
     }
 }
 
@@ -123,10 +126,16 @@ fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
 
 fn encode_hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
+    push_hex(&mut s, bytes);
     s
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// What one request carries across every hop.
@@ -148,7 +157,10 @@ impl RequestContext {
             .and_then(|v| v.to_str().ok())
             .filter(|v| valid_correlation_id(v))
             .map(Arc::from)
-            .unwrap_or_else(|| Arc::from(uuid::Uuid::now_v7().to_string()));
+            .unwrap_or_else(|| {
+                let mut buf = uuid::Uuid::encode_buffer();
+                Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
+            });
         let trace = headers
             .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())

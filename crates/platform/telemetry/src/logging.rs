@@ -157,44 +157,160 @@ where
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let mut line = Map::new();
-        line.insert("timestamp".into(), Value::from(now_rfc3339()));
-        line.insert(
-            "level".into(),
-            Value::from(event.metadata().level().as_str().to_ascii_lowercase()),
-        );
-        line.insert("service".into(), Value::from(self.service.as_str()));
-        line.insert("version".into(), Value::from(self.version.as_str()));
-        line.insert("target".into(), Value::from(event.metadata().target()));
-        let mut fields = Map::new();
-        event.record(&mut JsonVisitor(&mut fields));
-        let message = fields.remove("message").unwrap_or(Value::from(""));
-        line.insert("message".into(), message);
+        thread_local! {
+            /// The line being written, reused: a line per request is the gateway's
+            /// access log, and building it must not cost an allocation per field.
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let write = |buf: &mut Vec<u8>| {
+            buf.clear();
+            self.write_line(buf, event, &ctx);
+            // One write per line keeps lines whole when several threads log at once.
+            match &self.file {
+                None => {
+                    let _ = std::io::stdout().lock().write_all(buf);
+                }
+                Some(file) => {
+                    let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = file.write_all(buf);
+                }
+            }
+        };
+        let reused = LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut buf) => {
+                write(&mut buf);
+                // A rare huge line does not stay allocated.
+                buf.shrink_to(16 * 1024);
+                true
+            }
+            Err(_) => false,
+        });
+        if !reused {
+            write(&mut Vec::new());
+        }
+    }
+}
+
+impl JsonLayer {
+    /// `{"timestamp":..,"level":..,"service":..,"version":..,"target":..,<span
+    /// fields>,<event fields>,"message":..}` and a newline, written straight into
+    /// `buf`. An event field hides a span field of the same name, an inner span's
+    /// an outer one's.
+    fn write_line<S>(&self, buf: &mut Vec<u8>, event: &Event<'_>, ctx: &Context<'_, S>)
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+    {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warn",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        buf.extend_from_slice(b"{\"timestamp\":");
+        json_str(buf, &now_rfc3339());
+        buf.extend_from_slice(b",\"level\":\"");
+        buf.extend_from_slice(level.as_bytes());
+        buf.extend_from_slice(b"\",\"service\":");
+        json_str(buf, &self.service);
+        buf.extend_from_slice(b",\"version\":");
+        json_str(buf, &self.version);
+        buf.extend_from_slice(b",\"target\":");
+        json_str(buf, event.metadata().target());
+        let own: Vec<&str> = event.fields().map(|f| f.name()).collect();
         if let Some(scope) = ctx.event_scope(event) {
-            for span in scope.from_root() {
-                if let Some(SpanFields(fields)) = span.extensions().get::<SpanFields>() {
-                    for (k, v) in fields {
-                        line.insert(k.clone(), v.clone());
+            let spans: Vec<_> = scope.from_root().collect();
+            for (i, span) in spans.iter().enumerate() {
+                let extensions = span.extensions();
+                let Some(SpanFields(fields)) = extensions.get::<SpanFields>() else {
+                    continue;
+                };
+                for (k, v) in fields {
+                    let hidden = own.contains(&k.as_str())
+                        || spans[i + 1..].iter().any(|inner| {
+                            inner
+                                .extensions()
+                                .get::<SpanFields>()
+                                .is_some_and(|f| f.0.contains_key(k))
+                        });
+                    if !hidden {
+                        buf.push(b',');
+                        json_str(buf, k);
+                        buf.push(b':');
+                        let _ = serde_json::to_writer(&mut *buf, v);
                     }
                 }
             }
         }
-        line.extend(fields);
-        let mut buf = match serde_json::to_vec(&Value::Object(line)) {
-            Ok(buf) => buf,
-            Err(_) => return,
+        let mut visitor = LineVisitor {
+            buf,
+            message: false,
         };
-        buf.push(b'\n');
-        // One write per line keeps lines whole when several threads log at once.
-        match &self.file {
-            None => {
-                let _ = std::io::stdout().lock().write_all(&buf);
-            }
-            Some(file) => {
-                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = file.write_all(&buf);
-            }
+        event.record(&mut visitor);
+        if !visitor.message {
+            visitor.buf.extend_from_slice(b",\"message\":\"\"");
         }
+        buf.extend_from_slice(b"}\n");
+    }
+}
+
+/// `s` as a JSON string.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+/// Writes an event's fields as `,"name":value`.
+struct LineVisitor<'a> {
+    buf: &'a mut Vec<u8>,
+    message: bool,
+}
+
+impl LineVisitor<'_> {
+    fn key(&mut self, field: &Field) {
+        self.message |= field.name() == "message";
+        self.buf.push(b',');
+        json_str(self.buf, field.name());
+        self.buf.push(b':');
+    }
+}
+
+impl Visit for LineVisitor<'_> {
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.key(field);
+        // JSON has no NaN or infinity.
+        match value.is_finite() {
+            true => {
+                let _ = serde_json::to_writer(&mut *self.buf, &value);
+            }
+            false => self.buf.extend_from_slice(b"null"),
+        }
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        let _ = write!(self.buf, "{value}");
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        let _ = write!(self.buf, "{value}");
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.buf
+            .extend_from_slice(if value { b"true" } else { b"false" });
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.key(field);
+        json_str(self.buf, value);
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let mut fields = Map::new();
+        JsonVisitor(&mut fields).record_error(field, value);
+        self.key(field);
+        let _ = serde_json::to_writer(&mut *self.buf, &fields.remove(field.name()));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.key(field);
+        json_str(self.buf, &format!("{value:?}"));
     }
 }
 
@@ -207,4 +323,64 @@ fn now_rfc3339() -> String {
                 .get_or_init(|| "1970-01-01T00:00:00Z".to_owned())
                 .clone()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every line is one JSON object with the fixed keys, the span's fields and the
+    /// event's (which win on a clash), strings escaped.
+    #[test]
+    fn lines_are_json_objects_with_span_and_event_fields() {
+        let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        let subscriber = tracing_subscriber::registry()
+            .with(JsonLayer::new("svc", "1.2.3").with_sink(Sink::File(file)));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("request", correlation_id = "c-1", shadowed = "span");
+            let _entered = span.enter();
+            tracing::info!(
+                status = 200u64,
+                ratio = 0.5,
+                delta = -3i64,
+                ok = true,
+                shadowed = "event",
+                quote = "a \"b\"\n",
+                "request {} done",
+                7
+            );
+            tracing::warn!(nan = f64::NAN);
+        });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        let first = &lines[0];
+        assert_eq!(first["level"], "info");
+        assert_eq!(first["service"], "svc");
+        assert_eq!(first["version"], "1.2.3");
+        assert_eq!(first["message"], "request 7 done");
+        assert_eq!(first["correlation_id"], "c-1");
+        assert_eq!(first["shadowed"], "event");
+        assert_eq!(first["status"], 200);
+        assert_eq!(first["ratio"], 0.5);
+        assert_eq!(first["delta"], -3);
+        assert_eq!(first["ok"], true);
+        assert_eq!(first["quote"], "a \"b\"\n");
+        assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(
+            !text
+                .lines()
+                .next()
+                .unwrap()
+                .contains("\"shadowed\":\"span\"")
+        );
+        assert_eq!(lines[1]["message"], "");
+        assert_eq!(lines[1]["nan"], Value::Null);
+        let _ = std::fs::remove_file(path);
+    }
 }
