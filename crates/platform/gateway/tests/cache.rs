@@ -396,16 +396,7 @@ async fn memory_stays_within_its_bound_and_the_admin_api_purges() {
         shop.get(&format!("/c/fill{i}?cc=max-age=60&size=4000"), &[])
             .await;
     }
-    let usage: Value = shop
-        .gw
-        .http
-        .get(format!("{}/cache", shop.gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage: Value = shop.gw.admin_json("/cache").await;
     let bytes = usage["bytes"].as_u64().unwrap();
     assert!(bytes <= 64 * 1024, "{usage}");
     assert!(
@@ -430,12 +421,11 @@ async fn memory_stays_within_its_bound_and_the_admin_api_purges() {
 /// Two gateways sharing the machine's Redis share what they cache.
 #[tokio::test]
 async fn a_redis_cache_is_shared_by_gateways() {
-    let prefix = format!("bazaar-test-{}", uuid::Uuid::new_v4().simple());
+    let prefix = test_prefix();
     let state = Arc::new(Origin::default());
     let url = origin(state.clone()).await;
     let configure = |s: &mut Settings| {
-        s.redis_url = Some("redis://127.0.0.1:6379".to_owned().into());
-        s.redis_prefix = prefix.clone();
+        with_redis(s, &prefix);
         s.routes = vec![RouteConfig {
             cache: Some("shared".into()),
             ..RouteConfig::prefix("/c", "origin", AuthPolicy::Anonymous)

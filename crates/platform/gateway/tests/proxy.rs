@@ -346,15 +346,7 @@ async fn the_config_file_reloads_on_change_and_admin_call_and_a_bad_one_is_refus
     let get = |path: &str| gw.http.get(format!("{}{path}", gw.url)).send();
     assert_eq!(get("/open/a").await.unwrap().status(), 200);
     assert_eq!(get("/moved/a").await.unwrap().status(), 404);
-    let config: Value = gw
-        .http
-        .get(format!("{}/config", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: Value = gw.admin_json("/config").await;
     assert_eq!(config["version"], 1);
     assert_eq!(config["source"], file.display().to_string());
 
@@ -390,15 +382,7 @@ async fn the_config_file_reloads_on_change_and_admin_call_and_a_bad_one_is_refus
     let errors = problem["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert_eq!(get("/moved/a").await.unwrap().status(), 200);
-    let config: Value = gw
-        .http
-        .get(format!("{}/config", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: Value = gw.admin_json("/config").await;
     assert_eq!(config["last_reload"]["ok"], false);
     let version = config["version"].as_u64().unwrap();
     assert!(version >= 2);
@@ -415,25 +399,9 @@ async fn the_config_file_reloads_on_change_and_admin_call_and_a_bad_one_is_refus
     let body: Value = r.json().await.unwrap();
     assert!(body["version"].as_u64().unwrap() > version);
     assert_eq!(get("/moved/a").await.unwrap().status(), 404);
-    let routes: Value = gw
-        .http
-        .get(format!("{}/routes", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes: Value = gw.admin_json("/routes").await;
     assert_eq!(routes["routes"][0]["prefix"], "/open");
-    let upstreams: Value = gw
-        .http
-        .get(format!("{}/upstreams", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let upstreams: Value = gw.admin_json("/upstreams").await;
     assert_eq!(upstreams["upstreams"][0]["service"], "echo");
     assert_eq!(
         upstreams["upstreams"][0]["instances"]
@@ -877,15 +845,7 @@ async fn balancing_retries_and_outlier_ejection() {
         assert_eq!(status, 200);
         assert_ne!(who.as_deref(), Some("bad"));
     }
-    let upstreams: Value = gw
-        .http
-        .get(format!("{}/upstreams", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let upstreams: Value = gw.admin_json("/upstreams").await;
     let trio = upstreams["upstreams"]
         .as_array()
         .unwrap()
@@ -1107,10 +1067,9 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
 /// within 2%, while both are hammered at many times the rate.
 #[tokio::test]
 async fn two_gateways_sharing_redis_admit_the_configured_rate() {
-    let prefix = format!("bazaar-test-{}", uuid::Uuid::new_v4().simple());
+    let prefix = test_prefix();
     let configure = |s: &mut Settings| {
-        s.redis_url = Some("redis://127.0.0.1:6379".to_owned().into());
-        s.redis_prefix = prefix.clone();
+        with_redis(s, &prefix);
         s.routes = vec![RouteConfig {
             rate_limit: Some("shared".into()),
             ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
@@ -1302,25 +1261,12 @@ async fn redis_limits_fall_back_as_configured_while_redis_is_down() {
             .into();
         })
     };
-    let statuses = async |gw: &Gw| {
-        let mut statuses = Vec::new();
-        for _ in 0..4 {
-            let r = gw
-                .http
-                .get(format!("{}/open/x", gw.url))
-                .send()
-                .await
-                .unwrap();
-            statuses.push(r.status().as_u16());
-        }
-        statuses
-    };
     let local = gateway_with(RedisFallback::Local).await;
-    assert_eq!(statuses(&local).await, [200, 200, 429, 429]);
+    assert_eq!(local.statuses("/open/x", 4).await, [200, 200, 429, 429]);
     let allow = gateway_with(RedisFallback::Allow).await;
-    assert_eq!(statuses(&allow).await, [200, 200, 200, 200]);
+    assert_eq!(allow.statuses("/open/x", 4).await, [200, 200, 200, 200]);
     let deny = gateway_with(RedisFallback::Deny).await;
-    assert_eq!(statuses(&deny).await, [503, 503, 503, 503]);
+    assert_eq!(deny.statuses("/open/x", 4).await, [503, 503, 503, 503]);
     assert_eq!(
         deny.seen_count(),
         0,
@@ -1376,21 +1322,8 @@ async fn a_routes_retries_override_its_upstreams() {
         vec![("pair".into(), format!("{live},http://{dead}"))],
     )
     .await;
-    let statuses = async |p: &str| {
-        let mut statuses = Vec::new();
-        for _ in 0..4 {
-            let r = gw
-                .http
-                .get(format!("{}{p}/x", gw.url))
-                .send()
-                .await
-                .unwrap();
-            statuses.push(r.status().as_u16());
-        }
-        statuses
-    };
-    let once = statuses("/once").await;
-    let twice = statuses("/twice").await;
+    let once = gw.statuses("/once/x", 4).await;
+    let twice = gw.statuses("/twice/x", 4).await;
     assert!(once.contains(&502), "{once:?}");
     assert!(twice.iter().all(|s| *s == 200), "{twice:?}");
 }
@@ -1471,15 +1404,7 @@ async fn tls_listeners_negotiate_h2_and_reload_renewed_certificates() {
         }];
     })
     .await;
-    let config: Value = gw
-        .http
-        .get(format!("{}/config", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: Value = gw.admin_json("/config").await;
     assert_eq!(config["listeners"][1]["tls"], true, "{config}");
     let addr = config["listeners"][1]["address"]
         .as_str()
@@ -1774,15 +1699,7 @@ async fn ten_reloads_under_load_fail_no_request() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 500, "too little load to mean anything: {ok} requests");
-    let config: Value = gw
-        .http
-        .get(format!("{}/config", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: Value = gw.admin_json("/config").await;
     assert!(config["version"].as_u64().unwrap() >= 6, "{config}");
     assert_eq!(config["routes"], 11);
     let _ = std::fs::remove_dir_all(dir);

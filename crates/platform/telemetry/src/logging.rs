@@ -192,10 +192,10 @@ where
 }
 
 impl JsonLayer {
-    /// `{"timestamp":..,"level":..,"service":..,"version":..,"target":..,<span
-    /// fields>,<event fields>,"message":..}` and a newline, written straight into
-    /// `buf`. An event field hides a span field of the same name, an inner span's
-    /// an outer one's.
+    /// `{"timestamp":..,"level":..,"service":..,"version":..,"target":..,<event
+    /// fields (with "message")>,<span fields>}` and a newline, written straight
+    /// into `buf`. An event field that recorded a value hides a span field of the
+    /// same name, an inner span's an outer one's.
     fn write_line<S>(&self, buf: &mut Vec<u8>, event: &Event<'_>, ctx: &Context<'_, S>)
     where
         S: Subscriber + for<'a> LookupSpan<'a>,
@@ -217,7 +217,17 @@ impl JsonLayer {
         json_str(buf, &self.version);
         buf.extend_from_slice(b",\"target\":");
         json_str(buf, event.metadata().target());
-        let own: Vec<&str> = event.fields().map(|f| f.name()).collect();
+        // The event's fields first, remembering which it recorded (a field declared
+        // with `None` records nothing and must not hide a span's value).
+        let mut visitor = LineVisitor {
+            buf,
+            written: Vec::new(),
+        };
+        event.record(&mut visitor);
+        let LineVisitor { buf, written } = visitor;
+        if !written.contains(&"message") {
+            buf.extend_from_slice(b",\"message\":\"\"");
+        }
         if let Some(scope) = ctx.event_scope(event) {
             let spans: Vec<_> = scope.from_root().collect();
             for (i, span) in spans.iter().enumerate() {
@@ -226,7 +236,7 @@ impl JsonLayer {
                     continue;
                 };
                 for (k, v) in fields {
-                    let hidden = own.contains(&k.as_str())
+                    let hidden = written.contains(&k.as_str())
                         || spans[i + 1..].iter().any(|inner| {
                             inner
                                 .extensions()
@@ -242,14 +252,6 @@ impl JsonLayer {
                 }
             }
         }
-        let mut visitor = LineVisitor {
-            buf,
-            message: false,
-        };
-        event.record(&mut visitor);
-        if !visitor.message {
-            visitor.buf.extend_from_slice(b",\"message\":\"\"");
-        }
         buf.extend_from_slice(b"}\n");
     }
 }
@@ -262,12 +264,13 @@ fn json_str(buf: &mut Vec<u8>, s: &str) {
 /// Writes an event's fields as `,"name":value`.
 struct LineVisitor<'a> {
     buf: &'a mut Vec<u8>,
-    message: bool,
+    /// The names written, so span fields of the same names are left out.
+    written: Vec<&'static str>,
 }
 
 impl LineVisitor<'_> {
     fn key(&mut self, field: &Field) {
-        self.message |= field.name() == "message";
+        self.written.push(field.name());
         self.buf.push(b',');
         json_str(self.buf, field.name());
         self.buf.push(b':');
@@ -339,7 +342,12 @@ mod tests {
         let subscriber = tracing_subscriber::registry()
             .with(JsonLayer::new("svc", "1.2.3").with_sink(Sink::File(file)));
         tracing::subscriber::with_default(subscriber, || {
-            let span = tracing::info_span!("request", correlation_id = "c-1", shadowed = "span");
+            let span = tracing::info_span!(
+                "request",
+                correlation_id = "c-1",
+                shadowed = "span",
+                absent = "span"
+            );
             let _entered = span.enter();
             tracing::info!(
                 status = 200u64,
@@ -348,6 +356,7 @@ mod tests {
                 ok = true,
                 shadowed = "event",
                 quote = "a \"b\"\n",
+                absent = None::<&str>,
                 "request {} done",
                 7
             );
@@ -366,6 +375,8 @@ mod tests {
         assert_eq!(first["message"], "request 7 done");
         assert_eq!(first["correlation_id"], "c-1");
         assert_eq!(first["shadowed"], "event");
+        // An event field that recorded nothing does not hide the span's.
+        assert_eq!(first["absent"], "span");
         assert_eq!(first["status"], 200);
         assert_eq!(first["ratio"], 0.5);
         assert_eq!(first["delta"], -3);

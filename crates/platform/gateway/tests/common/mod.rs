@@ -162,4 +162,42 @@ impl Gw {
     pub fn last_seen(&self) -> (String, http::HeaderMap) {
         self.seen.lock().unwrap().last().cloned().unwrap()
     }
+    /// The admin API's JSON answer to GET `path`.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        self.http
+            .get(format!("{}{path}", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// The statuses of `n` GETs of `path`, one after the other.
+    pub async fn statuses(&self, path: &str, n: usize) -> Vec<u16> {
+        let mut statuses = Vec::new();
+        for _ in 0..n {
+            let r = self
+                .http
+                .get(format!("{}{path}", self.url))
+                .send()
+                .await
+                .unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        statuses
+    }
+}
+
+/// Points the gateway at the machine's Redis under a prefix of its own, so tests
+/// sharing that Redis never see each other's keys.
+pub fn with_redis(s: &mut Settings, prefix: &str) {
+    s.redis_url = Some("redis://127.0.0.1:6379".to_owned().into());
+    s.redis_prefix = prefix.to_owned();
+}
+
+/// A Redis key prefix no other test uses.
+pub fn test_prefix() -> String {
+    format!("bazaar-test-{}", uuid::Uuid::new_v4().simple())
 }
