@@ -5,6 +5,8 @@
 //! - `GET /routes`: the compiled route table, in matching order;
 //! - `GET /upstreams`: each routed service's instances as balancing sees them
 //!   (outstanding requests, EWMA latency, failures, ejection);
+//! - `GET /metrics`: Prometheus, for scrapers not on the gateway's host (the public
+//!   port answers `/metrics` to loopback only);
 //! - `GET /cache`: the in-memory cache's entries and bytes; `DELETE /cache` drops
 //!   every cached answer, in memory and in Redis;
 //! - `POST /reload`: re-reads the configuration; 200 with the new version, or 422
@@ -31,6 +33,7 @@ pub struct Admin {
     pub proxy: Arc<Proxy>,
     /// Each listener's bound address and whether it terminates TLS.
     pub listeners: Arc<Vec<Value>>,
+    pub metrics: telemetry::metrics::Metrics,
 }
 
 pub fn router(admin: Admin) -> Router {
@@ -39,6 +42,7 @@ pub fn router(admin: Admin) -> Router {
         .route("/routes", get(routes))
         .route("/upstreams", get(upstreams))
         .route("/cache", get(cache).delete(purge))
+        .route("/metrics", get(metrics))
         .route("/reload", post(reload))
         .with_state(admin)
 }
@@ -56,6 +60,17 @@ async fn config(State(admin): State<Admin>) -> Response {
         "last_reload": admin.config.last_reload(),
     }))
     .into_response()
+}
+
+async fn metrics(State(admin): State<Admin>) -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        admin.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn cache(State(admin): State<Admin>) -> Response {

@@ -267,6 +267,13 @@ impl Shared {
     async fn dispatch(&self, peer: SocketAddr, request: Request<Incoming>) -> Response {
         let mut request = request.map(Body::new);
         let path = request.uri().path();
+        // The gateway's own metrics are for a scraper on this host; anyone else
+        // scrapes the admin API's `/metrics` (the public port faces clients).
+        if path == "/metrics" && !peer.ip().is_loopback() {
+            return Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+                .with_detail("no route serves this path")
+                .into_response();
+        }
         if self.own_paths.iter().any(|p| p == path) || path.starts_with("/admin/") {
             request.extensions_mut().insert(ConnectInfo(peer));
             return match self.own.clone().oneshot(request).await {

@@ -185,6 +185,7 @@ impl Application {
             config: routing.clone(),
             proxy: proxy.clone(),
             listeners: Arc::new(listening),
+            metrics: chassis.metrics.clone(),
         });
         let own = Router::new()
             .route(&identity.jwks_path, get(identity_jwks))

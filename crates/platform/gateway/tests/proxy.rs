@@ -1274,7 +1274,7 @@ async fn redis_limits_fall_back_as_configured_while_redis_is_down() {
     );
     let metrics = local
         .http
-        .get(format!("{}/metrics", local.url))
+        .get(format!("{}/metrics", local.admin))
         .send()
         .await
         .unwrap()
@@ -1703,4 +1703,64 @@ async fn ten_reloads_under_load_fail_no_request() {
     assert!(config["version"].as_u64().unwrap() >= 6, "{config}");
     assert_eq!(config["routes"], 11);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `/metrics` on the public port answers scrapers on the gateway's host only; the
+/// admin API serves it to the rest. Needs an address besides loopback (most
+/// machines have one; without, the remote half cannot be observed and is skipped).
+#[tokio::test]
+async fn public_metrics_are_for_this_host_only() {
+    let gw = spawn_with(|s| {
+        s.listeners = vec![gateway::configuration::ListenerConfig {
+            address: "0.0.0.0".into(),
+            port: 0,
+            tls: None,
+        }];
+    })
+    .await;
+    let local = gw
+        .http
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(local.status(), 200);
+    let admin = gw
+        .http
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 200);
+    assert!(
+        admin
+            .text()
+            .await
+            .unwrap()
+            .contains("bazaar_gateway_config_version")
+    );
+    // This host's address on its outward interface (a UDP connect sends nothing).
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    let outward = probe
+        .connect("192.0.2.1:9")
+        .and_then(|()| probe.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    let Some(ip) = outward else {
+        eprintln!("no address besides loopback: the remote half is skipped");
+        return;
+    };
+    let port = gw.admin_json("/config").await["listeners"][1]["address"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_owned();
+    let base = format!("http://{ip}:{port}");
+    let remote = gw.http.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(remote.status(), 404);
+    let proxied = gw.http.get(format!("{base}/open/x")).send().await.unwrap();
+    assert_eq!(proxied.status(), 200);
 }
