@@ -2,8 +2,10 @@
 """Gateway benchmark: one upstream (benches/gateway/upstream, hyper answering 1 KB of
 JSON), wrk with fixed connections, and side by side in one run: direct to the upstream;
 nginx and HAProxy as plain reverse proxies (configs below); the guide's Express gateway
-(../shared/peers/express-gateway) plain and with JWT; Bazaar's gateway as a plain proxy
-and with JWT verification + rate limiting + access log. For each: requests/s,
+(../shared/peers/express-gateway) plain and with JWT; hyper-floor (the least a
+hyper-based proxy built like the gateway does: no routing, auth, limits or logs);
+Bazaar's gateway as a plain proxy and with JWT verification + rate limiting + access
+log. For each: requests/s,
 p50/p99/p99.9 latency, CPU time per request (the proxy's processes only) and peak RSS.
 
 Usage: python3 benches/gateway/run.py [--duration 10] [--connections 64] [--only a,b]
@@ -242,6 +244,15 @@ def express(upstream):
     return proc, port
 
 
+def hyper_floor(binary, upstream):
+    """The least a hyper-based proxy does (benches/gateway/upstream/src/bin/hyper-floor.rs)."""
+    proc = subprocess.Popen([binary, str(upstream)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    port = int(proc.stdout.readline().rsplit(":", 1)[1])
+    wait_port(port)
+    return proc, port
+
+
 def bazaar(binary, work, upstream, full):
     port = free_port()
     config = os.path.join(work, f"gateway-{'full' if full else 'plain'}.toml")
@@ -326,6 +337,8 @@ def main():
         run("haproxy", lambda: haproxy(work, upstream), "/products/1")
         run("express", lambda: express(upstream), "/products/1")
         run("express+jwt", lambda: express(upstream), "/orders/1", auth=jwt)
+        run("hyper-floor", lambda: hyper_floor(os.path.join(release, "hyper-floor"), upstream),
+            "/products/1")
         binary = os.path.join(release, "bazaar")
         run("bazaar", lambda: bazaar(binary, work, upstream, False), "/products/1")
         run("bazaar+jwt+ratelimit+log", lambda: bazaar(binary, work, upstream, True), "/orders/1", auth=jwt)
