@@ -253,7 +253,7 @@ def hyper_floor(binary, upstream):
     return proc, port
 
 
-def bazaar(binary, work, upstream, full):
+def bazaar(binary, work, upstream, full, buffered=False):
     port = free_port()
     config = os.path.join(work, f"gateway-{'full' if full else 'plain'}.toml")
     with open(config, "w") as f:
@@ -293,6 +293,9 @@ secret = "{SECRET}"
         "BAZAAR_DISCOVERY__SERVICES__UPSTREAM": f"http://127.0.0.1:{upstream}",
         # The plain proxy logs warnings only; the full one writes every access line.
         "BAZAAR_LOG__LEVEL": "info" if full else "warn",
+        # Access lines written in 32 KiB blocks (nginx's `access_log ... buffer=`), or
+        # one write per line.
+        "BAZAAR_LOG__BUFFER": "true" if buffered else "false",
     }
     proc = subprocess.Popen([binary, "run", "gateway", "--config", settings], env={**os.environ, **env},
                             stdout=open(os.path.join(work, f"gateway-{full}.log"), "w"),
@@ -342,6 +345,8 @@ def main():
         binary = os.path.join(release, "bazaar")
         run("bazaar", lambda: bazaar(binary, work, upstream, False), "/products/1")
         run("bazaar+jwt+ratelimit+log", lambda: bazaar(binary, work, upstream, True), "/orders/1", auth=jwt)
+        run("bazaar+jwt+ratelimit+log, buffered log",
+            lambda: bazaar(binary, work, upstream, True, buffered=True), "/orders/1", auth=jwt)
     finally:
         up.terminate()
         shutil.rmtree(work, ignore_errors=True)

@@ -507,7 +507,12 @@ async fn dispatch(
                 Err(Failure::Found)
             }
         }
-        Command::Run { service, config } => run_one(service, config, inherited).await,
+        Command::Run { service, config } => {
+            let result = run_one(service, config, inherited).await;
+            // Lines a buffered log still holds are written before the process ends.
+            chassis::telemetry::logging::flush();
+            result
+        }
     }
 }
 
@@ -518,11 +523,13 @@ async fn run_one(
 ) -> Result<(), Failure> {
     let shop = load(config.as_deref())?;
     watch_supervisor()?;
-    chassis::telemetry::logging::init(
+    chassis::telemetry::logging::init_to(
         service.name(),
         env!("CARGO_PKG_VERSION"),
         &shop.log.level,
         shop.log.format,
+        chassis::telemetry::logging::Sink::Stdout,
+        shop.log.buffer,
     );
     let discovery = shop
         .discovery

@@ -226,6 +226,8 @@ fn init_logging(config: &ShopConfig, logs: &Path, mode: Mode) -> anyhow::Result<
         &config.log.level,
         config.log.format,
         chassis::telemetry::logging::Sink::File(file),
+        // The supervisor's own log is small and read live by `bazaar logs`.
+        false,
     );
     Ok(())
 }

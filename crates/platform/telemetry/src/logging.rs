@@ -7,7 +7,8 @@
 //! monolith mode (every service in one process) each line still names its service.
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -35,7 +36,7 @@ pub enum LogFormat {
 /// `info` or `info,sqlx=warn`; `RUST_LOG`, when set, wins. Calling it twice is harmless
 /// (the first call wins), which keeps tests that build several services simple.
 pub fn init(service: &str, version: &str, level: &str, format: LogFormat) {
-    init_to(service, version, level, format, Sink::Stdout);
+    init_to(service, version, level, format, Sink::Stdout, false);
 }
 
 /// Where log lines go.
@@ -46,15 +47,29 @@ pub enum Sink {
     File(std::fs::File),
 }
 
-/// [`init`] with an explicit destination.
-pub fn init_to(service: &str, version: &str, level: &str, format: LogFormat, sink: Sink) {
+/// [`init`] with an explicit destination; `buffered` JSON lines are written in
+/// blocks ([`JsonLayer::buffered`]).
+pub fn init_to(
+    service: &str,
+    version: &str,
+    level: &str,
+    format: LogFormat,
+    sink: Sink,
+    buffered: bool,
+) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let result = match (format, sink) {
         (LogFormat::Json, sink) => tracing_subscriber::registry()
             .with(filter)
-            .with(JsonLayer::new(service, version).with_sink(sink))
+            .with({
+                let layer = JsonLayer::new(service, version).with_sink(sink);
+                match buffered {
+                    true => layer.buffered(),
+                    false => layer,
+                }
+            })
             .try_init(),
         (LogFormat::Pretty, Sink::Stdout) => tracing_subscriber::registry()
             .with(filter)
@@ -78,7 +93,60 @@ pub fn init_to(service: &str, version: &str, level: &str, format: LogFormat, sin
 pub struct JsonLayer {
     service: String,
     version: String,
-    file: Option<std::sync::Mutex<std::fs::File>>,
+    out: Arc<Out>,
+    /// Gather lines per thread and write them in blocks (see [`JsonLayer::buffered`]).
+    buffered: bool,
+}
+
+/// Where lines go; one `write` per call, so lines (or blocks of whole lines) from
+/// several threads never interleave.
+struct Out {
+    file: Option<Mutex<std::fs::File>>,
+}
+
+impl Out {
+    fn write(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        match &self.file {
+            None => {
+                let _ = std::io::stdout().lock().write_all(bytes);
+            }
+            Some(file) => {
+                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _ = file.write_all(bytes);
+            }
+        }
+    }
+}
+
+/// A block is written once it holds this much.
+const BLOCK: usize = 32 * 1024;
+/// ...or this long after its first line.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// One thread's lines not yet written.
+type Block = Arc<Mutex<Vec<u8>>>;
+
+/// Each thread's pending lines, and where they go, for the flusher and [`flush`].
+static PENDING: Mutex<Vec<(Block, Arc<Out>)>> = Mutex::new(Vec::new());
+
+thread_local! {
+    /// This thread's pending lines per destination (registered in [`PENDING`] on
+    /// first use; one destination in a process, more in tests).
+    static BLOCK_BUF: std::cell::RefCell<Vec<(usize, Block)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Writes every thread's pending lines now: at exit, and by the flusher.
+pub fn flush() {
+    let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
+    for (buf, out) in pending.iter() {
+        let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
+        out.write(&buf);
+        buf.clear();
+    }
 }
 
 impl JsonLayer {
@@ -86,16 +154,73 @@ impl JsonLayer {
         Self {
             service: service.to_owned(),
             version: version.to_owned(),
-            file: None,
+            out: Arc::new(Out { file: None }),
+            buffered: false,
         }
     }
 
     pub fn with_sink(mut self, sink: Sink) -> Self {
-        self.file = match sink {
-            Sink::Stdout => None,
-            Sink::File(f) => Some(std::sync::Mutex::new(f)),
-        };
+        self.out = Arc::new(Out {
+            file: match sink {
+                Sink::Stdout => None,
+                Sink::File(f) => Some(Mutex::new(f)),
+            },
+        });
         self
+    }
+
+    /// Lines are gathered per thread and written in blocks of up to 32 KiB, at the
+    /// latest 200 ms after they were logged (nginx's `access_log ... buffer=`): one
+    /// `write` per block instead of per line, which is a gateway's access log at
+    /// tens of thousands of lines a second. Warnings and errors write their thread's
+    /// block at once. Lines of the last 200 ms are lost if the process is killed
+    /// (call [`flush`] before a clean exit).
+    pub fn buffered(mut self) -> Self {
+        self.buffered = true;
+        static FLUSHER: std::sync::Once = std::sync::Once::new();
+        FLUSHER.call_once(|| {
+            let _ = std::thread::Builder::new()
+                .name("log-flush".into())
+                .spawn(|| {
+                    loop {
+                        std::thread::sleep(FLUSH_EVERY);
+                        flush();
+                    }
+                });
+        });
+        self
+    }
+
+    /// Appends `line` to this thread's block; writes the block when it is full or
+    /// the line is a warning or an error.
+    fn gather(&self, line: &[u8], urgent: bool) {
+        let out = Arc::as_ptr(&self.out) as usize;
+        let Some(block) = BLOCK_BUF
+            .try_with(|blocks| {
+                let mut blocks = blocks.borrow_mut();
+                if let Some((_, block)) = blocks.iter().find(|(o, _)| *o == out) {
+                    return block.clone();
+                }
+                let block = Arc::new(Mutex::new(Vec::with_capacity(BLOCK)));
+                PENDING
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((block.clone(), self.out.clone()));
+                blocks.push((out, block.clone()));
+                block
+            })
+            .ok()
+        else {
+            // The thread is ending: write through.
+            self.out.write(line);
+            return;
+        };
+        let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
+        block.extend_from_slice(line);
+        if urgent || block.len() >= BLOCK {
+            self.out.write(&block);
+            block.clear();
+        }
     }
 }
 
@@ -162,18 +287,13 @@ where
             /// access log, and building it must not cost an allocation per field.
             static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let urgent = *event.metadata().level() <= tracing::Level::WARN;
         let write = |buf: &mut Vec<u8>| {
             buf.clear();
             self.write_line(buf, event, &ctx);
-            // One write per line keeps lines whole when several threads log at once.
-            match &self.file {
-                None => {
-                    let _ = std::io::stdout().lock().write_all(buf);
-                }
-                Some(file) => {
-                    let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
-                    let _ = file.write_all(buf);
-                }
+            match self.buffered {
+                true => self.gather(buf, urgent),
+                false => self.out.write(buf),
             }
         };
         let reused = LINE.with(|line| match line.try_borrow_mut() {
@@ -392,6 +512,44 @@ mod tests {
         );
         assert_eq!(lines[1]["message"], "");
         assert_eq!(lines[1]["nan"], Value::Null);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// Buffered lines wait for a full block, a warning, the flusher or [`flush`],
+    /// and arrive whole and in order.
+    #[test]
+    fn buffered_lines_are_written_in_blocks_whole_and_in_order() {
+        let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        let subscriber = tracing_subscriber::registry().with(
+            JsonLayer::new("svc", "1")
+                .with_sink(Sink::File(file))
+                .buffered(),
+        );
+        let lines = |path: &std::path::Path| -> Vec<Value> {
+            std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            for n in 0..1000u64 {
+                tracing::info!(n, pad = "x".repeat(100), "line");
+            }
+            // Blocks of 32 KiB went out without waiting for the flusher.
+            assert!(lines(&path).len() >= 700, "{} lines", lines(&path).len());
+            tracing::info!(n = 1000u64, "before the warning");
+            tracing::warn!(n = 1001u64, "a warning is written at once");
+            let written = lines(&path);
+            assert_eq!(written.len(), 1002);
+            for (i, line) in written.iter().enumerate() {
+                assert_eq!(line["n"], i as u64, "out of order");
+            }
+            tracing::info!(n = 1002u64, "pending");
+        });
+        flush();
+        assert_eq!(lines(&path).len(), 1003);
         let _ = std::fs::remove_file(path);
     }
 }
