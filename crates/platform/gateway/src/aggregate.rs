@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::configuration::AggregatePart;
 use crate::proxy::{Proxy, upstream_problem};
-use crate::routes::{MISSING, Route, fill};
+use crate::routes::{MISSING, Route, fill, with_query};
 use crate::runtime::Runtime;
 use crate::upstream::{Call, UpstreamError};
 
@@ -83,12 +83,7 @@ pub async fn fan_out(
 ) -> Result<Response, Problem> {
     let query = head.uri.query();
     let calls = route.config.aggregate.iter().map(|part| async move {
-        let path = fill(&part.path, params);
-        let target = match (query, path.contains('?')) {
-            (Some(q), true) => format!("{path}&{q}"),
-            (Some(q), false) => format!("{path}?{q}"),
-            (None, _) => path,
-        };
+        let target = with_query(fill(&part.path, params), query);
         let timeout = part.timeout.map_or(default_timeout, |t| t.0);
         let outcome = tokio::time::timeout(
             timeout,

@@ -152,12 +152,19 @@ impl Stored {
         v
     }
 
+    /// An `ETag` the upstream knows, or a `Last-Modified`: a conditional request can
+    /// revalidate this answer.
+    fn has_validator(&self) -> bool {
+        (!self.etag_generated && self.headers.contains_key(header::ETAG))
+            || self.headers.contains_key(header::LAST_MODIFIED)
+    }
+
     /// How long the entry is worth keeping: fresh, then usable on error, then (with
     /// a validator) as a base for a cheap revalidation.
     fn keep_for(&self, now: SystemTime) -> Duration {
-        let revalidate = match self.validators().is_empty() {
-            true => Duration::ZERO,
-            false => self.fresh_for.max(Duration::from_secs(60)),
+        let revalidate = match self.has_validator() {
+            false => Duration::ZERO,
+            true => self.fresh_for.max(Duration::from_secs(60)),
         };
         (self.fresh_for + self.stale_if_error + revalidate).saturating_sub(self.age(now))
     }
@@ -618,55 +625,47 @@ impl Cache {
         let sent_at = SystemTime::now();
         let result = send(parts).await;
         let now = SystemTime::now();
-        let stale_on_error = stale.as_ref().filter(|s| s.usable_on_error(now));
+        if let (Ok(r), Some(old)) = (&result, &stale)
+            && r.status() == StatusCode::NOT_MODIFIED
+        {
+            let fresh = Arc::new(old.refreshed(r.headers(), request.policy, sent_at, now));
+            self.store(&request.key, request.policy, fresh.clone())
+                .await;
+            publish(Some(fresh.clone()));
+            self.count(request.route, "revalidated");
+            return Ok(respond(
+                &fresh,
+                &conditions,
+                false,
+                "fwd=stale; fwd-status=304; stored",
+            ));
+        }
+        // stale-if-error: the upstream failed (an error status, or no answer) and a
+        // stale answer may still stand in.
+        let failed = match &result {
+            Ok(r) if is_failure(r.status()) => Some(format!(
+                "fwd=stale; fwd-status={}; detail=stale-if-error",
+                r.status().as_u16()
+            )),
+            Ok(_) => None,
+            Err(_) => Some("fwd=stale; detail=stale-if-error".to_owned()),
+        };
+        if let (Some(detail), Some(stored)) =
+            (failed, stale.as_ref().filter(|s| s.usable_on_error(now)))
+        {
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, "upstream failed; serving a stale answer (stale-if-error)");
+            }
+            publish(Some(stored.clone()));
+            self.count(request.route, "stale");
+            return Ok(respond(stored, &conditions, false, &detail));
+        }
         let response = match result {
-            Ok(r) if r.status() == StatusCode::NOT_MODIFIED && stale.is_some() => {
-                let Some(old) = stale else {
-                    unreachable_stale();
-                    return Ok(passthrough(r, "fwd=stale"));
-                };
-                let fresh = Arc::new(old.refreshed(r.headers(), request.policy, sent_at, now));
-                self.store(&request.key, request.policy, fresh.clone())
-                    .await;
-                publish(Some(fresh.clone()));
-                self.count(request.route, "revalidated");
-                return Ok(respond(
-                    &fresh,
-                    &conditions,
-                    false,
-                    "fwd=stale; fwd-status=304; stored",
-                ));
-            }
-            Ok(r) if is_failure(r.status()) && stale_on_error.is_some() => {
-                let status = r.status().as_u16();
-                let Some(stored) = stale_on_error.cloned() else {
-                    return Ok(passthrough(r, "fwd=stale"));
-                };
-                publish(Some(stored.clone()));
-                self.count(request.route, "stale");
-                let detail = format!("fwd=stale; fwd-status={status}; detail=stale-if-error");
-                return Ok(respond(&stored, &conditions, false, &detail));
-            }
-            Err(e) => {
-                return match stale_on_error.cloned() {
-                    Some(stored) => {
-                        tracing::warn!(error = %e, "upstream failed; serving a stale answer (stale-if-error)");
-                        publish(Some(stored.clone()));
-                        self.count(request.route, "stale");
-                        Ok(respond(
-                            &stored,
-                            &conditions,
-                            false,
-                            "fwd=stale; detail=stale-if-error",
-                        ))
-                    }
-                    None => {
-                        publish(None);
-                        Err(e)
-                    }
-                };
-            }
             Ok(r) => r,
+            Err(e) => {
+                publish(None);
+                return Err(e);
+            }
         };
         let fwd = match stale {
             Some(_) => "fwd=stale",
@@ -716,11 +715,6 @@ impl Cache {
             }
         }
     }
-}
-
-/// Never reached: the arm's guard checked `stale`; logged rather than panicking.
-fn unreachable_stale() {
-    tracing::error!("a 304 without a stored answer to refresh");
 }
 
 /// Statuses after which a stale answer beats the upstream's.

@@ -348,11 +348,7 @@ async fn forward(
         parts.headers.insert(X_FORWARDED_PROTO, proto);
     }
     // The upstream gets the normalized (and rewritten) path: the one checked.
-    let target = match (parts.uri.query(), upstream_path.contains('?')) {
-        (Some(q), true) => format!("{upstream_path}&{q}"),
-        (Some(q), false) => format!("{upstream_path}?{q}"),
-        (None, _) => upstream_path,
-    };
+    let target = crate::routes::with_query(upstream_path, parts.uri.query());
     // Upstreams are spoken to in HTTP/1.1, whatever the client spoke.
     parts.version = http::Version::HTTP_11;
     parts.uri = target.parse().map_err(|_| {

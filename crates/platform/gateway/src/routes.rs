@@ -456,6 +456,15 @@ fn check_aggregate(
 /// The top-level field of an aggregated answer that names the parts missing from it.
 pub const MISSING: &str = "_missing";
 
+/// `path` (which may carry a query of its own) with the client's `query` added.
+pub fn with_query(path: String, query: Option<&str>) -> String {
+    match (query, path.contains('?')) {
+        (Some(q), true) => format!("{path}&{q}"),
+        (Some(q), false) => format!("{path}?{q}"),
+        (None, _) => path,
+    }
+}
+
 /// `template` with the route's captured values put in.
 pub fn fill(template: &str, params: &[(String, String)]) -> String {
     let mut out = template.to_owned();

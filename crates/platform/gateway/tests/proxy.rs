@@ -157,12 +157,7 @@ async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
     );
 
     // Optional: no token passes anonymously, a bad one is refused.
-    let r = gw
-        .http
-        .get(format!("{}/maybe", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/maybe").await;
     assert_eq!(r.status(), 200);
     assert!(!gw.last_seen().1.contains_key("x-bazaar-identity"));
     let r = gw
@@ -232,12 +227,7 @@ async fn path_tricks_never_reach_the_upstream() {
             }
         }
     }
-    let r = gw
-        .http
-        .get(format!("{}/nowhere", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/nowhere").await;
     assert_eq!(r.status(), 404);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
 }
@@ -303,12 +293,7 @@ async fn rate_limited_requests_get_429_with_headers_and_never_reach_the_upstream
     })
     .await;
     for left in [2, 1, 0] {
-        let r = gw
-            .http
-            .get(format!("{}/open/x", gw.url))
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get("/open/x").await;
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["ratelimit-policy"], "\"tight\";q=3;w=60");
         let state = r.headers()["ratelimit"].to_str().unwrap().to_owned();
@@ -318,12 +303,7 @@ async fn rate_limited_requests_get_429_with_headers_and_never_reach_the_upstream
         );
     }
     let before = gw.seen_count();
-    let r = gw
-        .http
-        .get(format!("{}/open/x", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/open/x").await;
     assert_eq!(r.status(), 429);
     let retry: u64 = r.headers()["retry-after"]
         .to_str()
@@ -416,33 +396,15 @@ async fn the_config_file_reloads_on_change_and_admin_call_and_a_bad_one_is_refus
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_is_504() {
     let gw = spawn().await;
-    let r = gw
-        .http
-        .get(format!("{}/down/x", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/down/x").await;
     assert_eq!(r.status(), 502);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], 502);
     assert_eq!(body["instance"], "/down/x");
-    let r = gw
-        .http
-        .get(format!("{}/slow", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/slow").await;
     assert_eq!(r.status(), 504);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
-    let metrics = gw
-        .http
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = gw.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("route=\"/slow\""), "{metrics}");
     assert!(metrics.contains("status=\"504\""));
 }
@@ -450,15 +412,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
 #[tokio::test]
 async fn openapi_merges_routed_operations_only() {
     let gw = spawn().await;
-    let doc: Value = gw
-        .http
-        .get(format!("{}/openapi.json", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = gw.get("/openapi.json").await.json().await.unwrap();
     let paths = doc["paths"].as_object().unwrap();
     assert!(paths.contains_key("/open/x"));
     assert!(paths.contains_key("/private/y"));
@@ -1568,19 +1522,9 @@ async fn aggregation_merges_parts_and_marks_the_missing_ones() {
         })
     );
 
-    let r = gw
-        .http
-        .get(format!("{}/strict/p-1", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/strict/p-1").await;
     assert_eq!(r.status(), 504);
-    let r = gw
-        .http
-        .get(format!("{}/hopeless/p-1", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/hopeless/p-1").await;
     assert_eq!(r.status(), 502);
 
     // Aggregating routes are checked when the configuration loads.
@@ -1668,12 +1612,7 @@ async fn ten_reloads_under_load_fail_no_request() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let r = gw
-            .http
-            .get(format!("{}/open/x", gw.url))
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get("/open/x").await;
         if r.headers().get("x-config").is_some_and(|v| v == "10") {
             break;
         }
@@ -1718,12 +1657,7 @@ async fn public_metrics_are_for_this_host_only() {
         }];
     })
     .await;
-    let local = gw
-        .http
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let local = gw.get("/metrics").await;
     assert_eq!(local.status(), 200);
     let admin = gw
         .http

@@ -246,15 +246,8 @@ impl Visit for JsonVisitor<'_> {
         self.0.insert(field.name().to_owned(), Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        // The whole cause chain: the top error alone rarely says what went wrong.
-        let mut text = value.to_string();
-        let mut source = value.source();
-        while let Some(s) = source {
-            text.push_str(": ");
-            text.push_str(&s.to_string());
-            source = s.source();
-        }
-        self.0.insert(field.name().to_owned(), Value::from(text));
+        self.0
+            .insert(field.name().to_owned(), Value::from(cause_chain(value)));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.0
@@ -376,6 +369,18 @@ impl JsonLayer {
     }
 }
 
+/// The whole cause chain: the top error alone rarely says what went wrong.
+fn cause_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// `s` as a JSON string.
 fn json_str(buf: &mut Vec<u8>, s: &str) {
     let _ = serde_json::to_writer(&mut *buf, s);
@@ -426,10 +431,8 @@ impl Visit for LineVisitor<'_> {
         json_str(self.buf, value);
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        let mut fields = Map::new();
-        JsonVisitor(&mut fields).record_error(field, value);
         self.key(field);
-        let _ = serde_json::to_writer(&mut *self.buf, &fields.remove(field.name()));
+        json_str(self.buf, &cause_chain(value));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.key(field);

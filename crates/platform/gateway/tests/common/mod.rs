@@ -174,17 +174,20 @@ impl Gw {
             .unwrap()
     }
 
+    /// GET `path` on the public port.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// The statuses of `n` GETs of `path`, one after the other.
     pub async fn statuses(&self, path: &str, n: usize) -> Vec<u16> {
         let mut statuses = Vec::new();
         for _ in 0..n {
-            let r = self
-                .http
-                .get(format!("{}{path}", self.url))
-                .send()
-                .await
-                .unwrap();
-            statuses.push(r.status().as_u16());
+            statuses.push(self.get(path).await.status().as_u16());
         }
         statuses
     }
