@@ -215,10 +215,13 @@ impl Authenticator {
         {
             return Ok(caller);
         }
-        match self
-            .verifier
-            .verify::<serde_json::Map<String, Value>>(token)
-            .await
+        // Boxed: a verification may fetch the JWKS, a large future the cached path
+        // should not carry.
+        match Box::pin(
+            self.verifier
+                .verify::<serde_json::Map<String, Value>>(token),
+        )
+        .await
         {
             Ok(claims) => {
                 let sub = claims

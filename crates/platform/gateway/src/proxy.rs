@@ -88,7 +88,7 @@ impl Proxy {
             return Ok(local());
         }
         let error = match &self.redis {
-            Some(redis) => match redis.check(name, limiter, key).await {
+            Some(redis) => match Box::pin(redis.check(name, limiter, key)).await {
                 Ok(decision) => return Ok(decision),
                 Err(e) => e.to_string(),
             },
@@ -307,21 +307,18 @@ async fn forward(
         None => None,
     };
 
-    let host_name = host_of(&request).map(str::to_ascii_lowercase);
+    // Only a cached route keys on the host.
+    let host_name = match route.cache {
+        Some(_) => host_of(&request).map(str::to_ascii_lowercase),
+        None => None,
+    };
     let proto = match request.extensions().get::<crate::server::Https>() {
         Some(_) => HeaderValue::from_static("https"),
         None => HeaderValue::from_static("http"),
     };
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
-    strip_hop_by_hop(&mut parts.headers);
-    for name in CLIENT_IDENTITY {
-        parts.headers.remove(name);
-    }
-    // Services get the gateway-signed identity, never the user's credential.
-    parts.headers.remove(header::AUTHORIZATION);
-    parts.headers.remove(API_KEY);
-    parts.headers.remove(header::HOST);
+    strip(&mut parts.headers, &CLIENT_ONLY);
     route.request_headers.apply(&mut parts.headers);
     if let Some(caller) = &caller {
         let token = proxy
@@ -389,8 +386,11 @@ async fn forward(
             .collect();
         log.upstream = Some(services.join("+"));
         let sent = std::time::Instant::now();
-        let merged =
-            crate::aggregate::fan_out(proxy, &runtime, route, &parts, &params, timeout).await;
+        // The rarer paths are boxed so the common one's future stays small.
+        let merged = Box::pin(crate::aggregate::fan_out(
+            proxy, &runtime, route, &parts, &params, timeout,
+        ))
+        .await;
         log.upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         let response = merged.map_err(fail)?;
         return Ok(finish(response, route, &grants, limit, label));
@@ -434,7 +434,7 @@ async fn forward(
                     head: method == http::Method::HEAD,
                     deadline: timeout,
                 };
-                proxy.cache.serve(request, parts, send).await
+                Box::pin(proxy.cache.serve(request, parts, send)).await
             } else {
                 proxy.cache.bypassed(&route.label);
                 let response = send(parts).await;
@@ -444,7 +444,7 @@ async fn forward(
                     && !method.is_safe()
                     && (r.status().is_success() || r.status().is_redirection())
                 {
-                    proxy.cache.invalidate(&key, policy).await;
+                    Box::pin(proxy.cache.invalidate(&key, policy)).await;
                 }
                 response.map(plain)
             }
@@ -518,23 +518,49 @@ fn rate_limit_headers(
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !PROTECTED.contains(n) && !CLIENT_IDENTITY.contains(n))
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    // `Upgrade` is hop-by-hop; WebSocket pass-through is not offered yet.
-    headers.remove(header::UPGRADE);
+    strip(headers, &[]);
 }
+
+/// Removes the hop-by-hop headers, those `Connection` names (never the gateway's
+/// own), and `also`. One pass over the names present, then a removal for each one
+/// found: a request carries a handful of headers, and removing each of the
+/// candidates by name would hash every one of them, present or not.
+fn strip(headers: &mut HeaderMap, also: &[HeaderName]) {
+    // `Upgrade` is hop-by-hop; WebSocket pass-through is not offered yet.
+    let doomed = |name: &HeaderName| {
+        HOP_BY_HOP.contains(name) || *name == header::UPGRADE || also.contains(name)
+    };
+    let mut found: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    if found.is_empty() {
+        return;
+    }
+    if found.contains(&header::CONNECTION) {
+        found.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                .filter(|n| !PROTECTED.contains(n) && !CLIENT_IDENTITY.contains(n)),
+        );
+    }
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// What a client's request never takes upstream beyond the hop-by-hop headers:
+/// identity it might assert itself (only the gateway sets it), and its credentials
+/// (services get the gateway-signed identity instead). `Host` is set anew.
+const CLIENT_ONLY: [HeaderName; 6] = [
+    IDENTITY_HEADER,
+    HeaderName::from_static("x-user-id"),
+    HeaderName::from_static("x-user-email"),
+    header::AUTHORIZATION,
+    API_KEY,
+    header::HOST,
+];
 
 pub(crate) fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
     tracing::warn!(upstream = service, error = %error, "upstream failed");

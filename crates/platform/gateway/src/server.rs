@@ -276,7 +276,8 @@ impl Shared {
         }
         if self.own_paths.iter().any(|p| p == path) || path.starts_with("/admin/") {
             request.extensions_mut().insert(ConnectInfo(peer));
-            return match self.own.clone().oneshot(request).await {
+            // Boxed so the proxied path's future does not carry the router's.
+            return match Box::pin(self.own.clone().oneshot(request)).await {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
@@ -288,20 +289,24 @@ impl Shared {
     async fn proxied(&self, peer: SocketAddr, request: Request<Body>) -> Response {
         let started = Instant::now();
         let ctx = RequestContext::from_headers(request.headers())
-            .with_deadline_within(self.request_timeout);
+            .with_deadline_by(tokio::time::Instant::from_std(started) + self.request_timeout);
         let correlation = HeaderValue::from_str(&ctx.correlation_id).ok();
         let correlation_id = ctx.correlation_id.clone();
-        let trace_id = ctx.trace.trace_id_hex();
+        let trace = ctx.trace;
         let method = request.method().clone();
-        let raw_path = request.uri().path().to_owned();
+        // A reference to the request's own bytes, not a copy: the path is needed
+        // only for a problem or an access line.
+        let uri = request.uri().clone();
         let limited = self.check_limits(&request);
         let mut response = match limited {
             Some(problem) => problem.into_response(),
             None => {
                 let deadline = ctx.deadline;
+                // Boxed once: the forwarding future is kilobytes (every path of the
+                // proxy is in its state), and each wrapper below would copy it whole.
                 let forward = telemetry::context::scope(
                     ctx,
-                    proxy::handle_request(&self.proxy, peer, request),
+                    Box::pin(proxy::handle_request(&self.proxy, peer, request)),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();
                 let outcome = match deadline {
@@ -323,7 +328,7 @@ impl Shared {
         if response.extensions().get::<Problem>().is_some() {
             response = chassis::problem::complete(
                 response,
-                raw_path.clone(),
+                uri.path().to_owned(),
                 Some(correlation_id.to_string()),
             );
         }
@@ -342,6 +347,7 @@ impl Shared {
             response.headers_mut().insert(CORRELATION_ID, v);
         }
         if self.access.logs(status.as_u16()) {
+            let trace_id = trace.trace_id_hex();
             log_access(
                 &response,
                 route.as_deref().unwrap_or(UNMATCHED_ROUTE),
@@ -351,7 +357,7 @@ impl Shared {
                     correlation_id: &correlation_id,
                     trace_id: &trace_id,
                     method: method.as_str(),
-                    path: &raw_path,
+                    path: uri.path(),
                 }),
             );
         }

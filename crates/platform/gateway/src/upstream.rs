@@ -392,7 +392,13 @@ impl Upstreams {
         retry.policy.on_request();
         // A request can be sent again only if it has no body to replay.
         let bodiless = is_bodiless(request.method(), request.headers());
+        let idempotent = resilience::retry::is_idempotent(request.method());
+        let retries = call.retries.unwrap_or(call.config.retries);
+        // The head is kept for another attempt only when one can follow; the usual
+        // request (one instance, or a body) moves it instead of copying its headers.
+        let may_retry = bodiless && retries > 0 && s.instances.len() > 1;
         let (parts, body) = request.into_parts();
+        let mut parts = Some(parts);
         let mut body = Some(body);
         let mut tried = Vec::new();
         let mut attempt = 0u32;
@@ -406,20 +412,32 @@ impl Upstreams {
             };
             tried.push(i);
             let instance = &s.instances[i];
-            let mut request =
-                Request::from_parts(parts.clone(), body.take().unwrap_or_else(Body::empty));
-            *request.uri_mut() = chassis::client::instance_uri(&instance.base_url, &parts.uri)
-                .map_err(|e| UpstreamError::Failed {
+            let head = match may_retry {
+                true => parts.clone(),
+                false => parts.take(),
+            };
+            let Some(head) = head else {
+                return Err(UpstreamError::NoInstance {
                     service: u.name.clone(),
-                    reason: e.to_string(),
-                })?;
+                    reason: "every instance was tried".into(),
+                });
+            };
+            let mut request = Request::from_parts(head, body.take().unwrap_or_else(Body::empty));
+            *request.uri_mut() = chassis::client::instance_uri(&instance.base_url, request.uri())
+                .map_err(|e| UpstreamError::Failed {
+                service: u.name.clone(),
+                reason: e.to_string(),
+            })?;
             telemetry::context::inject_current(request.headers_mut());
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let client =
-                CLIENT.with(|c| c.get_or_init(|| build_client(self.connect_timeout)).clone());
-            let outcome = tokio::time::timeout(call.timeout, client.request(request)).await;
+            // The response future owns what it needs; the thread's client is not cloned.
+            let sent = CLIENT.with(|c| {
+                c.get_or_init(|| build_client(self.connect_timeout))
+                    .request(request)
+            });
+            let outcome = tokio::time::timeout(call.timeout, sent).await;
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();
             let (result, failed, connect, label) = match outcome {
@@ -460,9 +478,9 @@ impl Upstreams {
             u.count(label);
             // Retry: a connection that failed (nothing was sent) if the body can be
             // sent again, or an idempotent bodiless request that failed upstream.
-            let retryable = bodiless
+            let retryable = may_retry
                 && (connect
-                    || (resilience::retry::is_idempotent(&parts.method)
+                    || (idempotent
                         && match &result {
                             Ok(r) => matches!(
                                 r.status(),
@@ -478,7 +496,7 @@ impl Upstreams {
             // Another instance is tried at once (no backoff: a different instance is
             // not the one that just failed); the budget keeps retries from
             // multiplying an outage.
-            if attempt > call.retries.unwrap_or(call.config.retries) || !retry.policy.withdraw() {
+            if attempt > retries || !retry.policy.withdraw() {
                 return result;
             }
             tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");

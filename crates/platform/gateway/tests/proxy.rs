@@ -1578,7 +1578,14 @@ async fn ten_reloads_under_load_fail_no_request() {
         std::fs::rename(&tmp, &file).unwrap();
     };
     write(0);
-    let gw = spawn_with(|s| s.config_file = Some(file.clone())).await;
+    // The harness's 300 ms upstream deadline is for tests of timeouts; here a
+    // starved machine (other tests run beside this one) must not pass for a reload
+    // that failed a request.
+    let gw = spawn_with(|s| {
+        s.config_file = Some(file.clone());
+        s.upstream_timeout = HumanDuration::secs(5);
+    })
+    .await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..16)
         .map(|_| {

@@ -180,9 +180,14 @@ impl RequestContext {
     }
 
     /// Tightens the deadline to at most `limit` from now (a service's own timeout).
-    pub fn with_deadline_within(mut self, limit: Duration) -> Self {
-        let own = Instant::now() + limit;
-        self.deadline = Some(self.deadline.map_or(own, |d| d.min(own)));
+    pub fn with_deadline_within(self, limit: Duration) -> Self {
+        self.with_deadline_by(Instant::now() + limit)
+    }
+
+    /// Tightens the deadline to `at` at the latest (for a caller that has just read
+    /// the clock).
+    pub fn with_deadline_by(mut self, at: Instant) -> Self {
+        self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
         self
     }
 

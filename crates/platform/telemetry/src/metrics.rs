@@ -1,6 +1,8 @@
 //! A Prometheus registry per service (not a global one, so that in monolith mode each
 //! service still serves only its own metrics) with the HTTP server histogram.
 
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -33,6 +35,23 @@ fn new_histogram() -> Histogram {
 pub struct Metrics {
     registry: Arc<RwLock<Registry>>,
     http_server: Family<HttpLabels, Histogram, fn() -> Histogram>,
+    /// Tells this instance's histograms apart in [`HANDLES`] (monolith mode has one
+    /// per service in a process).
+    id: u64,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A histogram handle with the labels it was found under: metrics id, status,
+/// method, route.
+type Handle = (u64, u16, Box<str>, Box<str>, Histogram);
+
+thread_local! {
+    /// The histograms this thread has recorded into: the family's own lookup takes
+    /// its lock, hashes the labels and builds them as owned strings, for every
+    /// request. A list, not a map: it holds a service's routes times the statuses
+    /// they answer, and comparing a few integers first beats hashing two strings.
+    static HANDLES: RefCell<Vec<Handle>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Metrics {
@@ -55,18 +74,41 @@ impl Metrics {
         Self {
             registry: Arc::new(RwLock::new(registry)),
             http_server,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         }
     }
 
     /// Records one served request.
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
-        self.http_server
+        let seconds = elapsed.as_secs_f64();
+        let known = HANDLES.with(|handles| {
+            let handles = handles.try_borrow().ok()?;
+            let (.., histogram) = handles.iter().find(|(id, s, m, r, _)| {
+                *id == self.id && *s == status && **m == *method && **r == *route
+            })?;
+            histogram.observe(seconds);
+            Some(())
+        });
+        if known.is_some() {
+            return;
+        }
+        let histogram = self
+            .http_server
             .get_or_create(&HttpLabels {
                 method: method.to_owned(),
                 route: route.to_owned(),
                 status,
             })
-            .observe(elapsed.as_secs_f64());
+            .clone();
+        histogram.observe(seconds);
+        HANDLES.with(|handles| {
+            if let Ok(mut handles) = handles.try_borrow_mut() {
+                // Routes are templates, so the set is small; the cap bounds it anyway.
+                if handles.len() < 512 {
+                    handles.push((self.id, status, method.into(), route.into(), histogram));
+                }
+            }
+        });
     }
 
     /// Registers another metric (used by platform crates and services).
@@ -94,6 +136,40 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Handles remembered per thread still count into their own service's family:
+    /// two instances on one thread, labels that differ only by method or status.
+    #[test]
+    fn remembered_handles_count_into_their_own_family() {
+        let (a, b) = (Metrics::new("a"), Metrics::new("b"));
+        for _ in 0..3 {
+            a.observe_http("GET", "/x", 200, Duration::from_millis(1));
+        }
+        a.observe_http("POST", "/x", 200, Duration::from_millis(1));
+        a.observe_http("GET", "/x", 404, Duration::from_millis(1));
+        b.observe_http("GET", "/x", 200, Duration::from_millis(1));
+        let count = |text: &str, labels: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("http_server_request_duration_seconds_count")
+                        && l.contains(labels)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        let text = a.encode();
+        assert_eq!(
+            count(&text, "method=\"GET\",route=\"/x\",status=\"200\"").as_deref(),
+            Some("3")
+        );
+        assert_eq!(count(&text, "method=\"POST\"").as_deref(), Some("1"));
+        assert_eq!(count(&text, "status=\"404\"").as_deref(), Some("1"));
+        let text = b.encode();
+        assert_eq!(
+            count(&text, "method=\"GET\",route=\"/x\",status=\"200\"").as_deref(),
+            Some("1")
+        );
+    }
 
     #[test]
     fn histogram_is_exposed_with_route_template_labels() {
