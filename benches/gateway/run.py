@@ -91,14 +91,18 @@ def tree(pid):
 
 
 def cpu_seconds(pids):
-    total = 0
+    """(user, kernel) CPU seconds of pids: the split says whether a gap is the
+    proxy's own code or the syscalls and network stack it drives."""
+    user = kernel = 0
     for p in pids:
         try:
             fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            kernel += int(fields[12])
         except OSError:
             pass
-    return total / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, kernel / tick
 
 
 def rss_mib(pids):
@@ -141,7 +145,8 @@ def measure(name, url, pid, args, auth=None, work=None):
         peak = max(peak, rss_mib(pids))
         time.sleep(0.2)
     out = wrk.stdout.read()
-    cpu = cpu_seconds(pids) - cpu0
+    cpu1 = cpu_seconds(pids)
+    user, kernel = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
     m = re.search(r"BENCH (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if not m:
         raise SystemExit(f"{name}: wrk printed no result:\n{out}")
@@ -151,7 +156,9 @@ def measure(name, url, pid, args, auth=None, work=None):
         "name": name, "rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000,
         "p99_ms": p99 / 1000, "p999_ms": p999 / 1000,
         "errors": errors + (int(non2xx.group(1)) if non2xx else 0),
-        "cpu_us": (cpu / requests * 1e6) if pids and requests else None,
+        "cpu_us": ((user + kernel) / requests * 1e6) if pids and requests else None,
+        "user_us": (user / requests * 1e6) if pids and requests else None,
+        "kernel_us": (kernel / requests * 1e6) if pids and requests else None,
         "rss_mib": peak if pids else None,
     }
 
@@ -352,10 +359,12 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"### Gateway: wrk -t2 -c{args.connections} -d{args.duration}s, 1 KB JSON upstream\n")
-    print("| target | requests/s | p50 | p99 | p99.9 | CPU per request | peak RSS | errors |")
+    print("| target | requests/s | p50 | p99 | p99.9 | CPU per request (user + kernel) | peak RSS | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cpu = f"{r['cpu_us']:.1f} µs" if r["cpu_us"] is not None else "-"
+        cpu = "-"
+        if r["cpu_us"] is not None:
+            cpu = f"{r['cpu_us']:.1f} µs ({r['user_us']:.1f} + {r['kernel_us']:.1f})"
         rss = f"{r['rss_mib']:.1f} MiB" if r["rss_mib"] is not None else "-"
         print(f"| {r['name']} | {r['rps']:,.0f} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
               f"{r['p999_ms']:.2f} ms | {cpu} | {rss} | {r['errors']} |")

@@ -38,10 +38,15 @@ pub struct Caller {
 /// A bounded map, sharded so concurrent requests rarely share a lock. A full shard
 /// is emptied rather than scanned: entries are cheap to recompute.
 pub struct Memo<K, V> {
-    shards: Vec<Mutex<HashMap<K, V>>>,
+    shards: Vec<Mutex<HashMap<K, V, Fast>>>,
     per_shard: usize,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: Fast,
 }
+
+/// foldhash (hashbrown's own default) rather than SipHash: the keys are access
+/// tokens of a few hundred bytes, hashed twice per request (shard, then map), and
+/// only tokens that verified are ever stored, so no client chooses what fills a map.
+type Fast = foldhash::fast::RandomState;
 
 const MEMO_SHARDS: usize = 16;
 
@@ -54,7 +59,7 @@ impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
         }
     }
 
-    fn shard<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V>> {
+    fn shard<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> &Mutex<HashMap<K, V, Fast>> {
         &self.shards[(self.hasher.hash_one(key) as usize) % MEMO_SHARDS]
     }
 

@@ -61,7 +61,9 @@ pub struct Proxy {
     pub trusted: TrustedProxies,
     /// Forwarded identities minted in the last half of their lifetime, by caller:
     /// signing one per request would cost more than the rest of the request.
-    pub minted: Memo<(String, Option<String>), (Arc<str>, std::time::Instant)>,
+    /// Keyed by subject (looked up without building a key), the email checked on
+    /// the way out.
+    pub minted: Memo<String, Arc<Minted>>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
     /// Largest request body forwarded, in bytes.
@@ -113,20 +115,31 @@ impl Proxy {
     /// The forwarded identity for `caller`: a fresh one, or one minted less than half
     /// its lifetime ago (so it has at least that half left when it arrives).
     fn identity(&self, caller: &Caller) -> Result<Arc<str>, chassis::jwt::JwtError> {
-        let key = (caller.sub.clone(), caller.email.clone());
-        if let Some((token, minted)) = self.minted.get(&key)
-            && minted.elapsed() < self.issuer.ttl() / 2
+        if let Some(known) = self.minted.get(caller.sub.as_str())
+            && known.email == caller.email
+            && known.at.elapsed() < self.issuer.ttl() / 2
         {
-            return Ok(token);
+            return Ok(known.token.clone());
         }
         let token: Arc<str> = self
             .issuer
             .mint(&caller.sub, caller.email.as_deref())?
             .into();
-        self.minted
-            .insert(key, (token.clone(), std::time::Instant::now()));
+        let minted = Minted {
+            email: caller.email.clone(),
+            token: token.clone(),
+            at: std::time::Instant::now(),
+        };
+        self.minted.insert(caller.sub.clone(), Arc::new(minted));
         Ok(token)
     }
+}
+
+/// A forwarded identity, as minted for a subject.
+pub struct Minted {
+    email: Option<String>,
+    token: Arc<str>,
+    at: std::time::Instant,
 }
 
 /// Forwards one request, or answers it with a problem; the response carries the

@@ -35,7 +35,9 @@ pub struct KeyedLimiter {
     tolerance: Duration,
     burst: u64,
     epoch: Instant,
-    hasher: std::collections::hash_map::RandomState,
+    /// foldhash, seeded per process: a key is hashed twice per request (shard, then
+    /// map) and SipHash was a visible share of it.
+    hasher: foldhash::fast::RandomState,
     shards: Vec<Mutex<Shard>>,
     /// The `RateLimit-Policy` value, made once: it never changes.
     policy_header: std::sync::OnceLock<Option<http::HeaderValue>>,
@@ -44,7 +46,7 @@ pub struct KeyedLimiter {
 #[derive(Default)]
 struct Shard {
     /// TAT per key, in nanoseconds since `epoch`.
-    tat: HashMap<String, u64>,
+    tat: HashMap<String, u64, foldhash::fast::RandomState>,
     calls: u64,
 }
 
