@@ -258,16 +258,16 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-correlation-id"], correlation.as_str());
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let mut traces = Vec::new();
     for service in ["gateway", "orders", "products"] {
-        let log =
-            std::fs::read_to_string(shop.data_dir.join(format!("logs/{service}.log"))).unwrap();
-        let line = log
-            .lines()
-            .find(|l| l.contains(&correlation))
-            .unwrap_or_else(|| panic!("{service} never logged {correlation}"));
-        let line: Value = serde_json::from_str(line).unwrap();
+        // Read until the line is there: logging is not synchronous with answering.
+        let line = support::eventually_logged(
+            &shop.data_dir.join(format!("logs/{service}.log")),
+            &correlation,
+        )
+        .await
+        .unwrap_or_else(|| panic!("{service} never logged {correlation}"));
+        let line: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(line["correlation_id"], correlation.as_str());
         assert_eq!(line["service"], service);
         for field in ["timestamp", "level", "version", "message", "trace_id"] {
@@ -660,8 +660,9 @@ async fn scaled_orders_share_the_load_behind_the_gateway() {
     }
     // Both instances took orders, and both see all of them (one database).
     for log in ["orders.log", "orders-2.log"] {
-        let text = std::fs::read_to_string(shop.data_dir.join("logs").join(log)).unwrap();
-        assert!(text.contains("order placed"), "{log} placed no order");
+        let path = shop.data_dir.join("logs").join(log);
+        let placed = support::eventually_logged(&path, "order placed").await;
+        assert!(placed.is_some(), "{log} placed no order");
     }
     let (_, mine) = shop.get("/orders?limit=100", Some(&token)).await;
     assert_eq!(mine["items"].as_array().unwrap().len(), 10);

@@ -10,6 +10,23 @@ use serde_json::{Value, json};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_bazaar");
 
+/// The first line of the log at `path` that contains `needle`, waiting up to 5 s
+/// for it: a line reaches the file a moment after the request that caused it (and up
+/// to 200 ms later with `log.buffer`).
+pub async fn eventually_logged(path: &std::path::Path, needle: &str) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+            return Some(line.to_owned());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub struct Shop {
     pub child: Child,
     pub gateway: String,
