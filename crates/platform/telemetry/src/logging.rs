@@ -338,7 +338,7 @@ impl JsonLayer {
         };
         event.record(&mut visitor);
         let LineVisitor { buf, written } = visitor;
-        if !written.contains(&"message") {
+        if !written.contains("message") {
             buf.extend_from_slice(b",\"message\":\"\"");
         }
         if let Some(scope) = ctx.event_scope(event) {
@@ -349,7 +349,7 @@ impl JsonLayer {
                     continue;
                 };
                 for (k, v) in fields {
-                    let hidden = written.contains(&k.as_str())
+                    let hidden = written.contains(k.as_str())
                         || spans[i + 1..].iter().any(|inner| {
                             inner
                                 .extensions()
@@ -414,7 +414,7 @@ impl Written {
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.inline[..self.len].contains(&name) || self.more.iter().any(|n| *n == name)
+        self.inline[..self.len].contains(&name) || self.more.contains(&name)
     }
 }
 
