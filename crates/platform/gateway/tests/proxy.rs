@@ -1552,8 +1552,47 @@ async fn aggregation_merges_parts_and_marks_the_missing_ones() {
     }
 }
 
+/// wrk's totals: requests, and every failure it counts (non-2xx/3xx answers and
+/// the socket errors of its `Socket errors: connect N, read N, write N, timeout N`
+/// line, which it prints only when there are some).
+fn wrk_totals(out: &str) -> (u64, u64) {
+    let numbers = |line: &str| -> Vec<u64> {
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    // The part of the line after `marker` (so `2xx` in a label counts for nothing).
+    let line = |marker: &str| {
+        out.lines()
+            .find_map(|l| l.split_once(marker).map(|(_, rest)| rest))
+            .unwrap_or("")
+    };
+    let requests = out
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| numbers(l).first().copied())
+        .unwrap_or(0);
+    let failed = numbers(line("Socket errors:")).iter().sum::<u64>()
+        + numbers(line("Non-2xx or 3xx responses:"))
+            .iter()
+            .sum::<u64>();
+    (requests, failed)
+}
+
+#[test]
+fn wrk_totals_count_every_failure() {
+    let clean = "Running 4s test @ http://127.0.0.1:1/open/x\n  1 threads and 8 connections\n  Thread Stats   Avg\n  12345 requests in 4.00s, 1.20MB read\nRequests/sec:   3086.25\n";
+    assert_eq!(wrk_totals(clean), (12345, 0));
+    let failing = format!(
+        "{clean}  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 5\n"
+    );
+    assert_eq!(wrk_totals(&failing), (12345, 15));
+}
+
 /// Ten configuration changes while clients keep sending: not one request fails, and
-/// the last configuration is the one serving.
+/// the last configuration is the one serving. The load is wrk (the tool;
+/// CI installs it) beside 16 in-test clients that check every answer; without wrk on
+/// the machine, the in-test clients alone.
 #[tokio::test]
 async fn ten_reloads_under_load_fail_no_request() {
     let dir = std::env::temp_dir().join(format!("gw-load-{}", uuid::Uuid::new_v4()));
@@ -1586,6 +1625,18 @@ async fn ten_reloads_under_load_fail_no_request() {
         s.upstream_timeout = HumanDuration::secs(5);
     })
     .await;
+    let wrk = ["/usr/bin/wrk", "/usr/local/bin/wrk"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .map(|bin| {
+            tokio::process::Command::new(bin)
+                .args(["-t1", "-c8", "-d4s", "--timeout", "10s"])
+                .arg(format!("{}/open/x", gw.url))
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        });
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..16)
         .map(|_| {
@@ -1645,6 +1696,16 @@ async fn ten_reloads_under_load_fail_no_request() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 500, "too little load to mean anything: {ok} requests");
+    if let Some(wrk) = wrk {
+        let out = wrk.wait_with_output().await.unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        let (requests, failed) = wrk_totals(&out);
+        assert_eq!(failed, 0, "wrk saw failures:\n{out}");
+        assert!(
+            requests > 500,
+            "too little wrk load to mean anything:\n{out}"
+        );
+    }
     let config: Value = gw.admin_json("/config").await;
     assert!(config["version"].as_u64().unwrap() >= 6, "{config}");
     assert_eq!(config["routes"], 11);
