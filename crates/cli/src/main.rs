@@ -249,7 +249,7 @@ fn main() -> ExitCode {
     // Transparent huge pages are on for every mapping on many Linux machines
     // (`enabled = always`): each 2 MiB region the allocator touches is then resident
     // whole. Off for this process and the services it starts: the gateway's peak
-    // RSS under load went from 36 to 25 MiB (docs/benchmarks.md). Best effort: a
+    // RSS under load went from 36.5 to 30.8 MiB (docs/benchmarks.md). Best effort: a
     // kernel without the flag keeps its default.
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_thp_disable(true);
