@@ -331,7 +331,7 @@ async fn forward(
     };
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
-    strip(&mut parts.headers, &CLIENT_ONLY);
+    strip(&mut parts.headers, &[&CLIENT_IDENTITY, &CREDENTIALS]);
     route.request_headers.apply(&mut parts.headers);
     if let Some(caller) = &caller {
         let token = proxy
@@ -535,13 +535,16 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers, those `Connection` names (never the gateway's
-/// own), and `also`. One pass over the names present, then a removal for each one
-/// found: a request carries a handful of headers, and removing each of the
-/// candidates by name would hash every one of them, present or not.
-fn strip(headers: &mut HeaderMap, also: &[HeaderName]) {
+/// own), and every name in the lists of `also`. One pass over the names present,
+/// then a removal for each one found: a request carries a handful of headers, and
+/// removing each of the candidates by name would hash every one of them, present
+/// or not.
+fn strip(headers: &mut HeaderMap, also: &[&[HeaderName]]) {
     // `Upgrade` is hop-by-hop; WebSocket pass-through is not offered yet.
     let doomed = |name: &HeaderName| {
-        HOP_BY_HOP.contains(name) || *name == header::UPGRADE || also.contains(name)
+        HOP_BY_HOP.contains(name)
+            || *name == header::UPGRADE
+            || also.iter().any(|list| list.contains(name))
     };
     let mut found: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
     if found.is_empty() {
@@ -563,17 +566,9 @@ fn strip(headers: &mut HeaderMap, also: &[HeaderName]) {
     }
 }
 
-/// What a client's request never takes upstream beyond the hop-by-hop headers:
-/// identity it might assert itself (only the gateway sets it), and its credentials
-/// (services get the gateway-signed identity instead). `Host` is set anew.
-const CLIENT_ONLY: [HeaderName; 6] = [
-    IDENTITY_HEADER,
-    HeaderName::from_static("x-user-id"),
-    HeaderName::from_static("x-user-email"),
-    header::AUTHORIZATION,
-    API_KEY,
-    header::HOST,
-];
+/// A client's credentials, never taken upstream (services get the gateway-signed
+/// identity instead), and its `Host` (set anew for the upstream).
+const CREDENTIALS: [HeaderName; 3] = [header::AUTHORIZATION, API_KEY, header::HOST];
 
 pub(crate) fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
     tracing::warn!(upstream = service, error = %error, "upstream failed");
