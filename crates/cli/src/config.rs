@@ -50,10 +50,25 @@ struct ShopRoutes {
 pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let source = Source::from_process(file)?;
     let mut config: ShopConfig = source.parse()?;
+    let mut invalid = Vec::new();
     if config.gateway.routes.is_empty() {
         config.gateway.routes = shop_routes();
+        // A gateway reading its own file has the routes it names, and no others.
+        if config.gateway.config_file.is_none()
+            && let Err(e) = crate::operator::attach(&mut config)
+        {
+            invalid.push(chassis::config::ConfigError {
+                key: "data_dir".into(),
+                origin: "configuration".into(),
+                problem: format!("{e:#}"),
+                fix: format!(
+                    "make {} readable, or delete it for `bazaar up` to make a new one",
+                    crate::operator::key_path(&config.data_dir).display()
+                ),
+            });
+        }
     }
-    let mut invalid = config.resilience().validate();
+    invalid.extend(config.resilience().validate());
     invalid.extend(config.payments.validate());
     invalid.extend(config.discovery.build().err());
     // The gateway's declarative part: inline, or the file it will watch.

@@ -11,6 +11,7 @@ mod config;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod events_cmd;
 mod load;
+mod operator;
 mod ps;
 mod services;
 mod services_cmd;
@@ -88,6 +89,13 @@ enum Command {
         /// Print a JSON array of {name, pid, url, health}.
         #[arg(long)]
         json: bool,
+        /// Reach the shop through this gateway (its operator routes) instead of
+        /// finding it through --data-dir.
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+        /// The operator key --gateway presents [default: <data-dir>/operator.key]
+        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
+        operator_key: Option<String>,
         /// The shop's data directory [default: .bazaar]
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -161,6 +169,13 @@ enum Command {
         /// Share of its requests (503) and events (retried) that fail, 0 to 1.
         #[arg(long, default_value_t = 0.0, requires = "inject")]
         error_rate: f64,
+        /// Reach the shop through this gateway (its operator routes) instead of
+        /// finding it through --data-dir.
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+        /// The operator key --gateway presents [default: <data-dir>/operator.key]
+        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
+        operator_key: Option<String>,
         /// The shop's data directory [default: .bazaar]
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -179,6 +194,13 @@ enum Command {
         /// service) before a violation counts.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         settle: std::time::Duration,
+        /// Reach the shop through this gateway (its operator routes) instead of
+        /// finding it through --data-dir.
+        #[arg(long, value_name = "URL")]
+        gateway: Option<String>,
+        /// The operator key --gateway presents [default: <data-dir>/operator.key]
+        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
+        operator_key: Option<String>,
         /// The shop's data directory [default: .bazaar]
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -303,9 +325,44 @@ fn shop_dir(
     }
 }
 
+/// The shop `ps`, `verify` and `chaos` look at: behind `--gateway` (with the operator
+/// key), else the one running from the data directory.
+fn find_shop(
+    gateway: Option<String>,
+    key: Option<String>,
+    data_dir: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+) -> Result<ps::Shop, Failure> {
+    match gateway {
+        Some(gateway) => {
+            let url = reqwest::Url::parse(&gateway).map_err(|e| {
+                Failure::Other(anyhow::anyhow!(
+                    "--gateway `{gateway}` is not a URL ({e}); use e.g. http://127.0.0.1:8080"
+                ))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Failure::Other(anyhow::anyhow!(
+                    "--gateway `{gateway}` must be an http:// or https:// URL"
+                )));
+            }
+            // The key file is looked for only when no key was given.
+            let dir = match (&key, data_dir) {
+                (Some(_), dir) => dir.unwrap_or_default(),
+                (None, dir) => shop_dir(dir, config)?,
+            };
+            let key = operator::key_for(key, &dir)?;
+            Ok(ps::Shop::Remote {
+                gateway: gateway.trim_end_matches('/').to_owned(),
+                key,
+            })
+        }
+        None => Ok(ps::Shop::Local(shop_dir(data_dir, config)?)),
+    }
+}
+
 /// The gateway and orders URLs of the shop running from `dir`.
 async fn shop_target(dir: &std::path::Path) -> Result<load::Target, Failure> {
-    let rows = ps::rows(dir).await?;
+    let rows = ps::Shop::Local(dir.to_owned()).rows().await?;
     let url = |name: &str| rows.iter().find(|r| r.name == name).map(|r| r.url.clone());
     match url("gateway") {
         Some(gateway) => Ok(load::Target {
@@ -396,11 +453,13 @@ async fn dispatch(
         }
         Command::Ps {
             json,
+            gateway,
+            operator_key,
             data_dir,
             config,
         } => {
-            let dir = shop_dir(data_dir, config.as_deref())?;
-            ps::run(&dir, json).await?;
+            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
+            ps::run(&shop, json).await?;
             Ok(())
         }
         Command::Events {
@@ -482,12 +541,14 @@ async fn dispatch(
             inject,
             latency,
             error_rate,
+            gateway,
+            operator_key,
             data_dir,
             config,
         } => {
-            let dir = shop_dir(data_dir, config.as_deref())?;
+            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
             chaos::run(
-                &dir,
+                &shop,
                 chaos::Options {
                     interval,
                     duration,
@@ -504,11 +565,13 @@ async fn dispatch(
         Command::Verify {
             json,
             settle,
+            gateway,
+            operator_key,
             data_dir,
             config,
         } => {
-            let dir = shop_dir(data_dir, config.as_deref())?;
-            if verify::run(&dir, settle, json).await? {
+            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
+            if verify::run(&shop, settle, json).await? {
                 Ok(())
             } else {
                 Err(Failure::Found)

@@ -82,6 +82,10 @@ pub async fn run(mut config: ShopConfig, options: UpOptions) -> anyhow::Result<(
     })?;
     config.data_dir = config.data_dir.canonicalize()?;
     let data_dir = config.data_dir.clone();
+    // Before any process loads the configuration: each opens the gateway's operator
+    // routes to this key.
+    crate::operator::ensure_key(&data_dir)?;
+    crate::operator::attach(&mut config)?;
     if let Some(state) = RunState::read(&data_dir).ok().flatten()
         && alive(state.supervisor_pid)
         && state.supervisor_pid != std::process::id()
@@ -326,6 +330,8 @@ fn child_env(
     // Every process runs the saga the same way (`--saga-mode` reaches them here).
     env.push(("BAZAAR_SAGA__MODE".into(), saga.as_str().into()));
     env.push((SUPERVISOR_ENV.into(), std::process::id().to_string()));
+    // The supervisor restarts a crashed child, so `bazaar chaos --gateway` may crash one.
+    env.push(("BAZAAR_HTTP__ALLOW_CRASH".into(), "true".into()));
     env.push(("LISTEN_FDS".into(), "1".into()));
     env
 }
@@ -592,6 +598,10 @@ fn print_summary(
     }
     println!();
     println!("Data and logs: {}", data_dir.display());
+    println!(
+        "Operator key (ps, verify and chaos with --gateway): {}",
+        crate::operator::key_path(data_dir).display()
+    );
     println!(
         "Try: curl {}/products?limit=3",
         url_of(urls, ServiceName::Gateway)

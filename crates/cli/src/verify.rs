@@ -11,13 +11,14 @@
 //!   terminal order.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::ps::Shop;
 
 /// One broken invariant, with the ids to look at.
 #[derive(Debug, Serialize)]
@@ -40,19 +41,17 @@ pub struct Report {
     pub violations: Vec<Violation>,
 }
 
-/// The services' URLs, from the running shop's state (as `bazaar ps` finds them).
-async fn urls(data_dir: &Path) -> anyhow::Result<HashMap<String, String>> {
-    let rows = crate::ps::rows(data_dir).await?;
+/// The services' base URLs, found as `bazaar ps` finds them.
+async fn urls(shop: &Shop) -> anyhow::Result<HashMap<String, String>> {
+    let rows = shop.rows().await?;
     if rows.is_empty() {
-        bail!(
-            "no shop runs from {}; start one with `bazaar up` or pass --data-dir",
-            data_dir.display()
-        );
+        return Err(shop.nothing_runs());
     }
     let mut urls = HashMap::new();
-    for row in rows {
+    for row in &rows {
         // `orders-2` and the like are more instances of the same service.
-        urls.entry(row.name).or_insert(row.url);
+        urls.entry(crate::ps::service_of(&row.name).to_owned())
+            .or_insert_with(|| shop.base_url(row));
     }
     Ok(urls)
 }
@@ -148,11 +147,9 @@ fn service<'a>(urls: &'a HashMap<String, String>, name: &str) -> anyhow::Result<
 /// Checks the invariants. The shop is eventually consistent (an order's end reaches
 /// inventory and payments as events), so a check that finds a violation is made again
 /// until `settle` has passed: what verify reports is what stayed broken.
-pub async fn check(data_dir: &Path, settle: Duration) -> anyhow::Result<Report> {
-    let urls = urls(data_dir).await?;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
+pub async fn check(shop: &Shop, settle: Duration) -> anyhow::Result<Report> {
+    let urls = urls(shop).await?;
+    let http = shop.client(Duration::from_secs(30))?;
     let deadline = Instant::now() + settle;
     loop {
         let report = check_once(&http, &urls).await?;
@@ -378,8 +375,8 @@ fn judge(
 }
 
 /// Prints the report; `Ok(false)` when an invariant is broken.
-pub async fn run(data_dir: &Path, settle: Duration, json: bool) -> anyhow::Result<bool> {
-    let report = check(data_dir, settle).await?;
+pub async fn run(shop: &Shop, settle: Duration, json: bool) -> anyhow::Result<bool> {
+    let report = check(shop, settle).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

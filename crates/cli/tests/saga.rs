@@ -16,9 +16,14 @@ fn verify(shop: &Shop) -> (i32, Value) {
 }
 
 fn verify_within(shop: &Shop, settle: &str) -> (i32, Value) {
+    verify_with(&["--data-dir", shop.data_dir.to_str().unwrap()], settle)
+}
+
+/// `bazaar verify --json` with `find` saying where the shop is.
+fn verify_with(find: &[&str], settle: &str) -> (i32, Value) {
     let out = std::process::Command::new(support::BIN)
-        .args(["verify", "--json", "--settle", settle, "--data-dir"])
-        .arg(&shop.data_dir)
+        .args(["verify", "--json", "--settle", settle])
+        .args(find)
         .output()
         .unwrap();
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -218,49 +223,56 @@ async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
 
 /// Load, SIGKILLs of random services every few seconds, then verify: no invariant
 /// may break, whichever process dies when.
-async fn chaos_keeps_every_invariant(mode: &str) {
+/// With `through_gateway`, load, chaos and verify find the shop by its gateway's URL
+/// alone (chaos then crashes services through their operator route).
+async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
     let shop = Shop::up_with_args("processes", &["--saga-mode", mode], &[]);
     let products = shop.product_ids(50).await;
     shop.stocked(&products).await;
-    let load = std::process::Command::new(support::BIN)
-        .args([
-            "load",
-            "--rate",
-            "25",
-            "--duration",
-            "40s",
-            "--json",
-            "--data-dir",
-        ])
-        .arg(&shop.data_dir)
+    let key = std::fs::read_to_string(shop.data_dir.join("operator.key")).unwrap();
+    let find = |command: &mut std::process::Command| {
+        if through_gateway {
+            command
+                .args(["--gateway", &shop.gateway])
+                .env("BAZAAR_OPERATOR_KEY", key.trim());
+        } else {
+            command.arg("--data-dir").arg(&shop.data_dir);
+        }
+    };
+    let mut load = std::process::Command::new(support::BIN);
+    load.args(["load", "--rate", "25", "--duration", "40s", "--json"]);
+    find(&mut load);
+    let load = load
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let chaos = std::process::Command::new(support::BIN)
-        .args([
-            "chaos",
-            "--interval",
-            "4s",
-            "--duration",
-            "38s",
-            "--data-dir",
-        ])
-        .arg(&shop.data_dir)
-        .output()
-        .unwrap();
+    let mut chaos = std::process::Command::new(support::BIN);
+    chaos.args(["chaos", "--interval", "4s", "--duration", "38s"]);
+    find(&mut chaos);
+    let chaos = chaos.output().unwrap();
     let said = String::from_utf8_lossy(&chaos.stdout).into_owned();
     assert!(
         chaos.status.success(),
         "{said}{}",
         String::from_utf8_lossy(&chaos.stderr)
     );
-    let kills = said.lines().filter(|l| l.contains("killed ")).count();
+    let kills = said
+        .lines()
+        .filter(|l| l.contains("killed ") || l.contains("crashed an instance of"))
+        .count();
     assert!(kills >= 8, "{said}");
     let load = load.wait_with_output().unwrap();
     let report: Value = serde_json::from_slice(&load.stdout).unwrap();
     assert!(report["orders_placed"].as_u64().unwrap() > 200, "{report}");
-    let (code, verified) = verify(&shop);
+    let (code, verified) = if through_gateway {
+        verify_with(
+            &["--gateway", &shop.gateway, "--operator-key", key.trim()],
+            "40s",
+        )
+    } else {
+        verify(&shop)
+    };
     assert_eq!(verified["violations"], json!([]), "{said}\n{verified}");
     assert_eq!((code, &verified["pending"]), (0, &json!(0)), "{verified}");
     // An order whose 201 was lost with a killed process still exists: the shop may
@@ -282,12 +294,12 @@ async fn chaos_keeps_every_invariant(mode: &str) {
 
 #[tokio::test]
 async fn chaos_under_orchestration_breaks_no_invariant() {
-    chaos_keeps_every_invariant("orchestration").await;
+    chaos_keeps_every_invariant("orchestration", false).await;
 }
 
 #[tokio::test]
-async fn chaos_under_choreography_breaks_no_invariant() {
-    chaos_keeps_every_invariant("choreography").await;
+async fn chaos_under_choreography_through_the_gateway_breaks_no_invariant() {
+    chaos_keeps_every_invariant("choreography", true).await;
 }
 
 /// An injected fault makes a service fail its work for a while, then it recovers.

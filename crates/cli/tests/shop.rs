@@ -223,6 +223,55 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Through the gateway alone, `ps` sees the same shop with the operator key
+    // `up` wrote; without it, or with another, it says what to do.
+    let key = std::fs::read_to_string(shop.data_dir.join("operator.key")).unwrap();
+    let ps_through = |args: &[&str]| {
+        std::process::Command::new(support::BIN)
+            .args(["ps", "--json", "--gateway", &shop.gateway])
+            .args(args)
+            // Not the shop's: the key must come from the flag, or not at all.
+            .args(["--data-dir", "/nonexistent"])
+            .env_remove("BAZAAR_OPERATOR_KEY")
+            .output()
+            .unwrap()
+    };
+    let out = ps_through(&["--operator-key", key.trim()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let remote: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let mut remote_names: Vec<&str> = remote.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    remote_names.sort_unstable();
+    let mut local_names = names.clone();
+    local_names.sort_unstable();
+    assert_eq!(remote_names, local_names, "{remote:?}");
+    assert!(
+        remote
+            .iter()
+            .all(|p| p["health"] == "ready" && p["pid"].is_null()),
+        "{remote:?}"
+    );
+    let out = ps_through(&[]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--operator-key") && said.lines().count() == 1,
+        "{said}"
+    );
+    let out = ps_through(&["--operator-key", "bzr_not-the-key"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("refused the operator key"), "{said}");
+    // A signed-in customer cannot use the operator routes.
+    let (_, token) = shop.user().await;
+    let (status, _) = shop
+        .get("/operator/orders/admin/orders", Some(&token))
+        .await;
+    assert_eq!(status, 403);
+
     // `bazaar services` lists them from the registry.
     let out = std::process::Command::new(support::BIN)
         .args(["services", "--json", "--data-dir"])

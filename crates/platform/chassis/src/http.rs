@@ -59,6 +59,7 @@ struct StdState {
     openapi: Arc<Value>,
     discovery: DiscoveryMetrics,
     faults: crate::faults::Faults,
+    allow_crash: bool,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -186,7 +187,8 @@ impl Chassis {
             .route(
                 "/admin/faults",
                 get(show_fault).post(set_fault).delete(clear_fault),
-            );
+            )
+            .route("/admin/crash", post(crash));
         // `None`: the service serves its own `/openapi.json` (the gateway merges its
         // upstreams' documents).
         if openapi.is_some() {
@@ -205,6 +207,7 @@ impl Chassis {
             openapi: Arc::new(openapi),
             discovery: self.discovery_metrics.clone(),
             faults: self.faults.clone(),
+            allow_crash: self.http.allow_crash,
         });
         let limit = usize::try_from(self.http.body_limit.0).unwrap_or(usize::MAX);
         let timeout = self.http.request_timeout.0;
@@ -548,6 +551,30 @@ async fn set_fault(
     tracing::warn!(?fault, "fault injected");
     state.faults.set(fault.clone());
     Ok(axum::Json(json!({ "fault": fault })).into_response())
+}
+
+/// `POST /admin/crash`: answers 202, then the process dies by SIGKILL (no graceful
+/// shutdown, nothing flushed: a crash) for its supervisor to restart. What `bazaar
+/// chaos` does to a process it cannot signal, e.g. through the gateway.
+async fn crash(_local: LocalOnly, State(state): State<StdState>) -> Result<Response, Problem> {
+    if !state.allow_crash {
+        return Err(Problem::conflict(
+            "this process has no supervisor to restart it; set http.allow_crash to let it crash",
+        ));
+    }
+    tracing::warn!("crashing on request (POST /admin/crash)");
+    // A moment for the answer to reach the caller; a plain thread, so a stuck
+    // runtime cannot hold the crash back.
+    std::thread::spawn(|| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        std::process::abort();
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(json!({ "crashing": true })),
+    )
+        .into_response())
 }
 
 /// `DELETE /admin/faults`: ends the fault now.

@@ -35,6 +35,10 @@ config_section! {
         pub access_log_sample: f64 = 1.0,
         /// ...except responses with this status or above, always logged.
         pub access_log_always_from: u16 = 400,
+        /// Serve `POST /admin/crash` (loopback only): the process kills itself with
+        /// SIGKILL, as `bazaar chaos` does from outside. Only where a supervisor
+        /// restarts it (`bazaar up` turns it on for the processes it starts).
+        pub allow_crash: bool = false,
     }
 }
 

@@ -111,6 +111,7 @@ async fn routes(State(admin): State<Admin>) -> Response {
                 "rewrite": r.rewrite,
                 "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
                 "auth": format!("{:?}", r.auth).to_lowercase(),
+                "consumers": r.consumers,
                 "rate_limit": r.rate_limit,
             });
             v[r.pattern.kind()] = json!(r.pattern.describe());

@@ -84,6 +84,11 @@ pub struct RouteConfig {
     pub timeout: Option<HumanDuration>,
     #[serde(default)]
     pub auth: AuthPolicy,
+    /// Only these API-key consumers (of `api_keys`) may use the route, as Kong's ACL
+    /// `allow`: any other caller, a signed-in user included, gets a 403. Needs
+    /// `auth = "required"`. Empty: every caller the auth policy lets in.
+    #[serde(default)]
+    pub consumers: Vec<String>,
     /// A policy of `rate_limits`.
     #[serde(default)]
     pub rate_limit: Option<String>,

@@ -265,6 +265,18 @@ async fn forward(
         .authenticate(route.auth, request.headers(), &runtime.api_keys)
         .await
         .map_err(fail)?;
+    if !route.consumers.is_empty() {
+        let allowed = caller
+            .as_deref()
+            .and_then(|c| c.consumer.as_deref())
+            .is_some_and(|name| route.consumers.iter().any(|c| c == name));
+        if !allowed {
+            return Err(fail(
+                Problem::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden")
+                    .with_detail("this route is open only to some API-key consumers; present one of their keys in X-Api-Key"),
+            ));
+        }
+    }
     log.user_id = caller.as_ref().map(|c| c.sub.clone());
 
     let limit = match &route.rate_limit {

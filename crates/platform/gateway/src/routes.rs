@@ -57,6 +57,8 @@ pub struct Route {
     pub rewrite: Option<String>,
     pub timeout: Option<Duration>,
     pub auth: AuthPolicy,
+    /// The only API-key consumers let in; empty: any caller.
+    pub consumers: Vec<String>,
     pub rate_limit: Option<String>,
     pub cors: Option<crate::cors::CorsPolicy>,
     /// The cache policy's name (it keys the stored answers) and the policy.
@@ -198,6 +200,18 @@ impl RouteTable {
             {
                 errors.push(format!("{at}.cache `{policy}` is not a policy of [caches]"));
             }
+            if !c.consumers.is_empty() && c.auth != AuthPolicy::Required {
+                errors.push(format!(
+                    "{at}.consumers needs auth = \"required\": an anonymous caller is no consumer"
+                ));
+            }
+            for consumer in &c.consumers {
+                if !config.api_keys.contains_key(consumer) {
+                    errors.push(format!(
+                        "{at}.consumers: `{consumer}` is not a consumer of [api_keys]"
+                    ));
+                }
+            }
             if let Some(policy) = &c.rate_limit
                 && !config.rate_limits.contains_key(policy)
             {
@@ -227,6 +241,7 @@ impl RouteTable {
                 rewrite: c.rewrite.clone(),
                 timeout: c.timeout.map(|t| t.0),
                 auth: c.auth,
+                consumers: c.consumers.clone(),
                 rate_limit: c.rate_limit.clone(),
                 cors: c.cors.as_ref().and_then(|n| config.cors.get(n)).cloned(),
                 cache: c.cache.as_ref().and_then(|n| {

@@ -685,6 +685,115 @@ async fn jwt_attack_corpus_against_configured_keys() {
     assert_eq!(gw.seen_count(), before);
 }
 
+/// A route with `consumers` lets in only those API-key consumers: another consumer's
+/// key and a signed-in user's token get a 403 that never reaches the upstream; and
+/// a route naming an unknown consumer, or not requiring auth, is refused at load.
+#[tokio::test]
+async fn a_route_open_to_named_consumers_refuses_everyone_else() {
+    use gateway::configuration::{ApiKeyConfig, KeyConfig};
+    let key = |sha256: &str| ApiKeyConfig {
+        sha256: sha256.to_owned(),
+    };
+    let gw = spawn_with(|s| {
+        s.auth.keys = vec![KeyConfig {
+            kid: None,
+            alg: "HS256".into(),
+            secret: Some(HS_SECRET.to_owned().into()),
+            public_key_file: None,
+        }];
+        s.api_keys = [
+            // sha256sum of "mobile-app-key" and of "ops-key"
+            (
+                "mobile".to_owned(),
+                key("bdf195f3f0f41a8af4ce5beea6062d4c71468af89ff4f26af5542cf1762c93b8"),
+            ),
+            (
+                "ops".to_owned(),
+                key("2c69bc9111c27110a9b9a7974ba3f8ac0c053c16b23a0738115ee829fbc4d57b"),
+            ),
+        ]
+        .into();
+        s.routes = vec![RouteConfig {
+            consumers: vec!["ops".into()],
+            rewrite: Some("/".into()),
+            ..RouteConfig::prefix("/operator/echo", "echo", AuthPolicy::Required)
+        }];
+    })
+    .await;
+    let token = sign(
+        jsonwebtoken::Algorithm::HS256,
+        &jsonwebtoken::EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        None,
+        &json!({"iss": "bazaar-users", "aud": "bazaar", "sub": "u-1", "exp": now_secs() + 300}),
+    );
+    let url = format!("{}/operator/echo/admin/x", gw.url);
+    let before = gw.seen_count();
+    for (who, request) in [
+        (
+            "another consumer",
+            gw.http.get(&url).header("x-api-key", "mobile-app-key"),
+        ),
+        ("a signed-in user", gw.http.get(&url).bearer_auth(&token)),
+    ] {
+        let r = request.send().await.unwrap();
+        assert_eq!(r.status(), 403, "{who}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "{who}"
+        );
+    }
+    let r = gw.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401, "no credentials");
+    assert_eq!(
+        gw.seen_count(),
+        before,
+        "a refused caller reached the upstream"
+    );
+
+    let r = gw
+        .http
+        .get(&url)
+        .header("x-api-key", "ops-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.last_seen().0, "/admin/x", "the prefix is rewritten away");
+
+    let mut config = gateway::configuration::Declarative {
+        routes: vec![
+            RouteConfig {
+                consumers: vec!["nobody".into()],
+                ..RouteConfig::prefix("/a", "echo", AuthPolicy::Required)
+            },
+            RouteConfig {
+                consumers: vec!["ops".into()],
+                ..RouteConfig::prefix("/b", "echo", AuthPolicy::Optional)
+            },
+        ],
+        ..Default::default()
+    };
+    config.api_keys = [(
+        "ops".to_owned(),
+        key("2c69bc9111c27110a9b9a7974ba3f8ac0c053c16b23a0738115ee829fbc4d57b"),
+    )]
+    .into();
+    let errors = config.validate();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("routes[0].consumers: `nobody` is not a consumer")),
+        "{errors:?}"
+    );
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("routes[1].consumers needs auth = \"required\"")),
+        "{errors:?}"
+    );
+}
+
 #[tokio::test]
 async fn forwarded_for_is_believed_only_from_trusted_proxies_read_right_to_left() {
     let gw = spawn_with(|s| {
