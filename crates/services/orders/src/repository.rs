@@ -68,19 +68,35 @@ pub async fn insert(
         Err(e) if chassis::db::is_unique_violation(&e) => return Err(InsertError::DuplicateKey),
         Err(e) => return Err(e.into()),
     }
-    for (line, item) in new.items.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO order_items (order_id, line, product_id, product_name, quantity, unit_price_cents) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(id.to_string())
-        .bind(line as i32)
-        .bind(item.product_id.to_string())
-        .bind(&item.name)
-        .bind(item.quantity)
-        .bind(item.unit_price_cents)
-        .execute(&mut *tx)
-        .await?;
+    // Every line in one statement (one round trip, however many lines).
+    if !new.items.is_empty() {
+        let values: Vec<String> = (0..new.items.len())
+            .map(|n| {
+                let p = 2 + n * 5;
+                format!(
+                    "($1, ${}, ${}, ${}, ${}, ${})",
+                    p,
+                    p + 1,
+                    p + 2,
+                    p + 3,
+                    p + 4
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO order_items (order_id, line, product_id, product_name, quantity, unit_price_cents) VALUES {}",
+            values.join(", ")
+        );
+        let mut query = sqlx::query(&sql).bind(id.to_string());
+        for (line, item) in new.items.iter().enumerate() {
+            query = query
+                .bind(line as i32)
+                .bind(item.product_id.to_string())
+                .bind(&item.name)
+                .bind(item.quantity)
+                .bind(item.unit_price_cents);
+        }
+        query.execute(&mut *tx).await?;
     }
     let event = messaging::CloudEvent::new(
         SOURCE,

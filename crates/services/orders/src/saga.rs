@@ -70,22 +70,21 @@ pub async fn finish(
         Outcome::Cancelled(reason) => (Status::Cancelled, Some(reason), "order.cancelled"),
     };
     let now = chassis::clock::now_millis();
-    let ended = sqlx::query(
-        "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = 'PENDING'",
+    // RETURNING (PostgreSQL, SQLite >= 3.35): the order's head comes back with the
+    // update instead of in a second statement.
+    let Some(head) = sqlx::query(
+        "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = 'PENDING' \
+         RETURNING user_id, total_cents, currency",
     )
     .bind(status.as_str())
     .bind(reason)
     .bind(now)
     .bind(order_id)
-    .execute(&mut *tx)
-    .await?;
-    if ended.rows_affected() != 1 {
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
         return Ok(false);
-    }
-    let head = sqlx::query("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
-        .bind(order_id)
-        .fetch_one(&mut *tx)
-        .await?;
+    };
     let items = sqlx::query(
         "SELECT product_id, product_name, quantity, unit_price_cents FROM order_items \
          WHERE order_id = $1 ORDER BY line",
@@ -336,16 +335,13 @@ async fn record_step(
     step: &str,
     what: &str,
 ) -> Result<(), sqlx::Error> {
-    let seq: i64 =
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) + 1 FROM order_steps WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_one(&mut *tx)
-            .await?;
+    // The next number and the line in one statement: each statement is a round trip
+    // to the database (for SQLite, to its connection's thread).
     sqlx::query(
-        "INSERT INTO order_steps (order_id, seq, step, what, at_ms) VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO order_steps (order_id, seq, step, what, at_ms) \
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4 FROM order_steps WHERE order_id = $1",
     )
     .bind(order_id)
-    .bind(seq)
     .bind(step)
     .bind(what)
     .bind(chassis::clock::now_millis())
