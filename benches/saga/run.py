@@ -43,6 +43,23 @@ def wait_stocked(binary, data_dir):
     raise SystemExit("inventory never learned the catalog")
 
 
+def usage(pid):
+    """CPU seconds (user + system) and context switches (voluntary + not) of a
+    process, over all its threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        switches = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            status = open(f"/proc/{pid}/task/{tid}/status").read()
+            for key in ("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"):
+                switches += int(status.split("\n" + key)[1].split()[0])
+        return cpu, switches
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0
+
+
 def run_one(binary, mode, backend, rate, seconds):
     work = tempfile.mkdtemp(prefix="bazaar-saga-bench-")
     env = {**os.environ, "BAZAAR_LOG__LEVEL": "warn", "BAZAAR_CONTROL_PLANE__PORT": "0",
@@ -65,10 +82,20 @@ def run_one(binary, mode, backend, rate, seconds):
             if line.startswith("Press Ctrl-C"):
                 break
         wait_stocked(binary, work)
+        ps = json.loads(subprocess.run([binary, "ps", "--json", "--data-dir", work],
+                                       capture_output=True, text=True).stdout)
+        pids = {p["name"]: p["pid"] for p in ps}
+        before = {name: usage(pid) for name, pid in pids.items()}
         out = subprocess.run([binary, "load", "--rate", str(rate), "--duration", f"{seconds}s",
                               "--json", "--data-dir", work],
                              capture_output=True, text=True, check=True).stdout
+        after = {name: usage(pid) for name, pid in pids.items()}
         report = json.loads(out)
+        placed = max(report["orders_placed"], 1)
+        report["cost"] = {
+            name: {"cpu_ms": 1e3 * (after[name][0] - before[name][0]) / placed,
+                   "switches": (after[name][1] - before[name][1]) / placed}
+            for name in pids}
         verify = subprocess.run([binary, "verify", "--json", "--data-dir", work],
                                 capture_output=True, text=True)
         report["verify"] = json.loads(verify.stdout) if verify.stdout else {"violations": ["?"]}
@@ -89,7 +116,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--backends", default="embedded,postgres+nats")
     args = parser.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar"], cwd=ROOT, check=True)
+    if not os.environ.get("NO_BUILD"): subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar"], cwd=ROOT, check=True)
     binary = os.path.join(target_dir(), "release", "bazaar")
     rows = []
     for backend in args.backends.split(","):
@@ -111,6 +138,17 @@ def main():
               f"{step('reserve')} | {step('charge')} | {errors} | "
               f"{r['confirmed']} confirmed, {cancelled} cancelled, {r['pending']} pending | "
               f"{'clean' if violations == 0 else f'{violations} violations'} |")
+    # Where the CPU goes: per process, per order placed (the shop's processes only;
+    # work still queued when the load ends is not counted).
+    print()
+    print("| mode | backend | CPU per order (ms), heaviest first | total CPU / switches per order |")
+    print("|---|---|---|---|")
+    for mode, backend, r in rows:
+        cost = sorted(r["cost"].items(), key=lambda kv: -kv[1]["cpu_ms"])
+        parts = ", ".join(f"{n} {c['cpu_ms']:.2f}" for n, c in cost if c["cpu_ms"] >= 0.05)
+        cpu = sum(c["cpu_ms"] for _, c in cost)
+        switches = sum(c["switches"] for _, c in cost)
+        print(f"| {mode} | {backend} | {parts} | {cpu:.2f} ms / {switches:.0f} |")
 
 
 if __name__ == "__main__":
