@@ -253,11 +253,6 @@ impl Orchestrator {
         transition: &Transition,
         now: OffsetDateTime,
     ) -> Result<(), SagaError> {
-        let mut seq: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM saga_history WHERE saga_id = $1")
-                .bind(&saga.id)
-                .fetch_one(&mut *tx)
-                .await?;
         let mut lines: Vec<(String, String)> = transition
             .history
             .iter()
@@ -273,18 +268,26 @@ impl Orchestrator {
             )),
             _ => {}
         }
-        for (step, what) in lines {
-            seq += 1;
-            sqlx::query(
-                "INSERT INTO saga_history (saga_id, seq, step, what, at_ms) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&saga.id)
-            .bind(seq)
-            .bind(step)
-            .bind(what)
-            .bind(millis(now))
-            .execute(&mut *tx)
-            .await?;
+        if !lines.is_empty() {
+            // Numbered after the saga's last line and written in one statement: each
+            // statement is a round trip to the database (for SQLite, to its
+            // connection's thread). A VALUES list's columns are column1, column2...
+            // on both SQLite and PostgreSQL.
+            let values: Vec<String> = (0..lines.len())
+                .map(|n| format!("({}, ${}, ${})", n + 1, 3 + 2 * n, 4 + 2 * n))
+                .collect();
+            let sql = format!(
+                "INSERT INTO saga_history (saga_id, seq, step, what, at_ms) \
+                 SELECT $1, base.m + v.column1, v.column2, v.column3, $2 \
+                 FROM (SELECT COALESCE(MAX(seq), 0) AS m FROM saga_history WHERE saga_id = $1) AS base, \
+                 (VALUES {}) AS v",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(&sql).bind(&saga.id).bind(millis(now));
+            for (step, what) in lines {
+                query = query.bind(step).bind(what);
+            }
+            query.execute(&mut *tx).await?;
         }
         if let Some(command) = &transition.send {
             let out = (self.route)(saga, command);
