@@ -1004,22 +1004,37 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
             "POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
         )
     };
-    // Content-Length with Transfer-Encoding: hyper lets chunked framing win and drops
-    // Content-Length before the gateway sees the request (RFC 9112 §6.3), then
-    // closes the connection: the request smuggled behind it is never read.
-    let before = gw.seen_count();
-    let answer = raw_send(
-        &gw.url,
-        format!("POST /open/x HTTP/1.1\r\n{h}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /open/smuggled HTTP/1.1\r\n{h}\r\n").into_bytes(),
-    )
-    .await;
-    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("connection: close"),
-        "{answer}"
-    );
-    assert_eq!(gw.seen_count(), before + 1);
-    assert_eq!(gw.last_seen().0, "/open/x");
+    // Content-Length with Transfer-Encoding, in either order: hyper lets chunked
+    // framing win and drops Content-Length before the gateway sees the request (RFC
+    // 9112 §6.1), answers once, then closes the connection: the request smuggled
+    // behind the body is never read.
+    for (order, head) in [
+        (
+            "Content-Length first",
+            "Content-Length: 4\r\nTransfer-Encoding: chunked",
+        ),
+        (
+            "Transfer-Encoding first",
+            "Transfer-Encoding: chunked\r\nContent-Length: 4",
+        ),
+    ] {
+        let before = gw.seen_count();
+        let answer = raw_send(
+            &gw.url,
+            format!("POST /open/x HTTP/1.1\r\n{h}{head}\r\n\r\n0\r\n\r\nGET /open/smuggled HTTP/1.1\r\n{h}\r\n").into_bytes(),
+        )
+        .await;
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{order}: {answer}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{order}: {answer}"
+        );
+        let seen: Vec<String> = gw.seen.lock().unwrap()[before..]
+            .iter()
+            .map(|(path, _)| path.clone())
+            .collect();
+        assert_eq!(seen, ["/open/x"], "{order}");
+    }
     let cases: Vec<(&str, String, &str)> = vec![
         (
             "two different Content-Lengths",
