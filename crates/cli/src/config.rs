@@ -53,10 +53,7 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let mut invalid = Vec::new();
     if config.gateway.routes.is_empty() {
         config.gateway.routes = shop_routes();
-        // A gateway reading its own file has the routes it names, and no others.
-        if config.gateway.config_file.is_none()
-            && let Err(e) = crate::operator::attach(&mut config)
-        {
+        if let Err(e) = crate::operator::attach(&mut config) {
             invalid.push(chassis::config::ConfigError {
                 key: "data_dir".into(),
                 origin: "configuration".into(),

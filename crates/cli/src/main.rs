@@ -89,18 +89,8 @@ enum Command {
         /// Print a JSON array of {name, pid, url, health}.
         #[arg(long)]
         json: bool,
-        /// Reach the shop through this gateway (its operator routes) instead of
-        /// finding it through --data-dir.
-        #[arg(long, value_name = "URL")]
-        gateway: Option<String>,
-        /// The operator key --gateway presents [default: <data-dir>/operator.key]
-        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
-        operator_key: Option<String>,
-        /// The shop's data directory [default: .bazaar]
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        shop: ShopArgs,
     },
     /// List the services in the running shop's registry, each instance with its health.
     Services {
@@ -169,18 +159,8 @@ enum Command {
         /// Share of its requests (503) and events (retried) that fail, 0 to 1.
         #[arg(long, default_value_t = 0.0, requires = "inject")]
         error_rate: f64,
-        /// Reach the shop through this gateway (its operator routes) instead of
-        /// finding it through --data-dir.
-        #[arg(long, value_name = "URL")]
-        gateway: Option<String>,
-        /// The operator key --gateway presents [default: <data-dir>/operator.key]
-        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
-        operator_key: Option<String>,
-        /// The shop's data directory [default: .bazaar]
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        shop: ShopArgs,
     },
     /// Check the shop's invariants through its services' APIs: every order ended,
     /// stock conserved and never oversold, one charge per confirmed order, one refund
@@ -194,18 +174,8 @@ enum Command {
         /// service) before a violation counts.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         settle: std::time::Duration,
-        /// Reach the shop through this gateway (its operator routes) instead of
-        /// finding it through --data-dir.
-        #[arg(long, value_name = "URL")]
-        gateway: Option<String>,
-        /// The operator key --gateway presents [default: <data-dir>/operator.key]
-        #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
-        operator_key: Option<String>,
-        /// The shop's data directory [default: .bazaar]
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        #[arg(long)]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        shop: ShopArgs,
     },
     /// Run one service alone, configured by file and environment.
     Run {
@@ -214,6 +184,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+}
+
+/// Where `ps`, `verify` and `chaos` find the shop.
+#[derive(clap::Args)]
+struct ShopArgs {
+    /// Reach the shop through this gateway (its operator routes) instead of
+    /// finding it through --data-dir.
+    #[arg(long, value_name = "URL")]
+    gateway: Option<String>,
+    /// The operator key --gateway presents [default: <data-dir>/operator.key]
+    #[arg(long, env = "BAZAAR_OPERATOR_KEY", hide_env_values = true)]
+    operator_key: Option<String>,
+    /// The shop's data directory [default: .bazaar]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -327,12 +314,14 @@ fn shop_dir(
 
 /// The shop `ps`, `verify` and `chaos` look at: behind `--gateway` (with the operator
 /// key), else the one running from the data directory.
-fn find_shop(
-    gateway: Option<String>,
-    key: Option<String>,
-    data_dir: Option<PathBuf>,
-    config: Option<&std::path::Path>,
-) -> Result<ps::Shop, Failure> {
+fn find_shop(args: ShopArgs) -> Result<ps::Shop, Failure> {
+    let ShopArgs {
+        gateway,
+        operator_key: key,
+        data_dir,
+        config,
+    } = args;
+    let config = config.as_deref();
     match gateway {
         Some(gateway) => {
             let url = reqwest::Url::parse(&gateway).map_err(|e| {
@@ -451,14 +440,8 @@ async fn dispatch(
             .await?;
             Ok(())
         }
-        Command::Ps {
-            json,
-            gateway,
-            operator_key,
-            data_dir,
-            config,
-        } => {
-            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
+        Command::Ps { json, shop } => {
+            let shop = find_shop(shop)?;
             ps::run(&shop, json).await?;
             Ok(())
         }
@@ -541,12 +524,9 @@ async fn dispatch(
             inject,
             latency,
             error_rate,
-            gateway,
-            operator_key,
-            data_dir,
-            config,
+            shop,
         } => {
-            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
+            let shop = find_shop(shop)?;
             chaos::run(
                 &shop,
                 chaos::Options {
@@ -562,15 +542,8 @@ async fn dispatch(
             .await?;
             Ok(())
         }
-        Command::Verify {
-            json,
-            settle,
-            gateway,
-            operator_key,
-            data_dir,
-            config,
-        } => {
-            let shop = find_shop(gateway, operator_key, data_dir, config.as_deref())?;
+        Command::Verify { json, settle, shop } => {
+            let shop = find_shop(shop)?;
             if verify::run(&shop, settle, json).await? {
                 Ok(())
             } else {

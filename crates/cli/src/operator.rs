@@ -8,7 +8,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use sha2::Digest;
 
 use crate::config::ShopConfig;
 use crate::services::ServiceName;
@@ -31,7 +30,7 @@ pub fn ensure_key(data_dir: &Path) -> anyhow::Result<String> {
     if let Some(key) = read_key(data_dir)? {
         return Ok(key);
     }
-    let key = format!("bzr_{}", hex(&rand::random::<[u8; 32]>()));
+    let key = format!("bzr_{}", hex::encode(rand::random::<[u8; 32]>()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -65,6 +64,7 @@ pub fn read_key(data_dir: &Path) -> anyhow::Result<Option<String>> {
 /// gateway has no operator routes. Attaching twice changes nothing.
 pub fn attach(config: &mut ShopConfig) -> anyhow::Result<()> {
     let shop = crate::config::shop_routes();
+    // A gateway reading its own route file has the routes it names, and no others.
     let default_routes = config.gateway.config_file.is_none()
         && config.gateway.routes.len() >= shop.len()
         && config.gateway.routes[..shop.len()] == shop[..];
@@ -82,9 +82,7 @@ pub fn attach(config: &mut ShopConfig) -> anyhow::Result<()> {
         };
         config.gateway.api_keys.insert(
             CONSUMER.to_owned(),
-            gateway::configuration::ApiKeyConfig {
-                sha256: hex(&sha2::Sha256::digest(key.as_bytes())),
-            },
+            gateway::configuration::ApiKeyConfig::of_key(&key),
         );
     }
     config.gateway.routes.extend(routes());
@@ -142,14 +140,6 @@ pub fn client(key: &str, timeout: std::time::Duration) -> anyhow::Result<reqwest
         .build()?)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,8 +174,8 @@ mod tests {
         attach(&mut config).unwrap();
         assert_eq!(config.gateway.routes.len(), before + 8);
         assert_eq!(
-            config.gateway.api_keys[CONSUMER].sha256,
-            hex(&sha2::Sha256::digest(key.as_bytes()))
+            config.gateway.api_keys[CONSUMER],
+            gateway::configuration::ApiKeyConfig::of_key(&key)
         );
         assert!(config.gateway.declarative().validate().is_empty());
         attach(&mut config).unwrap();

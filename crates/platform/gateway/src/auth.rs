@@ -134,16 +134,9 @@ impl ApiKeys {
     }
 }
 
-fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
+fn decode_hex32(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        let text = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(text, 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -269,7 +262,7 @@ mod tests {
 
     #[test]
     fn api_keys_are_found_by_hash_and_bad_hashes_named() {
-        let hash = hex(&Sha256::digest(b"s3cret-key"));
+        let hash = crate::configuration::ApiKeyConfig::of_key("s3cret-key").sha256;
         let keys = ApiKeys::new([(&"mobile".to_owned(), &hash)]).unwrap();
         assert_eq!(keys.consumer("s3cret-key"), Some("mobile"));
         assert_eq!(keys.consumer("s3cret-kez"), None);
@@ -280,10 +273,6 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
-    }
-
-    fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]

@@ -389,7 +389,7 @@ impl Cache {
 
     fn redis_key(redis: &SharedRedis, key: &str) -> String {
         let digest = sha2::Sha256::digest(key.as_bytes());
-        format!("{}:cache:{}", redis.prefix, hex(&digest))
+        format!("{}:cache:{}", redis.prefix, hex::encode(digest))
     }
 
     async fn variants(&self, key: &str, policy: &CachePolicy) -> Option<Arc<Variants>> {
@@ -722,10 +722,6 @@ fn is_failure(status: StatusCode) -> bool {
     matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn set_status(headers: &mut HeaderMap, detail: &str) {
     if let Ok(v) = HeaderValue::from_str(&format!("{NAME}; {detail}")) {
         headers.insert(CACHE_STATUS, v);
@@ -836,7 +832,7 @@ impl Stored {
         let etag_generated = !headers.contains_key(header::ETAG);
         if etag_generated {
             let digest = sha2::Sha256::digest(&body);
-            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", hex(&digest[..12]))) {
+            if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", hex::encode(&digest[..12]))) {
                 headers.insert(header::ETAG, v);
             }
         }

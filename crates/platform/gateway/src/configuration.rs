@@ -373,6 +373,16 @@ pub struct ApiKeyConfig {
     pub sha256: String,
 }
 
+impl ApiKeyConfig {
+    /// The entry for `key`, as `sha256sum` gives it (for a program that makes keys).
+    pub fn of_key(key: &str) -> Self {
+        use sha2::Digest;
+        Self {
+            sha256: hex::encode(sha2::Sha256::digest(key.as_bytes())),
+        }
+    }
+}
+
 /// A token verification key from configuration, pinned to one algorithm.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -91,11 +91,7 @@ impl Lines {
             hasher.update(line.product_id.as_bytes());
             hasher.update(line.quantity.to_be_bytes());
         }
-        hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(hasher.finalize())
     }
 }
 
