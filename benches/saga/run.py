@@ -13,6 +13,7 @@ second pair of rows. Prints Markdown.
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,44 @@ def usage(pid):
         return 0.0, 0
 
 
+def servers_usage():
+    """CPU seconds and context switches of the machine's PostgreSQL and NATS
+    processes, by server, summed over their processes (a PostgreSQL backend that
+    started during the run counts from zero)."""
+    total = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = open(f"/proc/{pid}/comm").read().strip()
+        except OSError:
+            continue
+        if comm in ("postgres", "nats-server"):
+            cpu, switches = usage(pid)
+            seen = total.setdefault(comm, {})
+            seen[pid] = (cpu, switches)
+    return total
+
+
+def servers_delta(before, after):
+    delta = {}
+    for name, pids in after.items():
+        cpu = sum(c - before.get(name, {}).get(pid, (0.0, 0))[0] for pid, (c, _) in pids.items())
+        sw = sum(s - before.get(name, {}).get(pid, (0.0, 0))[1] for pid, (_, s) in pids.items())
+        delta[name] = (cpu, sw)
+    return delta
+
+
+def pg_commits(dbs):
+    """Transactions committed in the benchmark's PostgreSQL databases so far."""
+    if not dbs:
+        return 0
+    names = ",".join(f"'{d}'" for d in dbs)
+    out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc",
+                          f"SELECT COALESCE(SUM(xact_commit), 0) FROM pg_stat_database "
+                          f"WHERE datname IN ({names})"],
+                         capture_output=True, text=True).stdout.strip()
+    return int(out or 0)
+
+
 def run_one(binary, mode, backend, rate, seconds):
     work = tempfile.mkdtemp(prefix="bazaar-saga-bench-")
     env = {**os.environ, "BAZAAR_LOG__LEVEL": "warn", "BAZAAR_CONTROL_PLANE__PORT": "0",
@@ -86,16 +125,31 @@ def run_one(binary, mode, backend, rate, seconds):
                                        capture_output=True, text=True).stdout)
         pids = {p["name"]: p["pid"] for p in ps}
         before = {name: usage(pid) for name, pid in pids.items()}
+        servers_before = servers_usage() if backend != "embedded" else {}
+        commits_before = pg_commits(dbs)
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([binary, "load", "--rate", str(rate), "--duration", f"{seconds}s",
                               "--json", "--data-dir", work],
                              capture_output=True, text=True, check=True).stdout
         after = {name: usage(pid) for name, pid in pids.items()}
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        servers = servers_delta(servers_before, servers_usage()) if backend != "embedded" else {}
         report = json.loads(out)
         placed = max(report["orders_placed"], 1)
+        if dbs:
+            time.sleep(1.5)  # backends report their counts at most once a second
+            report["pg_commits_per_order"] = (pg_commits(dbs) - commits_before) / placed
         report["cost"] = {
             name: {"cpu_ms": 1e3 * (after[name][0] - before[name][0]) / placed,
                    "switches": (after[name][1] - before[name][1]) / placed}
             for name in pids}
+        # Outside the shop: the load generator (`bazaar load`, the only child that
+        # ran in between) and the servers of the PostgreSQL + NATS backend.
+        load_cpu = sum(getattr(children_after, f) - getattr(children_before, f)
+                       for f in ("ru_utime", "ru_stime"))
+        report["outside"] = {"load": {"cpu_ms": 1e3 * load_cpu / placed}}
+        for name, (cpu, switches) in servers.items():
+            report["outside"][name] = {"cpu_ms": 1e3 * cpu / placed}
         verify = subprocess.run([binary, "verify", "--json", "--data-dir", work],
                                 capture_output=True, text=True)
         report["verify"] = json.loads(verify.stdout) if verify.stdout else {"violations": ["?"]}
@@ -141,14 +195,18 @@ def main():
     # Where the CPU goes: per process, per order placed (the shop's processes only;
     # work still queued when the load ends is not counted).
     print()
-    print("| mode | backend | CPU per order (ms), heaviest first | total CPU / switches per order |")
-    print("|---|---|---|---|")
+    print("| mode | backend | CPU per order (ms), heaviest first | total CPU / switches per order "
+          "| outside the shop (ms per order) |")
+    print("|---|---|---|---|---|")
     for mode, backend, r in rows:
         cost = sorted(r["cost"].items(), key=lambda kv: -kv[1]["cpu_ms"])
         parts = ", ".join(f"{n} {c['cpu_ms']:.2f}" for n, c in cost if c["cpu_ms"] >= 0.05)
         cpu = sum(c["cpu_ms"] for _, c in cost)
         switches = sum(c["switches"] for _, c in cost)
-        print(f"| {mode} | {backend} | {parts} | {cpu:.2f} ms / {switches:.0f} |")
+        outside = ", ".join(f"{n} {c['cpu_ms']:.2f}" for n, c in r["outside"].items())
+        if "pg_commits_per_order" in r:
+            outside += f"; {r['pg_commits_per_order']:.1f} PostgreSQL commits per order"
+        print(f"| {mode} | {backend} | {parts} | {cpu:.2f} ms / {switches:.0f} | {outside} |")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ async fn a_30_second_embedded_broker_outage_loses_nothing() {
     let mut broker = control_plane(&data_dir, port);
     let bus = EmbeddedBus::new(&format!("http://127.0.0.1:{port}"));
 
-    sqlx::any::install_default_drivers();
+    chassis::db::install_drivers();
     let db = format!(
         "sqlite://{}?mode=rwc",
         data_dir.join("producer.db").display()

@@ -449,7 +449,7 @@ async fn runs_on_postgresql_with_a_database_per_service() {
     let mut shop = Shop::up("processes", &env);
     walkthrough(&shop).await;
     assert!(shop.interrupt().success());
-    sqlx::any::install_default_drivers();
+    chassis::db::install_drivers();
     for (_, url) in &urls {
         let _ = <sqlx::Any as sqlx::migrate::MigrateDatabase>::force_drop_database(url).await;
     }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
@@ -46,7 +46,60 @@ const MAX_CONNECTIONS: u32 = 8;
 /// How long a query waits for a locked SQLite file before failing.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 
-static DRIVERS: Once = Once::new();
+static DRIVERS: OnceLock<bool> = OnceLock::new();
+
+/// Installs sqlx's `Any` drivers: PostgreSQL, SQLite and the in-thread SQLite
+/// ([`crate::sqlite`]). `false` when someone installed sqlx's defaults first (then
+/// SQLite files are served by sqlx's own driver). Call it instead of
+/// `sqlx::any::install_default_drivers` in a process that also uses [`Database`].
+pub fn install_drivers() -> bool {
+    *DRIVERS.get_or_init(|| {
+        sqlx::any::install_drivers(&[
+            sqlx::postgres::any::DRIVER,
+            sqlx::sqlite::any::DRIVER,
+            crate::sqlite::DRIVER,
+        ])
+        .is_ok()
+    })
+}
+
+/// A pool on `url`, set up for its engine.
+async fn open_pool(url: &str, backend: Backend) -> Result<AnyPool, DbError> {
+    let options = AnyConnectOptions::from_str(url)
+        .map_err(DbError::Connect)?
+        .disable_statement_logging();
+    AnyPoolOptions::new()
+        // One SQLite connection: SQLite has one writer, and the in-thread driver must
+        // never wait for a lock another task of its own thread holds.
+        .max_connections(if backend == Backend::Sqlite {
+            1
+        } else {
+            MAX_CONNECTIONS
+        })
+        .acquire_timeout(Duration::from_secs(5))
+        // sqlx pings a connection before handing it out: for SQLite, a query to test a
+        // local file that cannot have gone away. PostgreSQL keeps the ping: a server
+        // restart leaves dead connections in the pool.
+        .test_before_acquire(backend != Backend::Sqlite)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    // WAL: readers never block the writer; NORMAL is durable in WAL
+                    // mode except for the last commits on power loss (not on a
+                    // process crash).
+                    conn.execute(sqlx::raw_sql(&format!(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"
+                    )))
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(DbError::Connect)
+}
 
 impl Database {
     /// The default URL for `service` under `data_dir`: `sqlite://<dir>/<service>.db`.
@@ -56,7 +109,7 @@ impl Database {
 
     /// Creates the database if missing, connects, and applies `migrator`.
     pub async fn connect(url: &str, migrator: &Migrator) -> Result<Self, DbError> {
-        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        install_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -79,36 +132,7 @@ impl Database {
                 .await
                 .map_err(DbError::Create)?;
         }
-        let options = AnyConnectOptions::from_str(url)
-            .map_err(DbError::Connect)?
-            .disable_statement_logging();
-        let pool = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 1 } else { MAX_CONNECTIONS })
-            .acquire_timeout(Duration::from_secs(5))
-            // sqlx pings a connection before handing it out, which for SQLite is one
-            // more round trip to the connection's worker thread (two thread switches)
-            // per acquire, about a third of all statements, to test a local file that
-            // cannot have gone away. PostgreSQL keeps the ping: a server restart
-            // leaves dead connections in the pool.
-            .test_before_acquire(backend != Backend::Sqlite)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL: readers never block the writer; NORMAL is durable in WAL
-                        // mode except for the last commits on power loss (not on a
-                        // process crash).
-                        conn.execute(sqlx::raw_sql(&format!(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                             PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};"
-                        )))
-                        .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await
-            .map_err(DbError::Connect)?;
+        let pool = open_pool(url, backend).await?;
         // Several instances of a service may start at once on one SQLite file, and
         // sqlx locks migrations only on PostgreSQL: a loser of that race fails on
         // "already exists" while the winner is mid-migration, and succeeds once the
@@ -125,6 +149,21 @@ impl Database {
                 Err(e) => return Err(DbError::Migrate(e)),
             }
         }
+        // A SQLite file is then served by the in-thread driver (crate::sqlite); sqlx's
+        // own driver stays for migrations, which the in-thread one does not run.
+        let inline = match sqlite_path(url) {
+            Some(path) if backend == Backend::Sqlite && install_drivers() => Some(
+                crate::sqlite::url_of(path).map_err(|e| DbError::Connect(sqlx::Error::Io(e)))?,
+            ),
+            _ => None,
+        };
+        let pool = match inline {
+            Some(inline) => {
+                pool.close().await;
+                open_pool(&inline, backend).await?
+            }
+            None => pool,
+        };
         Ok(Self {
             pool,
             backend,

@@ -13,9 +13,10 @@
 //!
 //! Layered config ([`config`]), `/healthz` + `/readyz` + `/metrics` + `/openapi.json`
 //! and the standard middleware ([`http`]), problem+json errors ([`problem`]),
-//! problem-returning extractors ([`extract`]), the database ([`db`]), the one HTTP
-//! client ([`client`]), JWTs ([`jwt`]) and the forwarded identity ([`identity`]),
-//! graceful shutdown ([`shutdown`]).
+//! problem-returning extractors ([`extract`]), the database ([`db`], SQLite run in
+//! the calling thread by [`sqlite`]), the one HTTP client ([`client`]), JWTs
+//! ([`jwt`]) and the forwarded identity ([`identity`]), graceful shutdown
+//! ([`shutdown`]).
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -31,6 +32,7 @@ pub mod jwt;
 pub mod problem;
 pub mod settings;
 pub mod shutdown;
+pub mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
 
