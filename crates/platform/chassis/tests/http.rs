@@ -216,6 +216,24 @@ async fn identity_and_context_headers() {
     assert_eq!(response.headers()["x-correlation-id"], "abc-123");
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"user-7");
+    // The token is remembered once verified; the memo answers for exactly that token.
+    let token = identity.token("user-8");
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 2;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (presented, expected) in [
+        (&token, StatusCode::OK),
+        (&token, StatusCode::OK),
+        (&tampered, StatusCode::UNAUTHORIZED),
+    ] {
+        let request = Request::get("/whoami")
+            .header("x-bazaar-identity", presented.as_str())
+            .body(Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), expected);
+    }
 
     let (status, _, body) = call(
         &router,
