@@ -87,6 +87,26 @@ pub fn url_of(path: &Path) -> std::io::Result<String> {
     Ok(format!("{SCHEME}://{}", utf8_percent_encode(text, PATH)))
 }
 
+/// Page size of the databases this driver creates. A commit writes each page it
+/// changed whole to the WAL, and a service's commit changes a few pages (a table's
+/// last leaf and one leaf per index): with SQLite's default 4 KiB pages `orders`
+/// wrote 171 KiB per order at 300 orders/s, with 1 KiB pages 70 KiB, and the saga
+/// p99 at 1,000 orders/s went from 142 to 87 ms once the disk stopped throttling it.
+/// Rows larger than about 1 KiB spill to overflow pages, which the services' rows
+/// (ids, amounts, a JSON event or saga state of a few hundred bytes) rarely do.
+pub const PAGE_SIZE: u32 = 1024;
+
+/// Creates the database file at `path` in WAL mode with [`PAGE_SIZE`] pages (the
+/// page size is fixed when the file is first written; an existing file keeps its).
+pub fn create(path: &Path) -> Result<(), Error> {
+    let conn = rusqlite::Connection::open(path).map_err(error)?;
+    conn.execute_batch(&format!(
+        "PRAGMA page_size = {PAGE_SIZE}; PRAGMA journal_mode = WAL;"
+    ))
+    .map_err(error)?;
+    conn.close().map_err(|(_, e)| error(e))
+}
+
 /// The database type sqlx registers the driver by.
 #[derive(Debug)]
 pub struct InlineSqlite;
@@ -965,6 +985,25 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].get::<i64, _>("c"), 2);
         pool.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn created_files_have_small_pages_and_a_wal() {
+        let dir =
+            std::env::temp_dir().join(format!("bazaar-create-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.db");
+        create(&path).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let page: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((page, mode.as_str()), (PAGE_SIZE, "wal"));
+        drop(conn);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
