@@ -43,10 +43,6 @@ pub struct Database {
 /// Pool size: SQLite has one writer anyway and PostgreSQL connections are costly;
 /// 8 keeps a 2-core machine busy without queueing on the pool.
 const MAX_CONNECTIONS: u32 = 8;
-/// SQLite's page cache per connection (its default is 2 MiB): a service's working
-/// set (recent orders, the outbox, the inbox's newest ids) stays in memory instead
-/// of being read back from the page cache of the kernel. It fills only with use.
-const SQLITE_CACHE_KIB: u32 = 8192;
 /// WAL pages between automatic checkpoints (default 1,000): a checkpoint writes
 /// each changed page back once and syncs twice, so with 1 KiB pages
 /// (crate::sqlite::PAGE_SIZE) a 4 MiB WAL keeps checkpoints as rare as the default
@@ -99,7 +95,6 @@ async fn open_pool(url: &str, backend: Backend) -> Result<AnyPool, DbError> {
                     conn.execute(sqlx::raw_sql(&format!(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
                          PRAGMA foreign_keys = ON; PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}; \
-                         PRAGMA cache_size = -{SQLITE_CACHE_KIB}; \
                          PRAGMA wal_autocheckpoint = {SQLITE_CHECKPOINT_PAGES};"
                     )))
                     .await?;
