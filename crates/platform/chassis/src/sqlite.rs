@@ -275,6 +275,17 @@ impl InlineConnection {
         Ok(shape)
     }
 
+    /// Ends the innermost transaction level with `sql(depth)` (`COMMIT`/`ROLLBACK`
+    /// or their savepoint forms); the level is left only if the statement succeeds.
+    fn end(&mut self, sql: fn(usize) -> Cow<'static, str>) -> Result<(), Error> {
+        if self.depth == 0 {
+            return Ok(());
+        }
+        self.exec(&sql(self.depth))?;
+        self.depth -= 1;
+        Ok(())
+    }
+
     fn exec(&mut self, sql: &str) -> Result<(), Error> {
         self.conn.execute_batch(sql).map_err(error)
     }
@@ -518,32 +529,23 @@ impl AnyConnectionBackend for InlineConnection {
     }
 
     fn commit(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        let committed = if self.depth > 0 {
-            self.exec(&commit_ansi_transaction_sql(self.depth))
-                .map(|()| self.depth -= 1)
-        } else {
-            Ok(())
-        };
+        let committed = self.end(commit_ansi_transaction_sql);
         Box::pin(async move { committed })
     }
 
     fn rollback(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        let rolled = if self.depth > 0 {
-            self.exec(&rollback_ansi_transaction_sql(self.depth))
-                .map(|()| self.depth -= 1)
-        } else {
-            Ok(())
-        };
+        let rolled = self.end(rollback_ansi_transaction_sql);
         Box::pin(async move { rolled })
     }
 
     /// A transaction dropped without commit: rolled back now (the statement runs
     /// here anyway, so nothing is left pending for the connection's next user).
+    /// Its level is left even if the rollback fails, as sqlx's drivers do.
     fn start_rollback(&mut self) {
-        if self.depth > 0 {
-            if let Err(e) = self.exec(&rollback_ansi_transaction_sql(self.depth)) {
-                tracing::warn!(error = %e, "rolling back a dropped transaction failed");
-            }
+        if self.depth > 0
+            && let Err(e) = self.end(rollback_ansi_transaction_sql)
+        {
+            tracing::warn!(error = %e, "rolling back a dropped transaction failed");
             self.depth -= 1;
         }
     }
