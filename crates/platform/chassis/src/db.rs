@@ -115,7 +115,7 @@ impl Database {
 
     /// Creates the database if missing, connects, and applies `migrator`.
     pub async fn connect(url: &str, migrator: &Migrator) -> Result<Self, DbError> {
-        install_drivers();
+        let inline_driver = install_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -123,25 +123,34 @@ impl Database {
         } else {
             return Err(DbError::UnsupportedUrl(redact(url)));
         };
-        let sqlite_dir = (backend == Backend::Sqlite)
-            .then(|| sqlite_path(url).and_then(Path::parent))
-            .flatten()
-            .filter(|dir| !dir.as_os_str().is_empty());
-        if let Some(dir) = sqlite_dir {
-            std::fs::create_dir_all(dir).map_err(|e| DbError::Create(sqlx::Error::Io(e)))?;
-        }
-        // A new SQLite file is created with small pages (crate::sqlite::PAGE_SIZE);
-        // sqlx would create it with 4 KiB ones.
-        if let Some(path) = sqlite_path(url).filter(|p| !p.exists()) {
-            crate::sqlite::create(path).map_err(DbError::Create)?;
-        }
-        if !sqlx::Any::database_exists(url)
-            .await
-            .map_err(DbError::Create)?
-        {
-            sqlx::Any::create_database(url)
-                .await
-                .map_err(DbError::Create)?;
+        // The SQLite file the URL names (none for `sqlite::memory:`).
+        let sqlite_file = if backend == Backend::Sqlite {
+            sqlite_path(url)
+        } else {
+            None
+        };
+        match sqlite_file {
+            Some(path) => {
+                if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| DbError::Create(sqlx::Error::Io(e)))?;
+                }
+                // A new file is created with small pages (crate::sqlite::PAGE_SIZE);
+                // sqlx would create it with 4 KiB ones.
+                if !path.exists() {
+                    crate::sqlite::create(path).map_err(DbError::Create)?;
+                }
+            }
+            None => {
+                if !sqlx::Any::database_exists(url)
+                    .await
+                    .map_err(DbError::Create)?
+                {
+                    sqlx::Any::create_database(url)
+                        .await
+                        .map_err(DbError::Create)?;
+                }
+            }
         }
         let pool = open_pool(url, backend).await?;
         // Several instances of a service may start at once on one SQLite file, and
@@ -162,14 +171,10 @@ impl Database {
         }
         // A SQLite file is then served by the in-thread driver (crate::sqlite); sqlx's
         // own driver stays for migrations, which the in-thread one does not run.
-        let inline = match sqlite_path(url) {
-            Some(path) if backend == Backend::Sqlite && install_drivers() => Some(
-                crate::sqlite::url_of(path).map_err(|e| DbError::Connect(sqlx::Error::Io(e)))?,
-            ),
-            _ => None,
-        };
-        let pool = match inline {
-            Some(inline) => {
+        let pool = match sqlite_file.filter(|_| inline_driver) {
+            Some(path) => {
+                let inline = crate::sqlite::url_of(path)
+                    .map_err(|e| DbError::Connect(sqlx::Error::Io(e)))?;
                 pool.close().await;
                 open_pool(&inline, backend).await?
             }
