@@ -5,8 +5,7 @@
 //! gateway's JWKS. A service never trusts a bare header: a request sent straight to a
 //! service with a forged or missing identity is refused with 401.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::FromRequestParts;
@@ -15,6 +14,7 @@ use http::request::Parts;
 use serde::{Deserialize, Serialize};
 
 use crate::jwt::{JwtError, JwtVerifier, SigningKey, now_secs};
+use crate::memo::Memo;
 use crate::problem::Problem;
 
 /// Header carrying the forwarded identity token.
@@ -84,28 +84,23 @@ pub struct IdentityVerifier {
     /// for the token's lifetime, so a user's requests after the first skip the ES256
     /// check (about 60 µs, 6% of `orders`' CPU at 1,000 orders/s). Keyed by the
     /// whole token: any other byte string is a miss and is verified.
-    memo: Arc<Mutex<HashMap<Box<str>, Identity>>>,
+    memo: Arc<Memo<Box<str>, Identity>>,
 }
 
-/// Tokens remembered at most; the memo starts over past it.
+/// Tokens remembered at most.
 const MEMO_CAPACITY: usize = 4096;
 
 impl IdentityVerifier {
     pub fn new(verifier: Arc<JwtVerifier>) -> Self {
         Self {
             verifier,
-            memo: Arc::default(),
+            memo: Arc::new(Memo::new(MEMO_CAPACITY)),
         }
     }
 
     /// The identity `token` carries, verified once per token while it is valid.
     async fn identity(&self, token: &str) -> Result<Identity, JwtError> {
-        let remembered = self
-            .memo
-            .lock()
-            .ok()
-            .and_then(|memo| memo.get(token).cloned());
-        if let Some(identity) = remembered.filter(|i| now_secs() < i.expires) {
+        if let Some(identity) = self.memo.get(token).filter(|i| now_secs() < i.expires) {
             return Ok(identity);
         }
         let claims = self.verifier.verify::<IdentityClaims>(token).await?;
@@ -114,12 +109,7 @@ impl IdentityVerifier {
             email: claims.email,
             expires: claims.exp,
         };
-        if let Ok(mut memo) = self.memo.lock() {
-            if memo.len() >= MEMO_CAPACITY {
-                memo.clear();
-            }
-            memo.insert(token.into(), identity.clone());
-        }
+        self.memo.insert(token.into(), identity.clone());
         Ok(identity)
     }
 }

@@ -29,6 +29,7 @@ pub mod faults;
 pub mod http;
 pub mod identity;
 pub mod jwt;
+pub mod memo;
 pub mod problem;
 pub mod settings;
 pub mod shutdown;

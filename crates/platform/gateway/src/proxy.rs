@@ -14,7 +14,7 @@ use chassis::identity::{IDENTITY_HEADER, IdentityIssuer};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
-use crate::auth::{API_KEY, Authenticator, Caller, Memo};
+use crate::auth::{API_KEY, Authenticator, Caller};
 use crate::cache::{Cache, CacheRequest};
 use crate::configuration::{AuthenticatedCaching, LimitKey, LimitStore, RedisFallback};
 use crate::cors::is_preflight;
@@ -24,6 +24,7 @@ use crate::ratelimit::{Decision, KeyedLimiter, RedisLimiter};
 use crate::routes::Match;
 use crate::runtime::Config;
 use crate::upstream::{Call, UpstreamError};
+use chassis::memo::Memo;
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
 const HOP_BY_HOP: [HeaderName; 8] = [

@@ -17,7 +17,7 @@ use chassis::secrecy::ExposeSecret;
 use chassis::{Chassis, ServiceConfig};
 use serde_json::json;
 
-use crate::auth::{Authenticator, ClaimNames, Memo};
+use crate::auth::{Authenticator, ClaimNames};
 use crate::cache::Cache;
 use crate::configuration::{AuthSettings, Settings};
 use crate::forwarded::TrustedProxies;
@@ -27,6 +27,7 @@ use crate::redis_store::SharedRedis;
 use crate::runtime::{Config as RoutingConfig, Source};
 use crate::server::Limits;
 use crate::upstream::Upstreams;
+use chassis::memo::Memo;
 
 pub struct Config {
     pub service: ServiceConfig,
