@@ -317,6 +317,8 @@ def main():
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--only", default="")
     parser.add_argument("--no-build", action="store_true", help="use the release build as it is")
+    parser.add_argument("--compare", default="",
+                        help="another bazaar binary whose rows run beside this build's (A/B)")
     args = parser.parse_args()
     ensure_tools()
     if not args.no_build:
@@ -331,7 +333,7 @@ def main():
     only = set(filter(None, args.only.split(",")))
 
     def run(name, starter, path, auth=None):
-        if only and name not in only:
+        if only and name not in only and name.split(" (")[0] not in only:
             return
         proc, port = starter() if starter else (None, upstream)
         try:
@@ -349,11 +351,18 @@ def main():
         run("express+jwt", lambda: express(upstream), "/orders/1", auth=jwt)
         run("hyper-floor", lambda: hyper_floor(os.path.join(release, "hyper-floor"), upstream),
             "/products/1")
-        binary = os.path.join(release, "bazaar")
-        run("bazaar", lambda: bazaar(binary, work, upstream, False), "/products/1")
-        run("bazaar+jwt+ratelimit+log", lambda: bazaar(binary, work, upstream, True), "/orders/1", auth=jwt)
-        run("bazaar+jwt+ratelimit+log, buffered log",
-            lambda: bazaar(binary, work, upstream, True, buffered=True), "/orders/1", auth=jwt)
+        binaries = [("", os.path.join(release, "bazaar"))]
+        if args.compare:
+            binaries.append((f" ({os.path.basename(args.compare)})", os.path.abspath(args.compare)))
+        # Interleaved, so an A/B pair is measured minutes apart at most.
+        for suffix, binary in binaries:
+            run("bazaar" + suffix, lambda: bazaar(binary, work, upstream, False), "/products/1")
+        for suffix, binary in binaries:
+            run("bazaar+jwt+ratelimit+log" + suffix, lambda: bazaar(binary, work, upstream, True),
+                "/orders/1", auth=jwt)
+        for suffix, binary in binaries:
+            run("bazaar+jwt+ratelimit+log, buffered log" + suffix,
+                lambda: bazaar(binary, work, upstream, True, buffered=True), "/orders/1", auth=jwt)
     finally:
         up.terminate()
         shutil.rmtree(work, ignore_errors=True)

@@ -169,6 +169,7 @@ async fn ask(
     request
         .headers_mut()
         .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+    let (head, _) = request.into_parts();
     let response = proxy
         .upstreams
         .send(
@@ -179,7 +180,8 @@ async fn ask(
                 hash_key: None,
                 retries: route.retries,
             },
-            request,
+            head,
+            bytes::Bytes::new(),
         )
         .await
         .map_err(PartError::Upstream)?;

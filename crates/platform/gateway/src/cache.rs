@@ -33,7 +33,6 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -569,7 +568,7 @@ impl Cache {
         send: F,
     ) -> Result<Response<axum::body::Body>, UpstreamError>
     where
-        F: AsyncFnOnce(http::request::Parts) -> Result<Response<Incoming>, UpstreamError>,
+        F: AsyncFnOnce(http::request::Parts) -> Result<Response<axum::body::Body>, UpstreamError>,
     {
         let asked = Directives::parse(&parts.headers);
         // The client's conditions are the cache's to answer; the upstream gets the
@@ -728,10 +727,10 @@ fn set_status(headers: &mut HeaderMap, detail: &str) {
     }
 }
 
-fn passthrough(response: Response<Incoming>, detail: &str) -> Response<axum::body::Body> {
+fn passthrough(response: Response<axum::body::Body>, detail: &str) -> Response<axum::body::Body> {
     let (mut parts, body) = response.into_parts();
     set_status(&mut parts.headers, detail);
-    Response::from_parts(parts, axum::body::Body::new(body))
+    Response::from_parts(parts, body)
 }
 
 /// What [`storable`] learned of an answer.
@@ -743,7 +742,7 @@ struct Meta {
 }
 
 /// Whether a shared cache may store this answer, and for how long it is fresh.
-fn storable(response: &Response<Incoming>, policy: &CachePolicy) -> Option<Meta> {
+fn storable(response: &Response<axum::body::Body>, policy: &CachePolicy) -> Option<Meta> {
     if !CACHEABLE.contains(&response.status().as_u16()) {
         return None;
     }
@@ -1014,10 +1013,10 @@ enum Bounded {
     Broken(String),
 }
 
-async fn read_bounded(mut body: Incoming, limit: usize) -> Result<Bytes, Bounded> {
+async fn read_bounded(mut body: axum::body::Body, limit: usize) -> Result<Bytes, Bounded> {
     use hyper::body::Body as _;
     if body.size_hint().lower() > limit as u64 {
-        return Err(Bounded::TooLarge(axum::body::Body::new(body)));
+        return Err(Bounded::TooLarge(body));
     }
     let mut read = BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -1026,7 +1025,7 @@ async fn read_bounded(mut body: Incoming, limit: usize) -> Result<Bytes, Bounded
             read.extend_from_slice(&data);
             if read.len() > limit {
                 let head = futures::stream::once(async move {
-                    Ok::<_, hyper::Error>(hyper::body::Frame::data(read.freeze()))
+                    Ok::<_, axum::Error>(hyper::body::Frame::data(read.freeze()))
                 });
                 let rest = http_body_util::BodyStream::new(body);
                 let chained =

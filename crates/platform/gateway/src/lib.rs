@@ -33,6 +33,7 @@ pub mod server;
 pub mod startup;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use configuration::{AuthPolicy, RouteConfig, Settings};
 pub use startup::{Application, Config};

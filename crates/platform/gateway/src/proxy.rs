@@ -432,14 +432,10 @@ async fn forward(
     let upstream_ms = &mut log.upstream_ms;
     let send = async |parts: http::request::Parts| {
         let sent = std::time::Instant::now();
-        let response = proxy
-            .upstreams
-            .send(call, Request::from_parts(parts, Body::from(body)))
-            .await;
+        let response = proxy.upstreams.send(call, parts, body).await;
         *upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         response
     };
-    let plain = |r: http::Response<hyper::body::Incoming>| r.map(Body::new);
     let cache = route
         .cache
         .as_ref()
@@ -472,14 +468,14 @@ async fn forward(
                 {
                     Box::pin(proxy.cache.invalidate(&key, policy)).await;
                 }
-                response.map(plain)
+                response
             }
         }
         None => {
             if route.cache.is_some() {
                 proxy.cache.bypassed(&route.label);
             }
-            send(parts).await.map(plain)
+            send(parts).await
         }
     };
     let response = response.map_err(|e| fail(upstream_problem(&route.service, e)))?;

@@ -2,7 +2,8 @@
 //! upstream's load-balancing policy among those not ejected; failures eject an
 //! instance for a growing time; idempotent requests (and requests that never left
 //! because the connection failed) are retried on another instance within a budget.
-//! One pooled HTTP client serves every upstream (its pool is per authority).
+//! Requests go out through [`crate::wire`], over connections pooled per worker
+//! thread and authority.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -11,12 +12,10 @@ use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use axum::body::Body;
+use bytes::Bytes;
 use chassis::client::Instance;
 use discovery::Resolver;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use http::{HeaderMap, Response, StatusCode};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -129,19 +128,7 @@ struct Metrics {
     ejections: Family<OutcomeLabels, Counter>,
 }
 
-thread_local! {
-    /// The upstream client of this thread: a gateway worker thread keeps its
-    /// upstream connections to itself, so their I/O never wakes another thread.
-    static CLIENT: std::cell::OnceCell<Client<HttpConnector, Body>> = const { std::cell::OnceCell::new() };
-}
-
-fn build_client(connect_timeout: Duration) -> Client<HttpConnector, Body> {
-    chassis::client::client_builder()
-        .pool_max_idle_per_host(256)
-        .build(chassis::client::connector(connect_timeout))
-}
-
-/// Every upstream's state; the HTTP clients are per thread.
+/// Every upstream's state; the connections are per thread ([`crate::wire`]).
 pub struct Upstreams {
     connect_timeout: Duration,
     resolver: Arc<dyn Resolver>,
@@ -380,26 +367,22 @@ impl Upstreams {
         tracing::warn!(upstream = %u.name, instance = %s.instances[i].id, ejected_for = ?span, "instance ejected after consecutive failures");
     }
 
-    /// Sends `request` (its URI a path and query) to an instance of `call.service`.
+    /// Sends a request (its URI a path and query; its body read whole, so any
+    /// attempt can carry it again) to an instance of `call.service`.
     pub async fn send(
         &self,
         call: Call<'_>,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        mut head: http::request::Parts,
+        body: Bytes,
+    ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
         let s = self.snapshot(&u)?;
         let retry = u.retry.load_full();
         retry.policy.on_request();
-        // A request can be sent again only if it has no body to replay.
-        let bodiless = is_bodiless(request.method(), request.headers());
-        let idempotent = resilience::retry::is_idempotent(request.method());
+        let idempotent = resilience::retry::is_idempotent(&head.method);
         let retries = call.retries.unwrap_or(call.config.retries);
-        // The head is kept for another attempt only when one can follow; the usual
-        // request (one instance, or a body) moves it instead of copying its headers.
-        let may_retry = bodiless && retries > 0 && s.instances.len() > 1;
-        let (parts, body) = request.into_parts();
-        let mut parts = Some(parts);
-        let mut body = Some(body);
+        let may_retry = retries > 0 && s.instances.len() > 1;
+        telemetry::context::inject_current(&mut head.headers);
         let mut tried = Vec::new();
         let mut attempt = 0u32;
         loop {
@@ -412,31 +395,10 @@ impl Upstreams {
             };
             tried.push(i);
             let instance = &s.instances[i];
-            let head = match may_retry {
-                true => parts.clone(),
-                false => parts.take(),
-            };
-            let Some(head) = head else {
-                return Err(UpstreamError::NoInstance {
-                    service: u.name.clone(),
-                    reason: "every instance was tried".into(),
-                });
-            };
-            let mut request = Request::from_parts(head, body.take().unwrap_or_else(Body::empty));
-            *request.uri_mut() = chassis::client::instance_uri(&instance.base_url, request.uri())
-                .map_err(|e| UpstreamError::Failed {
-                service: u.name.clone(),
-                reason: e.to_string(),
-            })?;
-            telemetry::context::inject_current(request.headers_mut());
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            // The response future owns what it needs; the thread's client is not cloned.
-            let sent = CLIENT.with(|c| {
-                c.get_or_init(|| build_client(self.connect_timeout))
-                    .request(request)
-            });
+            let sent = crate::wire::send(&instance.base_url, &head, &body, self.connect_timeout);
             let outcome = tokio::time::timeout(call.timeout, sent).await;
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();
@@ -476,8 +438,8 @@ impl Upstreams {
             };
             self.record(&u, &s, i, &call, took, failed);
             u.count(label);
-            // Retry: a connection that failed (nothing was sent) if the body can be
-            // sent again, or an idempotent bodiless request that failed upstream.
+            // Retry: a connection that failed (nothing was sent), or an idempotent
+            // request that failed upstream.
             let retryable = may_retry
                 && (connect
                     || (idempotent
@@ -512,20 +474,6 @@ fn status_class(status: StatusCode) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
-}
-
-/// No body to replay: none declared, or declared empty.
-fn is_bodiless(method: &Method, headers: &HeaderMap) -> bool {
-    let length = headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    !headers.contains_key(http::header::TRANSFER_ENCODING)
-        && (length == Some(0)
-            || (length.is_none()
-                && method != Method::POST
-                && method != Method::PUT
-                && method != Method::PATCH))
 }
 
 /// FNV-1a, seeded: cheap and well spread for short keys.
@@ -570,17 +518,6 @@ pub fn hash_key(on: &HashOn, headers: &HeaderMap, params: &[(String, String)]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bodiless_requests_can_be_replayed() {
-        let mut h = HeaderMap::new();
-        assert!(is_bodiless(&Method::GET, &h));
-        assert!(!is_bodiless(&Method::POST, &h));
-        h.insert(http::header::CONTENT_LENGTH, "0".parse().unwrap());
-        assert!(is_bodiless(&Method::POST, &h));
-        h.insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
-        assert!(!is_bodiless(&Method::GET, &h));
-    }
 
     #[test]
     fn hash_keys_from_header_cookie_and_param() {

@@ -1,0 +1,1022 @@
+//! The upstream side of the proxy: HTTP/1.1 to service instances, written and read
+//! by the request's own task, over connections pooled per worker thread.
+//!
+//! Why not hyper's client: it runs each connection as a task of its own and hands
+//! requests and responses to it over channels, so a proxied request wakes two tasks
+//! and crosses two queues. Here the task that has the request writes it (head and
+//! body in one `writev`) and reads the answer on the same turn, as nginx's upstream
+//! module does. A short read clears the socket's readiness at once (nginx's
+//! `rev->ready = 0`), so no `recv` is spent learning that nothing more is there, and
+//! an idle connection is checked for a close without a system call.
+//!
+//! Scope: plain HTTP/1.1 with keep-alive; `Content-Length`, chunked and
+//! read-until-close bodies; 1xx answers skipped. Bodies up to [`READ_WHOLE`] bytes
+//! are read before the answer is handed on, so their connection is back in the pool
+//! before the client is written to; longer ones stream.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, Response, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// A connection's read buffer to begin with; it grows for a long head.
+const BUFFER: usize = 8 * 1024;
+/// Past this, an answer's head is refused.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// A chunk-size line or trailer line longer than this is refused.
+const MAX_LINE: usize = 4 * 1024;
+/// Bodies of at most this many bytes are read whole before the answer goes on.
+pub const READ_WHOLE: u64 = 64 * 1024;
+const MAX_IDLE_PER_HOST: usize = 256;
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Nothing was sent: the instance could not be reached.
+    #[error("{0}")]
+    Connect(String),
+    /// The exchange started and failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl WireError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, Self::Connect(_))
+    }
+}
+
+/// A connection and what has been read from it but not consumed.
+struct Conn {
+    stream: TcpStream,
+    /// Always initialized (the crate forbids `unsafe`): `start..end` is unread.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// The request head being written, reused across requests.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            buf: vec![0; BUFFER],
+            start: 0,
+            end: 0,
+            out: Vec::with_capacity(1024),
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start >= self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more into the buffer, growing it up to `limit`; `Ok(0)` at the end of
+    /// the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, limit: usize) -> Poll<io::Result<usize>> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.buf.len() < limit {
+                let grown = (self.buf.len() * 2).min(limit);
+                self.buf.resize(grown, 0);
+            } else {
+                return Poll::Ready(Err(io::Error::other(format!(
+                    "more than {limit} bytes without an end of line or head"
+                ))));
+            }
+        }
+        loop {
+            ready!(self.stream.poll_read_ready(cx))?;
+            match read_some(&self.stream, &mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    async fn fill(&mut self, limit: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_fill(cx, limit)).await
+    }
+
+    /// Whether an idle connection is still open and silent, without a system call
+    /// unless the reactor saw an event on it (a close, a reset, stray bytes).
+    fn idle_and_open(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+}
+
+/// One `recv`; a read that fills less than `into` drained the socket, so its
+/// readiness is cleared now instead of by a further `recv` that would block. The
+/// reactor keeps a close (it never clears one), and data arriving after the read
+/// raises a new edge.
+fn read_some(stream: &TcpStream, into: &mut [u8]) -> io::Result<usize> {
+    let want = into.len();
+    let mut got = 0;
+    let result = stream.try_io(Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(stream)).read(into)?;
+        got = n;
+        if n > 0 && n < want {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+async fn write_all(stream: &TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+    let (mut h, mut b) = (0, 0);
+    while h < head.len() || b < body.len() {
+        let written = if b == body.len() {
+            stream.try_write(&head[h..])
+        } else {
+            stream.try_write_vectored(&[IoSlice::new(&head[h..]), IoSlice::new(&body[b..])])
+        };
+        match written {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                let from_head = n.min(head.len() - h);
+                h += from_head;
+                b += n - from_head;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// Idle connections of this thread by authority, the most recent last: a gateway
+    /// worker keeps its upstream connections to itself.
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+}
+
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+fn checkout(key: &str) -> Option<Conn> {
+    IDLE.with_borrow_mut(|idle| {
+        let queue = idle.get_mut(key)?;
+        while let Some(Idle { conn, since }) = queue.pop_back() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.idle_and_open() {
+                return Some(conn);
+            }
+        }
+        None
+    })
+}
+
+fn checkin(key: &str, conn: Conn) {
+    IDLE.with_borrow_mut(|idle| {
+        let queue = match idle.get_mut(key) {
+            Some(q) => q,
+            None => idle.entry(key.into()).or_default(),
+        };
+        let now = Instant::now();
+        while queue
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+        {
+            queue.pop_front();
+        }
+        if queue.len() < MAX_IDLE_PER_HOST {
+            queue.push_back(Idle { conn, since: now });
+        }
+    });
+}
+
+/// How an answer's body ends (RFC 9112 §6.3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    reusable: bool,
+}
+
+/// A failed exchange, and whether it failed before a byte of the answer came
+/// (a pooled connection the upstream had closed).
+struct Broken {
+    error: String,
+    before_answer: bool,
+    written: bool,
+}
+
+/// Sends a request to the instance at `base` (an `http://` URI) and returns its
+/// answer; the body streams unless it was short enough to read whole.
+pub async fn send(
+    base: &Uri,
+    head: &Parts,
+    body: &Bytes,
+    connect_timeout: Duration,
+) -> Result<Response<Body>, WireError> {
+    if base.scheme_str().is_some_and(|s| s != "http") {
+        return Err(WireError::Connect(format!(
+            "{base}: only http:// instances are spoken to"
+        )));
+    }
+    let Some(authority) = base.authority() else {
+        return Err(WireError::Connect(format!("{base}: no host")));
+    };
+    let key = authority.as_str();
+    let idempotent = matches!(
+        head.method,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    let mut pooled = checkout(key);
+    loop {
+        let reused = pooled.is_some();
+        let mut conn = match pooled.take() {
+            Some(conn) => conn,
+            None => connect(authority, connect_timeout).await?,
+        };
+        encode(&mut conn.out, head, key, body);
+        match exchange(&mut conn, body, head.method == Method::HEAD).await {
+            Ok(answer) => return respond(conn, key, answer).await,
+            // The upstream closed a pooled connection as it was taken: nothing was
+            // done with a request it never read, and an idempotent one may be sent
+            // again in any case.
+            Err(broken) if reused && broken.before_answer && (!broken.written || idempotent) => {
+                tracing::debug!(error = %broken.error, "pooled upstream connection was closed; reconnecting");
+            }
+            Err(broken) => return Err(WireError::Failed(broken.error)),
+        }
+    }
+}
+
+async fn connect(authority: &http::uri::Authority, timeout: Duration) -> Result<Conn, WireError> {
+    let target = match authority.port_u16() {
+        Some(_) => authority.as_str().to_owned(),
+        None => format!("{}:80", authority.host()),
+    };
+    let attempt = async {
+        let mut last = None;
+        for addr in tokio::net::lookup_host(&target).await? {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("the name resolves to no address")))
+    };
+    let stream = match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(WireError::Connect(format!("connect to {target}: {e}"))),
+        Err(_) => {
+            return Err(WireError::Connect(format!(
+                "connect to {target}: no answer within {timeout:?}"
+            )));
+        }
+    };
+    // Requests are small and latency-bound.
+    let _ = stream.set_nodelay(true);
+    Ok(Conn::new(stream))
+}
+
+/// Hop-by-hop framing and what the proxy has already answered for: never written.
+fn skipped(name: &HeaderName) -> bool {
+    *name == header::CONTENT_LENGTH
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::HOST
+        || *name == header::EXPECT
+}
+
+/// The request head: the proxy's headers as they are (the `http` types hold no
+/// CR or LF), `Host` for the instance and the length of the buffered body.
+fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
+    out.clear();
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(authority.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &head.headers {
+        if skipped(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal, without `fmt`.
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut from = digits.len();
+    loop {
+        from -= 1;
+        digits[from] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[from..]);
+}
+
+/// Writes the request and reads the answer's head.
+async fn exchange(conn: &mut Conn, body: &Bytes, head_request: bool) -> Result<Head, Broken> {
+    let out = std::mem::take(&mut conn.out);
+    let written = write_all(&conn.stream, &out, body).await;
+    conn.out = out;
+    if let Err(e) = written {
+        return Err(Broken {
+            error: format!("sending the request: {e}"),
+            before_answer: true,
+            written: false,
+        });
+    }
+    loop {
+        match parse_head(conn.pending(), head_request) {
+            Ok(Some((answer, used))) => {
+                conn.consume(used);
+                // 1xx answers are interim (the body was sent with the head, so a
+                // `100 Continue` has nothing to release); the final one follows.
+                if answer.status.is_informational() {
+                    continue;
+                }
+                return Ok(answer);
+            }
+            Ok(None) => {}
+            Err(error) => {
+                return Err(Broken {
+                    error,
+                    before_answer: false,
+                    written: true,
+                });
+            }
+        }
+        let before_answer = conn.pending().is_empty();
+        match conn.fill(MAX_HEAD).await {
+            Ok(0) => {
+                return Err(Broken {
+                    error: "the upstream closed the connection before answering".into(),
+                    before_answer,
+                    written: true,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Broken {
+                    error: format!("reading the answer: {e}"),
+                    before_answer,
+                    written: true,
+                });
+            }
+        }
+    }
+}
+
+/// An answer's head from the start of `bytes`, with the bytes it took; `None` until
+/// the head is complete.
+fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let used = match parsed.parse(bytes) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("the upstream's answer is malformed: {e}")),
+    };
+    let code = parsed.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| format!("the upstream answered with status {code}"))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err("the upstream switched protocols, which is not proxied".into());
+    }
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("the upstream sent an invalid header name `{}`", h.name))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| format!("the upstream sent an invalid value for `{}`", h.name))?;
+        headers.append(name, value);
+    }
+    let mut reusable =
+        version == Version::HTTP_11 && !has_token(&headers, header::CONNECTION, "close");
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        Framing::Length(0)
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        // With a Content-Length as well, the message is suspect: read it by its
+        // coding and do not reuse the connection (RFC 9112 §6.3).
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            reusable = false;
+        }
+        match last_coding(&headers).is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+            true => Framing::Chunked(Chunk::Size),
+            false => {
+                reusable = false;
+                Framing::Close
+            }
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        Framing::Length(content_length(&headers)?)
+    } else {
+        reusable = false;
+        Framing::Close
+    };
+    Ok(Some((
+        Head {
+            status,
+            version,
+            headers,
+            framing,
+            reusable,
+        },
+        used,
+    )))
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn last_coding(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim)
+}
+
+/// Every `Content-Length` value, lists included, must be the same number.
+fn content_length(headers: &HeaderMap) -> Result<u64, String> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.to_str().unwrap_or("x").split(',') {
+            let part = part.trim();
+            let n = match part.bytes().all(|b| b.is_ascii_digit()) && !part.is_empty() {
+                true => part.parse::<u64>().ok(),
+                false => None,
+            };
+            match (n, length) {
+                (None, _) => return Err("the upstream sent an invalid Content-Length".into()),
+                (Some(n), Some(l)) if n != l => {
+                    return Err("the upstream sent conflicting Content-Lengths".into());
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        }
+    }
+    length.ok_or_else(|| "the upstream sent an invalid Content-Length".into())
+}
+
+/// The answer with its body: read whole when short (the connection goes back to
+/// the pool before the client is written to), else streamed from the connection,
+/// which returns to the pool once the body has been read.
+async fn respond(mut conn: Conn, key: &str, answer: Head) -> Result<Response<Body>, WireError> {
+    let Head {
+        status,
+        version,
+        headers,
+        framing,
+        reusable,
+    } = answer;
+    let body = match framing {
+        Framing::Length(n) if n <= READ_WHOLE => {
+            let n = usize::try_from(n).unwrap_or(usize::MAX);
+            while conn.pending().len() < n {
+                match conn.fill(BUFFER.max(n)).await {
+                    Ok(0) => {
+                        return Err(WireError::Failed(
+                            "the upstream closed the connection mid-body".into(),
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(WireError::Failed(format!(
+                            "reading the upstream's body: {e}"
+                        )));
+                    }
+                }
+            }
+            let data = Bytes::copy_from_slice(&conn.pending()[..n]);
+            conn.consume(n);
+            if reusable && conn.pending().is_empty() {
+                checkin(key, conn);
+            }
+            match data.is_empty() {
+                true => Body::empty(),
+                false => Body::from(data),
+            }
+        }
+        framing => Body::new(Streamed {
+            conn: Some(conn),
+            framing,
+            key: key.into(),
+            reusable,
+            home: std::thread::current().id(),
+        }),
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+/// A body read from the upstream connection as the client takes it.
+struct Streamed {
+    /// `None` once the body has ended.
+    conn: Option<Conn>,
+    framing: Framing,
+    key: Box<str>,
+    reusable: bool,
+    /// The thread whose pool the connection belongs to.
+    home: ThreadId,
+}
+
+impl Streamed {
+    /// The body has been read: the connection goes back to its pool if it can carry
+    /// another request.
+    fn finish(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.pending().is_empty()
+            && std::thread::current().id() == self.home
+        {
+            checkin(&self.key, conn);
+        }
+    }
+
+    fn fail(&mut self, error: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(io::Error::other(error.into()))))
+    }
+}
+
+/// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
+fn line_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .filter(|&i| i > 0 && bytes[i - 1] == b'\r')
+        .map(|i| i + 1)
+}
+
+/// A chunk-size line (RFC 9112 §7.1): hex digits, then extensions, which are ignored.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = &line[..line.len() - 2];
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || rest
+            .iter()
+            .position(|&b| b == b';')
+            .is_some_and(|semi| rest[..semi].iter().all(|&b| b == b' ' || b == b'\t'));
+    if !rest_ok || line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return None;
+    }
+    std::str::from_utf8(&line[..digits])
+        .ok()
+        .and_then(|d| u64::from_str_radix(d, 16).ok())
+}
+
+impl http_body::Body for Streamed {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let pending = conn.pending();
+            match this.framing {
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) if !pending.is_empty() => {
+                    let take =
+                        usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
+                    let data = Bytes::copy_from_slice(&pending[..take]);
+                    conn.consume(take);
+                    this.framing = Framing::Length(left - take as u64);
+                    if this.framing == Framing::Length(0) {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close if !pending.is_empty() => {
+                    let data = Bytes::copy_from_slice(pending);
+                    conn.consume(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(Chunk::Data(left)) if !pending.is_empty() => {
+                    let take =
+                        usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
+                    let data = Bytes::copy_from_slice(&pending[..take]);
+                    conn.consume(take);
+                    let left = left - take as u64;
+                    this.framing = Framing::Chunked(match left {
+                        0 => Chunk::DataEnd,
+                        n => Chunk::Data(n),
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(Chunk::DataEnd) if pending.len() >= 2 => {
+                    if &pending[..2] != b"\r\n" {
+                        return this.fail("the upstream's chunk does not end with CRLF");
+                    }
+                    conn.consume(2);
+                    this.framing = Framing::Chunked(Chunk::Size);
+                    continue;
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    if let Some(end) = line_end(pending) {
+                        let Some(size) = chunk_size(&pending[..end]) else {
+                            return this.fail("the upstream sent an invalid chunk size");
+                        };
+                        conn.consume(end);
+                        this.framing = Framing::Chunked(match size {
+                            0 => Chunk::Trailers,
+                            n => Chunk::Data(n),
+                        });
+                        continue;
+                    }
+                    if pending.len() > MAX_LINE {
+                        return this.fail("the upstream's chunk-size line is too long");
+                    }
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    // Trailer fields are not passed on; the empty line ends the body.
+                    if let Some(end) = line_end(pending) {
+                        conn.consume(end);
+                        if end == 2 {
+                            this.finish();
+                            return Poll::Ready(None);
+                        }
+                        continue;
+                    }
+                    if pending.len() > MAX_LINE {
+                        return this.fail("the upstream's trailer line is too long");
+                    }
+                }
+                _ => {}
+            }
+            let limit = BUFFER.max(MAX_LINE * 2);
+            match ready!(conn.poll_fill(cx, limit)) {
+                Ok(0) if this.framing == Framing::Close => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail("the upstream closed the connection mid-body"),
+                Ok(_) => {}
+                Err(e) => return this.fail(format!("reading the upstream's body: {e}")),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.framing == Framing::Length(0)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ if self.conn.is_none() => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A scripted upstream: each accepted connection answers its requests with the
+    /// next of `answers` (whole byte strings), counting connections, and closes after
+    /// `per_connection` answers.
+    async fn upstream(
+        answers: Vec<&'static [u8]>,
+        per_connection: usize,
+    ) -> (Uri, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let answers = Arc::new(answers);
+        let next = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (answers, next) = (answers.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    for _ in 0..per_connection {
+                        // One request per answer: wait for the end of a head.
+                        loop {
+                            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                                seen.drain(..end + 4);
+                                break;
+                            }
+                            let mut buf = [0u8; 4096];
+                            match socket.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let answer = answers[i.min(answers.len() - 1)];
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (base, accepted)
+    }
+
+    fn get(path: &str) -> Parts {
+        http::Request::get(path).body(()).unwrap().into_parts().0
+    }
+
+    async fn text(response: Response<Body>) -> String {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    #[tokio::test]
+    async fn a_sized_answer_is_read_and_its_connection_reused() {
+        let (base, accepted) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: 1\r\n\r\nhello"],
+            10,
+        )
+        .await;
+        for _ in 0..3 {
+            let r = send(&base, &get("/x?y=1"), &Bytes::new(), SECOND)
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(r.headers()["x-a"], "1");
+            assert_eq!(text(r).await, "hello");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for three requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_are_decoded_with_extensions_and_trailers() {
+        let (base, accepted) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-t: 1\r\n\r\n"],
+            10,
+        )
+        .await;
+        for _ in 0..2 {
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            assert_eq!(text(r).await, "hello world");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_long_answer_streams() {
+        static LONG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let body = vec![b'z'; 200_000];
+            let mut a =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).into_bytes();
+            a.extend_from_slice(&body);
+            a
+        });
+        let (base, _) = upstream(vec![LONG.as_slice()], 10).await;
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(200_000));
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 200_000);
+        assert!(body.iter().all(|&b| b == b'z'));
+    }
+
+    #[tokio::test]
+    async fn an_answer_without_length_is_read_until_close() {
+        let (base, accepted) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], 1).await;
+        for _ in 0..2 {
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            assert_eq!(text(r).await, "until the end");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "such a connection is not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
+        let (base, _) = upstream(
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            10,
+        )
+        .await;
+        let mut post = http::Request::post("/orders")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        post.headers
+            .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let r = send(&base, &post, &Bytes::from_static(b"{}"), SECOND)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(text(r).await, "ok");
+
+        let (base, _) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], 10).await;
+        let head = http::Request::head("/").body(()).unwrap().into_parts().0;
+        let r = send(&base, &head, &Bytes::new(), SECOND).await.unwrap();
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "99");
+        assert_eq!(text(r).await, "");
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_upstream_closed_is_replaced() {
+        // One answer per connection, but the answer claims keep-alive: the pooled
+        // connection is found closed when the next request takes it.
+        let (base, accepted) =
+            upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], 1).await;
+        for _ in 0..3 {
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            assert_eq!(text(r).await, "ok");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_fail_and_refused_connections_are_connect_errors() {
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"NOT HTTP\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+        ] {
+            let (base, _) = upstream(vec![bad], 10).await;
+            let e = send(&base, &get("/"), &Bytes::new(), SECOND)
+                .await
+                .unwrap_err();
+            assert!(!e.is_connect(), "{e}");
+        }
+        let (base, _) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"],
+            10,
+        )
+        .await;
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        assert!(
+            r.into_body().collect().await.is_err(),
+            "a bad chunk size fails the body"
+        );
+
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base: Uri = format!("http://{}", closed.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        drop(closed);
+        let e = send(&base, &get("/"), &Bytes::new(), SECOND)
+            .await
+            .unwrap_err();
+        assert!(e.is_connect(), "{e}");
+    }
+
+    #[test]
+    fn the_request_head_carries_the_instance_host_and_the_body_length() {
+        let mut head = http::Request::post("/a?b=c")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        head.headers
+            .insert(header::HOST, HeaderValue::from_static("client.example"));
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        head.headers.insert("x-one", HeaderValue::from_static("1"));
+        let mut out = Vec::new();
+        encode(
+            &mut out,
+            &head,
+            "10.0.0.1:8080",
+            &Bytes::from_static(b"{\"n\":12}"),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\ncontent-length: 8\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn chunk_sizes_are_strict() {
+        assert_eq!(chunk_size(b"1a\r\n"), Some(26));
+        assert_eq!(chunk_size(b"5 ;name=value\r\n"), Some(5));
+        assert_eq!(chunk_size(b"\r\n"), None);
+        assert_eq!(chunk_size(b"5x\r\n"), None);
+        assert_eq!(chunk_size(b"fffffffffffffffff\r\n"), None);
+    }
+}
