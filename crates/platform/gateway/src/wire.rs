@@ -289,7 +289,9 @@ pub async fn send(
         let reused = pooled.is_some();
         let mut conn = match pooled.take() {
             Some(conn) => conn,
-            None => connect(authority, connect_timeout).await?,
+            // Boxed: the rare path would otherwise double the size of every
+            // request's future, which each wrapper above copies.
+            None => Box::pin(connect(authority, connect_timeout)).await?,
         };
         encode(&mut conn.out, head, key, body);
         match exchange(&mut conn, body, head.method == Method::HEAD).await {

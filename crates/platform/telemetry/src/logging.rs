@@ -100,10 +100,36 @@ pub struct JsonLayer {
 /// Where lines go; one `write` per call, so lines (or blocks of whole lines) from
 /// several threads never interleave.
 struct Out {
-    file: Option<Mutex<std::fs::File>>,
+    /// A descriptor of our own (stdout's is duplicated), so writing it takes no
+    /// lock of the standard library's.
+    file: Option<std::fs::File>,
+    /// Held while writing unless the destination is a regular file: the kernel
+    /// writes a whole `write` to a file under the inode's lock, but a pipe splits
+    /// writes longer than PIPE_BUF. Without it, worker threads writing one line per
+    /// request met on stdout's lock (a futex call every other request).
+    lock: Option<Mutex<()>>,
 }
 
 impl Out {
+    fn new(file: Option<std::fs::File>) -> Self {
+        let file = file.or_else(|| {
+            use std::os::fd::AsFd;
+            std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(std::fs::File::from)
+        });
+        let regular = file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .is_some_and(|m| m.file_type().is_file());
+        Self {
+            file,
+            lock: (!regular).then(|| Mutex::new(())),
+        }
+    }
+
     fn write(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -113,7 +139,11 @@ impl Out {
                 let _ = std::io::stdout().lock().write_all(bytes);
             }
             Some(file) => {
-                let mut file = file.lock().unwrap_or_else(|e| e.into_inner());
+                let _held = self
+                    .lock
+                    .as_ref()
+                    .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()));
+                let mut file: &std::fs::File = file;
                 let _ = file.write_all(bytes);
             }
         }
@@ -153,18 +183,16 @@ impl JsonLayer {
         Self {
             service: service.to_owned(),
             version: version.to_owned(),
-            out: Arc::new(Out { file: None }),
+            out: Arc::new(Out::new(None)),
             buffered: false,
         }
     }
 
     pub fn with_sink(mut self, sink: Sink) -> Self {
-        self.out = Arc::new(Out {
-            file: match sink {
-                Sink::Stdout => None,
-                Sink::File(f) => Some(Mutex::new(f)),
-            },
-        });
+        self.out = Arc::new(Out::new(match sink {
+            Sink::Stdout => None,
+            Sink::File(f) => Some(f),
+        }));
         self
     }
 
@@ -600,6 +628,41 @@ mod tests {
 
     /// Buffered lines wait for a full block, a warning, the flusher or [`flush`],
     /// and arrive whole and in order.
+    #[test]
+    fn lines_from_many_threads_never_interleave() {
+        // A regular file is written without a lock; a pipe through one. Lines longer
+        // than a pipe's atomic write are included.
+        let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
+        let file = std::fs::File::create(&path).unwrap();
+        let layer = JsonLayer::new("svc", "1").with_sink(Sink::File(file));
+        assert!(layer.out.lock.is_none(), "a regular file needs no lock");
+        let subscriber = Arc::new(tracing_subscriber::registry().with(layer));
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let subscriber = subscriber.clone();
+                std::thread::spawn(move || {
+                    tracing::subscriber::with_default(subscriber, || {
+                        for n in 0..500u64 {
+                            let pad = "y".repeat(if n % 50 == 0 { 9000 } else { 80 });
+                            tracing::info!(t, n, pad, "line");
+                        }
+                    });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            let v: Value = serde_json::from_str(line).unwrap();
+            seen.insert((v["t"].as_u64().unwrap(), v["n"].as_u64().unwrap()));
+        }
+        assert_eq!(seen.len(), 2000);
+        let _ = std::fs::remove_file(path);
+    }
+
     #[test]
     fn buffered_lines_are_written_in_blocks_whole_and_in_order() {
         let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
