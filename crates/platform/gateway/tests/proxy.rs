@@ -1404,6 +1404,18 @@ async fn a_routes_retries_override_its_upstreams() {
     let twice = gw.statuses("/twice/x", 4).await;
     assert!(once.contains(&502), "{once:?}");
     assert!(twice.iter().all(|s| *s == 200), "{twice:?}");
+    // A POST is not idempotent, but a connect that failed sent nothing, and the
+    // buffered body goes to the live instance instead.
+    for _ in 0..4 {
+        let r = gw
+            .http
+            .post(format!("{}/twice/x", gw.url))
+            .body("{\"n\":1}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 /// Sends GET `path` over `io` with HTTP/2 (`h2`) or HTTP/1.1; the status and the body.
