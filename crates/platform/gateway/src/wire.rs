@@ -166,7 +166,8 @@ fn read_some(stream: &TcpStream, into: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-async fn write_all(stream: &TcpStream, head: &[u8], body: &[u8]) -> io::Result<()> {
+/// Writes head and body; on failure, whether any byte had gone out.
+async fn write_all(stream: &TcpStream, head: &[u8], body: &[u8]) -> Result<(), (io::Error, bool)> {
     let (mut h, mut b) = (0, 0);
     while h < head.len() || b < body.len() {
         let written = if b == body.len() {
@@ -174,15 +175,18 @@ async fn write_all(stream: &TcpStream, head: &[u8], body: &[u8]) -> io::Result<(
         } else {
             stream.try_write_vectored(&[IoSlice::new(&head[h..]), IoSlice::new(&body[b..])])
         };
+        let started = h > 0 || b > 0;
         match written {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err((io::ErrorKind::WriteZero.into(), started)),
             Ok(n) => {
                 let from_head = n.min(head.len() - h);
                 h += from_head;
                 b += n - from_head;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.writable().await?,
-            Err(e) => return Err(e),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                stream.writable().await.map_err(|e| (e, started))?;
+            }
+            Err(e) => return Err((e, started)),
         }
     }
     Ok(())
@@ -211,13 +215,30 @@ fn checkout(key: &str) -> Option<Conn> {
     })
 }
 
+thread_local! {
+    /// When this thread's pool was last swept of expired connections.
+    static SWEPT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
+}
+
 fn checkin(key: &str, conn: Conn) {
     IDLE.with_borrow_mut(|idle| {
+        // Every idle timeout, the whole pool is swept: an instance discovery no
+        // longer names is never taken from again, and its connections would stay.
+        let now = Instant::now();
+        if SWEPT
+            .get()
+            .is_none_or(|at| now.duration_since(at) >= IDLE_TIMEOUT)
+        {
+            SWEPT.set(Some(now));
+            idle.retain(|_, queue| {
+                queue.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+                !queue.is_empty()
+            });
+        }
         let queue = match idle.get_mut(key) {
             Some(q) => q,
             None => idle.entry(key.into()).or_default(),
         };
-        let now = Instant::now();
         while queue
             .front()
             .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
@@ -333,6 +354,9 @@ async fn connect(authority: &http::uri::Authority, timeout: Duration) -> Result<
     };
     // Requests are small and latency-bound.
     let _ = stream.set_nodelay(true);
+    // Urgent data inline: `recv` stops short at an urgent mark, which would break
+    // the rule that a short read drained the socket.
+    let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
     Ok(Conn::new(stream))
 }
 
@@ -392,11 +416,12 @@ async fn exchange(conn: &mut Conn, body: &Bytes, head_request: bool) -> Result<H
     let out = std::mem::take(&mut conn.out);
     let written = write_all(&conn.stream, &out, body).await;
     conn.out = out;
-    if let Err(e) = written {
+    if let Err((e, started)) = written {
+        // Part of a request may be acted on by some upstreams: it counts as sent.
         return Err(Broken {
             error: format!("sending the request: {e}"),
             before_answer: true,
-            written: false,
+            written: started,
         });
     }
     loop {
@@ -474,23 +499,36 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    let framed = headers.contains_key(header::TRANSFER_ENCODING);
     let framing = if bodiless {
-        Framing::Length(0)
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
-        // With a Content-Length as well, the message is suspect: read it by its
-        // coding and do not reuse the connection (RFC 9112 §6.3).
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        // A body where none can be (a broken upstream) would be read as the next
+        // request's answer: such a connection is not reused.
+        // (A 304's or a HEAD answer's Content-Length describes the representation.)
+        if framed
+            || (status == StatusCode::NO_CONTENT && content_length(&headers).is_ok_and(|n| n > 0))
+        {
             reusable = false;
         }
-        match last_coding(&headers).is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
-            true => Framing::Chunked(Chunk::Size),
-            false => {
-                reusable = false;
-                Framing::Close
-            }
+        Framing::Length(0)
+    } else if framed {
+        // Only `chunked` is decoded; a coding the client would have to be told of
+        // (`gzip, chunked`) cannot be passed on once the proxy has removed the
+        // hop-by-hop `Transfer-Encoding`.
+        if !is_only_chunked(&headers) {
+            return Err("the upstream used a transfer coding other than chunked".into());
         }
+        // With a Content-Length as well, the message is suspect (RFC 9112 §6.3):
+        // it is read as chunked, its length is not passed on, and the connection
+        // is not reused.
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            reusable = false;
+        }
+        Framing::Chunked(Chunk::Size)
     } else if headers.contains_key(header::CONTENT_LENGTH) {
-        Framing::Length(content_length(&headers)?)
+        let n = content_length(&headers)?;
+        // `5, 5` is one length; the client gets it once.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        Framing::Length(n)
     } else {
         reusable = false;
         Framing::Close
@@ -516,14 +554,18 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-fn last_coding(headers: &HeaderMap) -> Option<&str> {
-    headers
+/// `Transfer-Encoding: chunked` and no other coding.
+fn is_only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
         .map(str::trim)
+        .filter(|c| !c.is_empty());
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        && codings.next().is_none()
 }
 
 /// Every `Content-Length` value, lists included, must be the same number.
@@ -986,6 +1028,53 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.is_connect(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn transfer_codings_and_lengths_are_not_passed_on_wrongly() {
+        // Chunked with a Content-Length too: read as chunked, the length dropped,
+        // the connection not reused.
+        let (base, accepted) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"],
+            10,
+        )
+        .await;
+        for _ in 0..2 {
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
+            assert_eq!(text(r).await, "hello");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // A coding the client would need to know of is refused.
+        let (base, _) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n"],
+            10,
+        )
+        .await;
+        assert!(send(&base, &get("/"), &Bytes::new(), SECOND).await.is_err());
+
+        // A repeated length is passed on once.
+        let (base, _) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\nok"],
+            10,
+        )
+        .await;
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
+        assert_eq!(text(r).await, "ok");
+
+        // A 204 that claims a body is not trusted with another request.
+        let (base, accepted) = upstream(
+            vec![b"HTTP/1.1 204 No Content\r\ncontent-length: 4\r\n\r\njunk"],
+            10,
+        )
+        .await;
+        for _ in 0..2 {
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            assert_eq!(r.status(), StatusCode::NO_CONTENT);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]
