@@ -360,12 +360,14 @@ async fn connect(authority: &http::uri::Authority, timeout: Duration) -> Result<
     Ok(Conn::new(stream))
 }
 
-/// Hop-by-hop framing and what the proxy has already answered for: never written.
+/// Hop-by-hop framing and what the proxy has already answered for: never written;
+/// cookies are written together after the rest.
 fn skipped(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH
         || *name == header::TRANSFER_ENCODING
         || *name == header::HOST
         || *name == header::EXPECT
+        || *name == header::COOKIE
 }
 
 /// The request head: the proxy's headers as they are (the `http` types hold no
@@ -386,6 +388,18 @@ fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    // HTTP/2 clients send each cookie as a field of its own; an HTTP/1.1 message
+    // carries them in one, joined by "; " (RFC 9113 §8.2.3).
+    let mut cookies = head.headers.get_all(header::COOKIE).iter();
+    if let Some(first) = cookies.next() {
+        out.extend_from_slice(b"cookie: ");
+        out.extend_from_slice(first.as_bytes());
+        for more in cookies {
+            out.extend_from_slice(b"; ");
+            out.extend_from_slice(more.as_bytes());
+        }
         out.extend_from_slice(b"\r\n");
     }
     if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
@@ -1089,6 +1103,10 @@ mod tests {
         head.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
         head.headers.insert("x-one", HeaderValue::from_static("1"));
+        head.headers
+            .append(header::COOKIE, HeaderValue::from_static("a=1"));
+        head.headers
+            .append(header::COOKIE, HeaderValue::from_static("b=2"));
         let mut out = Vec::new();
         encode(
             &mut out,
@@ -1098,7 +1116,7 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\ncontent-length: 8\r\n\r\n"
+            "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\ncookie: a=1; b=2\r\ncontent-length: 8\r\n\r\n"
         );
     }
 
