@@ -131,9 +131,8 @@ impl ClientError {
     }
 }
 
-/// The pooled client's settings every outgoing HTTP client shares (the chassis's
-/// and the gateway's per-thread ones).
-pub fn client_builder() -> hyper_util::client::legacy::Builder {
+/// The pooled client's settings.
+fn client_builder() -> hyper_util::client::legacy::Builder {
     let mut builder = Client::builder(TokioExecutor::new());
     builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
     builder
@@ -141,7 +140,7 @@ pub fn client_builder() -> hyper_util::client::legacy::Builder {
 
 /// A TCP connector with `connect_timeout` and Nagle off (requests are small and
 /// latency-bound).
-pub fn connector(connect_timeout: Duration) -> HttpConnector {
+fn connector(connect_timeout: Duration) -> HttpConnector {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_nodelay(true);

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
 use http::header::{self, HeaderName, HeaderValue};
@@ -151,12 +150,13 @@ async fn ask(
     target: &str,
     timeout: Duration,
 ) -> Result<Value, PartError> {
-    let mut request = Request::builder()
+    let (mut part_head, ()) = Request::builder()
         .method(Method::GET)
         .uri(target)
-        .body(Body::empty())
-        .map_err(|e| PartError::Body(e.to_string()))?;
-    *request.headers_mut() = head.headers.clone();
+        .body(())
+        .map_err(|e| PartError::Body(e.to_string()))?
+        .into_parts();
+    part_head.headers = head.headers.clone();
     // The client's conditionals and content headers concern the whole, not a part.
     for name in [
         header::IF_NONE_MATCH,
@@ -164,12 +164,11 @@ async fn ask(
         header::CONTENT_LENGTH,
         header::CONTENT_TYPE,
     ] {
-        request.headers_mut().remove(name);
+        part_head.headers.remove(name);
     }
-    request
-        .headers_mut()
+    part_head
+        .headers
         .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-    let (head, _) = request.into_parts();
     let response = proxy
         .upstreams
         .send(
@@ -180,7 +179,7 @@ async fn ask(
                 hash_key: None,
                 retries: route.retries,
             },
-            head,
+            part_head,
             bytes::Bytes::new(),
         )
         .await

@@ -87,6 +87,15 @@ impl Conn {
         &self.buf[self.start..self.end]
     }
 
+    /// Up to `at_most` of the unread bytes, as the body's next piece.
+    fn take(&mut self, at_most: u64) -> Bytes {
+        let pending = self.pending();
+        let n = usize::try_from(at_most).map_or(pending.len(), |m| m.min(pending.len()));
+        let data = Bytes::copy_from_slice(&pending[..n]);
+        self.consume(n);
+        data
+    }
+
     fn consume(&mut self, n: usize) {
         self.start += n;
         if self.start >= self.end {
@@ -301,10 +310,7 @@ pub async fn send(
         return Err(WireError::Connect(format!("{base}: no host")));
     };
     let key = authority.as_str();
-    let idempotent = matches!(
-        head.method,
-        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
-    );
+    let idempotent = resilience::retry::is_idempotent(&head.method);
     let mut pooled = checkout(key);
     loop {
         let reused = pooled.is_some();
@@ -404,25 +410,10 @@ fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
     }
     if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: ");
-        push_decimal(out, body.len() as u64);
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
-}
-
-/// Appends `n` in decimal, without `fmt`.
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut from = digits.len();
-    loop {
-        from -= 1;
-        digits[from] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[from..]);
 }
 
 /// Writes the request and reads the answer's head.
@@ -617,9 +608,9 @@ async fn respond(mut conn: Conn, key: &str, answer: Head) -> Result<Response<Bod
     } = answer;
     let body = match framing {
         Framing::Length(n) if n <= READ_WHOLE => {
-            let n = usize::try_from(n).unwrap_or(usize::MAX);
-            while conn.pending().len() < n {
-                match conn.fill(BUFFER.max(n)).await {
+            let len = usize::try_from(n).unwrap_or(usize::MAX);
+            while conn.pending().len() < len {
+                match conn.fill(BUFFER.max(len)).await {
                     Ok(0) => {
                         return Err(WireError::Failed(
                             "the upstream closed the connection mid-body".into(),
@@ -633,8 +624,7 @@ async fn respond(mut conn: Conn, key: &str, answer: Head) -> Result<Response<Bod
                     }
                 }
             }
-            let data = Bytes::copy_from_slice(&conn.pending()[..n]);
-            conn.consume(n);
+            let data = conn.take(n);
             if reusable && conn.pending().is_empty() {
                 checkin(key, conn);
             }
@@ -738,27 +728,20 @@ impl http_body::Body for Streamed {
                     return Poll::Ready(None);
                 }
                 Framing::Length(left) if !pending.is_empty() => {
-                    let take =
-                        usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
-                    let data = Bytes::copy_from_slice(&pending[..take]);
-                    conn.consume(take);
-                    this.framing = Framing::Length(left - take as u64);
+                    let data = conn.take(left);
+                    this.framing = Framing::Length(left - data.len() as u64);
                     if this.framing == Framing::Length(0) {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Close if !pending.is_empty() => {
-                    let data = Bytes::copy_from_slice(pending);
-                    conn.consume(data.len());
+                    let data = conn.take(u64::MAX);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Chunked(Chunk::Data(left)) if !pending.is_empty() => {
-                    let take =
-                        usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
-                    let data = Bytes::copy_from_slice(&pending[..take]);
-                    conn.consume(take);
-                    let left = left - take as u64;
+                    let data = conn.take(left);
+                    let left = left - data.len() as u64;
                     this.framing = Framing::Chunked(match left {
                         0 => Chunk::DataEnd,
                         n => Chunk::Data(n),
