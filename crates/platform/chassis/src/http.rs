@@ -22,6 +22,9 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional};
+use messaging::{BoxFuture, CloudEvent};
+
 use crate::Chassis;
 use crate::db::Database;
 use crate::identity::IdentityVerifier;
@@ -743,31 +746,56 @@ impl Service {
         }
     }
 
+    /// Consumes `topic` as consumer group `group` through `handler`, whose writes go
+    /// to `pool` with the events claimed in the group's inbox: the deliveries waiting
+    /// in a partition are handled in one transaction
+    /// ([`messaging::consumer::run_transactional`]). Without a broker, says so and
+    /// consumes nothing.
+    pub fn with_transactional_consumer<H: Transactional>(
+        self,
+        topic: &str,
+        group: &str,
+        pool: sqlx::AnyPool,
+        handler: H,
+    ) -> Self {
+        match self.chassis.events.clone() {
+            Some(bus) => {
+                let config = messaging::consumer::ConsumerConfig::new(topic, group);
+                let store = messaging::consumer::Store {
+                    pool,
+                    inbox: messaging::inbox::Inbox::new(group),
+                };
+                let handler = Arc::new(Faulty {
+                    faults: self.chassis.faults.clone(),
+                    inner: handler,
+                });
+                self.with_background(move |stop| {
+                    messaging::consumer::run_transactional(bus, config, store, stop, handler)
+                })
+            }
+            None => {
+                tracing::warn!(
+                    topic,
+                    group,
+                    "no events broker configured: nothing is consumed"
+                );
+                self
+            }
+        }
+    }
+
     /// A read side fed by one topic: `routes` over the service's database with the
-    /// standard readiness, and `handle` run for each event of `topic` (consumer group:
-    /// the service's name) with the pool and that group's inbox, installed here.
-    pub async fn fed_by<H, Fut>(
+    /// standard readiness, and `apply` run for each event of `topic` (consumer group:
+    /// the service's name) in a transaction of that database, where the event is
+    /// claimed in the group's inbox (installed here).
+    pub async fn fed_by(
         chassis: Chassis,
         db: Database,
         routes: Router<sqlx::AnyPool>,
         openapi: utoipa::openapi::OpenApi,
         topic: &str,
-        handle: H,
-    ) -> Result<Self, sqlx::Error>
-    where
-        H: Fn(
-                sqlx::AnyPool,
-                messaging::inbox::Inbox,
-                messaging::CloudEvent,
-                messaging::consumer::Meta,
-            ) -> Fut
-            + Send
-            + Sync
-            + 'static,
-        Fut: std::future::Future<Output = Result<(), messaging::consumer::HandlerError>>
-            + Send
-            + 'static,
-    {
+        apply: Apply,
+    ) -> Result<Self, sqlx::Error> {
         messaging::inbox::Inbox::install(db.pool()).await?;
         let pool = db.pool().clone();
         let readiness = Readiness {
@@ -776,11 +804,13 @@ impl Service {
         };
         let router = chassis.router(routes.with_state(pool.clone()), readiness, Some(openapi));
         let group = chassis.name;
-        let inbox = messaging::inbox::Inbox::new(group);
         Ok(
-            Self::new(chassis, router, Some(db)).with_consumer(topic, group, move |event, meta| {
-                handle(pool.clone(), inbox.clone(), event, meta)
-            }),
+            Self::new(chassis, router, Some(db)).with_transactional_consumer(
+                topic,
+                group,
+                pool,
+                ApplyFn(apply),
+            ),
         )
     }
 
@@ -817,5 +847,61 @@ impl Service {
             db.close().await;
         }
         served
+    }
+}
+
+/// What a read side does with one event, in the transaction that claimed it.
+pub type Apply = for<'a> fn(
+    &'a mut sqlx::AnyConnection,
+    &'a CloudEvent,
+) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+struct ApplyFn(Apply);
+
+impl Transactional for ApplyFn {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a CloudEvent,
+        _meta: &'a Meta,
+        _prepared: Prepared,
+        _after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        (self.0)(tx, event)
+    }
+}
+
+/// A transactional handler that `bazaar chaos` can slow down or fail (before its
+/// transaction, so a struck delivery has changed nothing).
+struct Faulty<H> {
+    faults: crate::faults::Faults,
+    inner: H,
+}
+
+impl<H: Transactional> Transactional for Faulty<H> {
+    fn prepare<'a>(
+        &'a self,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+    ) -> BoxFuture<'a, Result<Prepared, HandlerError>> {
+        Box::pin(async move {
+            if !self.faults.strike().await {
+                return Err(HandlerError::Retry(
+                    "a fault was injected into this service (bazaar chaos)".into(),
+                ));
+            }
+            self.inner.prepare(event, meta).await
+        })
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+        prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        self.inner.handle(tx, event, meta, prepared, after)
     }
 }

@@ -12,8 +12,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{BusError, Delivery, EventBus, SubscribeOptions};
+use sqlx::{AnyConnection, AnyPool};
+
+use crate::bus::{BoxFuture, BusError, Delivery, EventBus, SubscribeOptions};
 use crate::envelope::CloudEvent;
+use crate::inbox::Inbox;
 
 /// Type of the events in a dead-letter topic.
 pub const DEAD_LETTER_TYPE: &str = "bazaar.dead_letter";
@@ -98,6 +101,17 @@ pub struct Meta {
     pub attempt: u32,
 }
 
+impl Meta {
+    fn of(d: &Delivery) -> Self {
+        Self {
+            topic: d.topic.clone(),
+            key: d.key.clone(),
+            offset: d.offset,
+            attempt: d.attempt,
+        }
+    }
+}
+
 /// Consumes until `shutdown`, re-subscribing after broker outages. Each partition
 /// has a worker; within it each key's deliveries are handled one after another (a
 /// key's events in order) while different keys and partitions run concurrently.
@@ -112,6 +126,26 @@ pub async fn run<F, Fut>(
 {
     let handler = Arc::new(handler);
     let config = Arc::new(config);
+    let spawn = {
+        let (bus, config) = (bus.clone(), config.clone());
+        move |rx| {
+            let (bus, config, handler) = (bus.clone(), config.clone(), handler.clone());
+            tokio::spawn(worker(bus, config, handler, rx))
+        }
+    };
+    subscribed(bus, config, shutdown, spawn).await;
+}
+
+/// Subscribes until `shutdown` (again after a broker outage) and hands each
+/// partition's deliveries, in order, to a worker of its own started by `spawn`.
+async fn subscribed<S>(
+    bus: Arc<dyn EventBus>,
+    config: Arc<ConsumerConfig>,
+    shutdown: CancellationToken,
+    spawn: S,
+) where
+    S: Fn(mpsc::Receiver<Delivery>) -> tokio::task::JoinHandle<()>,
+{
     while !shutdown.is_cancelled() {
         let mut subscription = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -135,8 +169,7 @@ pub async fn run<F, Fut>(
                 Ok(d) => {
                     let tx = workers.entry(d.partition).or_insert_with(|| {
                         let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                        let (bus, config, handler) = (bus.clone(), config.clone(), handler.clone());
-                        tasks.push(tokio::spawn(worker(bus, config, handler, rx)));
+                        tasks.push(spawn(rx));
                         tx
                     });
                     if tx.send(d).await.is_err() {
@@ -266,12 +299,7 @@ where
     F: Fn(CloudEvent, Meta) -> Fut + Send + Sync,
     Fut: Future<Output = Result<(), HandlerError>> + Send,
 {
-    let meta = Meta {
-        topic: d.topic.clone(),
-        key: d.key.clone(),
-        offset: d.offset,
-        attempt: d.attempt,
-    };
+    let meta = Meta::of(&d);
     let event = match &d.event {
         Ok(event) => event.clone(),
         Err(e) => {
@@ -283,6 +311,16 @@ where
         .catch_unwind()
         .await
         .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())));
+    conclude(bus, config, d, outcome).await
+}
+
+/// Settles a delivery as its handling ended; `true` if it was nacked.
+async fn conclude(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    d: Delivery,
+    outcome: Result<(), HandlerError>,
+) -> bool {
     let (result, nacked) = match outcome {
         Ok(()) => (d.ack().await, false),
         Err(HandlerError::Reject(reason)) => return dead_letter(bus, config, d, reason).await,
@@ -301,6 +339,238 @@ where
         tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
     }
     nacked
+}
+
+/// What a [`Transactional`] handler leaves for after its transaction has committed
+/// (wake the outbox relay, count, log): none of it runs if the transaction rolls back.
+#[derive(Default)]
+pub struct AfterCommit(Vec<Box<dyn FnOnce() + Send>>);
+
+impl AfterCommit {
+    /// Runs `f` once the transaction has committed.
+    pub fn then(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.0.push(Box::new(f));
+    }
+
+    /// Runs what was left, once the transaction has committed.
+    pub fn run(self) {
+        for f in self.0 {
+            f();
+        }
+    }
+}
+
+/// What [`Transactional::prepare`] hands to [`Transactional::handle`].
+pub type Prepared = Option<Box<dyn std::any::Any + Send>>;
+
+/// A handler whose effects are writes to its service's database: [`run_transactional`]
+/// claims each event in the inbox and handles the deliveries waiting in a partition
+/// in one transaction (one commit, one wake of the relay for the whole window).
+pub trait Transactional: Send + Sync + 'static {
+    /// Work outside the transaction, before it: a call to another system, whose
+    /// latency must not hold the database. A window's deliveries are prepared side
+    /// by side. Nothing by default.
+    fn prepare<'a>(
+        &'a self,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+    ) -> BoxFuture<'a, Result<Prepared, HandlerError>> {
+        let _ = (event, meta);
+        Box::pin(std::future::ready(Ok(None)))
+    }
+
+    /// Handles `event` inside `tx`, where its id is already claimed in the inbox
+    /// (an event handled before never gets here). An error rolls back the whole
+    /// window, whose deliveries are then handled one transaction each, so only the
+    /// failing one is retried or dead-lettered.
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+        prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// The database a [`Transactional`] consumer writes and the inbox it claims in.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub pool: AnyPool,
+    pub inbox: Inbox,
+}
+
+/// Most deliveries handled in one transaction.
+const MAX_WINDOW: usize = 64;
+
+/// Consumes like [`run`], but each partition's waiting deliveries (up to 64) go
+/// through `handler` in one transaction of `store`: under load a commit carries many
+/// events instead of one, and with one waiting it is one event per transaction as
+/// before. A partition's events are handled one after another (a key's in order);
+/// partitions run side by side.
+pub async fn run_transactional<H: Transactional>(
+    bus: Arc<dyn EventBus>,
+    config: ConsumerConfig,
+    store: Store,
+    shutdown: CancellationToken,
+    handler: Arc<H>,
+) {
+    let config = Arc::new(config);
+    let store = Arc::new(store);
+    let spawn = {
+        let (bus, config) = (bus.clone(), config.clone());
+        move |rx| {
+            let (bus, config, store, handler) =
+                (bus.clone(), config.clone(), store.clone(), handler.clone());
+            tokio::spawn(async move {
+                windows(bus.as_ref(), &config, &store, handler.as_ref(), rx).await;
+            })
+        }
+    };
+    subscribed(bus, config, shutdown, spawn).await;
+}
+
+/// One partition's deliveries, a window at a time.
+async fn windows<H: Transactional>(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    store: &Store,
+    handler: &H,
+    mut rx: mpsc::Receiver<Delivery>,
+) {
+    // After a nack the broker sends the key's events again from the nacked one:
+    // what was already queued behind it is stale (by key: the nacked offset).
+    let mut nacked: HashMap<String, u64> = HashMap::new();
+    let mut window: Vec<Delivery> = Vec::with_capacity(MAX_WINDOW);
+    while let Some(first) = rx.recv().await {
+        window.push(first);
+        while window.len() < MAX_WINDOW {
+            match rx.try_recv() {
+                Ok(d) => window.push(d),
+                Err(_) => break,
+            }
+        }
+        window.retain(|d| match nacked.get(&d.key) {
+            Some(&n) if d.offset > n => false,
+            Some(_) => {
+                nacked.remove(&d.key);
+                true
+            }
+            None => true,
+        });
+        if window.len() > 1 {
+            // (Deliveries are not `Sync`: the events and their positions go in.)
+            let events: Result<Vec<_>, String> = window
+                .iter()
+                .map(|d| match &d.event {
+                    Ok(event) => Ok((event, Meta::of(d))),
+                    Err(e) => Err(format!("malformed event: {e}")),
+                })
+                .collect();
+            let handled = match events {
+                Ok(events) => in_one_transaction(store, handler, events).await,
+                Err(e) => Err(e),
+            };
+            match handled {
+                Ok(()) => {
+                    let acks = futures::future::join_all(window.drain(..).map(Delivery::ack));
+                    for result in acks.await {
+                        if let Err(e) = result {
+                            tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
+                        }
+                    }
+                    continue;
+                }
+                Err(reason) => {
+                    tracing::debug!(topic = %config.topic, group = %config.group, size = window.len(), reason = %reason, "window rolled back; handling it one delivery at a time");
+                }
+            }
+        }
+        for d in window.drain(..) {
+            if nacked.get(&d.key).is_some_and(|&n| d.offset > n) {
+                continue;
+            }
+            let (key, offset) = (d.key.clone(), d.offset);
+            let meta = Meta::of(&d);
+            let outcome = match &d.event {
+                Ok(event) => AssertUnwindSafe(one_transaction(store, handler, event, &meta))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into()))),
+                Err(e) => Err(HandlerError::Reject(e.to_string())),
+            };
+            if conclude(bus, config, d, outcome).await {
+                nacked.insert(key, offset);
+            }
+        }
+    }
+}
+
+/// Handles every delivery of `window` in one transaction and commits it; on any
+/// failure nothing is committed (and the reason is returned).
+async fn in_one_transaction<H: Transactional>(
+    store: &Store,
+    handler: &H,
+    events: Vec<(&CloudEvent, Meta)>,
+) -> Result<(), String> {
+    let prepared = futures::future::join_all(
+        events
+            .iter()
+            .map(|(event, meta)| AssertUnwindSafe(handler.prepare(event, meta)).catch_unwind()),
+    )
+    .await;
+    let mut ready = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        match p {
+            Ok(Ok(p)) => ready.push(p),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("prepare panicked".into()),
+        }
+    }
+    let mut tx = store.pool.begin().await.map_err(|e| e.to_string())?;
+    let mut after = AfterCommit::default();
+    for ((event, meta), prepared) in events.iter().zip(ready) {
+        if !store
+            .inbox
+            .claim(&mut tx, &event.id)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            continue;
+        }
+        // Dropping `tx` on a failure rolls the window back.
+        match AssertUnwindSafe(handler.handle(&mut tx, event, meta, prepared, &mut after))
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the handler panicked".into()),
+        }
+    }
+    tx.commit().await.map_err(|e| e.to_string())?;
+    after.run();
+    Ok(())
+}
+
+/// One delivery in a transaction of its own.
+async fn one_transaction<H: Transactional>(
+    store: &Store,
+    handler: &H,
+    event: &CloudEvent,
+    meta: &Meta,
+) -> Result<(), HandlerError> {
+    let prepared = handler.prepare(event, meta).await?;
+    let mut tx = store.pool.begin().await?;
+    let mut after = AfterCommit::default();
+    if store.inbox.claim(&mut tx, &event.id).await? {
+        handler
+            .handle(&mut tx, event, meta, prepared, &mut after)
+            .await?;
+    }
+    tx.commit().await?;
+    after.run();
+    Ok(())
 }
 
 /// Publishes the delivery to the dead-letter topic with the reason, then acks it;

@@ -122,3 +122,156 @@ async fn keys_of_one_partition_run_side_by_side_each_in_order() {
         assert_eq!(ns.len(), 5);
     }
 }
+
+/// What the transactional test's handler does: records each event, fails event 7 on
+/// its first delivery and rejects event 13, and notes whether rows written earlier in
+/// its transaction are not yet visible outside it (so it shares a window's commit).
+struct Recorder {
+    outside: sqlx::AnyPool,
+}
+
+impl messaging::consumer::Transactional for Recorder {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a messaging::CloudEvent,
+        meta: &'a messaging::consumer::Meta,
+        _prepared: messaging::consumer::Prepared,
+        after: &'a mut messaging::consumer::AfterCommit,
+    ) -> messaging::BoxFuture<'a, Result<(), messaging::consumer::HandlerError>> {
+        use messaging::consumer::HandlerError;
+        Box::pin(async move {
+            let n = event.data["n"].as_i64().unwrap();
+            let inside: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen")
+                .fetch_one(&mut *tx)
+                .await?;
+            let outside: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen")
+                .fetch_one(&self.outside)
+                .await?;
+            sqlx::query("INSERT INTO seen (k, n, shared) VALUES ($1, $2, $3)")
+                .bind(&meta.key)
+                .bind(n)
+                .bind(i64::from(inside > outside))
+                .execute(&mut *tx)
+                .await?;
+            match n {
+                7 if meta.attempt == 1 => Err(HandlerError::Retry("not yet".into())),
+                13 => Err(HandlerError::Reject("never".into())),
+                _ => {
+                    after.then(|| {});
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+/// A window of waiting events is handled in one transaction; an event that fails
+/// rolls its window back, the window is handled again one event per transaction,
+/// and only the failing event is retried or dead-lettered: every other event is
+/// written exactly once, each key's in order.
+#[tokio::test]
+async fn a_window_commits_together_and_a_failing_event_is_settled_alone() {
+    use messaging::consumer::{self, ConsumerConfig, Store};
+    use messaging::inbox::Inbox;
+    use messaging::{CloudEvent, EventBus, SubscribeOptions};
+    use std::time::{Duration, Instant};
+
+    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
+    let mut config = LogConfig::new(dir);
+    config.partitions = 2;
+    let broker = Broker::open(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, server::router(broker)).await });
+    let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(&url));
+
+    sqlx::any::install_default_drivers();
+    let path = std::env::temp_dir().join(format!("bazaar-window-{}.db", uuid::Uuid::new_v4()));
+    let url_db = format!("sqlite://{}?mode=rwc", path.display());
+    let pool = sqlx::AnyPool::connect(&url_db).await.unwrap();
+    Inbox::install(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE seen (k TEXT NOT NULL, n BIGINT NOT NULL, shared BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let outside = sqlx::AnyPool::connect(&url_db).await.unwrap();
+
+    for n in 0..40 {
+        let key = format!("k{}", n % 3);
+        let e = CloudEvent::new(
+            "/t",
+            "thing.happened",
+            Some(&key),
+            serde_json::json!({"n": n}),
+        );
+        bus.publish("work", &key, &e).await.unwrap();
+    }
+    let mut config = ConsumerConfig::new("work", "g");
+    config.base_backoff = Duration::from_millis(50);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(consumer::run_transactional(
+        bus.clone(),
+        config,
+        Store {
+            pool: pool.clone(),
+            inbox: Inbox::new("g"),
+        },
+        stop.clone(),
+        Arc::new(Recorder { outside }),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if count >= 39 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {count} of 39 events handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The dead letter of event 13.
+    let mut letters = bus
+        .subscribe("work.dlq", "check", SubscribeOptions::default())
+        .await
+        .unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(10), letters.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        letter.event.as_ref().unwrap().data["event"]["data"]["n"],
+        13
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    task.await.unwrap();
+
+    let rows: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT k, n, shared FROM seen ORDER BY rowid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let mut ns: Vec<i64> = rows.iter().map(|r| r.1).collect();
+    for key in ["k0", "k1", "k2"] {
+        let of_key: Vec<i64> = rows.iter().filter(|r| r.0 == key).map(|r| r.1).collect();
+        let mut sorted = of_key.clone();
+        sorted.sort_unstable();
+        assert_eq!(of_key, sorted, "{key} out of order");
+    }
+    ns.sort_unstable();
+    let expected: Vec<i64> = (0..40).filter(|n| *n != 13).collect();
+    assert_eq!(
+        ns, expected,
+        "each event but the rejected one, exactly once"
+    );
+    assert!(
+        rows.iter().any(|r| r.2 == 1),
+        "no event shared a transaction with the one before it"
+    );
+}

@@ -30,10 +30,10 @@ use chassis::http::{Readiness, Service};
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::settings::SagaMode;
 use chassis::{Chassis, Problem, ServiceConfig};
-use messaging::CloudEvent;
-use messaging::consumer::{HandlerError, Meta, triage};
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
+use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -305,72 +305,108 @@ impl Inventory {
     }
 
     /// `products`: a new product gets its initial stock.
-    pub async fn on_product(&self, event: CloudEvent, _meta: Meta) -> Result<(), HandlerError> {
-        if !triage(&event, PRODUCT_EVENTS, PRODUCT_EVENTS)? {
-            return Ok(());
-        }
-        let product_id = event.data["product_id"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| HandlerError::Reject("product.created has no `product_id`".into()))?;
-        let mut tx = self.pool.begin().await?;
-        if self.inbox.claim(&mut tx, &event.id).await? {
-            let exists: Option<String> =
-                sqlx::query_scalar("SELECT product_id FROM stock WHERE product_id = $1")
-                    .bind(product_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if exists.is_none() {
-                sqlx::query(
-                    "INSERT INTO stock (product_id, initial, available, reserved, sold) \
-                     VALUES ($1, $2, $2, 0, 0)",
-                )
-                .bind(product_id)
-                .bind(self.initial_stock)
-                .execute(&mut *tx)
-                .await?;
-            }
-        }
-        tx.commit().await?;
-        Ok(())
+    pub async fn on_product(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        self.alone(Topic::Products, &event, &meta).await
     }
 
     /// `inventory.commands` (orchestration).
     pub async fn on_command(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
-        triage(&event, COMMAND_TYPES, COMMAND_TYPES)?;
-        match event.ty.as_str() {
-            "inventory.reserve" => {
-                let order: OrderRef = parse(&event)?;
-                self.reserve(&event.id, &order, meta.attempt).await
-            }
-            _ => self.release(&event.id, &order_id(&event)?, None).await,
-        }
+        self.alone(Topic::Commands, &event, &meta).await
     }
 
     /// `orders`: a confirmed order's reservation is sold, a cancelled one's
     /// released; in choreography a new order is reserved.
     pub async fn on_order(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
-        let handles: &[&str] = match self.mode {
-            SagaMode::Choreography => ORDER_EVENTS,
-            SagaMode::Orchestration => &["order.confirmed", "order.cancelled"],
-        };
-        if !triage(&event, handles, ORDER_EVENTS)? {
-            return Ok(());
+        self.alone(Topic::Orders, &event, &meta).await
+    }
+
+    /// One event in a transaction of its own, claimed in the inbox (the service's
+    /// consumers handle a window of events per transaction: [`Consumer`]).
+    async fn alone(
+        &self,
+        topic: Topic,
+        event: &CloudEvent,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if self.inbox.claim(&mut tx, &event.id).await? {
+            self.apply(topic, &mut tx, event, meta).await?;
         }
-        match event.ty.as_str() {
-            "order.created" => {
-                let order: OrderRef = parse(&event)?;
-                self.reserve(&event.id, &order, meta.attempt).await
+        tx.commit().await?;
+        self.outbox.written();
+        Ok(())
+    }
+
+    /// What an event of `topic` changes, in `tx` where it is claimed.
+    async fn apply(
+        &self,
+        topic: Topic,
+        tx: &mut AnyConnection,
+        event: &CloudEvent,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        match topic {
+            Topic::Products => {
+                if !triage(event, PRODUCT_EVENTS, PRODUCT_EVENTS)? {
+                    return Ok(());
+                }
+                let product_id = event.data["product_id"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .ok_or_else(|| {
+                        HandlerError::Reject("product.created has no `product_id`".into())
+                    })?;
+                let exists: Option<String> =
+                    sqlx::query_scalar("SELECT product_id FROM stock WHERE product_id = $1")
+                        .bind(product_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if exists.is_none() {
+                    sqlx::query(
+                        "INSERT INTO stock (product_id, initial, available, reserved, sold) \
+                         VALUES ($1, $2, $2, 0, 0)",
+                    )
+                    .bind(product_id)
+                    .bind(self.initial_stock)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Ok(())
             }
-            "order.confirmed" => self.commit(&event.id, &order_id(&event)?).await,
-            _ => self.release(&event.id, &order_id(&event)?, None).await,
+            Topic::Commands => {
+                triage(event, COMMAND_TYPES, COMMAND_TYPES)?;
+                match event.ty.as_str() {
+                    "inventory.reserve" => {
+                        let order: OrderRef = parse(event)?;
+                        self.reserve(tx, &order, meta.attempt).await
+                    }
+                    _ => self.release(tx, &order_id(event)?, None).await,
+                }
+            }
+            Topic::Orders => {
+                let handles: &[&str] = match self.mode {
+                    SagaMode::Choreography => ORDER_EVENTS,
+                    SagaMode::Orchestration => &["order.confirmed", "order.cancelled"],
+                };
+                if !triage(event, handles, ORDER_EVENTS)? {
+                    return Ok(());
+                }
+                match event.ty.as_str() {
+                    "order.created" => {
+                        let order: OrderRef = parse(event)?;
+                        self.reserve(tx, &order, meta.attempt).await
+                    }
+                    "order.confirmed" => self.commit(tx, &order_id(event)?).await,
+                    _ => self.release(tx, &order_id(event)?, None).await,
+                }
+            }
         }
     }
 
     /// Takes the order's stock, all lines or none, and says which.
     async fn reserve(
         &self,
-        event_id: &str,
+        tx: &mut AnyConnection,
         order: &OrderRef,
         attempt: u32,
     ) -> Result<(), HandlerError> {
@@ -390,10 +426,6 @@ impl Inventory {
                 order.order_id
             )));
         }
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.claim(&mut tx, event_id).await? {
-            return Ok(());
-        }
         let id = order.order_id.as_str();
         let existing: Option<(String, Option<String>)> =
             sqlx::query("SELECT status, reason FROM reservations WHERE order_id = $1")
@@ -406,7 +438,7 @@ impl Inventory {
         match existing {
             // Asked again (a retried command): the same answer.
             Some((status, _)) if status == "held" || status == "committed" => {
-                self.emit(&mut tx, id, "inventory.reserved", reserved(order))
+                self.emit(tx, id, "inventory.reserved", reserved(order))
                     .await?;
             }
             Some((status, reason)) => {
@@ -417,7 +449,7 @@ impl Inventory {
                     "cancelled".to_owned()
                 };
                 self.emit(
-                    &mut tx,
+                    tx,
                     id,
                     "inventory.rejected",
                     json!({"order_id": id, "reason": reason}),
@@ -425,7 +457,7 @@ impl Inventory {
                 .await?;
             }
             None => {
-                let short = match self.first_short(&mut tx, &wanted).await? {
+                let short = match self.first_short(tx, &wanted).await? {
                     // Its product.created may still be on its way (a fresh shop):
                     // ask again a few times before calling it out of stock.
                     Some((product, false)) if attempt < UNKNOWN_PRODUCT_ATTEMPTS => {
@@ -480,7 +512,7 @@ impl Inventory {
                     Some(product) => {
                         tracing::info!(order_id = id, product_id = %product, "out of stock");
                         self.emit(
-                            &mut tx,
+                            tx,
                             id,
                             "inventory.rejected",
                             json!({"order_id": id, "reason": "out_of_stock", "product_id": product}),
@@ -488,14 +520,12 @@ impl Inventory {
                         .await?
                     }
                     None => {
-                        self.emit(&mut tx, id, "inventory.reserved", reserved(order))
+                        self.emit(tx, id, "inventory.reserved", reserved(order))
                             .await?
                     }
                 }
             }
         }
-        tx.commit().await?;
-        self.outbox.written();
         Ok(())
     }
 
@@ -526,14 +556,10 @@ impl Inventory {
     /// a late reserve is refused.
     async fn release(
         &self,
-        event_id: &str,
+        tx: &mut AnyConnection,
         order_id: &str,
         expired: Option<i64>,
     ) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if !event_id.is_empty() && !self.inbox.claim(&mut tx, event_id).await? {
-            return Ok(());
-        }
         let row = sqlx::query("SELECT status, items FROM reservations WHERE order_id = $1")
             .bind(order_id)
             .fetch_optional(&mut *tx)
@@ -589,26 +615,18 @@ impl Inventory {
         if expired.is_some() {
             data["reason"] = json!("expired");
         }
-        self.emit(&mut tx, order_id, "inventory.released", data)
-            .await?;
-        tx.commit().await?;
-        self.outbox.written();
+        self.emit(tx, order_id, "inventory.released", data).await?;
         Ok(())
     }
 
     /// A confirmed order's reserved stock becomes sold.
-    async fn commit(&self, event_id: &str, order_id: &str) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.claim(&mut tx, event_id).await? {
-            return Ok(());
-        }
+    async fn commit(&self, tx: &mut AnyConnection, order_id: &str) -> Result<(), HandlerError> {
         let row = sqlx::query("SELECT status, items FROM reservations WHERE order_id = $1")
             .bind(order_id)
             .fetch_optional(&mut *tx)
             .await?;
         let Some(row) = row else {
             tracing::warn!(order_id, "confirmed order without a reservation");
-            tx.commit().await?;
             return Ok(());
         };
         let status: String = row.try_get(0)?;
@@ -621,7 +639,6 @@ impl Inventory {
             // is there (the reservation TTL is meant to be far longer than a saga).
             "expired" => "available",
             _ => {
-                tx.commit().await?;
                 return Ok(());
             }
         };
@@ -645,7 +662,6 @@ impl Inventory {
         .bind(order_id)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -659,9 +675,44 @@ impl Inventory {
         .fetch_all(&self.pool)
         .await?;
         for order_id in &due {
-            self.release("", order_id, Some(now_ms)).await?;
+            let mut tx = self.pool.begin().await?;
+            self.release(&mut tx, order_id, Some(now_ms)).await?;
+            tx.commit().await?;
+            self.outbox.written();
         }
         Ok(due.len())
+    }
+}
+
+/// The topics the service consumes.
+#[derive(Clone, Copy, Debug)]
+enum Topic {
+    Products,
+    Orders,
+    Commands,
+}
+
+/// One of the service's consumers: a window of a topic's events in one transaction.
+pub struct Consumer {
+    inventory: Inventory,
+    topic: Topic,
+}
+
+impl Transactional for Consumer {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+        _prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.inventory.apply(self.topic, tx, event, meta).await?;
+            let outbox = self.inventory.outbox.clone();
+            after.then(move || outbox.written());
+            Ok(())
+        })
     }
 }
 
@@ -702,22 +753,15 @@ impl Application {
             Some(ApiDoc::openapi()),
         );
         let pool = db.pool().clone();
-        let (products, orders, commands, expiry) = (
-            inventory.clone(),
-            inventory.clone(),
-            inventory.clone(),
-            inventory.clone(),
-        );
+        let consumer = |topic| Consumer {
+            inventory: inventory.clone(),
+            topic,
+        };
+        let expiry = inventory.clone();
         let mut service = Service::new(chassis, router, Some(db))
-            .with_outbox_relay(pool, inventory.outbox.clone())
-            .with_consumer("products", NAME, move |e, m| {
-                let i = products.clone();
-                async move { i.on_product(e, m).await }
-            })
-            .with_consumer("orders", NAME, move |e, m| {
-                let i = orders.clone();
-                async move { i.on_order(e, m).await }
-            })
+            .with_outbox_relay(pool.clone(), inventory.outbox.clone())
+            .with_transactional_consumer("products", NAME, pool.clone(), consumer(Topic::Products))
+            .with_transactional_consumer("orders", NAME, pool.clone(), consumer(Topic::Orders))
             .with_background(move |stop| async move {
                 loop {
                     tokio::select! {
@@ -730,10 +774,12 @@ impl Application {
                 }
             });
         if config.saga_mode == SagaMode::Orchestration {
-            service = service.with_consumer(COMMANDS, NAME, move |e, m| {
-                let i = commands.clone();
-                async move { i.on_command(e, m).await }
-            });
+            service = service.with_transactional_consumer(
+                COMMANDS,
+                NAME,
+                pool,
+                consumer(Topic::Commands),
+            );
         }
         Ok(service)
     }

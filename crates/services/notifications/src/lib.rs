@@ -13,12 +13,12 @@ use chassis::http::Service;
 use chassis::identity::Identity;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, Problem, ServiceConfig};
-use messaging::CloudEvent;
 use messaging::consumer::{HandlerError, Meta};
 use messaging::inbox::Inbox;
+use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use utoipa::OpenApi;
 
 pub const NAME: &str = "notifications";
@@ -168,33 +168,46 @@ async fn list(
     Ok(Json(NotificationPage { items }))
 }
 
-/// Handles one event from the orders topic.
+/// Handles one event from the orders topic in a transaction of its own, claimed in
+/// `inbox` (the service's consumer runs [`apply`] for a window of events at once).
 pub async fn handle(
     pool: &AnyPool,
     inbox: &Inbox,
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    if !messaging::consumer::triage(&event, ORDER_EVENTS, ORDER_EVENTS)? {
-        return Ok(());
-    }
-    let (kind, text) = match event.ty.as_str() {
-        "order.created" => ("order_received", order_received(&event.data)?),
-        "order.confirmed" => (
-            "order_confirmed",
-            "Your order is confirmed: it is on its way.".to_owned(),
-        ),
-        _ => ("order_cancelled", order_cancelled(&event.data)),
-    };
-    let field = |name: &str| {
-        event.data[name]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| HandlerError::Reject(format!("{} has no string `{name}`", event.ty)))
-    };
-    let (user_id, order_id) = (field("user_id")?, field("order_id")?);
     let mut tx = pool.begin().await?;
     if inbox.claim(&mut tx, &event.id).await? {
+        apply(&mut tx, &event).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What one event from the orders topic changes, in `tx` where it is claimed.
+pub fn apply<'a>(
+    tx: &'a mut AnyConnection,
+    event: &'a CloudEvent,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        if !messaging::consumer::triage(event, ORDER_EVENTS, ORDER_EVENTS)? {
+            return Ok(());
+        }
+        let (kind, text) = match event.ty.as_str() {
+            "order.created" => ("order_received", order_received(&event.data)?),
+            "order.confirmed" => (
+                "order_confirmed",
+                "Your order is confirmed: it is on its way.".to_owned(),
+            ),
+            _ => ("order_cancelled", order_cancelled(&event.data)),
+        };
+        let field = |name: &str| {
+            event.data[name]
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| HandlerError::Reject(format!("{} has no string `{name}`", event.ty)))
+        };
+        let (user_id, order_id) = (field("user_id")?, field("order_id")?);
         sqlx::query(
             "INSERT INTO notifications (id, user_id, kind, order_id, text, event_id, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -209,9 +222,8 @@ pub async fn handle(
         .execute(&mut *tx)
         .await?;
         tracing::info!(order_id, user_id, kind, "notification sent");
-    }
-    tx.commit().await?;
-    Ok(())
+        Ok(())
+    })
 }
 
 fn order_cancelled(data: &Value) -> String {
@@ -255,15 +267,8 @@ impl Application {
         let routes = Router::new()
             .route("/notifications", get(list))
             .route("/admin/notifications", get(admin_list));
-        Service::fed_by(
-            chassis,
-            db,
-            routes,
-            ApiDoc::openapi(),
-            TOPIC,
-            |pool, inbox, event, meta| async move { handle(&pool, &inbox, event, meta).await },
-        )
-        .await
-        .context("notifications inbox")
+        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, apply)
+            .await
+            .context("notifications inbox")
     }
 }

@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use messaging::consumer::{HandlerError, Meta, triage};
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
 use messaging::{BoxFuture, CloudEvent};
@@ -218,24 +218,38 @@ impl Saga {
         }
     }
 
-    /// An event of `inventory` or `payments`.
+    /// An event of `inventory` or `payments`, in a transaction of its own.
     pub async fn on_event(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if self.inbox.claim(&mut tx, &event.id).await? {
+            self.apply(&mut tx, &event, &meta).await?;
+        }
+        tx.commit().await?;
+        self.outbox.written();
+        Ok(())
+    }
+
+    /// What an event of `inventory` or `payments` changes, in `tx` where it is
+    /// claimed: the orchestrator's next step, or (choreography) the order's history
+    /// and end.
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        event: &CloudEvent,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
         let declared = if meta.topic == INVENTORY {
             INVENTORY_EVENTS
         } else {
             PAYMENT_EVENTS
         };
-        if !triage(&event, declared, declared)? {
+        if !triage(event, declared, declared)? {
             return Ok(());
         }
-        let order_id = order_id(&event)?;
-        let Some((step, direction, reply)) = as_reply(&event) else {
+        let order_id = order_id(event)?;
+        let Some((step, direction, reply)) = as_reply(event) else {
             return Ok(());
         };
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.claim(&mut tx, &event.id).await? {
-            return Ok(());
-        }
         match &self.orchestrator {
             Some(orchestrator) => {
                 let input = Input::Reply {
@@ -244,7 +258,7 @@ impl Saga {
                     reply,
                 };
                 match orchestrator
-                    .apply(&mut tx, &order_id, input, OffsetDateTime::now_utc())
+                    .apply(tx, &order_id, input, OffsetDateTime::now_utc())
                     .await
                 {
                     Ok(_) => {}
@@ -259,19 +273,17 @@ impl Saga {
                     (Direction::Do, Reply::Failed(reason)) => format!("failed: {reason}"),
                     (Direction::Undo, _) => "compensated".to_owned(),
                 };
-                record_step(&mut tx, &order_id, name, &what).await?;
+                record_step(tx, &order_id, name, &what).await?;
                 let outcome = match (step, direction, &reply) {
                     (CHARGE, Direction::Do, Reply::Done(_)) => Some(Outcome::Confirmed),
                     (_, Direction::Do, Reply::Failed(reason)) => Some(Outcome::Cancelled(reason)),
                     _ => None,
                 };
                 if let Some(outcome) = outcome {
-                    finish(&mut tx, &self.outbox, &order_id, outcome).await?;
+                    finish(tx, &self.outbox, &order_id, outcome).await?;
                 }
             }
         }
-        tx.commit().await?;
-        self.outbox.written();
         Ok(())
     }
 
@@ -348,4 +360,24 @@ async fn record_step(
     .execute(&mut *tx)
     .await?;
     Ok(())
+}
+
+/// The consumer of the participants' events handles a window of them in one
+/// transaction; the relay is woken once it has committed.
+impl Transactional for Saga {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        meta: &'a Meta,
+        _prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            self.apply(tx, event, meta).await?;
+            let outbox = self.outbox.clone();
+            after.then(move || outbox.written());
+            Ok(())
+        })
+    }
 }

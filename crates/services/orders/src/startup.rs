@@ -69,14 +69,13 @@ impl Application {
         let saga_timeout = settings.saga_timeout.0;
         Ok(Service::new(chassis, router, Some(db))
             .with_outbox_relay(pool.clone(), outbox)
-            .with_consumer(crate::saga::INVENTORY, crate::NAME, move |e, m| {
-                let s = inventory.clone();
-                async move { s.on_event(e, m).await }
-            })
-            .with_consumer(crate::saga::PAYMENTS, crate::NAME, move |e, m| {
-                let s = payments.clone();
-                async move { s.on_event(e, m).await }
-            })
+            .with_transactional_consumer(
+                crate::saga::INVENTORY,
+                crate::NAME,
+                pool.clone(),
+                inventory,
+            )
+            .with_transactional_consumer(crate::saga::PAYMENTS, crate::NAME, pool.clone(), payments)
             .with_background(move |stop| async move {
                 match timer.orchestrator.clone() {
                     // Retries unanswered steps; after a crash, resumes every saga.

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use chassis::telemetry::metrics::Metrics;
-use messaging::CloudEvent;
-use messaging::consumer::{HandlerError, Meta, triage};
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
+use messaging::{BoxFuture, CloudEvent};
 use serde_json::json;
 use sqlx::{AnyConnection, AnyPool, Row};
 
@@ -183,75 +183,94 @@ impl Payments {
     }
 
     /// One orchestrator command from `payments.commands`.
-    pub async fn command(&self, event: CloudEvent, _meta: Meta) -> Result<(), HandlerError> {
-        triage(&event, COMMANDS, COMMANDS)?;
-        match event.ty.as_str() {
-            "payments.charge" => {
-                let request = ChargeRequest::from_event(&event, "amount_cents")?;
-                self.charge(&event.id, &request).await
-            }
-            "payments.refund" => self.refund(&event.id, text(&event, "order_id")?).await,
-            other => Err(HandlerError::Reject(format!("unknown command `{other}`"))),
-        }
+    pub async fn command(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        self.alone(Topic::Commands, &event, &meta).await
     }
 
     /// One event from `inventory` (choreography): a reservation is charged.
-    pub async fn inventory_event(
-        &self,
-        event: CloudEvent,
-        _meta: Meta,
-    ) -> Result<(), HandlerError> {
-        if !triage(&event, &["inventory.reserved"], INVENTORY_EVENTS)? {
-            return Ok(());
-        }
-        let request = ChargeRequest::from_event(&event, "total_cents")?;
-        self.charge(&event.id, &request).await
+    pub async fn inventory_event(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        self.alone(Topic::Inventory, &event, &meta).await
     }
 
     /// One event from `orders` (choreography): a cancellation is refunded.
-    pub async fn order_event(&self, event: CloudEvent, _meta: Meta) -> Result<(), HandlerError> {
-        if !triage(&event, &["order.cancelled"], ORDER_EVENTS)? {
-            return Ok(());
-        }
-        self.refund(&event.id, text(&event, "order_id")?).await
+    pub async fn order_event(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
+        self.alone(Topic::Orders, &event, &meta).await
     }
 
-    /// Charges the order once; any later request for it gets the same answer.
-    pub async fn charge(
+    /// One event in a transaction of its own (the service's consumers handle a
+    /// window of events per transaction: [`Consumer`]).
+    async fn alone(
         &self,
-        event_id: &str,
-        request: &ChargeRequest,
+        topic: Topic,
+        event: &CloudEvent,
+        _meta: &Meta,
     ) -> Result<(), HandlerError> {
+        let work = Work::of(topic, event)?;
+        let decision = self.prepare(&work).await?;
+        let mut tx = self.pool.begin().await?;
+        let mut after = AfterCommit::default();
+        if self.inbox.claim(&mut tx, &event.id).await? {
+            self.apply(&mut tx, &work, decision, &mut after).await?;
+        }
+        tx.commit().await?;
+        after.run();
+        Ok(())
+    }
+
+    /// What the provider says of a charge, asked before the transaction so its
+    /// latency holds neither the order's lock nor SQLite's writer lock; `None` when
+    /// the order is decided already (a re-sent command, or one refunded first): the
+    /// database answers and the provider is not asked again, so it need not be up.
+    async fn prepare(&self, work: &Work) -> Result<Option<Decision>, HandlerError> {
+        let Work::Charge(request) = work else {
+            return Ok(None);
+        };
         let order_id = request.order_id.as_str();
-        // A decided order (a re-sent command, or one refunded first) is answered from
-        // the database: the provider is not asked again, so it need not be up.
         let decided = {
             let mut conn = self.pool.acquire().await?;
             charge_of(&mut conn, order_id).await?.is_some()
                 || refund_of(&mut conn, order_id).await?.is_some()
         };
-        let decision = if decided {
-            None
+        if decided {
+            Ok(None)
         } else if self.provider.in_outage() {
-            return Err(HandlerError::Retry("payment provider unavailable".into()));
+            Err(HandlerError::Retry("payment provider unavailable".into()))
         } else {
-            // Before the transaction: the provider's latency must not hold the
-            // order's lock (nor SQLite's writer lock).
-            Some(self.provider.authorize().await)
-        };
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.claim(&mut tx, event_id).await? {
-            tx.commit().await?;
-            return Ok(());
+            Ok(Some(self.provider.authorize().await))
         }
-        lock(&mut tx, order_id).await?;
-        let charge = charge_of(&mut tx, order_id).await?;
-        let refund = refund_of(&mut tx, order_id).await?;
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut AnyConnection,
+        work: &Work,
+        decision: Option<Decision>,
+        after: &mut AfterCommit,
+    ) -> Result<(), HandlerError> {
+        match work {
+            Work::Charge(request) => self.charge(tx, request, decision, after).await,
+            Work::Refund(order_id) => self.refund(tx, order_id, after).await,
+            Work::Nothing => Ok(()),
+        }
+    }
+
+    /// Charges the order once; any later request for it gets the same answer.
+    async fn charge(
+        &self,
+        tx: &mut AnyConnection,
+        request: &ChargeRequest,
+        decision: Option<Decision>,
+        after: &mut AfterCommit,
+    ) -> Result<(), HandlerError> {
+        let order_id = request.order_id.as_str();
+        lock(tx, order_id).await?;
+        let charge = charge_of(tx, order_id).await?;
+        let refund = refund_of(tx, order_id).await?;
         let (answer, outcome) = match (charge, refund, decision) {
             (Some(charge), _, _) => (charge.answer(), None),
             (None, Some(_), _) => (Answer::Declined { reason: CANCELLED }, Some(CANCELLED)),
             (None, None, Some(decision)) => {
-                let charge = insert_charge(&mut tx, request, decision).await?;
+                let charge = insert_charge(tx, request, decision).await?;
                 (charge.answer(), Some(outcome_label(&charge.status)))
             }
             // Rows are never deleted, so a decided order stays decided; ask again
@@ -262,32 +281,30 @@ impl Payments {
                 )));
             }
         };
-        self.emit(&mut tx, order_id, &answer).await?;
-        tx.commit().await?;
-        self.outbox.written();
-        if let Some(outcome) = outcome {
-            self.metrics.charged(outcome);
-            tracing::info!(
-                order_id,
-                outcome,
-                amount_cents = request.amount_cents,
-                "charge decided"
-            );
-        }
+        self.emit(tx, order_id, &answer).await?;
+        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
+        let (order_id, amount_cents) = (order_id.to_owned(), request.amount_cents);
+        after.then(move || {
+            outbox.written();
+            if let Some(outcome) = outcome {
+                metrics.charged(outcome);
+                tracing::info!(order_id, outcome, amount_cents, "charge decided");
+            }
+        });
         Ok(())
     }
 
     /// Gives the order's charge back once; with nothing charged, leaves a tombstone
     /// so a late charge is refused. Always answers (the orchestrator waits for it).
-    pub async fn refund(&self, event_id: &str, order_id: &str) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.claim(&mut tx, event_id).await? {
-            tx.commit().await?;
-            return Ok(());
-        }
-        lock(&mut tx, order_id).await?;
-        let refund = refund_of(&mut tx, order_id).await?;
-        let charge = charge_of(&mut tx, order_id).await?;
+    async fn refund(
+        &self,
+        tx: &mut AnyConnection,
+        order_id: &str,
+        after: &mut AfterCommit,
+    ) -> Result<(), HandlerError> {
+        lock(tx, order_id).await?;
+        let refund = refund_of(tx, order_id).await?;
+        let charge = charge_of(tx, order_id).await?;
         let (answer, outcome) = match (refund, charge) {
             (Some(refund), _) => (
                 Answer::Refunded {
@@ -298,7 +315,7 @@ impl Payments {
             ),
             (None, Some(charge)) if charge.status == CHARGED => {
                 let refund_id = uuid::Uuid::now_v7().to_string();
-                insert_refund(&mut tx, order_id, Some((&refund_id, &charge))).await?;
+                insert_refund(tx, order_id, Some((&refund_id, &charge))).await?;
                 let answer = Answer::Refunded {
                     refund_id: Some(refund_id),
                     amount_cents: charge.amount_cents,
@@ -309,17 +326,20 @@ impl Payments {
             // any later charge request.
             (None, Some(_)) => (nothing_refunded(), Some("nothing_charged")),
             (None, None) => {
-                insert_refund(&mut tx, order_id, None).await?;
+                insert_refund(tx, order_id, None).await?;
                 (nothing_refunded(), Some("nothing_charged"))
             }
         };
-        self.emit(&mut tx, order_id, &answer).await?;
-        tx.commit().await?;
-        self.outbox.written();
-        if let Some(outcome) = outcome {
-            self.metrics.refunded(outcome);
-            tracing::info!(order_id, outcome, "refund decided");
-        }
+        self.emit(tx, order_id, &answer).await?;
+        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
+        let order_id = order_id.to_owned();
+        after.then(move || {
+            outbox.written();
+            if let Some(outcome) = outcome {
+                metrics.refunded(outcome);
+                tracing::info!(order_id, outcome, "refund decided");
+            }
+        });
         Ok(())
     }
 
@@ -451,4 +471,94 @@ async fn insert_refund(
     .execute(conn)
     .await
     .map(|_| ())
+}
+
+/// The topics the service consumes.
+#[derive(Clone, Copy, Debug)]
+pub enum Topic {
+    /// `payments.commands` (orchestration).
+    Commands,
+    /// `inventory` (choreography).
+    Inventory,
+    /// `orders` (choreography).
+    Orders,
+}
+
+/// What an event asks of the service.
+enum Work {
+    Charge(ChargeRequest),
+    Refund(String),
+    Nothing,
+}
+
+impl Work {
+    fn of(topic: Topic, event: &CloudEvent) -> Result<Self, HandlerError> {
+        Ok(match topic {
+            Topic::Commands => {
+                triage(event, COMMANDS, COMMANDS)?;
+                match event.ty.as_str() {
+                    "payments.charge" => {
+                        Work::Charge(ChargeRequest::from_event(event, "amount_cents")?)
+                    }
+                    "payments.refund" => Work::Refund(text(event, "order_id")?.to_owned()),
+                    other => {
+                        return Err(HandlerError::Reject(format!("unknown command `{other}`")));
+                    }
+                }
+            }
+            Topic::Inventory => match triage(event, &["inventory.reserved"], INVENTORY_EVENTS)? {
+                true => Work::Charge(ChargeRequest::from_event(event, "total_cents")?),
+                false => Work::Nothing,
+            },
+            Topic::Orders => match triage(event, &["order.cancelled"], ORDER_EVENTS)? {
+                true => Work::Refund(text(event, "order_id")?.to_owned()),
+                false => Work::Nothing,
+            },
+        })
+    }
+}
+
+/// One of the service's consumers: a window of a topic's events in one transaction,
+/// the provider asked for each charge of the window side by side before it.
+pub struct Consumer {
+    pub payments: Payments,
+    pub topic: Topic,
+}
+
+impl Transactional for Consumer {
+    fn prepare<'a>(
+        &'a self,
+        event: &'a CloudEvent,
+        _meta: &'a Meta,
+    ) -> BoxFuture<'a, Result<Prepared, HandlerError>> {
+        Box::pin(async move {
+            let work = Work::of(self.topic, event)?;
+            let decision = self.payments.prepare(&work).await?;
+            let prepared: Box<dyn std::any::Any + Send> = Box::new((work, decision));
+            Ok(Some(prepared))
+        })
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        _meta: &'a Meta,
+        prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let (work, decision) =
+                match prepared.and_then(|p| p.downcast::<(Work, Option<Decision>)>().ok()) {
+                    Some(p) => *p,
+                    None => {
+                        return Err(HandlerError::Retry(format!(
+                            "event {} was not prepared",
+                            event.id
+                        )));
+                    }
+                };
+            self.payments.apply(tx, &work, decision, after).await
+        })
+    }
 }

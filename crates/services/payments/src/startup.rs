@@ -10,7 +10,7 @@ use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
 use utoipa::OpenApi;
 
-use crate::handler::{COMMANDS_TOPIC, INVENTORY_TOPIC, ORDERS_TOPIC, Payments};
+use crate::handler::{COMMANDS_TOPIC, Consumer, INVENTORY_TOPIC, ORDERS_TOPIC, Payments, Topic};
 use crate::provider::Provider;
 use crate::routes::{self, ApiDoc};
 use crate::{Config, MIGRATOR, NAME};
@@ -46,27 +46,27 @@ impl Application {
             },
             Some(ApiDoc::openapi()),
         );
-        let service = Service::new(chassis, router, Some(db)).with_outbox_relay(pool, outbox);
+        let service =
+            Service::new(chassis, router, Some(db)).with_outbox_relay(pool.clone(), outbox);
+        let consumer = |topic| Consumer {
+            payments: payments.clone(),
+            topic,
+        };
         Ok(match config.saga_mode {
-            SagaMode::Orchestration => {
-                let p = payments;
-                service.with_consumer(COMMANDS_TOPIC, NAME, move |event, meta| {
-                    let p = p.clone();
-                    async move { p.command(event, meta).await }
-                })
-            }
-            SagaMode::Choreography => {
-                let (p, q) = (payments.clone(), payments);
-                service
-                    .with_consumer(INVENTORY_TOPIC, NAME, move |event, meta| {
-                        let p = p.clone();
-                        async move { p.inventory_event(event, meta).await }
-                    })
-                    .with_consumer(ORDERS_TOPIC, NAME, move |event, meta| {
-                        let q = q.clone();
-                        async move { q.order_event(event, meta).await }
-                    })
-            }
+            SagaMode::Orchestration => service.with_transactional_consumer(
+                COMMANDS_TOPIC,
+                NAME,
+                pool,
+                consumer(Topic::Commands),
+            ),
+            SagaMode::Choreography => service
+                .with_transactional_consumer(
+                    INVENTORY_TOPIC,
+                    NAME,
+                    pool.clone(),
+                    consumer(Topic::Inventory),
+                )
+                .with_transactional_consumer(ORDERS_TOPIC, NAME, pool, consumer(Topic::Orders)),
         })
     }
 }

@@ -16,11 +16,11 @@ use chassis::extract::{Json, Path, Query};
 use chassis::http::Service;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, FieldError, Problem, ServiceConfig};
-use messaging::CloudEvent;
 use messaging::consumer::{HandlerError, Meta};
 use messaging::inbox::Inbox;
+use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyConnection, AnyPool, Row};
 use utoipa::OpenApi;
 
 pub const NAME: &str = "recommendations";
@@ -114,32 +114,45 @@ async fn top(
     Ok(Json(Recommendations { product_id, items }))
 }
 
-/// Handles one event from the orders topic.
+/// Handles one event from the orders topic in a transaction of its own, claimed in
+/// `inbox` (the service's consumer runs [`apply`] for a window of events at once).
 pub async fn handle(
     pool: &AnyPool,
     inbox: &Inbox,
     event: CloudEvent,
     _meta: Meta,
 ) -> Result<(), HandlerError> {
-    // Only what was really bought: a cancelled order teaches nothing.
-    if !messaging::consumer::triage(&event, &["order.confirmed"], ORDER_EVENTS)? {
-        return Ok(());
-    }
-    let items = event.data["items"]
-        .as_array()
-        .ok_or_else(|| HandlerError::Reject(format!("{} has no `items` array", event.ty)))?;
-    // Distinct products with their names, in a stable order.
-    let mut products: BTreeMap<String, String> = BTreeMap::new();
-    for item in items {
-        let id = item["product_id"]
-            .as_str()
-            .ok_or_else(|| HandlerError::Reject("an item has no string `product_id`".into()))?;
-        let name = item["product_name"].as_str().unwrap_or_default();
-        products.insert(id.to_owned(), name.to_owned());
-    }
-    let products: Vec<(String, String)> = products.into_iter().take(MAX_PRODUCTS).collect();
     let mut tx = pool.begin().await?;
     if inbox.claim(&mut tx, &event.id).await? {
+        apply(&mut tx, &event).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What one event from the orders topic changes, in `tx` where it is claimed.
+pub fn apply<'a>(
+    tx: &'a mut AnyConnection,
+    event: &'a CloudEvent,
+) -> BoxFuture<'a, Result<(), HandlerError>> {
+    Box::pin(async move {
+        // Only what was really bought: a cancelled order teaches nothing.
+        if !messaging::consumer::triage(event, &["order.confirmed"], ORDER_EVENTS)? {
+            return Ok(());
+        }
+        let items = event.data["items"]
+            .as_array()
+            .ok_or_else(|| HandlerError::Reject(format!("{} has no `items` array", event.ty)))?;
+        // Distinct products with their names, in a stable order.
+        let mut products: BTreeMap<String, String> = BTreeMap::new();
+        for item in items {
+            let id = item["product_id"]
+                .as_str()
+                .ok_or_else(|| HandlerError::Reject("an item has no string `product_id`".into()))?;
+            let name = item["product_name"].as_str().unwrap_or_default();
+            products.insert(id.to_owned(), name.to_owned());
+        }
+        let products: Vec<(String, String)> = products.into_iter().take(MAX_PRODUCTS).collect();
         for (id, name) in &products {
             sqlx::query(
                 "INSERT INTO product_names (product_id, name) VALUES ($1, $2) \
@@ -162,9 +175,8 @@ pub async fn handle(
                 .await?;
             }
         }
-    }
-    tx.commit().await?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Builds the service; the chassis's [`Service`] runs it.
@@ -179,15 +191,8 @@ impl Application {
             .await
             .context("binding the listener")?;
         let routes = Router::new().route("/recommendations/{product_id}", get(top));
-        Service::fed_by(
-            chassis,
-            db,
-            routes,
-            ApiDoc::openapi(),
-            TOPIC,
-            |pool, inbox, event, meta| async move { handle(&pool, &inbox, event, meta).await },
-        )
-        .await
-        .context("recommendations inbox")
+        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, apply)
+            .await
+            .context("recommendations inbox")
     }
 }
