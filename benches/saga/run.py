@@ -6,7 +6,8 @@ Reports achieved orders/s, request latency, saga completion latency (placed ->
 CONFIRMED/CANCELLED, from the orders service's timestamps) and per-step latency from
 sampled saga histories, then runs `bazaar verify`.
 
-Usage: python3 benches/saga/run.py [--rate 1000] [--seconds 20]
+Usage: python3 benches/saga/run.py [--rate 1000] [--seconds 20] [--backends embedded,postgres+nats]
+       [--modes orchestration,choreography] [--binary PATH]
 Needs: PostgreSQL on 127.0.0.1:5432 (trust) and NATS with JetStream on 4222 for the
 second pair of rows. Prints Markdown.
 """
@@ -169,12 +170,17 @@ def main():
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=int, default=20)
     parser.add_argument("--backends", default="embedded,postgres+nats")
+    parser.add_argument("--modes", default="orchestration,choreography")
+    parser.add_argument("--binary", help="a bazaar binary to measure instead of this build's")
     args = parser.parse_args()
-    if not os.environ.get("NO_BUILD"): subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar"], cwd=ROOT, check=True)
-    binary = os.path.join(target_dir(), "release", "bazaar")
+    binary = args.binary
+    if not binary:
+        if not os.environ.get("NO_BUILD"):
+            subprocess.run(["cargo", "build", "--release", "--locked", "-p", "bazaar"], cwd=ROOT, check=True)
+        binary = os.path.join(target_dir(), "release", "bazaar")
     rows = []
     for backend in args.backends.split(","):
-        for mode in ["orchestration", "choreography"]:
+        for mode in args.modes.split(","):
             rows.append((mode, backend, run_one(binary, mode, backend, args.rate, args.seconds)))
     print(f"### Saga: {args.rate:,} orders/s offered for {args.seconds} s through the gateway\n")
     print("| mode | backend | orders/s done | request p50 / p99 | saga p50 / p99 / p99.9 | "
