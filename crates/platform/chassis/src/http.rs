@@ -22,7 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
-use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional};
+use messaging::consumer::{AfterCommit, Apply, HandlerError, Meta, Prepared, Transactional};
 use messaging::{BoxFuture, CloudEvent};
 
 use crate::Chassis;
@@ -804,14 +804,8 @@ impl Service {
         };
         let router = chassis.router(routes.with_state(pool.clone()), readiness, Some(openapi));
         let group = chassis.name;
-        Ok(
-            Self::new(chassis, router, Some(db)).with_transactional_consumer(
-                topic,
-                group,
-                pool,
-                ApplyFn(apply),
-            ),
-        )
+        Ok(Self::new(chassis, router, Some(db))
+            .with_transactional_consumer(topic, group, pool, apply))
     }
 
     /// Runs `task` beside the server; it gets a token cancelled on shutdown and is
@@ -847,27 +841,6 @@ impl Service {
             db.close().await;
         }
         served
-    }
-}
-
-/// What a read side does with one event, in the transaction that claimed it.
-pub type Apply = for<'a> fn(
-    &'a mut sqlx::AnyConnection,
-    &'a CloudEvent,
-) -> BoxFuture<'a, Result<(), HandlerError>>;
-
-struct ApplyFn(Apply);
-
-impl Transactional for ApplyFn {
-    fn handle<'a>(
-        &'a self,
-        tx: &'a mut sqlx::AnyConnection,
-        event: &'a CloudEvent,
-        _meta: &'a Meta,
-        _prepared: Prepared,
-        _after: &'a mut AfterCommit,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        (self.0)(tx, event)
     }
 }
 

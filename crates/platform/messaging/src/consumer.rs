@@ -352,8 +352,15 @@ impl AfterCommit {
         self.0.push(Box::new(f));
     }
 
+    /// Wakes `outbox`'s relay once the transaction has committed (what a handler
+    /// that enqueued an event leaves).
+    pub fn wake(&mut self, outbox: &crate::outbox::Outbox) {
+        let outbox = outbox.clone();
+        self.then(move || outbox.written());
+    }
+
     /// Runs what was left, once the transaction has committed.
-    pub fn run(self) {
+    fn run(self) {
         for f in self.0 {
             f();
         }
@@ -391,6 +398,24 @@ pub trait Transactional: Send + Sync + 'static {
         prepared: Prepared,
         after: &'a mut AfterCommit,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+/// A handler that is only its effect in the claiming transaction: what a read side
+/// does with one event.
+pub type Apply =
+    for<'a> fn(&'a mut AnyConnection, &'a CloudEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+impl Transactional for Apply {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        _meta: &'a Meta,
+        _prepared: Prepared,
+        _after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        self(tx, event)
+    }
 }
 
 /// The database a [`Transactional`] consumer writes and the inbox it claims in.
@@ -493,7 +518,7 @@ async fn windows<H: Transactional>(
             let (key, offset) = (d.key.clone(), d.offset);
             let meta = Meta::of(&d);
             let outcome = match &d.event {
-                Ok(event) => AssertUnwindSafe(one_transaction(store, handler, event, &meta))
+                Ok(event) => AssertUnwindSafe(handle_one(store, handler, event, &meta))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into()))),
@@ -553,8 +578,10 @@ async fn in_one_transaction<H: Transactional>(
     Ok(())
 }
 
-/// One delivery in a transaction of its own.
-async fn one_transaction<H: Transactional>(
+/// One event in a transaction of its own: prepared, claimed in the inbox, handled,
+/// committed, then what it left for after the commit. What the consumer does when a
+/// window fails, and what a test or a service's one-event entry point calls.
+pub async fn handle_one<H: Transactional>(
     store: &Store,
     handler: &H,
     event: &CloudEvent,

@@ -30,7 +30,9 @@ use chassis::http::{Readiness, Service};
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::settings::SagaMode;
 use chassis::{Chassis, Problem, ServiceConfig};
-use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
+use messaging::consumer::{
+    AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
+};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
 use messaging::{BoxFuture, CloudEvent};
@@ -328,13 +330,15 @@ impl Inventory {
         event: &CloudEvent,
         meta: &Meta,
     ) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if self.inbox.claim(&mut tx, &event.id).await? {
-            self.apply(topic, &mut tx, event, meta).await?;
-        }
-        tx.commit().await?;
-        self.outbox.written();
-        Ok(())
+        let store = Store {
+            pool: self.pool.clone(),
+            inbox: self.inbox.clone(),
+        };
+        let consumer = Consumer {
+            inventory: self.clone(),
+            topic,
+        };
+        messaging::consumer::handle_one(&store, &consumer, event, meta).await
     }
 
     /// What an event of `topic` changes, in `tx` where it is claimed.
@@ -709,8 +713,7 @@ impl Transactional for Consumer {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             self.inventory.apply(self.topic, tx, event, meta).await?;
-            let outbox = self.inventory.outbox.clone();
-            after.then(move || outbox.written());
+            after.wake(&self.inventory.outbox);
             Ok(())
         })
     }

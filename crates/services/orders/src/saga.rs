@@ -18,7 +18,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
+use messaging::consumer::{
+    AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
+};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
 use messaging::{BoxFuture, CloudEvent};
@@ -220,13 +222,11 @@ impl Saga {
 
     /// An event of `inventory` or `payments`, in a transaction of its own.
     pub async fn on_event(&self, event: CloudEvent, meta: Meta) -> Result<(), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        if self.inbox.claim(&mut tx, &event.id).await? {
-            self.apply(&mut tx, &event, &meta).await?;
-        }
-        tx.commit().await?;
-        self.outbox.written();
-        Ok(())
+        let store = Store {
+            pool: self.pool.clone(),
+            inbox: self.inbox.clone(),
+        };
+        messaging::consumer::handle_one(&store, self, &event, &meta).await
     }
 
     /// What an event of `inventory` or `payments` changes, in `tx` where it is
@@ -375,8 +375,7 @@ impl Transactional for Saga {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             self.apply(tx, event, meta).await?;
-            let outbox = self.outbox.clone();
-            after.then(move || outbox.written());
+            after.wake(&self.outbox);
             Ok(())
         })
     }

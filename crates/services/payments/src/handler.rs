@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use chassis::telemetry::metrics::Metrics;
-use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Transactional, triage};
+use messaging::consumer::{
+    AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
+};
 use messaging::inbox::Inbox;
 use messaging::outbox::Outbox;
 use messaging::{BoxFuture, CloudEvent};
@@ -203,18 +205,17 @@ impl Payments {
         &self,
         topic: Topic,
         event: &CloudEvent,
-        _meta: &Meta,
+        meta: &Meta,
     ) -> Result<(), HandlerError> {
-        let work = Work::of(topic, event)?;
-        let decision = self.prepare(&work).await?;
-        let mut tx = self.pool.begin().await?;
-        let mut after = AfterCommit::default();
-        if self.inbox.claim(&mut tx, &event.id).await? {
-            self.apply(&mut tx, &work, decision, &mut after).await?;
-        }
-        tx.commit().await?;
-        after.run();
-        Ok(())
+        let store = Store {
+            pool: self.pool.clone(),
+            inbox: self.inbox.clone(),
+        };
+        let consumer = Consumer {
+            payments: self.clone(),
+            topic,
+        };
+        messaging::consumer::handle_one(&store, &consumer, event, meta).await
     }
 
     /// What the provider says of a charge, asked before the transaction so its
@@ -282,15 +283,15 @@ impl Payments {
             }
         };
         self.emit(tx, order_id, &answer).await?;
-        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
-        let (order_id, amount_cents) = (order_id.to_owned(), request.amount_cents);
-        after.then(move || {
-            outbox.written();
-            if let Some(outcome) = outcome {
+        after.wake(&self.outbox);
+        if let Some(outcome) = outcome {
+            let metrics = self.metrics.clone();
+            let (order_id, amount_cents) = (order_id.to_owned(), request.amount_cents);
+            after.then(move || {
                 metrics.charged(outcome);
                 tracing::info!(order_id, outcome, amount_cents, "charge decided");
-            }
-        });
+            });
+        }
         Ok(())
     }
 
@@ -331,15 +332,14 @@ impl Payments {
             }
         };
         self.emit(tx, order_id, &answer).await?;
-        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
-        let order_id = order_id.to_owned();
-        after.then(move || {
-            outbox.written();
-            if let Some(outcome) = outcome {
+        after.wake(&self.outbox);
+        if let Some(outcome) = outcome {
+            let (metrics, order_id) = (self.metrics.clone(), order_id.to_owned());
+            after.then(move || {
                 metrics.refunded(outcome);
                 tracing::info!(order_id, outcome, "refund decided");
-            }
-        });
+            });
+        }
         Ok(())
     }
 

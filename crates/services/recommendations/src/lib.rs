@@ -16,7 +16,7 @@ use chassis::extract::{Json, Path, Query};
 use chassis::http::Service;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, FieldError, Problem, ServiceConfig};
-use messaging::consumer::{HandlerError, Meta};
+use messaging::consumer::{Apply, HandlerError, Meta, Store};
 use messaging::inbox::Inbox;
 use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
@@ -120,14 +120,13 @@ pub async fn handle(
     pool: &AnyPool,
     inbox: &Inbox,
     event: CloudEvent,
-    _meta: Meta,
+    meta: Meta,
 ) -> Result<(), HandlerError> {
-    let mut tx = pool.begin().await?;
-    if inbox.claim(&mut tx, &event.id).await? {
-        apply(&mut tx, &event).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    let store = Store {
+        pool: pool.clone(),
+        inbox: inbox.clone(),
+    };
+    messaging::consumer::handle_one(&store, &(apply as Apply), &event, &meta).await
 }
 
 /// What one event from the orders topic changes, in `tx` where it is claimed.
