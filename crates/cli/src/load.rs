@@ -105,6 +105,40 @@ struct Customer {
     token: String,
 }
 
+/// How long a request outside the measured journeys (setting up customers, reading
+/// the orders back) keeps being retried: `bazaar chaos` may have just killed the
+/// service it needs, and the supervisor brings it back within seconds.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Sends the request `make` builds until it gets an answer that is not a server
+/// error nor a 429, for up to [`PATIENCE`]; the last failure otherwise.
+async fn patiently(
+    make: impl Fn() -> reqwest::RequestBuilder,
+) -> anyhow::Result<reqwest::Response> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let failure = match make().send().await {
+            Ok(r)
+                if !(r.status().is_server_error()
+                    || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS) =>
+            {
+                return Ok(r);
+            }
+            Ok(r) => {
+                let status = r.status();
+                anyhow::anyhow!("{status}: {}", r.text().await.unwrap_or_default())
+            }
+            Err(e) => anyhow::Error::new(e),
+        };
+        if Instant::now() + pause > deadline {
+            return Err(failure);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 async fn setup(
     http: &reqwest::Client,
     gateway: &str,
@@ -114,37 +148,39 @@ async fn setup(
     for n in 0..CUSTOMERS {
         let email = format!("load-{}-{n}@example.com", &run[..8]);
         let password = "load-test-password";
-        let signed = http
-            .post(format!("{gateway}/users"))
-            .json(&json!({"email": email, "name": format!("Load {n}"), "password": password}))
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
-        if !signed.status().is_success() {
+        let signed = patiently(|| {
+            http.post(format!("{gateway}/users"))
+                .json(&json!({"email": email, "name": format!("Load {n}"), "password": password}))
+        })
+        .await
+        .with_context(|| format!("cannot reach the gateway at {gateway}"))?;
+        // A conflict after a retry: the first try created the customer and its
+        // answer was lost (the addresses are this run's own).
+        if !signed.status().is_success() && signed.status() != reqwest::StatusCode::CONFLICT {
             bail!(
                 "signing up a customer failed: {}",
                 signed.text().await.unwrap_or_default()
             );
         }
-        let login: Value = http
-            .post(format!("{gateway}/auth/login"))
-            .json(&json!({"email": email, "password": password}))
-            .send()
-            .await?
-            .error_for_status()
-            .context("logging a customer in")?
-            .json()
-            .await?;
+        let login: Value = patiently(|| {
+            http.post(format!("{gateway}/auth/login"))
+                .json(&json!({"email": email, "password": password}))
+        })
+        .await
+        .context("logging a customer in")?
+        .error_for_status()
+        .context("logging a customer in")?
+        .json()
+        .await?;
         let token = login["access_token"]
             .as_str()
             .context("login answered without an access_token")?
             .to_owned();
         customers.push(Customer { token });
     }
-    let page: Value = http
-        .get(format!("{gateway}/products?limit=50"))
-        .send()
-        .await?
+    let page: Value = patiently(|| http.get(format!("{gateway}/products?limit=50")))
+        .await
+        .context("listing products")?
         .error_for_status()
         .context("listing products")?
         .json()
@@ -378,13 +414,14 @@ async fn step_latencies(
             .ok()
     };
     for (id, token) in placed.iter().step_by(every) {
-        let order: Value = http
-            .get(format!("{gateway}/orders/{id}"))
-            .bearer_auth(token)
-            .send()
-            .await?
-            .json()
-            .await?;
+        // A sample that cannot be read back is left out of the step latencies.
+        let read = patiently(|| {
+            http.get(format!("{gateway}/orders/{id}"))
+                .bearer_auth(token)
+        });
+        let Ok(order) = async { anyhow::Ok(read.await?.json::<Value>().await?) }.await else {
+            continue;
+        };
         let Some(created) = parse(&order["created_at"]) else {
             continue;
         };
@@ -451,14 +488,14 @@ async fn saga_latencies(
             Some(base) => {
                 let mut after = String::new();
                 loop {
-                    let page: Value = http
-                        .get(format!("{base}/admin/orders"))
-                        .query(&[("limit", "1000"), ("after", after.as_str())])
-                        .send()
-                        .await?
-                        .error_for_status()?
-                        .json()
-                        .await?;
+                    let page: Value = patiently(|| {
+                        http.get(format!("{base}/admin/orders"))
+                            .query(&[("limit", "1000"), ("after", after.as_str())])
+                    })
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
                     for o in page["items"].as_array().into_iter().flatten() {
                         if let Some(id) = o["id"].as_str().filter(|id| wanted.contains(id)) {
                             seen.insert(
@@ -479,13 +516,13 @@ async fn saga_latencies(
             }
             None => {
                 for (id, token) in placed {
-                    let o: Value = http
-                        .get(format!("{gateway}/orders/{id}"))
-                        .bearer_auth(token)
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
+                    let o: Value = patiently(|| {
+                        http.get(format!("{gateway}/orders/{id}"))
+                            .bearer_auth(token)
+                    })
+                    .await?
+                    .json()
+                    .await?;
                     let saga_ms = ended_ms(&o);
                     seen.insert(
                         id.clone(),

@@ -165,6 +165,59 @@ async fn verify_names_a_broken_invariant_and_exits_1() {
     assert_eq!(report["violations"][0]["ids"][0], products[0].as_str());
 }
 
+/// A service failing while `bazaar load` sets up its customers (as under `bazaar
+/// chaos`) is waited for: the customers still sign up once it is back, and the run
+/// still reports.
+#[tokio::test]
+async fn load_waits_out_a_failing_service_while_it_sets_up() {
+    let shop = Shop::up("processes", &[]);
+    let products = shop.product_ids(50).await;
+    shop.stocked(&products).await;
+    let mut chaos = std::process::Command::new(support::BIN)
+        .args([
+            "chaos",
+            "--no-kill",
+            "--inject",
+            "users",
+            "--error-rate",
+            "1",
+            "--duration",
+            "3s",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .spawn()
+        .unwrap();
+    let users = format!("{}/users/me", shop.url("users"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while shop.http.get(&users).send().await.unwrap().status() != 503 {
+        assert!(std::time::Instant::now() < deadline, "no fault injected");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = std::process::Command::new(support::BIN)
+        .args([
+            "load",
+            "--rate",
+            "10",
+            "--duration",
+            "1s",
+            "--json",
+            "--data-dir",
+        ])
+        .arg(&shop.data_dir)
+        .output()
+        .unwrap();
+    assert!(chaos.wait().unwrap().success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["orders_placed"], 10, "{report}");
+    assert_eq!(report["confirmed"], 10, "{report}");
+}
+
 /// `bazaar load` finds the shop like `bazaar ps`, keeps its rate (open loop), and
 /// reports request and saga latencies; `verify` agrees with what it placed.
 #[tokio::test]
