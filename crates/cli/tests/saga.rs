@@ -300,7 +300,7 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
     find(&mut load);
     let load = load
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut chaos = std::process::Command::new(support::BIN);
@@ -319,7 +319,12 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
         .count();
     assert!(kills >= 8, "{said}");
     let load = load.wait_with_output().unwrap();
-    let report: Value = serde_json::from_slice(&load.stdout).unwrap();
+    let report: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
+        panic!(
+            "load printed no report ({e}): {}",
+            String::from_utf8_lossy(&load.stderr)
+        )
+    });
     assert!(report["orders_placed"].as_u64().unwrap() > 200, "{report}");
     let (code, verified) = if through_gateway {
         verify_with(
