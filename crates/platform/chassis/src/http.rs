@@ -22,7 +22,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tracing::Instrument;
 
-use messaging::consumer::{AfterCommit, Apply, HandlerError, Meta, Prepared, Transactional};
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, ReadSide, Transactional};
 use messaging::{BoxFuture, CloudEvent};
 
 use crate::Chassis;
@@ -785,16 +785,16 @@ impl Service {
     }
 
     /// A read side fed by one topic: `routes` over the service's database with the
-    /// standard readiness, and `apply` run for each event of `topic` (consumer group:
-    /// the service's name) in a transaction of that database, where the event is
-    /// claimed in the group's inbox (installed here).
+    /// standard readiness, and `handler` run for the events of `topic` it handles
+    /// (consumer group: the service's name) in a transaction of that database, where
+    /// each is claimed in the group's inbox (installed here).
     pub async fn fed_by(
         chassis: Chassis,
         db: Database,
         routes: Router<sqlx::AnyPool>,
         openapi: utoipa::openapi::OpenApi,
         topic: &str,
-        apply: Apply,
+        handler: ReadSide,
     ) -> Result<Self, sqlx::Error> {
         messaging::inbox::Inbox::install(db.pool()).await?;
         let pool = db.pool().clone();
@@ -805,7 +805,7 @@ impl Service {
         let router = chassis.router(routes.with_state(pool.clone()), readiness, Some(openapi));
         let group = chassis.name;
         Ok(Self::new(chassis, router, Some(db))
-            .with_transactional_consumer(topic, group, pool, apply))
+            .with_transactional_consumer(topic, group, pool, handler))
     }
 
     /// Runs `task` beside the server; it gets a token cancelled on shutdown and is
@@ -852,6 +852,10 @@ struct Faulty<H> {
 }
 
 impl<H: Transactional> Transactional for Faulty<H> {
+    fn accepts(&self, event: &CloudEvent, meta: &Meta) -> Result<bool, HandlerError> {
+        self.inner.accepts(event, meta)
+    }
+
     fn prepare<'a>(
         &'a self,
         event: &'a CloudEvent,

@@ -374,6 +374,14 @@ pub type Prepared = Option<Box<dyn std::any::Any + Send>>;
 /// claims each event in the inbox and handles the deliveries waiting in a partition
 /// in one transaction (one commit, one wake of the relay for the whole window).
 pub trait Transactional: Send + Sync + 'static {
+    /// Whether `event` is one this handler acts on: `Ok(false)` acknowledges it with
+    /// no transaction at all (a type of the topic it has no business with, see
+    /// [`triage`]); an error is the event's outcome. All by default.
+    fn accepts(&self, event: &CloudEvent, meta: &Meta) -> Result<bool, HandlerError> {
+        let _ = (event, meta);
+        Ok(true)
+    }
+
     /// Work outside the transaction, before it: a call to another system, whose
     /// latency must not hold the database. A window's deliveries are prepared side
     /// by side. Nothing by default.
@@ -400,12 +408,25 @@ pub trait Transactional: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 }
 
-/// A handler that is only its effect in the claiming transaction: what a read side
-/// does with one event.
+/// What one event changes, in the transaction that claimed it.
 pub type Apply =
     for<'a> fn(&'a mut AnyConnection, &'a CloudEvent) -> BoxFuture<'a, Result<(), HandlerError>>;
 
-impl Transactional for Apply {
+/// A read side's handler: `apply` for the types it `handles`; the topic's other
+/// types (`topic_types`) are acknowledged untouched and any other type is rejected
+/// ([`triage`]).
+#[derive(Clone, Copy)]
+pub struct ReadSide {
+    pub handles: &'static [&'static str],
+    pub topic_types: &'static [&'static str],
+    pub apply: Apply,
+}
+
+impl Transactional for ReadSide {
+    fn accepts(&self, event: &CloudEvent, _meta: &Meta) -> Result<bool, HandlerError> {
+        triage(event, self.handles, self.topic_types)
+    }
+
     fn handle<'a>(
         &'a self,
         tx: &'a mut AnyConnection,
@@ -414,7 +435,7 @@ impl Transactional for Apply {
         _prepared: Prepared,
         _after: &'a mut AfterCommit,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        self(tx, event)
+        (self.apply)(tx, event)
     }
 }
 
@@ -536,8 +557,22 @@ async fn windows<H: Transactional>(
 async fn in_one_transaction<H: Transactional>(
     store: &Store,
     handler: &H,
-    events: Vec<(&CloudEvent, Meta)>,
+    mut events: Vec<(&CloudEvent, Meta)>,
 ) -> Result<(), String> {
+    let mut refused = None;
+    events.retain(|(event, meta)| match handler.accepts(event, meta) {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            refused = Some(e.to_string());
+            true
+        }
+    });
+    if let Some(reason) = refused {
+        return Err(reason);
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
     let prepared = futures::future::join_all(
         events
             .iter()
@@ -587,6 +622,9 @@ pub async fn handle_one<H: Transactional>(
     event: &CloudEvent,
     meta: &Meta,
 ) -> Result<(), HandlerError> {
+    if !handler.accepts(event, meta)? {
+        return Ok(());
+    }
     let prepared = handler.prepare(event, meta).await?;
     let mut tx = store.pool.begin().await?;
     let mut after = AfterCommit::default();

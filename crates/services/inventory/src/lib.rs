@@ -341,6 +341,15 @@ impl Inventory {
         messaging::consumer::handle_one(&store, &consumer, event, meta).await
     }
 
+    /// The order events this service acts on: in orchestration a new order is
+    /// reserved on the orchestrator's command, not on `order.created`.
+    fn order_events(&self) -> &'static [&'static str] {
+        match self.mode {
+            SagaMode::Choreography => ORDER_EVENTS,
+            SagaMode::Orchestration => &["order.confirmed", "order.cancelled"],
+        }
+    }
+
     /// What an event of `topic` changes, in `tx` where it is claimed.
     async fn apply(
         &self,
@@ -388,11 +397,7 @@ impl Inventory {
                 }
             }
             Topic::Orders => {
-                let handles: &[&str] = match self.mode {
-                    SagaMode::Choreography => ORDER_EVENTS,
-                    SagaMode::Orchestration => &["order.confirmed", "order.cancelled"],
-                };
-                if !triage(event, handles, ORDER_EVENTS)? {
+                if !triage(event, self.order_events(), ORDER_EVENTS)? {
                     return Ok(());
                 }
                 match event.ty.as_str() {
@@ -703,6 +708,14 @@ pub struct Consumer {
 }
 
 impl Transactional for Consumer {
+    fn accepts(&self, event: &CloudEvent, _meta: &Meta) -> Result<bool, HandlerError> {
+        match self.topic {
+            Topic::Products => triage(event, PRODUCT_EVENTS, PRODUCT_EVENTS),
+            Topic::Commands => triage(event, COMMAND_TYPES, COMMAND_TYPES),
+            Topic::Orders => triage(event, self.inventory.order_events(), ORDER_EVENTS),
+        }
+    }
+
     fn handle<'a>(
         &'a self,
         tx: &'a mut AnyConnection,

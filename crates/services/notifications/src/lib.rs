@@ -13,7 +13,7 @@ use chassis::http::Service;
 use chassis::identity::Identity;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, Problem, ServiceConfig};
-use messaging::consumer::{Apply, HandlerError, Meta, Store};
+use messaging::consumer::{HandlerError, Meta, ReadSide, Store};
 use messaging::inbox::Inbox;
 use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
@@ -180,8 +180,15 @@ pub async fn handle(
         pool: pool.clone(),
         inbox: inbox.clone(),
     };
-    messaging::consumer::handle_one(&store, &(apply as Apply), &event, &meta).await
+    messaging::consumer::handle_one(&store, &READ_SIDE, &event, &meta).await
 }
+
+/// The service's consumer of the orders topic.
+pub const READ_SIDE: ReadSide = ReadSide {
+    handles: ORDER_EVENTS,
+    topic_types: ORDER_EVENTS,
+    apply,
+};
 
 /// What one event from the orders topic changes, in `tx` where it is claimed.
 pub fn apply<'a>(
@@ -266,7 +273,7 @@ impl Application {
         let routes = Router::new()
             .route("/notifications", get(list))
             .route("/admin/notifications", get(admin_list));
-        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, apply)
+        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, READ_SIDE)
             .await
             .context("notifications inbox")
     }

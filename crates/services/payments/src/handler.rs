@@ -526,6 +526,14 @@ pub struct Consumer {
 }
 
 impl Transactional for Consumer {
+    fn accepts(&self, event: &CloudEvent, _meta: &Meta) -> Result<bool, HandlerError> {
+        match self.topic {
+            Topic::Commands => triage(event, COMMANDS, COMMANDS),
+            Topic::Inventory => triage(event, &["inventory.reserved"], INVENTORY_EVENTS),
+            Topic::Orders => triage(event, &["order.cancelled"], ORDER_EVENTS),
+        }
+    }
+
     fn prepare<'a>(
         &'a self,
         event: &'a CloudEvent,

@@ -16,7 +16,7 @@ use chassis::extract::{Json, Path, Query};
 use chassis::http::Service;
 use chassis::secrecy::{ExposeSecret, SecretString};
 use chassis::{Chassis, FieldError, Problem, ServiceConfig};
-use messaging::consumer::{Apply, HandlerError, Meta, Store};
+use messaging::consumer::{HandlerError, Meta, ReadSide, Store};
 use messaging::inbox::Inbox;
 use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
@@ -126,8 +126,15 @@ pub async fn handle(
         pool: pool.clone(),
         inbox: inbox.clone(),
     };
-    messaging::consumer::handle_one(&store, &(apply as Apply), &event, &meta).await
+    messaging::consumer::handle_one(&store, &READ_SIDE, &event, &meta).await
 }
+
+/// The service's consumer of the orders topic.
+pub const READ_SIDE: ReadSide = ReadSide {
+    handles: &["order.confirmed"],
+    topic_types: ORDER_EVENTS,
+    apply,
+};
 
 /// What one event from the orders topic changes, in `tx` where it is claimed.
 pub fn apply<'a>(
@@ -190,7 +197,7 @@ impl Application {
             .await
             .context("binding the listener")?;
         let routes = Router::new().route("/recommendations/{product_id}", get(top));
-        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, apply)
+        Service::fed_by(chassis, db, routes, ApiDoc::openapi(), TOPIC, READ_SIDE)
             .await
             .context("recommendations inbox")
     }
