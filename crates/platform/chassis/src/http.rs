@@ -706,46 +706,6 @@ impl Service {
         }
     }
 
-    /// Consumes `topic` as consumer group `group` beside the server, through the
-    /// configured broker (retries, dead letters: [`messaging::consumer::run`]); without
-    /// a broker, says so and consumes nothing.
-    pub fn with_consumer<F, Fut>(self, topic: &str, group: &str, handler: F) -> Self
-    where
-        F: Fn(messaging::CloudEvent, messaging::consumer::Meta) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Result<(), messaging::consumer::HandlerError>>
-            + Send
-            + 'static,
-    {
-        match self.chassis.events.clone() {
-            Some(bus) => {
-                let config = messaging::consumer::ConsumerConfig::new(topic, group);
-                let faults = self.chassis.faults.clone();
-                let handler = Arc::new(handler);
-                self.with_background(move |stop| {
-                    messaging::consumer::run(bus, config, stop, move |event, meta| {
-                        let (faults, handler) = (faults.clone(), handler.clone());
-                        async move {
-                            if !faults.strike().await {
-                                return Err(messaging::consumer::HandlerError::Retry(
-                                    "a fault was injected into this service (bazaar chaos)".into(),
-                                ));
-                            }
-                            handler(event, meta).await
-                        }
-                    })
-                })
-            }
-            None => {
-                tracing::warn!(
-                    topic,
-                    group,
-                    "no events broker configured: nothing is consumed"
-                );
-                self
-            }
-        }
-    }
-
     /// Consumes `topic` as consumer group `group` through `handler`, whose writes go
     /// to `pool` with the events claimed in the group's inbox: the deliveries waiting
     /// in a partition are handled in one transaction

@@ -557,18 +557,13 @@ async fn windows<H: Transactional>(
 async fn in_one_transaction<H: Transactional>(
     store: &Store,
     handler: &H,
-    mut events: Vec<(&CloudEvent, Meta)>,
+    window: Vec<(&CloudEvent, Meta)>,
 ) -> Result<(), String> {
-    let mut refused = None;
-    events.retain(|(event, meta)| match handler.accepts(event, meta) {
-        Ok(accepted) => accepted,
-        Err(e) => {
-            refused = Some(e.to_string());
-            true
+    let mut events = Vec::with_capacity(window.len());
+    for (event, meta) in window {
+        if handler.accepts(event, &meta).map_err(|e| e.to_string())? {
+            events.push((event, meta));
         }
-    });
-    if let Some(reason) = refused {
-        return Err(reason);
     }
     if events.is_empty() {
         return Ok(());

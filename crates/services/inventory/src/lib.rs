@@ -350,7 +350,8 @@ impl Inventory {
         }
     }
 
-    /// What an event of `topic` changes, in `tx` where it is claimed.
+    /// What an event of `topic` that [`Consumer`] accepts changes, in `tx` where it
+    /// is claimed.
     async fn apply(
         &self,
         topic: Topic,
@@ -360,9 +361,6 @@ impl Inventory {
     ) -> Result<(), HandlerError> {
         match topic {
             Topic::Products => {
-                if !triage(event, PRODUCT_EVENTS, PRODUCT_EVENTS)? {
-                    return Ok(());
-                }
                 let product_id = event.data["product_id"]
                     .as_str()
                     .filter(|s| !s.is_empty())
@@ -386,29 +384,21 @@ impl Inventory {
                 }
                 Ok(())
             }
-            Topic::Commands => {
-                triage(event, COMMAND_TYPES, COMMAND_TYPES)?;
-                match event.ty.as_str() {
-                    "inventory.reserve" => {
-                        let order: OrderRef = parse(event)?;
-                        self.reserve(tx, &order, meta.attempt).await
-                    }
-                    _ => self.release(tx, &order_id(event)?, None).await,
+            Topic::Commands => match event.ty.as_str() {
+                "inventory.reserve" => {
+                    let order: OrderRef = parse(event)?;
+                    self.reserve(tx, &order, meta.attempt).await
                 }
-            }
-            Topic::Orders => {
-                if !triage(event, self.order_events(), ORDER_EVENTS)? {
-                    return Ok(());
+                _ => self.release(tx, &order_id(event)?, None).await,
+            },
+            Topic::Orders => match event.ty.as_str() {
+                "order.created" => {
+                    let order: OrderRef = parse(event)?;
+                    self.reserve(tx, &order, meta.attempt).await
                 }
-                match event.ty.as_str() {
-                    "order.created" => {
-                        let order: OrderRef = parse(event)?;
-                        self.reserve(tx, &order, meta.attempt).await
-                    }
-                    "order.confirmed" => self.commit(tx, &order_id(event)?).await,
-                    _ => self.release(tx, &order_id(event)?, None).await,
-                }
-            }
+                "order.confirmed" => self.commit(tx, &order_id(event)?).await,
+                _ => self.release(tx, &order_id(event)?, None).await,
+            },
         }
     }
 
