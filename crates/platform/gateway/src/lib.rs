@@ -22,6 +22,7 @@ pub mod cache;
 pub mod configuration;
 pub mod cors;
 pub mod forwarded;
+pub mod h1;
 pub mod normalize;
 pub mod openapi;
 pub mod proxy;

@@ -7,6 +7,7 @@
 //! everything else takes the proxy's short path.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use telemetry::context::{CORRELATION_ID, RequestContext};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use crate::h1;
 use crate::proxy::{self, Proxy};
 
 /// Protocol limits, from `[gateway]`.
@@ -70,6 +72,8 @@ struct Shared {
     limits: Limits,
     /// Exact paths the chassis router serves on the public port.
     own_paths: Vec<String>,
+    /// What plain HTTP/1.1 connections are held to.
+    h1: h1::Settings,
 }
 
 /// The gateway's [`ServerFn`].
@@ -85,7 +89,15 @@ pub fn server(
     let request_timeout = http.request_timeout.0;
     let access = AccessLogPolicy::new(http);
     Box::new(move |listener, own, shutdown| {
+        let h1 = h1::Settings {
+            max_header_bytes: limits.max_header_bytes,
+            max_headers: limits.max_headers,
+            header_timeout: limits.header_timeout,
+            body_timeout: request_timeout,
+            max_body: proxy.max_body,
+        };
         let shared = Arc::new(Shared {
+            h1,
             own,
             proxy,
             metrics,
@@ -177,12 +189,29 @@ async fn worker(
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = builder(&shared.limits);
+    // Each plain connection holds a sender; when every one is dropped, they have all
+    // ended.
+    let (live, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
     let loops = listeners
         .into_iter()
-        .map(|l| accept(l, &shared, &shutdown, &graceful, &builder));
+        .map(|l| accept(l, &shared, &shutdown, &graceful, &builder, &live));
     futures::future::try_join_all(loops).await?;
+    drop(live);
     graceful.shutdown().await;
+    let _ = all_ended.recv().await;
     Ok(())
+}
+
+/// A plain connection's requests, for [`h1::serve`].
+struct Plain {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+}
+
+impl h1::Handler for Plain {
+    fn handle(&self, request: Request<Body>) -> impl Future<Output = Response> + Send {
+        self.shared.dispatch(self.peer, request)
+    }
 }
 
 async fn accept(
@@ -191,6 +220,7 @@ async fn accept(
     shutdown: &CancellationToken,
     graceful: &hyper_util::server::graceful::GracefulShutdown,
     builder: &auto::Builder<TokioExecutor>,
+    live: &tokio::sync::mpsc::Sender<()>,
 ) -> std::io::Result<()> {
     listener.socket.set_nonblocking(true)?;
     let socket = tokio::net::TcpListener::from_std(listener.socket)?;
@@ -212,24 +242,34 @@ async fn accept(
         let https = listener.tls.is_some();
         let handshake_timeout = shared.limits.header_timeout;
         let shared = shared.clone();
-        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let service = {
             let shared = shared.clone();
-            if https {
-                request.extensions_mut().insert(Https);
-            }
-            async move { Ok::<_, Infallible>(shared.dispatch(peer, request).await) }
-        });
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                let shared = shared.clone();
+                let mut request = request.map(Body::new);
+                if https {
+                    request.extensions_mut().insert(Https);
+                }
+                async move { Ok::<_, Infallible>(shared.dispatch(peer, request).await) }
+            })
+        };
         let watcher = graceful.watcher();
         match &listener.tls {
+            // HTTP/1.1 on the gateway's own loop; a client that opens with
+            // HTTP/2's preface is handed to hyper's server.
             None => {
-                let connection = watcher.watch(
-                    builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned(),
-                );
+                let (live, builder) = (live.clone(), builder.clone());
+                let (plain, shutdown) = (Plain { shared, peer }, shutdown.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let _live = live;
+                    let settings = plain.shared.h1.clone();
+                    let ended = h1::serve(stream, &settings, &shutdown, &plain).await;
+                    if let h1::Ended::Http2(io) = ended {
+                        let connection =
+                            watcher.watch(builder.serve_connection(TokioIo::new(io), service));
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
                     }
                 });
             }
@@ -264,8 +304,7 @@ async fn accept(
 }
 
 impl Shared {
-    async fn dispatch(&self, peer: SocketAddr, request: Request<Incoming>) -> Response {
-        let mut request = request.map(Body::new);
+    async fn dispatch(&self, peer: SocketAddr, mut request: Request<Body>) -> Response {
         let path = request.uri().path();
         // The gateway's own metrics are for a scraper on this host; anyone else
         // scrapes the admin API's `/metrics` (the public port faces clients).

@@ -32,12 +32,12 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// A connection's read buffer to begin with; it grows for a long head.
-const BUFFER: usize = 8 * 1024;
+pub(crate) const BUFFER: usize = 8 * 1024;
 /// Past this, an answer's head is refused.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// A chunk-size line or trailer line longer than this is refused.
-const MAX_LINE: usize = 4 * 1024;
+pub(crate) const MAX_LINE: usize = 4 * 1024;
 /// Bodies of at most this many bytes are read whole before the answer goes on.
 pub const READ_WHOLE: u64 = 64 * 1024;
 const MAX_IDLE_PER_HOST: usize = 256;
@@ -62,18 +62,18 @@ impl WireError {
 }
 
 /// A connection and what has been read from it but not consumed.
-struct Conn {
-    stream: TcpStream,
+pub(crate) struct Conn {
+    pub(crate) stream: TcpStream,
     /// Always initialized (the crate forbids `unsafe`): `start..end` is unread.
     buf: Vec<u8>,
     start: usize,
     end: usize,
-    /// The request head being written, reused across requests.
-    out: Vec<u8>,
+    /// The head being written, reused across messages.
+    pub(crate) out: Vec<u8>,
 }
 
 impl Conn {
-    fn new(stream: TcpStream) -> Self {
+    pub(crate) fn new(stream: TcpStream) -> Self {
         Self {
             stream,
             buf: vec![0; BUFFER],
@@ -83,12 +83,12 @@ impl Conn {
         }
     }
 
-    fn pending(&self) -> &[u8] {
+    pub(crate) fn pending(&self) -> &[u8] {
         &self.buf[self.start..self.end]
     }
 
     /// Up to `at_most` of the unread bytes, as the body's next piece.
-    fn take(&mut self, at_most: u64) -> Bytes {
+    pub(crate) fn take(&mut self, at_most: u64) -> Bytes {
         let pending = self.pending();
         let n = usize::try_from(at_most).map_or(pending.len(), |m| m.min(pending.len()));
         let data = Bytes::copy_from_slice(&pending[..n]);
@@ -96,12 +96,26 @@ impl Conn {
         data
     }
 
-    fn consume(&mut self, n: usize) {
+    pub(crate) fn consume(&mut self, n: usize) {
         self.start += n;
         if self.start >= self.end {
             self.start = 0;
             self.end = 0;
         }
+    }
+
+    /// Gives back a buffer grown for a long message once it is empty, so an idle
+    /// connection holds no more than [`BUFFER`].
+    pub(crate) fn shrink(&mut self) {
+        if self.buf.len() > BUFFER && self.pending().is_empty() {
+            self.buf = vec![0; BUFFER];
+        }
+    }
+
+    /// The stream and the bytes read from it but not consumed.
+    pub(crate) fn into_parts(self) -> (TcpStream, Bytes) {
+        let read = Bytes::copy_from_slice(self.pending());
+        (self.stream, read)
     }
 
     /// Reads more into the buffer, growing it up to `limit`; `Ok(0)` at the end of
@@ -134,7 +148,7 @@ impl Conn {
         }
     }
 
-    async fn fill(&mut self, limit: usize) -> io::Result<usize> {
+    pub(crate) async fn fill(&mut self, limit: usize) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_fill(cx, limit)).await
     }
 
@@ -176,7 +190,11 @@ fn read_some(stream: &TcpStream, into: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Writes head and body; on failure, whether any byte had gone out.
-async fn write_all(stream: &TcpStream, head: &[u8], body: &[u8]) -> Result<(), (io::Error, bool)> {
+pub(crate) async fn write_all(
+    stream: &TcpStream,
+    head: &[u8],
+    body: &[u8],
+) -> Result<(), (io::Error, bool)> {
     let (mut h, mut b) = (0, 0);
     while h < head.len() || b < body.len() {
         let written = if b == body.len() {
@@ -270,7 +288,7 @@ enum Framing {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Chunk {
+pub(crate) enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -678,6 +696,63 @@ impl Streamed {
     }
 }
 
+/// One step of decoding a chunked body (RFC 9112 §7.1) from the bytes read so far.
+pub(crate) enum Step {
+    /// The first `n` bytes are body data.
+    Data(usize),
+    /// The first `n` bytes are framing: sizes, CRLFs, extensions, trailer fields.
+    Framing(usize),
+    /// The first `n` bytes end the body.
+    End(usize),
+    /// More bytes are needed.
+    More,
+    /// What is wrong, as "the peer sent ...".
+    Invalid(&'static str),
+}
+
+impl Chunk {
+    /// Decodes the next piece of `pending`, which starts where the last step ended.
+    pub(crate) fn step(&mut self, pending: &[u8]) -> Step {
+        match *self {
+            Chunk::Size => match line_end(pending) {
+                Some(end) => match chunk_size(&pending[..end]) {
+                    Some(size) => {
+                        *self = match size {
+                            0 => Chunk::Trailers,
+                            n => Chunk::Data(n),
+                        };
+                        Step::Framing(end)
+                    }
+                    None => Step::Invalid("an invalid chunk size"),
+                },
+                None if pending.len() > MAX_LINE => Step::Invalid("a chunk-size line too long"),
+                None => Step::More,
+            },
+            Chunk::Data(_) if pending.is_empty() => Step::More,
+            Chunk::Data(left) => {
+                let n = usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
+                *self = match left - n as u64 {
+                    0 => Chunk::DataEnd,
+                    rest => Chunk::Data(rest),
+                };
+                Step::Data(n)
+            }
+            Chunk::DataEnd if pending.len() < 2 => Step::More,
+            Chunk::DataEnd if pending.starts_with(b"\r\n") => {
+                *self = Chunk::Size;
+                Step::Framing(2)
+            }
+            Chunk::DataEnd => Step::Invalid("a chunk not ended by CRLF"),
+            Chunk::Trailers => match line_end(pending) {
+                Some(2) => Step::End(2),
+                Some(end) => Step::Framing(end),
+                None if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
+                None => Step::More,
+            },
+        }
+    }
+}
+
 /// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
 fn line_end(bytes: &[u8]) -> Option<usize> {
     bytes
@@ -739,51 +814,27 @@ impl http_body::Body for Streamed {
                     let data = conn.take(u64::MAX);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Framing::Chunked(Chunk::Data(left)) if !pending.is_empty() => {
-                    let data = conn.take(left);
-                    let left = left - data.len() as u64;
-                    this.framing = Framing::Chunked(match left {
-                        0 => Chunk::DataEnd,
-                        n => Chunk::Data(n),
-                    });
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Chunked(Chunk::DataEnd) if pending.len() >= 2 => {
-                    if &pending[..2] != b"\r\n" {
-                        return this.fail("the upstream's chunk does not end with CRLF");
-                    }
-                    conn.consume(2);
-                    this.framing = Framing::Chunked(Chunk::Size);
-                    continue;
-                }
-                Framing::Chunked(Chunk::Size) => {
-                    if let Some(end) = line_end(pending) {
-                        let Some(size) = chunk_size(&pending[..end]) else {
-                            return this.fail("the upstream sent an invalid chunk size");
-                        };
-                        conn.consume(end);
-                        this.framing = Framing::Chunked(match size {
-                            0 => Chunk::Trailers,
-                            n => Chunk::Data(n),
-                        });
-                        continue;
-                    }
-                    if pending.len() > MAX_LINE {
-                        return this.fail("the upstream's chunk-size line is too long");
-                    }
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    // Trailer fields are not passed on; the empty line ends the body.
-                    if let Some(end) = line_end(pending) {
-                        conn.consume(end);
-                        if end == 2 {
+                Framing::Chunked(mut chunk) => {
+                    let step = chunk.step(pending);
+                    this.framing = Framing::Chunked(chunk);
+                    match step {
+                        Step::Data(n) => {
+                            return Poll::Ready(Some(Ok(Frame::data(conn.take(n as u64)))));
+                        }
+                        Step::Framing(n) => {
+                            conn.consume(n);
+                            continue;
+                        }
+                        // Trailer fields are not passed on.
+                        Step::End(n) => {
+                            conn.consume(n);
                             this.finish();
                             return Poll::Ready(None);
                         }
-                        continue;
-                    }
-                    if pending.len() > MAX_LINE {
-                        return this.fail("the upstream's trailer line is too long");
+                        Step::More => {}
+                        Step::Invalid(what) => {
+                            return this.fail(format!("the upstream sent {what}"));
+                        }
                     }
                 }
                 _ => {}

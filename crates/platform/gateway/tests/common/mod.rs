@@ -33,6 +33,12 @@ pub async fn upstream(seen: Seen) -> String {
             tokio::time::sleep(Duration::from_secs(3)).await;
             "late"
         }))
+        // Longer than the proxy reads whole, with a length and without one.
+        .route("/open/big", get(|| async { "b".repeat(200_000) }))
+        .route("/open/stream", get(|| async {
+            let parts = (0..5).map(|i| Ok::<_, std::io::Error>(format!("part {i};")));
+            axum::body::Body::from_stream(futures::stream::iter(parts))
+        }))
         .route("/openapi.json", get(|| async {
             axum::Json(json!({"paths": {"/open/x": {"get": {}}, "/private/y": {"get": {}}, "/elsewhere": {"get": {}}},
                 "components": {"schemas": {"Thing": {"type": "object"}}}}))

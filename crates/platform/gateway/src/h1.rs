@@ -1,0 +1,814 @@
+//! The gateway's HTTP/1.1 server for plain connections (TLS and HTTP/2 stay with
+//! hyper's server).
+//!
+//! Why our own: the proxy buffers every request body and most answers anyway, so
+//! the general machinery of a server (a body channel per request, a dispatcher
+//! state machine, an encoder queue) is cost with nothing to carry. Here the
+//! connection's task reads a head into the connection's buffer (the short-read rule
+//! of [`crate::wire`]), parses it with `httparse`, reads a body whole, calls the
+//! handler and writes the answer's head and body in one `writev`, as nginx does.
+//!
+//! Strict by design (RFC 9112): `Content-Length` together with `Transfer-Encoding`,
+//! conflicting or invalid lengths, a coding other than `chunked` last, invalid chunk
+//! sizes, obsolete line folding, a missing or repeated `Host` are refused with 400
+//! and the connection closed, so nothing smuggled behind a request is ever read as
+//! the next one. Heads past the byte or field limits get 431, bodies past the limit
+//! 413, clients too slow with a head or body 408.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use chassis::Problem;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::{BUFFER, Chunk, Conn, Step, write_all};
+
+/// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Header slots on the stack; a larger configured limit takes them from the heap.
+const INLINE_HEADERS: usize = 128;
+
+/// What a connection is held to.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Request line plus header fields, in bytes: past it, 431.
+    pub max_header_bytes: usize,
+    /// Header fields: past it, 431.
+    pub max_headers: usize,
+    /// A head must arrive whole within this of the wait for it (idle keep-alive
+    /// connections included).
+    pub header_timeout: Duration,
+    /// A body must arrive whole, and an answer be taken by the client, within this.
+    pub body_timeout: Duration,
+    /// Largest request body, in bytes: past it, 413.
+    pub max_body: u64,
+}
+
+/// What answers a connection's requests.
+pub trait Handler {
+    fn handle(&self, request: Request<Body>) -> impl Future<Output = Response> + Send;
+}
+
+/// How a connection ended.
+pub enum Ended {
+    Closed,
+    /// The client opened with HTTP/2's preface: the connection, the bytes read
+    /// first included, for an HTTP/2 server.
+    Http2(Prefixed),
+}
+
+/// Serves HTTP/1.1 requests on `stream` until the client closes, a request asks
+/// for the close, a protocol error or `shutdown` (between requests).
+pub async fn serve(
+    stream: TcpStream,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    handler: &impl Handler,
+) -> Ended {
+    // Urgent data inline: `recv` stops short at an urgent mark, which would break
+    // the rule that a short read drained the socket.
+    let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
+    let mut conn = Conn::new(stream);
+    let mut first = true;
+    loop {
+        let head = match read_head(&mut conn, settings, shutdown, first).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ended::Closed,
+            Err(Refused::Http2) => {
+                let (stream, read) = conn.into_parts();
+                return Ended::Http2(Prefixed { read, stream });
+            }
+            Err(Refused::Answer(problem)) => {
+                refuse(&mut conn, *problem, settings).await;
+                return Ended::Closed;
+            }
+        };
+        first = false;
+        let exchange = Exchange {
+            head_request: head.method == Method::HEAD,
+            http11: head.version == Version::HTTP_11,
+            keep_alive: head.keep_alive,
+        };
+        let body = match read_body(&mut conn, &head, settings).await {
+            Ok(body) => body,
+            Err(problem) => {
+                refuse(&mut conn, problem, settings).await;
+                return Ended::Closed;
+            }
+        };
+        let mut request = Request::new(body);
+        *request.method_mut() = head.method;
+        *request.uri_mut() = head.uri;
+        *request.version_mut() = head.version;
+        *request.headers_mut() = head.headers;
+        let response = handler.handle(request).await;
+        let keep = exchange.keep_alive && !shutdown.is_cancelled();
+        match write_response(&mut conn, response, &exchange, keep, settings).await {
+            Ok(true) => conn.shrink(),
+            Ok(false) | Err(_) => return Ended::Closed,
+        }
+    }
+}
+
+/// One request as it bears on its answer.
+struct Exchange {
+    head_request: bool,
+    http11: bool,
+    keep_alive: bool,
+}
+
+/// A parsed request head.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    framing: Framing,
+    keep_alive: bool,
+    expect_continue: bool,
+}
+
+/// How a request's body ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+enum Refused {
+    /// Answered with this problem, then closed.
+    Answer(Box<Problem>),
+    /// Not HTTP/1 at all: HTTP/2 with prior knowledge.
+    Http2,
+}
+
+fn bad_request(detail: impl Into<String>) -> Refused {
+    Refused::Answer(Box::new(Problem::bad_request(detail)))
+}
+
+fn too_large_head(detail: impl Into<String>) -> Refused {
+    Refused::Answer(Box::new(
+        Problem::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header-fields-too-large",
+            "Request header fields too large",
+        )
+        .with_detail(detail),
+    ))
+}
+
+fn timed_out(what: &str, after: Duration) -> Problem {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request-timeout",
+        "Request timeout",
+    )
+    .with_detail(format!(
+        "the request's {what} did not arrive within {after:?}"
+    ))
+}
+
+/// Waits for the next request head: `None` when the client closed or went quiet
+/// between requests, or on shutdown.
+async fn read_head(
+    conn: &mut Conn,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    first: bool,
+) -> Result<Option<Head>, Refused> {
+    let deadline = Instant::now() + settings.header_timeout;
+    loop {
+        let pending = conn.pending();
+        if first && !pending.is_empty() {
+            let n = pending.len().min(PREFACE.len());
+            if pending[..n] == PREFACE[..n] {
+                if n == PREFACE.len() {
+                    return Err(Refused::Http2);
+                }
+            } else if let Some((head, used)) = parse(pending, settings)? {
+                conn.consume(used);
+                return Ok(Some(head));
+            }
+        } else if !pending.is_empty()
+            && let Some((head, used)) = parse(pending, settings)?
+        {
+            conn.consume(used);
+            return Ok(Some(head));
+        }
+        if conn.pending().len() >= settings.max_header_bytes {
+            return Err(too_large_head(format!(
+                "the request head is over {} bytes",
+                settings.max_header_bytes
+            )));
+        }
+        let idle = conn.pending().is_empty();
+        let filled = tokio::select! {
+            biased;
+            () = shutdown.cancelled(), if idle => return Ok(None),
+            filled = tokio::time::timeout_at(deadline, conn.fill(settings.max_header_bytes.max(BUFFER))) => filled,
+        };
+        match filled {
+            Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Other => {
+                return Err(too_large_head(format!(
+                    "the request head is over {} bytes",
+                    settings.max_header_bytes
+                )));
+            }
+            Ok(Err(_)) => return Ok(None),
+            // A connection quiet between requests is closed quietly; one that
+            // started a head and stalled is told why.
+            Err(_) if conn.pending().is_empty() => return Ok(None),
+            Err(_) => {
+                return Err(Refused::Answer(Box::new(timed_out(
+                    "head",
+                    settings.header_timeout,
+                ))));
+            }
+        }
+    }
+}
+
+/// A head from the start of `bytes`, with the bytes it took; `None` until complete.
+fn parse(bytes: &[u8], settings: &Settings) -> Result<Option<(Head, usize)>, Refused> {
+    let mut inline = [MaybeUninit::<httparse::Header<'_>>::uninit(); INLINE_HEADERS];
+    let mut heap;
+    let slots = match settings.max_headers <= INLINE_HEADERS {
+        true => &mut inline[..settings.max_headers],
+        false => {
+            heap = vec![MaybeUninit::uninit(); settings.max_headers];
+            &mut heap[..]
+        }
+    };
+    let mut parsed = httparse::Request::new(&mut []);
+    let used = match parsed.parse_with_uninit_headers(bytes, slots) {
+        // A whole head may arrive in one read past the limit.
+        Ok(httparse::Status::Complete(n)) if n > settings.max_header_bytes => {
+            return Err(too_large_head(format!(
+                "the request head is over {} bytes",
+                settings.max_header_bytes
+            )));
+        }
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(too_large_head(format!(
+                "the request has more than {} header fields",
+                settings.max_headers
+            )));
+        }
+        Err(e) => return Err(bad_request(format!("the request head is malformed: {e}"))),
+    };
+    let method = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or_else(|| bad_request("the request method is invalid"))?;
+    let uri = parsed
+        .path
+        .and_then(|p| Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).ok())
+        .ok_or_else(|| bad_request("the request target is not a valid URI"))?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut length: Option<u64> = None;
+    let mut codings: Option<String> = None;
+    let (mut hosts, mut close, mut keep_alive, mut expect_continue) = (0, false, false, false);
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| bad_request(format!("`{}` is not a valid field name", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
+        if name == header::CONTENT_LENGTH {
+            length = Some(content_length(&value, length)?);
+        } else if name == header::TRANSFER_ENCODING {
+            let text = value
+                .to_str()
+                .map_err(|_| bad_request("Transfer-Encoding is invalid"))?;
+            let all = codings.get_or_insert_with(String::new);
+            if !all.is_empty() {
+                all.push(',');
+            }
+            all.push_str(text);
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    if version == Version::HTTP_11 && hosts == 0 {
+        return Err(bad_request("an HTTP/1.1 request must carry Host"));
+    }
+    if hosts > 1 {
+        return Err(bad_request("the request carries Host more than once"));
+    }
+    let framing = match codings {
+        None => Framing::Length(length.unwrap_or(0)),
+        Some(_) if version == Version::HTTP_10 => {
+            return Err(bad_request(
+                "an HTTP/1.0 request cannot carry Transfer-Encoding",
+            ));
+        }
+        // Two framings are how requests are smuggled (RFC 9112 §6.1): refused,
+        // whichever comes first.
+        Some(_) if length.is_some() => {
+            return Err(bad_request(
+                "the request carries both Content-Length and Transfer-Encoding; send one",
+            ));
+        }
+        Some(codings) => transfer_coding(&codings)?,
+    };
+    let keep_alive = match version {
+        Version::HTTP_11 => !close,
+        _ => keep_alive && !close,
+    };
+    let head = Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    };
+    Ok(Some((head, used)))
+}
+
+/// A `Content-Length` value (lists of one repeated number included), which must
+/// agree with any seen before.
+fn content_length(value: &HeaderValue, seen: Option<u64>) -> Result<u64, Refused> {
+    let mut length = seen;
+    for part in value.to_str().unwrap_or("x").split(',').map(str::trim) {
+        let n = match !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            true => part.parse::<u64>().ok(),
+            false => None,
+        }
+        .ok_or_else(|| bad_request("Content-Length is not a number"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad_request(
+                "the request carries conflicting Content-Lengths",
+            ));
+        }
+        length = Some(n);
+    }
+    length.ok_or_else(|| bad_request("Content-Length is empty"))
+}
+
+/// The request's transfer codings: `chunked` alone is taken. Without `chunked`
+/// last the body's end cannot be known (400, RFC 9112 §6.3); a coding before it
+/// could not be passed on once the framing is removed (501).
+fn transfer_coding(codings: &str) -> Result<Framing, Refused> {
+    let codings: Vec<&str> = codings
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    match codings.split_last() {
+        Some((last, [])) if last.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+        Some((last, _)) if last.eq_ignore_ascii_case("chunked") => Err(Refused::Answer(Box::new(
+            Problem::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "transfer-coding-unsupported",
+                "Transfer coding not supported",
+            )
+            .with_detail("only the chunked transfer coding is taken"),
+        ))),
+        _ => Err(bad_request(
+            "Transfer-Encoding must end with chunked for a request",
+        )),
+    }
+}
+
+/// The body, read whole within the body deadline.
+async fn read_body(conn: &mut Conn, head: &Head, settings: &Settings) -> Result<Body, Problem> {
+    if head.framing == Framing::Length(0) {
+        return Ok(Body::empty());
+    }
+    if let Framing::Length(n) = head.framing
+        && n > settings.max_body
+    {
+        return Err(crate::proxy::body_too_large(settings.max_body));
+    }
+    if head.expect_continue && conn.pending().is_empty() {
+        write(conn, b"HTTP/1.1 100 Continue\r\n\r\n", b"", settings)
+            .await
+            .map_err(|_| Problem::bad_request("the client stopped reading"))?;
+    }
+    let read = async {
+        match head.framing {
+            Framing::Length(n) => read_sized(conn, n).await,
+            Framing::Chunked => read_chunked(conn, settings.max_body).await,
+        }
+    };
+    match tokio::time::timeout(settings.body_timeout, read).await {
+        Ok(result) => result.map(Body::from),
+        Err(_) => Err(timed_out("body", settings.body_timeout)),
+    }
+}
+
+async fn read_sized(conn: &mut Conn, n: u64) -> Result<Bytes, Problem> {
+    let n = usize::try_from(n).map_err(|_| Problem::bad_request("Content-Length is too large"))?;
+    if conn.pending().len() >= n {
+        return Ok(conn.take(n as u64));
+    }
+    let mut body = BytesMut::with_capacity(n);
+    body.put_slice(conn.pending());
+    conn.consume(conn.pending().len());
+    while body.len() < n {
+        let want = n - body.len();
+        conn.stream.readable().await.map_err(|_| cut_short())?;
+        match conn.stream.try_read_buf(&mut (&mut body).limit(want)) {
+            Ok(0) => return Err(cut_short()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Err(cut_short()),
+        }
+    }
+    Ok(body.freeze())
+}
+
+fn cut_short() -> Problem {
+    Problem::bad_request("the request body was cut short")
+}
+
+async fn read_chunked(conn: &mut Conn, max_body: u64) -> Result<Bytes, Problem> {
+    let mut body = BytesMut::new();
+    let mut chunk = Chunk::Size;
+    loop {
+        match chunk.step(conn.pending()) {
+            Step::Data(n) => {
+                if (body.len() + n) as u64 > max_body {
+                    return Err(crate::proxy::body_too_large(max_body));
+                }
+                body.put_slice(&conn.pending()[..n]);
+                conn.consume(n);
+                continue;
+            }
+            Step::Framing(n) => {
+                conn.consume(n);
+                continue;
+            }
+            Step::End(n) => {
+                conn.consume(n);
+                return Ok(body.freeze());
+            }
+            Step::More => {}
+            Step::Invalid(what) => {
+                return Err(Problem::bad_request(format!(
+                    "the request body is malformed: the client sent {what}"
+                )));
+            }
+        }
+        match conn.fill(BUFFER.max(crate::wire::MAX_LINE * 2)).await {
+            Ok(0) | Err(_) => return Err(cut_short()),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Answers with `problem`, then closes without cutting the answer off: whatever
+/// the client still sends is read and dropped for a moment first (nginx's
+/// lingering close), since closing on unread bytes resets the connection, and a
+/// reset can destroy the answer before the client reads it.
+async fn refuse(conn: &mut Conn, problem: Problem, settings: &Settings) {
+    let exchange = Exchange {
+        head_request: false,
+        http11: true,
+        keep_alive: false,
+    };
+    if write_response(conn, problem.into_response(), &exchange, false, settings)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
+    let linger = async {
+        let mut drained = 0usize;
+        let mut sink = [0u8; 4096];
+        // At most a few megabytes: a client that keeps sending is cut off.
+        while drained < 4 << 20 {
+            if conn.stream.readable().await.is_err() {
+                return;
+            }
+            match conn.stream.try_read(&mut sink) {
+                Ok(0) => return,
+                Ok(n) => drained += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
+}
+
+/// Writes `response`; `Ok(false)` when the connection must close after it.
+async fn write_response(
+    conn: &mut Conn,
+    response: Response,
+    exchange: &Exchange,
+    mut keep: bool,
+    settings: &Settings,
+) -> io::Result<bool> {
+    let (parts, mut body) = response.into_parts();
+    let status = parts.status;
+    let bodiless = exchange.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let length = body.size_hint().exact();
+    let chunked = !bodiless && length.is_none() && exchange.http11;
+    // An HTTP/1.0 client learns where a body of unknown length ends by the close.
+    if !bodiless && length.is_none() && !exchange.http11 {
+        keep = false;
+    }
+    let mut out = std::mem::take(&mut conn.out);
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut dated = false;
+    for (name, value) in &parts.headers {
+        // Framing and connection handling are this connection's; a HEAD or 304
+        // answer's Content-Length describes the representation and stays.
+        if *name == header::TRANSFER_ENCODING
+            || *name == header::CONNECTION
+            || (*name == header::CONTENT_LENGTH
+                && !(exchange.head_request || status == StatusCode::NOT_MODIFIED))
+        {
+            continue;
+        }
+        dated |= *name == header::DATE;
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date(&mut out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !bodiless {
+        match length {
+            Some(n) => {
+                out.extend_from_slice(b"content-length: ");
+                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            None => {}
+        }
+    }
+    match (keep, exchange.http11) {
+        (false, _) => out.extend_from_slice(b"connection: close\r\n"),
+        (true, false) => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        (true, true) => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    let result = write_body(conn, &out, &mut body, bodiless, chunked, settings).await;
+    conn.out = out;
+    result.map(|complete| keep && complete)
+}
+
+/// Writes the head in `out`, then the body: the head and a whole body in one
+/// `writev`. `Ok(false)` when the body failed midway (the answer is cut short, so
+/// the connection must close).
+async fn write_body(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &mut Body,
+    bodiless: bool,
+    chunked: bool,
+    settings: &Settings,
+) -> io::Result<bool> {
+    if bodiless {
+        return write(conn, head, b"", settings).await.map(|()| true);
+    }
+    let mut head = Some(head);
+    loop {
+        let data = match body.frame().await {
+            None => break,
+            Some(Err(_)) => {
+                if let Some(head) = head {
+                    write(conn, head, b"", settings).await?;
+                }
+                return Ok(false);
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if !data.is_empty() => data,
+                // Trailers and empty frames carry nothing to send.
+                _ => continue,
+            },
+        };
+        match chunked {
+            false => write(conn, head.take().unwrap_or_default(), &data, settings).await?,
+            true => {
+                let mut framed = head.take().map(<[u8]>::to_vec).unwrap_or_default();
+                framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                write(conn, &framed, &data, settings).await?;
+                write(conn, b"\r\n", b"", settings).await?;
+            }
+        }
+    }
+    let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
+    match head {
+        Some(head) => write(conn, head, end, settings).await?,
+        None if chunked => write(conn, end, b"", settings).await?,
+        None => {}
+    }
+    Ok(true)
+}
+
+/// Writes `head` then `body`, held to the body deadline (a client that stops
+/// reading cannot hold the connection forever).
+async fn write(conn: &Conn, head: &[u8], body: &[u8], settings: &Settings) -> io::Result<()> {
+    match tokio::time::timeout(settings.body_timeout, write_all(&conn.stream, head, body)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
+}
+
+thread_local! {
+    /// `Date` as last formatted, and the second it is for.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+/// Appends the current `Date` (RFC 9110 §6.6.1), formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != second || text.is_empty() {
+            *at = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
+/// A connection whose first bytes were already read: they are read again first.
+pub struct Prefixed {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            let first = self.read.split_to(n);
+            buf.put_slice(&first);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            max_header_bytes: 16 * 1024,
+            max_headers: 4,
+            header_timeout: Duration::from_secs(1),
+            body_timeout: Duration::from_secs(1),
+            max_body: 1024,
+        }
+    }
+
+    fn status(bytes: &[u8]) -> Option<u16> {
+        match parse(bytes, &settings()) {
+            Ok(_) => None,
+            Err(Refused::Answer(p)) => Some((*p).into_response().status().as_u16()),
+            Err(Refused::Http2) => Some(0),
+        }
+    }
+
+    #[test]
+    fn heads_parse_with_their_framing_and_keep_alive() {
+        let bytes = b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello";
+        let (head, used) = parse(bytes, &settings()).ok().flatten().unwrap();
+        assert_eq!(used, bytes.len() - 5);
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/a?b=1");
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(!head.keep_alive);
+        let (head, _) = parse(
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            &settings(),
+        )
+        .ok()
+        .flatten()
+        .unwrap();
+        assert!(head.keep_alive);
+        let (head, _) = parse(b"GET / HTTP/1.0\r\n\r\n", &settings())
+            .ok()
+            .flatten()
+            .unwrap();
+        assert!(!head.keep_alive);
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\nHost: x\r\n", &settings()),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused_with_their_status() {
+        for (bytes, expected) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+                431,
+            ),
+        ] {
+            assert_eq!(
+                status(bytes),
+                Some(expected),
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+    }
+}

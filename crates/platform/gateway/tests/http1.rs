@@ -1,0 +1,231 @@
+//! The gateway's own HTTP/1.1 server, spoken to byte for byte over real sockets:
+//! keep-alive, pipelining, HTTP/1.0, `Expect: 100-continue`, HEAD, long and
+//! streamed answers, slow clients.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use chassis::config::HumanDuration;
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn connect(gw: &Gw) -> TcpStream {
+    TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap()
+}
+
+/// Reads until `text` has been seen `times` times (or the connection closes, or
+/// 5 s pass); everything read.
+async fn read_until(stream: &mut TcpStream, text: &str, times: usize) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while String::from_utf8_lossy(&got).matches(text).count() < times {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Whether the gateway closed the connection (reads end with nothing more).
+async fn closed(stream: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn keep_alive_and_pipelined_requests_are_answered_in_order() {
+    let gw = spawn().await;
+    let mut stream = connect(&gw).await;
+    // Three requests in one write: each answered, in order, on one connection.
+    stream
+        .write_all(
+            b"GET /open/one HTTP/1.1\r\nHost: gw\r\n\r\n\
+              POST /open/two HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\nabc\
+              GET /open/three HTTP/1.1\r\nHost: gw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answers = read_until(&mut stream, "{\"ok\":true}", 3).await;
+    assert_eq!(
+        answers.matches("HTTP/1.1 200 OK\r\n").count(),
+        3,
+        "{answers}"
+    );
+    assert!(!answers.to_ascii_lowercase().contains("connection: close"));
+    let seen: Vec<String> = gw
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.0.clone())
+        .collect();
+    assert_eq!(seen, ["/open/one", "/open/two", "/open/three"]);
+    // Still open for the next one.
+    stream
+        .write_all(b"GET /open/four HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let last = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(last.starts_with("HTTP/1.1 200 OK\r\n"), "{last}");
+    assert!(
+        last.to_ascii_lowercase().contains("connection: close"),
+        "{last}"
+    );
+    assert!(last.to_ascii_lowercase().contains("\r\ndate: "), "{last}");
+    assert!(closed(&mut stream).await);
+}
+
+#[tokio::test]
+async fn http_1_0_closes_unless_kept_alive() {
+    let gw = spawn().await;
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(b"GET /open/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+    assert!(
+        first
+            .to_ascii_lowercase()
+            .contains("connection: keep-alive"),
+        "{first}"
+    );
+    // Without keep-alive, HTTP/1.0 gets one answer and the close.
+    stream
+        .write_all(b"GET /open/b HTTP/1.0\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(second.starts_with("HTTP/1.1 200 OK\r\n"), "{second}");
+    assert!(
+        second.to_ascii_lowercase().contains("connection: close"),
+        "{second}"
+    );
+    assert!(closed(&mut stream).await);
+    assert_eq!(gw.seen_count(), 2);
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_before_the_body_is_sent() {
+    let gw = spawn().await;
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(
+            b"PUT /open/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let interim = read_until(&mut stream, "\r\n\r\n", 1).await;
+    assert_eq!(interim, "HTTP/1.1 100 Continue\r\n\r\n");
+    assert_eq!(gw.seen_count(), 0);
+    stream.write_all(b"hello").await.unwrap();
+    let answer = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert_eq!(gw.last_seen().0, "/open/up");
+
+    // A body declared over the limit is refused before it is sent.
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(
+            b"PUT /open/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 900000000\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let refused = read_until(&mut stream, "\r\n\r\n", 1).await;
+    assert!(refused.starts_with("HTTP/1.1 413 "), "{refused}");
+    assert_eq!(gw.seen_count(), 1);
+}
+
+#[tokio::test]
+async fn head_answers_have_no_body_and_the_connection_goes_on() {
+    let gw = spawn().await;
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(
+            b"HEAD /open/big HTTP/1.1\r\nHost: gw\r\n\r\nGET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answers = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    let (head, get) = answers.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    // The length of what a GET would get.
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 200000"),
+        "{head}"
+    );
+    assert!(get.starts_with("HTTP/1.1 200 OK\r\n"), "{get}");
+}
+
+#[tokio::test]
+async fn long_and_streamed_answers_reach_the_client_whole() {
+    let gw = spawn().await;
+    let big = gw.get("/open/big").await;
+    assert_eq!(big.content_length(), Some(200_000));
+    assert_eq!(big.text().await.unwrap(), "b".repeat(200_000));
+
+    // An answer of unknown length is chunked to an HTTP/1.1 client...
+    let streamed = gw.get("/open/stream").await;
+    assert_eq!(
+        streamed.headers()["transfer-encoding"].to_str().unwrap(),
+        "chunked"
+    );
+    let whole: String = (0..5).map(|i| format!("part {i};")).collect();
+    assert_eq!(streamed.text().await.unwrap(), whole);
+
+    // ...and ended by the close for an HTTP/1.0 one.
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(b"GET /open/stream HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert_eq!(body, whole);
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_told_why() {
+    let gw = spawn_with(|s| s.header_timeout = HumanDuration::millis(300)).await;
+    // Half a head, then nothing: 408 once the head's time is up.
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(closed(&mut stream).await);
+    // A connection quiet between requests is closed without a word.
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    let mut rest = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest}");
+    assert_eq!(gw.seen_count(), 1);
+}
