@@ -17,7 +17,6 @@
 
 use std::future::Future;
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -26,8 +25,8 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 use chassis::Problem;
-use http::header::{self, HeaderName, HeaderValue};
-use http::{HeaderMap, Method, Request, StatusCode, Uri, Version};
+use http::header;
+use http::{Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -35,12 +34,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::wire::{BUFFER, Chunk, Conn, Step, write_all};
+use crate::message::{Chunk, Framing, Head, Refusal, Step, parse};
+use crate::wire::{BUFFER, Conn, write_all};
 
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// Header slots on the stack; a larger configured limit takes them from the heap.
-const INLINE_HEADERS: usize = 128;
 
 /// What a connection is held to.
 #[derive(Clone, Debug)]
@@ -131,24 +129,6 @@ struct Exchange {
     keep_alive: bool,
 }
 
-/// A parsed request head.
-struct Head {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    framing: Framing,
-    keep_alive: bool,
-    expect_continue: bool,
-}
-
-/// How a request's body ends.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Framing {
-    Length(u64),
-    Chunked,
-}
-
 enum Refused {
     /// Answered with this problem, then closed.
     Answer(Box<Problem>),
@@ -156,18 +136,24 @@ enum Refused {
     Http2,
 }
 
-fn bad_request(detail: impl Into<String>) -> Refused {
-    Refused::Answer(Box::new(Problem::bad_request(detail)))
+impl From<Refusal> for Refused {
+    fn from(r: Refusal) -> Self {
+        let problem = match r.status {
+            StatusCode::BAD_REQUEST => Problem::bad_request(r.detail),
+            status => Problem::new(status, r.slug, r.title).with_detail(r.detail),
+        };
+        Refused::Answer(Box::new(problem))
+    }
 }
 
-fn too_large_head(detail: impl Into<String>) -> Refused {
+fn too_large_head(max_header_bytes: usize) -> Refused {
     Refused::Answer(Box::new(
         Problem::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "header-fields-too-large",
             "Request header fields too large",
         )
-        .with_detail(detail),
+        .with_detail(format!("the request head is over {max_header_bytes} bytes")),
     ))
 }
 
@@ -199,21 +185,21 @@ async fn read_head(
                 if n == PREFACE.len() {
                     return Err(Refused::Http2);
                 }
-            } else if let Some((head, used)) = parse(pending, settings)? {
+            } else if let Some((head, used)) =
+                parse(pending, settings.max_header_bytes, settings.max_headers)?
+            {
                 conn.consume(used);
                 return Ok(Some(head));
             }
         } else if !pending.is_empty()
-            && let Some((head, used)) = parse(pending, settings)?
+            && let Some((head, used)) =
+                parse(pending, settings.max_header_bytes, settings.max_headers)?
         {
             conn.consume(used);
             return Ok(Some(head));
         }
         if conn.pending().len() >= settings.max_header_bytes {
-            return Err(too_large_head(format!(
-                "the request head is over {} bytes",
-                settings.max_header_bytes
-            )));
+            return Err(too_large_head(settings.max_header_bytes));
         }
         let idle = conn.pending().is_empty();
         let filled = tokio::select! {
@@ -225,10 +211,7 @@ async fn read_head(
             Ok(Ok(0)) => return Ok(None),
             Ok(Ok(_)) => {}
             Ok(Err(e)) if e.kind() == io::ErrorKind::Other => {
-                return Err(too_large_head(format!(
-                    "the request head is over {} bytes",
-                    settings.max_header_bytes
-                )));
+                return Err(too_large_head(settings.max_header_bytes));
             }
             Ok(Err(_)) => return Ok(None),
             // A connection quiet between requests is closed quietly; one that
@@ -241,163 +224,6 @@ async fn read_head(
                 ))));
             }
         }
-    }
-}
-
-/// A head from the start of `bytes`, with the bytes it took; `None` until complete.
-fn parse(bytes: &[u8], settings: &Settings) -> Result<Option<(Head, usize)>, Refused> {
-    let mut inline = [MaybeUninit::<httparse::Header<'_>>::uninit(); INLINE_HEADERS];
-    let mut heap;
-    let slots = match settings.max_headers <= INLINE_HEADERS {
-        true => &mut inline[..settings.max_headers],
-        false => {
-            heap = vec![MaybeUninit::uninit(); settings.max_headers];
-            &mut heap[..]
-        }
-    };
-    let mut parsed = httparse::Request::new(&mut []);
-    let used = match parsed.parse_with_uninit_headers(bytes, slots) {
-        // A whole head may arrive in one read past the limit.
-        Ok(httparse::Status::Complete(n)) if n > settings.max_header_bytes => {
-            return Err(too_large_head(format!(
-                "the request head is over {} bytes",
-                settings.max_header_bytes
-            )));
-        }
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(too_large_head(format!(
-                "the request has more than {} header fields",
-                settings.max_headers
-            )));
-        }
-        Err(e) => return Err(bad_request(format!("the request head is malformed: {e}"))),
-    };
-    let method = parsed
-        .method
-        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-        .ok_or_else(|| bad_request("the request method is invalid"))?;
-    let uri = parsed
-        .path
-        .and_then(|p| Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).ok())
-        .ok_or_else(|| bad_request("the request target is not a valid URI"))?;
-    let version = match parsed.version {
-        Some(1) => Version::HTTP_11,
-        _ => Version::HTTP_10,
-    };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut length: Option<u64> = None;
-    let mut codings: Option<String> = None;
-    let (mut hosts, mut close, mut keep_alive, mut expect_continue) = (0, false, false, false);
-    for field in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(field.name.as_bytes())
-            .map_err(|_| bad_request(format!("`{}` is not a valid field name", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value)
-            .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
-        if name == header::CONTENT_LENGTH {
-            length = Some(content_length(&value, length)?);
-        } else if name == header::TRANSFER_ENCODING {
-            let text = value
-                .to_str()
-                .map_err(|_| bad_request("Transfer-Encoding is invalid"))?;
-            let all = codings.get_or_insert_with(String::new);
-            if !all.is_empty() {
-                all.push(',');
-            }
-            all.push_str(text);
-        } else if name == header::HOST {
-            hosts += 1;
-        } else if name == header::CONNECTION {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                close |= token.eq_ignore_ascii_case("close");
-                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-            }
-        } else if name == header::EXPECT {
-            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        }
-        headers.append(name, value);
-    }
-    if version == Version::HTTP_11 && hosts == 0 {
-        return Err(bad_request("an HTTP/1.1 request must carry Host"));
-    }
-    if hosts > 1 {
-        return Err(bad_request("the request carries Host more than once"));
-    }
-    let framing = match codings {
-        None => Framing::Length(length.unwrap_or(0)),
-        Some(_) if version == Version::HTTP_10 => {
-            return Err(bad_request(
-                "an HTTP/1.0 request cannot carry Transfer-Encoding",
-            ));
-        }
-        // Two framings are how requests are smuggled (RFC 9112 §6.1): refused,
-        // whichever comes first.
-        Some(_) if length.is_some() => {
-            return Err(bad_request(
-                "the request carries both Content-Length and Transfer-Encoding; send one",
-            ));
-        }
-        Some(codings) => transfer_coding(&codings)?,
-    };
-    let keep_alive = match version {
-        Version::HTTP_11 => !close,
-        _ => keep_alive && !close,
-    };
-    let head = Head {
-        method,
-        uri,
-        version,
-        headers,
-        framing,
-        keep_alive,
-        expect_continue: expect_continue && version == Version::HTTP_11,
-    };
-    Ok(Some((head, used)))
-}
-
-/// A `Content-Length` value (lists of one repeated number included), which must
-/// agree with any seen before.
-fn content_length(value: &HeaderValue, seen: Option<u64>) -> Result<u64, Refused> {
-    let mut length = seen;
-    for part in value.to_str().unwrap_or("x").split(',').map(str::trim) {
-        let n = match !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
-            true => part.parse::<u64>().ok(),
-            false => None,
-        }
-        .ok_or_else(|| bad_request("Content-Length is not a number"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(bad_request(
-                "the request carries conflicting Content-Lengths",
-            ));
-        }
-        length = Some(n);
-    }
-    length.ok_or_else(|| bad_request("Content-Length is empty"))
-}
-
-/// The request's transfer codings: `chunked` alone is taken. Without `chunked`
-/// last the body's end cannot be known (400, RFC 9112 §6.3); a coding before it
-/// could not be passed on once the framing is removed (501).
-fn transfer_coding(codings: &str) -> Result<Framing, Refused> {
-    let codings: Vec<&str> = codings
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .collect();
-    match codings.split_last() {
-        Some((last, [])) if last.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
-        Some((last, _)) if last.eq_ignore_ascii_case("chunked") => Err(Refused::Answer(Box::new(
-            Problem::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "transfer-coding-unsupported",
-                "Transfer coding not supported",
-            )
-            .with_detail("only the chunked transfer coding is taken"),
-        ))),
-        _ => Err(bad_request(
-            "Transfer-Encoding must end with chunked for a request",
-        )),
     }
 }
 
@@ -481,7 +307,7 @@ async fn read_chunked(conn: &mut Conn, max_body: u64) -> Result<Bytes, Problem> 
                 )));
             }
         }
-        match conn.fill(BUFFER.max(crate::wire::MAX_LINE * 2)).await {
+        match conn.fill(BUFFER.max(crate::message::MAX_LINE * 2)).await {
             Ok(0) | Err(_) => return Err(cut_short()),
             Ok(_) => {}
         }
@@ -723,92 +549,5 @@ impl AsyncWrite for Prefixed {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> Settings {
-        Settings {
-            max_header_bytes: 16 * 1024,
-            max_headers: 4,
-            header_timeout: Duration::from_secs(1),
-            body_timeout: Duration::from_secs(1),
-            max_body: 1024,
-        }
-    }
-
-    fn status(bytes: &[u8]) -> Option<u16> {
-        match parse(bytes, &settings()) {
-            Ok(_) => None,
-            Err(Refused::Answer(p)) => Some((*p).into_response().status().as_u16()),
-            Err(Refused::Http2) => Some(0),
-        }
-    }
-
-    #[test]
-    fn heads_parse_with_their_framing_and_keep_alive() {
-        let bytes = b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello";
-        let (head, used) = parse(bytes, &settings()).ok().flatten().unwrap();
-        assert_eq!(used, bytes.len() - 5);
-        assert_eq!(head.method, Method::POST);
-        assert_eq!(head.uri, "/a?b=1");
-        assert_eq!(head.framing, Framing::Length(5));
-        assert!(!head.keep_alive);
-        let (head, _) = parse(
-            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
-            &settings(),
-        )
-        .ok()
-        .flatten()
-        .unwrap();
-        assert!(head.keep_alive);
-        let (head, _) = parse(b"GET / HTTP/1.0\r\n\r\n", &settings())
-            .ok()
-            .flatten()
-            .unwrap();
-        assert!(!head.keep_alive);
-        assert!(matches!(
-            parse(b"GET / HTTP/1.1\r\nHost: x\r\n", &settings()),
-            Ok(None)
-        ));
-    }
-
-    #[test]
-    fn ambiguous_heads_are_refused_with_their_status() {
-        for (bytes, expected) in [
-            (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
-            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
-            (
-                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
-                400,
-            ),
-            (
-                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-                501,
-            ),
-            (
-                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                400,
-            ),
-            (
-                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-                400,
-            ),
-            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
-            (
-                b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
-                431,
-            ),
-        ] {
-            assert_eq!(
-                status(bytes),
-                Some(expected),
-                "{}",
-                String::from_utf8_lossy(bytes)
-            );
-        }
     }
 }

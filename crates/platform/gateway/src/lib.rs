@@ -23,6 +23,7 @@ pub mod configuration;
 pub mod cors;
 pub mod forwarded;
 pub mod h1;
+pub mod message;
 pub mod normalize;
 pub mod openapi;
 pub mod proxy;

@@ -187,6 +187,10 @@ async fn worker(
     shared: Arc<Shared>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // A token of this worker's own: every connection waits on it between requests,
+    // and waiting registers under the token's lock, which the workers would
+    // otherwise all take.
+    let shutdown = shutdown.child_token();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = builder(&shared.limits);
     // Each plain connection holds a sender; when every one is dropped, they have all

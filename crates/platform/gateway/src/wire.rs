@@ -31,13 +31,13 @@ use http_body::{Frame, SizeHint};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::message::{Chunk, MAX_LINE, Step};
+
 /// A connection's read buffer to begin with; it grows for a long head.
 pub(crate) const BUFFER: usize = 8 * 1024;
 /// Past this, an answer's head is refused.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
-/// A chunk-size line or trailer line longer than this is refused.
-pub(crate) const MAX_LINE: usize = 4 * 1024;
 /// Bodies of at most this many bytes are read whole before the answer goes on.
 pub const READ_WHOLE: u64 = 64 * 1024;
 const MAX_IDLE_PER_HOST: usize = 256;
@@ -285,14 +285,6 @@ enum Framing {
     Chunked(Chunk),
     /// Until the upstream closes the connection.
     Close,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Chunk {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
 }
 
 struct Head {
@@ -696,93 +688,6 @@ impl Streamed {
     }
 }
 
-/// One step of decoding a chunked body (RFC 9112 §7.1) from the bytes read so far.
-pub(crate) enum Step {
-    /// The first `n` bytes are body data.
-    Data(usize),
-    /// The first `n` bytes are framing: sizes, CRLFs, extensions, trailer fields.
-    Framing(usize),
-    /// The first `n` bytes end the body.
-    End(usize),
-    /// More bytes are needed.
-    More,
-    /// What is wrong, as "the peer sent ...".
-    Invalid(&'static str),
-}
-
-impl Chunk {
-    /// Decodes the next piece of `pending`, which starts where the last step ended.
-    pub(crate) fn step(&mut self, pending: &[u8]) -> Step {
-        match *self {
-            Chunk::Size => match line_end(pending) {
-                Some(end) => match chunk_size(&pending[..end]) {
-                    Some(size) => {
-                        *self = match size {
-                            0 => Chunk::Trailers,
-                            n => Chunk::Data(n),
-                        };
-                        Step::Framing(end)
-                    }
-                    None => Step::Invalid("an invalid chunk size"),
-                },
-                None if pending.len() > MAX_LINE => Step::Invalid("a chunk-size line too long"),
-                None => Step::More,
-            },
-            Chunk::Data(_) if pending.is_empty() => Step::More,
-            Chunk::Data(left) => {
-                let n = usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
-                *self = match left - n as u64 {
-                    0 => Chunk::DataEnd,
-                    rest => Chunk::Data(rest),
-                };
-                Step::Data(n)
-            }
-            Chunk::DataEnd if pending.len() < 2 => Step::More,
-            Chunk::DataEnd if pending.starts_with(b"\r\n") => {
-                *self = Chunk::Size;
-                Step::Framing(2)
-            }
-            Chunk::DataEnd => Step::Invalid("a chunk not ended by CRLF"),
-            Chunk::Trailers => match line_end(pending) {
-                Some(2) => Step::End(2),
-                Some(end) => Step::Framing(end),
-                None if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
-                None => Step::More,
-            },
-        }
-    }
-}
-
-/// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
-fn line_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .filter(|&i| i > 0 && bytes[i - 1] == b'\r')
-        .map(|i| i + 1)
-}
-
-/// A chunk-size line (RFC 9112 §7.1): hex digits, then extensions, which are ignored.
-fn chunk_size(line: &[u8]) -> Option<u64> {
-    let line = &line[..line.len() - 2];
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 15 {
-        return None;
-    }
-    let rest = &line[digits..];
-    let rest_ok = rest.is_empty()
-        || rest
-            .iter()
-            .position(|&b| b == b';')
-            .is_some_and(|semi| rest[..semi].iter().all(|&b| b == b' ' || b == b'\t'));
-    if !rest_ok || line.iter().any(|&b| b == b'\r' || b == b'\n') {
-        return None;
-    }
-    std::str::from_utf8(&line[..digits])
-        .ok()
-        .and_then(|d| u64::from_str_radix(d, 16).ok())
-}
-
 impl http_body::Body for Streamed {
     type Data = Bytes;
     type Error = io::Error;
@@ -1156,6 +1061,7 @@ mod tests {
 
     #[test]
     fn chunk_sizes_are_strict() {
+        use crate::message::chunk_size;
         assert_eq!(chunk_size(b"1a\r\n"), Some(26));
         assert_eq!(chunk_size(b"5 ;name=value\r\n"), Some(5));
         assert_eq!(chunk_size(b"\r\n"), None);

@@ -1,0 +1,393 @@
+//! HTTP/1.1 message framing shared by the gateway's server ([`crate::h1`]) and its
+//! upstream client ([`crate::wire`]): the request-head parser and the chunked
+//! decoder. Pure (httparse, http, bytes), so the fuzz target compiles this file alone.
+
+use std::mem::MaybeUninit;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+
+/// A chunk-size line or trailer line longer than this is refused.
+pub const MAX_LINE: usize = 4 * 1024;
+/// Header slots on the stack; a larger configured limit takes them from the heap.
+const INLINE_HEADERS: usize = 128;
+
+/// Why a request head is refused: the answer's status, problem type and title, and
+/// what was wrong.
+#[derive(Debug)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+}
+
+fn bad_request(detail: impl Into<String>) -> Refusal {
+    Refusal {
+        status: StatusCode::BAD_REQUEST,
+        slug: "bad-request",
+        title: "Bad request",
+        detail: detail.into(),
+    }
+}
+
+fn too_large_head(detail: impl Into<String>) -> Refusal {
+    Refusal {
+        status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        slug: "header-fields-too-large",
+        title: "Request header fields too large",
+        detail: detail.into(),
+    }
+}
+
+/// A parsed request head.
+pub struct Head {
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    pub keep_alive: bool,
+    pub expect_continue: bool,
+}
+
+/// How a request's body ends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Framing {
+    Length(u64),
+    Chunked,
+}
+
+/// A head from the start of `bytes`, with the bytes it took; `None` until complete.
+pub fn parse(
+    bytes: &[u8],
+    max_header_bytes: usize,
+    max_headers: usize,
+) -> Result<Option<(Head, usize)>, Refusal> {
+    let mut inline = [MaybeUninit::<httparse::Header<'_>>::uninit(); INLINE_HEADERS];
+    let mut heap;
+    let slots = match max_headers <= INLINE_HEADERS {
+        true => &mut inline[..max_headers],
+        false => {
+            heap = vec![MaybeUninit::uninit(); max_headers];
+            &mut heap[..]
+        }
+    };
+    let mut parsed = httparse::Request::new(&mut []);
+    let used = match parsed.parse_with_uninit_headers(bytes, slots) {
+        // A whole head may arrive in one read past the limit.
+        Ok(httparse::Status::Complete(n)) if n > max_header_bytes => {
+            return Err(too_large_head(format!(
+                "the request head is over {} bytes",
+                max_header_bytes
+            )));
+        }
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(too_large_head(format!(
+                "the request has more than {} header fields",
+                max_headers
+            )));
+        }
+        Err(e) => return Err(bad_request(format!("the request head is malformed: {e}"))),
+    };
+    let method = parsed
+        .method
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .ok_or_else(|| bad_request("the request method is invalid"))?;
+    let uri = parsed
+        .path
+        .and_then(|p| Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).ok())
+        .ok_or_else(|| bad_request("the request target is not a valid URI"))?;
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut length: Option<u64> = None;
+    let mut codings: Option<String> = None;
+    let (mut hosts, mut close, mut keep_alive, mut expect_continue) = (0, false, false, false);
+    for field in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(field.name.as_bytes())
+            .map_err(|_| bad_request(format!("`{}` is not a valid field name", field.name)))?;
+        let value = HeaderValue::from_bytes(field.value)
+            .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
+        if name == header::CONTENT_LENGTH {
+            length = Some(content_length(&value, length)?);
+        } else if name == header::TRANSFER_ENCODING {
+            let text = value
+                .to_str()
+                .map_err(|_| bad_request("Transfer-Encoding is invalid"))?;
+            let all = codings.get_or_insert_with(String::new);
+            if !all.is_empty() {
+                all.push(',');
+            }
+            all.push_str(text);
+        } else if name == header::HOST {
+            hosts += 1;
+        } else if name == header::CONNECTION {
+            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                close |= token.eq_ignore_ascii_case("close");
+                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    if version == Version::HTTP_11 && hosts == 0 {
+        return Err(bad_request("an HTTP/1.1 request must carry Host"));
+    }
+    if hosts > 1 {
+        return Err(bad_request("the request carries Host more than once"));
+    }
+    let framing = match codings {
+        None => Framing::Length(length.unwrap_or(0)),
+        Some(_) if version == Version::HTTP_10 => {
+            return Err(bad_request(
+                "an HTTP/1.0 request cannot carry Transfer-Encoding",
+            ));
+        }
+        // Two framings are how requests are smuggled (RFC 9112 §6.1): refused,
+        // whichever comes first.
+        Some(_) if length.is_some() => {
+            return Err(bad_request(
+                "the request carries both Content-Length and Transfer-Encoding; send one",
+            ));
+        }
+        Some(codings) => transfer_coding(&codings)?,
+    };
+    let keep_alive = match version {
+        Version::HTTP_11 => !close,
+        _ => keep_alive && !close,
+    };
+    let head = Head {
+        method,
+        uri,
+        version,
+        headers,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    };
+    Ok(Some((head, used)))
+}
+
+/// A `Content-Length` value (lists of one repeated number included), which must
+/// agree with any seen before.
+fn content_length(value: &HeaderValue, seen: Option<u64>) -> Result<u64, Refusal> {
+    let mut length = seen;
+    for part in value.to_str().unwrap_or("x").split(',').map(str::trim) {
+        let n = match !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            true => part.parse::<u64>().ok(),
+            false => None,
+        }
+        .ok_or_else(|| bad_request("Content-Length is not a number"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(bad_request(
+                "the request carries conflicting Content-Lengths",
+            ));
+        }
+        length = Some(n);
+    }
+    length.ok_or_else(|| bad_request("Content-Length is empty"))
+}
+
+/// The request's transfer codings: `chunked` alone is taken. Without `chunked`
+/// last the body's end cannot be known (400, RFC 9112 §6.3); a coding before it
+/// could not be passed on once the framing is removed (501).
+fn transfer_coding(codings: &str) -> Result<Framing, Refusal> {
+    let codings: Vec<&str> = codings
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    match codings.split_last() {
+        Some((last, [])) if last.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
+        Some((last, _)) if last.eq_ignore_ascii_case("chunked") => Err(Refusal {
+            status: StatusCode::NOT_IMPLEMENTED,
+            slug: "transfer-coding-unsupported",
+            title: "Transfer coding not supported",
+            detail: "only the chunked transfer coding is taken".into(),
+        }),
+        _ => Err(bad_request(
+            "Transfer-Encoding must end with chunked for a request",
+        )),
+    }
+}
+
+/// Where a chunked decoder is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Chunk {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// One step of decoding a chunked body (RFC 9112 §7.1) from the bytes read so far.
+pub enum Step {
+    /// The first `n` bytes are body data.
+    Data(usize),
+    /// The first `n` bytes are framing: sizes, CRLFs, extensions, trailer fields.
+    Framing(usize),
+    /// The first `n` bytes end the body.
+    End(usize),
+    /// More bytes are needed.
+    More,
+    /// What is wrong, as "the peer sent ...".
+    Invalid(&'static str),
+}
+
+impl Chunk {
+    /// Decodes the next piece of `pending`, which starts where the last step ended.
+    pub fn step(&mut self, pending: &[u8]) -> Step {
+        match *self {
+            Chunk::Size => match line_end(pending) {
+                Some(end) => match chunk_size(&pending[..end]) {
+                    Some(size) => {
+                        *self = match size {
+                            0 => Chunk::Trailers,
+                            n => Chunk::Data(n),
+                        };
+                        Step::Framing(end)
+                    }
+                    None => Step::Invalid("an invalid chunk size"),
+                },
+                None if pending.len() > MAX_LINE => Step::Invalid("a chunk-size line too long"),
+                None => Step::More,
+            },
+            Chunk::Data(_) if pending.is_empty() => Step::More,
+            Chunk::Data(left) => {
+                let n = usize::try_from(left).map_or(pending.len(), |l| l.min(pending.len()));
+                *self = match left - n as u64 {
+                    0 => Chunk::DataEnd,
+                    rest => Chunk::Data(rest),
+                };
+                Step::Data(n)
+            }
+            Chunk::DataEnd if pending.len() < 2 => Step::More,
+            Chunk::DataEnd if pending.starts_with(b"\r\n") => {
+                *self = Chunk::Size;
+                Step::Framing(2)
+            }
+            Chunk::DataEnd => Step::Invalid("a chunk not ended by CRLF"),
+            Chunk::Trailers => match line_end(pending) {
+                Some(2) => Step::End(2),
+                Some(end) => Step::Framing(end),
+                None if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
+                None => Step::More,
+            },
+        }
+    }
+}
+
+/// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
+pub fn line_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .filter(|&i| i > 0 && bytes[i - 1] == b'\r')
+        .map(|i| i + 1)
+}
+
+/// A chunk-size line (RFC 9112 §7.1): hex digits, then extensions, which are ignored.
+pub fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = &line[..line.len() - 2];
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || rest
+            .iter()
+            .position(|&b| b == b';')
+            .is_some_and(|semi| rest[..semi].iter().all(|&b| b == b' ' || b == b'\t'));
+    if !rest_ok || line.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return None;
+    }
+    std::str::from_utf8(&line[..digits])
+        .ok()
+        .and_then(|d| u64::from_str_radix(d, 16).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(bytes: &[u8]) -> Result<Option<(Head, usize)>, Refusal> {
+        parse(bytes, 16 * 1024, 4)
+    }
+
+    #[test]
+    fn heads_parse_with_their_framing_and_keep_alive() {
+        let bytes = b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\nConnection: close\r\n\r\nhello";
+        let (head, used) = parsed(bytes).unwrap().unwrap();
+        assert_eq!(used, bytes.len() - 5);
+        assert_eq!(head.method, Method::POST);
+        assert_eq!(head.uri, "/a?b=1");
+        assert_eq!(head.framing, Framing::Length(5));
+        assert!(!head.keep_alive);
+        let (head, _) = parsed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(head.keep_alive);
+        let (head, _) = parsed(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!head.keep_alive);
+        assert!(matches!(parsed(b"GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None)));
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused_with_their_status() {
+        for (bytes, expected) in [
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], 400),
+            (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                400,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                501,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                400,
+            ),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+                431,
+            ),
+        ] {
+            let status = parsed(bytes).err().map(|r| r.status.as_u16());
+            assert_eq!(status, Some(expected), "{}", String::from_utf8_lossy(bytes));
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_step_by_step() {
+        let body = b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n";
+        let (mut chunk, mut at, mut data) = (Chunk::Size, 0, Vec::new());
+        loop {
+            match chunk.step(&body[at..]) {
+                Step::Data(n) => {
+                    data.extend_from_slice(&body[at..at + n]);
+                    at += n;
+                }
+                Step::Framing(n) => at += n,
+                Step::End(n) => {
+                    at += n;
+                    break;
+                }
+                Step::More | Step::Invalid(_) => panic!("stuck at {at}"),
+            }
+        }
+        assert_eq!((data.as_slice(), at), (&b"abcde"[..], body.len()));
+        assert!(matches!(Chunk::DataEnd.step(b"xx"), Step::Invalid(_)));
+    }
+}
