@@ -229,3 +229,32 @@ async fn slow_clients_are_cut_off_and_told_why() {
     assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest}");
     assert_eq!(gw.seen_count(), 1);
 }
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
+    let gw = spawn_with(|s| s.upstream_timeout = HumanDuration::secs(10)).await;
+    let mut idle = connect(&gw).await;
+    idle.write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut idle, "{\"ok\":true}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    // The upstream takes 3 s to answer this one.
+    let mut busy = connect(&gw).await;
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gw.stop.cancel();
+    let started = std::time::Instant::now();
+    assert!(closed(&mut idle).await, "the idle connection stayed open");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let answer = read_until(&mut busy, "late", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    assert!(answer.ends_with("late"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(closed(&mut busy).await);
+}

@@ -48,6 +48,8 @@ pub async fn upstream(seen: Seen) -> String {
 }
 
 pub struct Gw {
+    /// Cancelling it shuts the gateway down.
+    pub stop: chassis::CancellationToken,
     pub url: String,
     pub admin: String,
     pub users: IdentityFixture,
@@ -137,8 +139,10 @@ pub async fn spawn_full(adjust: impl FnOnce(&mut Settings), more: Vec<(String, S
     })
     .await
     .unwrap();
-    tokio::spawn(app.run_until_stopped(chassis::CancellationToken::new()));
+    let stop = chassis::CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(stop.clone()));
     Gw {
+        stop,
         admin,
         identity_jwks: format!("{url}{}", IdentitySettings::default().jwks_path),
         url,
