@@ -59,6 +59,20 @@ pub struct Settings {
 /// What answers a connection's requests.
 pub trait Handler {
     fn handle(&self, request: Request<Body>) -> impl Future<Output = Response> + Send;
+
+    /// A request the connection answered itself, refusing it (a malformed or
+    /// oversized head or body, a slow client), before the answer is written: for
+    /// the handler's access log and metrics. `method` and `path` when the head
+    /// was parsed; `elapsed` since the wait for the head began.
+    fn refused(
+        &self,
+        answer: &Response,
+        method: Option<&str>,
+        path: Option<&str>,
+        elapsed: Duration,
+    ) {
+        let _ = (answer, method, path, elapsed);
+    }
 }
 
 /// How a connection ended.
@@ -83,6 +97,7 @@ pub async fn serve(
     let mut conn = Conn::new(stream);
     let mut first = true;
     loop {
+        let started = std::time::Instant::now();
         let head = match read_head(&mut conn, settings, shutdown, first).await {
             Ok(Some(head)) => head,
             Ok(None) => return Ended::Closed,
@@ -91,7 +106,9 @@ pub async fn serve(
                 return Ended::Http2(Prefixed { read, stream });
             }
             Err(Refused::Answer(problem)) => {
-                refuse(&mut conn, *problem, settings).await;
+                let answer = problem.into_response();
+                handler.refused(&answer, None, None, started.elapsed());
+                refuse(&mut conn, answer, settings).await;
                 return Ended::Closed;
             }
         };
@@ -104,7 +121,10 @@ pub async fn serve(
         let body = match read_body(&mut conn, &head, settings).await {
             Ok(body) => body,
             Err(problem) => {
-                refuse(&mut conn, problem, settings).await;
+                let answer = problem.into_response();
+                let (method, path) = (head.method.as_str(), head.uri.path());
+                handler.refused(&answer, Some(method), Some(path), started.elapsed());
+                refuse(&mut conn, answer, settings).await;
                 return Ended::Closed;
             }
         };
@@ -314,17 +334,17 @@ async fn read_chunked(conn: &mut Conn, max_body: u64) -> Result<Bytes, Problem> 
     }
 }
 
-/// Answers with `problem`, then closes without cutting the answer off: whatever
+/// Sends `answer`, then closes without cutting the answer off: whatever
 /// the client still sends is read and dropped for a moment first (nginx's
 /// lingering close), since closing on unread bytes resets the connection, and a
 /// reset can destroy the answer before the client reads it.
-async fn refuse(conn: &mut Conn, problem: Problem, settings: &Settings) {
+async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
     let exchange = Exchange {
         head_request: false,
         http11: true,
         keep_alive: false,
     };
-    if write_response(conn, problem.into_response(), &exchange, false, settings)
+    if write_response(conn, answer, &exchange, false, settings)
         .await
         .is_err()
     {

@@ -216,6 +216,31 @@ impl h1::Handler for Plain {
     fn handle(&self, request: Request<Body>) -> impl Future<Output = Response> + Send {
         self.shared.dispatch(self.peer, request)
     }
+
+    /// Refusals count and log as unrouted requests: a smuggling attempt or an
+    /// oversized head is what an operator most wants to see.
+    fn refused(
+        &self,
+        answer: &Response,
+        method: Option<&str>,
+        path: Option<&str>,
+        elapsed: Duration,
+    ) {
+        let status = answer.status().as_u16();
+        let method = method.unwrap_or("-");
+        self.shared
+            .metrics
+            .observe_http(method, UNMATCHED_ROUTE, status, elapsed);
+        if self.shared.access.logs(status) {
+            let ids = path.map(|path| RequestIds {
+                correlation_id: "-",
+                trace_id: "-",
+                method,
+                path,
+            });
+            log_access(answer, UNMATCHED_ROUTE, elapsed, Some(self.peer.ip()), ids);
+        }
+    }
 }
 
 async fn accept(

@@ -258,3 +258,39 @@ async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
     );
     assert!(closed(&mut busy).await);
 }
+
+#[tokio::test]
+async fn refusals_are_counted_in_the_gateways_metrics() {
+    let gw = spawn().await;
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(
+            b"POST /open/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    // A body over the limit: the head was read, so the method is known.
+    let mut stream = connect(&gw).await;
+    stream
+        .write_all(b"PUT /open/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 900000000\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    let metrics = gw.get("/metrics").await.text().await.unwrap();
+    let count = |method: &str, status: u16| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("http_server_request_duration_seconds_count{")
+                    && l.contains(&format!("method=\"{method}\""))
+                    && l.contains("route=\"<unmatched>\"")
+                    && l.contains(&format!("status=\"{status}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+    };
+    assert_eq!(count("-", 400).as_deref(), Some("1"), "{metrics}");
+    assert_eq!(count("PUT", 413).as_deref(), Some("1"), "{metrics}");
+}
