@@ -108,7 +108,8 @@ pub async fn serve(
             Err(Refused::Answer(problem)) => {
                 let answer = problem.into_response();
                 handler.refused(&answer, None, None, started.elapsed());
-                refuse(&mut conn, answer, settings).await;
+                // Boxed: the rare path would otherwise grow every connection's task.
+                Box::pin(refuse(&mut conn, answer, settings)).await;
                 return Ended::Closed;
             }
         };
@@ -124,7 +125,8 @@ pub async fn serve(
                 let answer = problem.into_response();
                 let (method, path) = (head.method.as_str(), head.uri.path());
                 handler.refused(&answer, Some(method), Some(path), started.elapsed());
-                refuse(&mut conn, answer, settings).await;
+                // Boxed: the rare path would otherwise grow every connection's task.
+                Box::pin(refuse(&mut conn, answer, settings)).await;
                 return Ended::Closed;
             }
         };
@@ -353,7 +355,7 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
     let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
     let linger = async {
         let mut drained = 0usize;
-        let mut sink = [0u8; 4096];
+        let mut sink = vec![0u8; 4096];
         // At most a few megabytes: a client that keeps sending is cut off.
         while drained < 4 << 20 {
             if conn.stream.readable().await.is_err() {
