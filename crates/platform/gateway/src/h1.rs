@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Chunk, Framing, Head, Refusal, Step, parse};
+use crate::message::{self, Chunk, Framing, Head, Refusal, Step, parse};
 use crate::wire::{BUFFER, Conn, write_all};
 
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
@@ -117,8 +117,8 @@ pub async fn serve(
         let exchange = Exchange {
             head_request: head.method == Method::HEAD,
             http11: head.version == Version::HTTP_11,
-            keep_alive: head.keep_alive,
         };
+        let keep_alive = head.keep_alive;
         let body = match read_body(&mut conn, &head, settings).await {
             Ok(body) => body,
             Err(problem) => {
@@ -136,7 +136,7 @@ pub async fn serve(
         *request.version_mut() = head.version;
         *request.headers_mut() = head.headers;
         let response = handler.handle(request).await;
-        let keep = exchange.keep_alive && !shutdown.is_cancelled();
+        let keep = keep_alive && !shutdown.is_cancelled();
         match write_response(&mut conn, response, &exchange, keep, settings).await {
             Ok(true) => conn.shrink(),
             Ok(false) | Err(_) => return Ended::Closed,
@@ -148,7 +148,6 @@ pub async fn serve(
 struct Exchange {
     head_request: bool,
     http11: bool,
-    keep_alive: bool,
 }
 
 enum Refused {
@@ -160,23 +159,14 @@ enum Refused {
 
 impl From<Refusal> for Refused {
     fn from(r: Refusal) -> Self {
-        let problem = match r.status {
-            StatusCode::BAD_REQUEST => Problem::bad_request(r.detail),
-            status => Problem::new(status, r.slug, r.title).with_detail(r.detail),
-        };
-        Refused::Answer(Box::new(problem))
+        Refused::Answer(Box::new(
+            Problem::new(r.status, r.slug, r.title).with_detail(r.detail),
+        ))
     }
 }
 
 fn too_large_head(max_header_bytes: usize) -> Refused {
-    Refused::Answer(Box::new(
-        Problem::new(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "header-fields-too-large",
-            "Request header fields too large",
-        )
-        .with_detail(format!("the request head is over {max_header_bytes} bytes")),
-    ))
+    message::too_large_head(format!("the request head is over {max_header_bytes} bytes")).into()
 }
 
 fn timed_out(what: &str, after: Duration) -> Problem {
@@ -201,19 +191,14 @@ async fn read_head(
     let deadline = Instant::now() + settings.header_timeout;
     loop {
         let pending = conn.pending();
-        if first && !pending.is_empty() {
-            let n = pending.len().min(PREFACE.len());
-            if pending[..n] == PREFACE[..n] {
-                if n == PREFACE.len() {
-                    return Err(Refused::Http2);
-                }
-            } else if let Some((head, used)) =
-                parse(pending, settings.max_header_bytes, settings.max_headers)?
-            {
-                conn.consume(used);
-                return Ok(Some(head));
-            }
-        } else if !pending.is_empty()
+        // A connection's first bytes may be HTTP/2's preface, read whole first.
+        let n = pending.len().min(PREFACE.len());
+        let preface = first && n > 0 && pending[..n] == PREFACE[..n];
+        if preface && n == PREFACE.len() {
+            return Err(Refused::Http2);
+        }
+        if !preface
+            && !pending.is_empty()
             && let Some((head, used)) =
                 parse(pending, settings.max_header_bytes, settings.max_headers)?
         {
@@ -232,9 +217,8 @@ async fn read_head(
         match filled {
             Ok(Ok(0)) => return Ok(None),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Other => {
-                return Err(too_large_head(settings.max_header_bytes));
-            }
+            // (The buffer cannot fill up: a head reaching the limit is refused
+            // above.)
             Ok(Err(_)) => return Ok(None),
             // A connection quiet between requests is closed quietly; one that
             // started a head and stalled is told why.
@@ -344,7 +328,6 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
     let exchange = Exchange {
         head_request: false,
         http11: true,
-        keep_alive: false,
     };
     if write_response(conn, answer, &exchange, false, settings)
         .await
@@ -458,6 +441,8 @@ async fn write_body(
         return write(conn, head, b"", settings).await.map(|()| true);
     }
     let mut head = Some(head);
+    // A chunk's closing CRLF goes out with what follows it.
+    let mut owed_crlf = false;
     loop {
         let data = match body.frame().await {
             None => break,
@@ -476,20 +461,32 @@ async fn write_body(
         match chunked {
             false => write(conn, head.take().unwrap_or_default(), &data, settings).await?,
             true => {
-                let mut framed = head.take().map(<[u8]>::to_vec).unwrap_or_default();
-                framed.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                let framed = chunk_framing(head.take(), owed_crlf, Some(data.len()));
                 write(conn, &framed, &data, settings).await?;
-                write(conn, b"\r\n", b"", settings).await?;
+                owed_crlf = true;
             }
         }
     }
-    let end: &[u8] = if chunked { b"0\r\n\r\n" } else { b"" };
-    match head {
-        Some(head) => write(conn, head, end, settings).await?,
-        None if chunked => write(conn, end, b"", settings).await?,
-        None => {}
+    match (head, chunked) {
+        (head, true) => write(conn, &chunk_framing(head, owed_crlf, None), b"", settings).await?,
+        (Some(head), false) => write(conn, head, b"", settings).await?,
+        (None, false) => {}
     }
     Ok(true)
+}
+
+/// What goes out before a chunk of `size` bytes (`None`: the last, empty one):
+/// the head if not yet written, the previous chunk's CRLF, the size line.
+fn chunk_framing(head: Option<&[u8]>, owed_crlf: bool, size: Option<usize>) -> Vec<u8> {
+    let mut framed = head.map(<[u8]>::to_vec).unwrap_or_default();
+    if owed_crlf {
+        framed.extend_from_slice(b"\r\n");
+    }
+    match size {
+        Some(n) => framed.extend_from_slice(format!("{n:x}\r\n").as_bytes()),
+        None => framed.extend_from_slice(b"0\r\n\r\n"),
+    }
+    framed
 }
 
 /// Writes `head` then `body`, held to the body deadline (a client that stops

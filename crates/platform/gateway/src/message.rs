@@ -32,7 +32,7 @@ fn bad_request(detail: impl Into<String>) -> Refusal {
     }
 }
 
-fn too_large_head(detail: impl Into<String>) -> Refusal {
+pub fn too_large_head(detail: impl Into<String>) -> Refusal {
     Refusal {
         status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         slug: "header-fields-too-large",
@@ -106,8 +106,9 @@ pub fn parse(
         _ => Version::HTTP_10,
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    let mut length: Option<u64> = None;
-    let mut codings: Option<String> = None;
+    // Framing fields are read once all are in (they may repeat); the others as
+    // they come.
+    let (mut sized, mut coded) = (false, false);
     let (mut hosts, mut close, mut keep_alive, mut expect_continue) = (0, false, false, false);
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
@@ -115,28 +116,37 @@ pub fn parse(
         let value = HeaderValue::from_bytes(field.value)
             .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
         if name == header::CONTENT_LENGTH {
-            length = Some(content_length(&value, length)?);
+            sized = true;
         } else if name == header::TRANSFER_ENCODING {
-            let text = value
-                .to_str()
-                .map_err(|_| bad_request("Transfer-Encoding is invalid"))?;
-            let all = codings.get_or_insert_with(String::new);
-            if !all.is_empty() {
-                all.push(',');
-            }
-            all.push_str(text);
+            coded = true;
         } else if name == header::HOST {
             hosts += 1;
         } else if name == header::CONNECTION {
-            for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                close |= token.eq_ignore_ascii_case("close");
-                keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-            }
+            close |= has_token([&value], "close");
+            keep_alive |= has_token([&value], "keep-alive");
         } else if name == header::EXPECT {
             expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
         }
         headers.append(name, value);
     }
+    let length = match sized {
+        false => None,
+        true => Some(
+            content_length(headers.get_all(header::CONTENT_LENGTH)).map_err(|e| {
+                bad_request(match e {
+                    BadLength::Invalid => "Content-Length is not a number",
+                    BadLength::Conflicting => "the request carries conflicting Content-Lengths",
+                })
+            })?,
+        ),
+    };
+    let codings = match coded {
+        false => None,
+        true => Some(
+            transfer_codings(headers.get_all(header::TRANSFER_ENCODING))
+                .ok_or_else(|| bad_request("Transfer-Encoding is invalid"))?,
+        ),
+    };
     if version == Version::HTTP_11 && hosts == 0 {
         return Err(bad_request("an HTTP/1.1 request must carry Host"));
     }
@@ -175,35 +185,61 @@ pub fn parse(
     Ok(Some((head, used)))
 }
 
-/// A `Content-Length` value (lists of one repeated number included), which must
-/// agree with any seen before.
-fn content_length(value: &HeaderValue, seen: Option<u64>) -> Result<u64, Refusal> {
-    let mut length = seen;
-    for part in value.to_str().unwrap_or("x").split(',').map(str::trim) {
-        let n = match !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
-            true => part.parse::<u64>().ok(),
-            false => None,
+/// Why a `Content-Length` cannot be taken.
+#[derive(Debug, PartialEq)]
+pub enum BadLength {
+    Invalid,
+    Conflicting,
+}
+
+/// The length every `Content-Length` value gives: a list of one repeated number
+/// (`5, 5`) is one length; anything else is refused (RFC 9112 §6.3). Both
+/// directions of the proxy read lengths this way.
+pub fn content_length<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> Result<u64, BadLength> {
+    let mut length = None;
+    for value in values {
+        for part in value.to_str().unwrap_or("x").split(',').map(str::trim) {
+            let n = match !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+                true => part.parse::<u64>().ok(),
+                false => None,
+            }
+            .ok_or(BadLength::Invalid)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(BadLength::Conflicting);
+            }
+            length = Some(n);
         }
-        .ok_or_else(|| bad_request("Content-Length is not a number"))?;
-        if length.is_some_and(|l| l != n) {
-            return Err(bad_request(
-                "the request carries conflicting Content-Lengths",
-            ));
-        }
-        length = Some(n);
     }
-    length.ok_or_else(|| bad_request("Content-Length is empty"))
+    length.ok_or(BadLength::Invalid)
+}
+
+/// The transfer codings `values` list, in order; `None` when one is not text.
+pub fn transfer_codings<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> Option<Vec<&'a str>> {
+    let mut codings = Vec::new();
+    for value in values {
+        let listed = value.to_str().ok()?.split(',').map(str::trim);
+        codings.extend(listed.filter(|c| !c.is_empty()));
+    }
+    Some(codings)
+}
+
+/// Whether the comma-separated lists in `values` hold `token` (any case).
+pub fn has_token<'a>(values: impl IntoIterator<Item = &'a HeaderValue>, token: &str) -> bool {
+    values
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// The request's transfer codings: `chunked` alone is taken. Without `chunked`
 /// last the body's end cannot be known (400, RFC 9112 §6.3); a coding before it
 /// could not be passed on once the framing is removed (501).
-fn transfer_coding(codings: &str) -> Result<Framing, Refusal> {
-    let codings: Vec<&str> = codings
-        .split(',')
-        .map(str::trim)
-        .filter(|c| !c.is_empty())
-        .collect();
+fn transfer_coding(codings: &[&str]) -> Result<Framing, Refusal> {
     match codings.split_last() {
         Some((last, [])) if last.eq_ignore_ascii_case("chunked") => Ok(Framing::Chunked),
         Some((last, _)) if last.eq_ignore_ascii_case("chunked") => Err(Refusal {

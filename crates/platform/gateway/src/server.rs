@@ -291,8 +291,7 @@ async fn accept(
                 let (plain, shutdown) = (Plain { shared, peer }, shutdown.clone());
                 tokio::spawn(async move {
                     let _live = live;
-                    let settings = plain.shared.h1.clone();
-                    let ended = h1::serve(stream, &settings, &shutdown, &plain).await;
+                    let ended = h1::serve(stream, &plain.shared.h1, &shutdown, &plain).await;
                     if let h1::Ended::Http2(io) = ended {
                         let connection =
                             watcher.watch(builder.serve_connection(TokioIo::new(io), service));

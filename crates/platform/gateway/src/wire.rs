@@ -31,7 +31,7 @@ use http_body::{Frame, SizeHint};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::message::{Chunk, MAX_LINE, Step};
+use crate::message::{self, BadLength, Chunk, MAX_LINE, Step};
 
 /// A connection's read buffer to begin with; it grows for a long head.
 pub(crate) const BUFFER: usize = 8 * 1024;
@@ -508,8 +508,8 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
             .map_err(|_| format!("the upstream sent an invalid value for `{}`", h.name))?;
         headers.append(name, value);
     }
-    let mut reusable =
-        version == Version::HTTP_11 && !has_token(&headers, header::CONNECTION, "close");
+    let mut reusable = version == Version::HTTP_11
+        && !message::has_token(headers.get_all(header::CONNECTION), "close");
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -529,7 +529,9 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         // Only `chunked` is decoded; a coding the client would have to be told of
         // (`gzip, chunked`) cannot be passed on once the proxy has removed the
         // hop-by-hop `Transfer-Encoding`.
-        if !is_only_chunked(&headers) {
+        let codings = message::transfer_codings(headers.get_all(header::TRANSFER_ENCODING));
+        if !codings.is_some_and(|c| matches!(c[..], [only] if only.eq_ignore_ascii_case("chunked")))
+        {
             return Err("the upstream used a transfer coding other than chunked".into());
         }
         // With a Content-Length as well, the message is suspect (RFC 9112 §6.3):
@@ -560,49 +562,12 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
     )))
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// `Transfer-Encoding: chunked` and no other coding.
-fn is_only_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
-        .map(str::trim)
-        .filter(|c| !c.is_empty());
-    codings
-        .next()
-        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
-        && codings.next().is_none()
-}
-
-/// Every `Content-Length` value, lists included, must be the same number.
+/// Every `Content-Length` of an answer must be the same number.
 fn content_length(headers: &HeaderMap) -> Result<u64, String> {
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().unwrap_or("x").split(',') {
-            let part = part.trim();
-            let n = match part.bytes().all(|b| b.is_ascii_digit()) && !part.is_empty() {
-                true => part.parse::<u64>().ok(),
-                false => None,
-            };
-            match (n, length) {
-                (None, _) => return Err("the upstream sent an invalid Content-Length".into()),
-                (Some(n), Some(l)) if n != l => {
-                    return Err("the upstream sent conflicting Content-Lengths".into());
-                }
-                (Some(n), _) => length = Some(n),
-            }
-        }
-    }
-    length.ok_or_else(|| "the upstream sent an invalid Content-Length".into())
+    message::content_length(headers.get_all(header::CONTENT_LENGTH)).map_err(|e| match e {
+        BadLength::Invalid => "the upstream sent an invalid Content-Length".into(),
+        BadLength::Conflicting => "the upstream sent conflicting Content-Lengths".into(),
+    })
 }
 
 /// The answer with its body: read whole when short (the connection goes back to
