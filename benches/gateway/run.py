@@ -261,7 +261,7 @@ def hyper_floor(binary, upstream):
     return proc, port
 
 
-def bazaar(binary, work, upstream, full, buffered=False):
+def bazaar(binary, work, upstream, full, unbuffered=False):
     port = free_port()
     config = os.path.join(work, f"gateway-{'full' if full else 'plain'}.toml")
     with open(config, "w") as f:
@@ -301,10 +301,11 @@ secret = "{SECRET}"
         "BAZAAR_DISCOVERY__SERVICES__UPSTREAM": f"http://127.0.0.1:{upstream}",
         # The plain proxy logs warnings only; the full one writes every access line.
         "BAZAAR_LOG__LEVEL": "info" if full else "warn",
-        # Access lines written in 32 KiB blocks (nginx's `access_log ... buffer=`), or
-        # one write per line.
-        "BAZAAR_LOG__BUFFER": "true" if buffered else "false",
     }
+    if unbuffered:
+        # One write per access line, instead of the default: a thread's lines
+        # written when it runs out of work, at most one block a millisecond.
+        env["BAZAAR_LOG__BUFFER"] = "false"
     proc = subprocess.Popen([binary, "run", "gateway", "--config", settings], env={**os.environ, **env},
                             stdout=open(os.path.join(work, f"gateway-{full}.log"), "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -339,9 +340,9 @@ def main():
 
     def run(name, starter, path, auth=None):
         # A row is named in --only as it is printed, without the "(binary)" of --compare;
-        # the buffered-log row also as `bazaar+jwt+ratelimit+log+buffered`.
+        # the unbuffered-log row also as `bazaar+jwt+ratelimit+log+unbuffered`.
         plain = name.split(" (")[0]
-        if only and not {plain, plain.replace(", buffered log", "+buffered")} & only:
+        if only and not {plain, plain.replace(", unbuffered log", "+unbuffered")} & only:
             return
         proc, port = starter() if starter else (None, upstream)
         try:
@@ -369,8 +370,8 @@ def main():
             run("bazaar+jwt+ratelimit+log" + suffix, lambda: bazaar(binary, work, upstream, True),
                 "/orders/1", auth=jwt)
         for suffix, binary in binaries:
-            run("bazaar+jwt+ratelimit+log, buffered log" + suffix,
-                lambda: bazaar(binary, work, upstream, True, buffered=True), "/orders/1", auth=jwt)
+            run("bazaar+jwt+ratelimit+log, unbuffered log" + suffix,
+                lambda: bazaar(binary, work, upstream, True, unbuffered=True), "/orders/1", auth=jwt)
 
     try:
         for _ in range(args.rounds):

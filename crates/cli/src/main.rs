@@ -273,6 +273,8 @@ fn main() -> ExitCode {
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Buffered log lines are written when a worker runs out of work.
+        .on_thread_park(chassis::telemetry::logging::idle)
         .build()
     {
         Ok(rt) => rt,

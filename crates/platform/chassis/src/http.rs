@@ -3,7 +3,7 @@
 //! first: request context + span + metrics + access log, problem rendering, panic
 //! catching, request timeout, body limit.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -438,13 +438,38 @@ pub fn log_access(
         route,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         bytes,
-        client_ip = client_ip.map(tracing::field::display),
+        client_ip = client_ip.map(ip_text),
         user_id = extra.and_then(|e| e.user_id.as_deref()),
         routed_path = extra.and_then(|e| e.path.as_deref()),
         upstream = extra.and_then(|e| e.upstream.as_deref()),
         upstream_ms = extra.and_then(|e| e.upstream_ms),
         "request completed"
     );
+}
+
+/// `ip` as text; IPv4 written by hand, since `Display` goes through the formatting
+/// machinery, a measurable share of a proxied request (the access line and
+/// `X-Forwarded-For` name the client of every request).
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut text = String::with_capacity(15);
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text.push('.');
+                }
+                if octet >= 100 {
+                    text.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    text.push(char::from(b'0' + octet / 10 % 10));
+                }
+                text.push(char::from(b'0' + octet % 10));
+            }
+            text
+        }
+        IpAddr::V6(_) => ip.to_string(),
+    }
 }
 
 /// Drops the handler when the request's deadline passes (the caller's, or this

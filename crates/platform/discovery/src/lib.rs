@@ -140,7 +140,8 @@ pub trait Registrar: Send + Sync + 'static {
 /// A fixed map from name to instances.
 #[derive(Clone, Debug, Default)]
 pub struct StaticResolver {
-    services: HashMap<String, Arc<[Instance]>>,
+    /// Looked up on every proxied request: a fast hash (names come from config).
+    services: HashMap<String, Arc<[Instance]>, foldhash::fast::RandomState>,
 }
 
 impl StaticResolver {
@@ -149,7 +150,7 @@ impl StaticResolver {
     pub fn parse<'a>(
         entries: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, ResolveError> {
-        let mut services = HashMap::new();
+        let mut services = HashMap::default();
         for (name, urls) in entries {
             let mut instances = Vec::new();
             for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {

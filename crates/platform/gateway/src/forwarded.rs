@@ -7,6 +7,7 @@
 
 use std::net::IpAddr;
 
+use chassis::http::ip_text;
 use http::HeaderMap;
 use ipnet::IpNet;
 
@@ -58,7 +59,7 @@ impl TrustedProxies {
             return Forwarded {
                 client: peer,
                 trusted_peer: false,
-                chain: peer.to_string(),
+                chain: ip_text(peer),
             };
         }
         // Every X-Forwarded-For line, in order, as one list.
@@ -82,13 +83,20 @@ impl TrustedProxies {
             }
         }
         // Forward only what was believed (the client and the trusted hops after it).
-        let mut chain: Vec<&str> = hops[kept.min(hops.len())..].to_vec();
-        let peer_text = peer.to_string();
-        chain.push(&peer_text);
+        let believed = &hops[kept.min(hops.len())..];
+        let chain = match believed {
+            [] => ip_text(peer),
+            _ => {
+                let mut chain = believed.join(", ");
+                chain.push_str(", ");
+                chain.push_str(&ip_text(peer));
+                chain
+            }
+        };
         Forwarded {
             client,
             trusted_peer: true,
-            chain: chain.join(", "),
+            chain,
         }
     }
 }
@@ -107,6 +115,24 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.200.255.9",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:1.2.3.4",
+        ] {
+            let addr = ip(text);
+            assert_eq!(ip_text(addr), addr.to_string(), "{text}");
+        }
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub enum Framing {
     Chunked,
 }
 
+/// Headers a proxy typically adds to a message it forwards (`X-Forwarded-*`,
+/// `traceparent`, the correlation id and deadline, an identity, rate-limit state).
+pub const ADDED_HEADERS: usize = 8;
+
 /// A head from the start of `bytes`, with the bytes it took; `None` until complete.
 pub fn parse(
     bytes: &[u8],
@@ -105,7 +109,9 @@ pub fn parse(
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for what the proxy adds on the way up (forwarding, trace and deadline
+    // headers): growing a header map rehashes it, several times a request.
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_HEADERS);
     // Framing fields are read once all are in (they may repeat); the others as
     // they come.
     let (mut sized, mut coded) = (false, false);

@@ -64,7 +64,9 @@ pub fn normalize(path: &str, slashes: SlashPolicy) -> Result<Cow<'_, str>, PathE
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
     }
-    // Pass 1: validate, and see whether anything must change.
+    // Pass 1: validate, and see whether anything must change. Without escapes the
+    // decoded bytes are the path's own, already UTF-8, and are not gathered.
+    let escapes = bytes.contains(&b'%');
     let mut decoded_bytes = Vec::new();
     let mut changes = false;
     let mut i = 0;
@@ -91,7 +93,9 @@ pub fn normalize(path: &str, slashes: SlashPolicy) -> Result<Cow<'_, str>, PathE
                 {
                     changes = true;
                 }
-                decoded_bytes.push(c);
+                if escapes {
+                    decoded_bytes.push(c);
+                }
                 prev = if unreserved(c) { c } else { b'%' };
                 i += 3;
                 continue;
@@ -104,16 +108,19 @@ pub fn normalize(path: &str, slashes: SlashPolicy) -> Result<Cow<'_, str>, PathE
             },
             _ => {}
         }
-        decoded_bytes.push(b);
+        if escapes {
+            decoded_bytes.push(b);
+        }
         prev = b;
         i += 1;
     }
     // Escapes of multi-byte characters must form UTF-8 once decoded.
-    if std::str::from_utf8(&decoded_bytes).is_err() {
+    if escapes && std::str::from_utf8(&decoded_bytes).is_err() {
         return Err(PathError::NotUtf8);
     }
-    // Escaped dots count as changes already (`.` is unreserved).
-    let dots = path.split('/').any(|s| s == "." || s == "..");
+    // Escaped dots count as changes already (`.` is unreserved). Every segment
+    // follows a `/`, so a path without `/.` has no dot segment.
+    let dots = path.contains("/.") && path.split('/').any(|s| s == "." || s == "..");
     if !changes && !dots {
         return Ok(Cow::Borrowed(path));
     }

@@ -31,7 +31,8 @@ pub struct Runtime {
     pub version: u64,
     pub loaded_at: SystemTime,
     pub table: RouteTable,
-    pub limiters: HashMap<String, Arc<KeyedLimiter>>,
+    /// Looked up on every rate-limited request: a fast hash (names from config).
+    pub limiters: HashMap<String, Arc<KeyedLimiter>, foldhash::fast::RandomState>,
     pub api_keys: ApiKeys,
     pub config: Declarative,
 }

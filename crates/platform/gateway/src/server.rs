@@ -147,6 +147,8 @@ async fn run(
             .spawn(move || {
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    // Access lines are written when the worker runs out of work.
+                    .on_thread_park(telemetry::logging::idle)
                     .build()
                     .and_then(|runtime| runtime.block_on(worker(listeners, shared, shutdown)));
                 let _ = done.send(result);

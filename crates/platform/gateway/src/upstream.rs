@@ -128,12 +128,15 @@ struct Metrics {
     ejections: Family<OutcomeLabels, Counter>,
 }
 
+/// Upstreams by service name (names come from the configuration, so a fast hash).
+type UpstreamMap = HashMap<String, Arc<Upstream>, foldhash::fast::RandomState>;
+
 /// Every upstream's state; the connections are per thread ([`crate::wire`]).
 pub struct Upstreams {
     connect_timeout: Duration,
     resolver: Arc<dyn Resolver>,
     /// Read on every request without a lock; copied on the rare insert.
-    map: ArcSwap<HashMap<String, Arc<Upstream>>>,
+    map: ArcSwap<UpstreamMap>,
     inserting: Mutex<()>,
     epoch: Instant,
     metrics: Metrics,
@@ -155,7 +158,7 @@ impl Upstreams {
         Self {
             connect_timeout,
             resolver,
-            map: ArcSwap::from_pointee(HashMap::new()),
+            map: ArcSwap::from_pointee(UpstreamMap::default()),
             inserting: Mutex::new(()),
             epoch: Instant::now(),
             metrics: Metrics::default(),

@@ -222,7 +222,8 @@ pub(crate) async fn write_all(
 thread_local! {
     /// Idle connections of this thread by authority, the most recent last: a gateway
     /// worker keeps its upstream connections to itself.
-    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Box<str>, VecDeque<Idle>, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 struct Idle {
@@ -500,7 +501,7 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + message::ADDED_HEADERS);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("the upstream sent an invalid header name `{}`", h.name))?;
@@ -543,8 +544,16 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         Framing::Chunked(Chunk::Size)
     } else if headers.contains_key(header::CONTENT_LENGTH) {
         let n = content_length(&headers)?;
-        // `5, 5` is one length; the client gets it once.
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        // `5, 5` is one length; the client gets it once (a single field of digits,
+        // the usual case, passes as it is).
+        let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+        let single = fields
+            .next()
+            .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+            && fields.next().is_none();
+        if !single {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         Framing::Length(n)
     } else {
         reusable = false;

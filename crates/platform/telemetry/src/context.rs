@@ -32,7 +32,9 @@ pub struct TraceContext {
 impl TraceContext {
     /// A new trace, sampled.
     pub fn new_root() -> Self {
-        let mut trace_id: [u8; 16] = rand::random();
+        // Ids need to be unique, not unguessable: a thread-local wyrand costs a few
+        // instructions where the cryptographic generator cost hundreds per request.
+        let mut trace_id = fastrand::u128(..).to_be_bytes();
         if trace_id == [0; 16] {
             trace_id[15] = 1;
         }
@@ -85,6 +87,15 @@ impl TraceContext {
         encode_hex(&self.span_id)
     }
 
+    /// The `traceparent` header value for this context, as a header.
+    pub fn to_header_value(&self) -> HeaderValue {
+        // Hex digits and dashes only, so always valid; the string's buffer becomes
+        // the value's without a copy.
+        HeaderValue::try_from(self.to_header()).unwrap_or_else(|_| {
+            HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
+        })
+    }
+
     /// The `traceparent` header value for this context.
     pub fn to_header(&self) -> String {
         // Written by hand: this runs on every outgoing call, and `format!` with
@@ -101,7 +112,7 @@ impl TraceContext {
 }
 
 fn new_span_id() -> [u8; 8] {
-    let mut id: [u8; 8] = rand::random();
+    let mut id = fastrand::u64(..).to_be_bytes();
     if id == [0; 8] {
         id[7] = 1;
     }
@@ -132,9 +143,15 @@ fn encode_hex(bytes: &[u8]) -> String {
 
 fn push_hex(s: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    // Into a byte buffer, then one push: pushing char by char re-checks the
+    // capacity and encodes UTF-8 for every digit.
+    let mut hex = [0u8; 32];
+    for (chunk, bytes) in bytes.chunks(16).map(|c| (c.len(), c)) {
+        for (i, b) in bytes.iter().enumerate() {
+            hex[2 * i] = DIGITS[usize::from(b >> 4)];
+            hex[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        s.push_str(std::str::from_utf8(&hex[..2 * chunk]).unwrap_or_default());
     }
 }
 
@@ -157,10 +174,7 @@ impl RequestContext {
             .and_then(|v| v.to_str().ok())
             .filter(|v| valid_correlation_id(v))
             .map(Arc::from)
-            .unwrap_or_else(|| {
-                let mut buf = uuid::Uuid::encode_buffer();
-                Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
-            });
+            .unwrap_or_else(new_correlation_id);
         let trace = headers
             .get(&TRACEPARENT)
             .and_then(|v| v.to_str().ok())
@@ -200,7 +214,7 @@ impl RequestContext {
     /// A context for work not started by a request (startup, background jobs).
     pub fn new_root() -> Self {
         Self {
-            correlation_id: Arc::from(uuid::Uuid::now_v7().to_string()),
+            correlation_id: new_correlation_id(),
             trace: TraceContext::new_root(),
             deadline: None,
         }
@@ -215,10 +229,22 @@ impl RequestContext {
         if let Ok(v) = HeaderValue::from_str(&self.correlation_id) {
             headers.insert(CORRELATION_ID, v);
         }
-        if let Ok(v) = HeaderValue::from_str(&self.trace.child().to_header()) {
-            headers.insert(TRACEPARENT, v);
-        }
+        headers.insert(TRACEPARENT, self.trace.child().to_header_value());
     }
+}
+
+/// A UUIDv7 (time-ordered, so ids sort by when requests came in), its random bits
+/// from the same thread-local generator as trace ids.
+fn new_correlation_id() -> Arc<str> {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let random = fastrand::u128(..).to_be_bytes();
+    let mut rand_bytes = [0u8; 10];
+    rand_bytes.copy_from_slice(&random[..10]);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &rand_bytes).into_uuid();
+    let mut buf = uuid::Uuid::encode_buffer();
+    Arc::from(&*id.hyphenated().encode_lower(&mut buf))
 }
 
 /// Writes the deadline header: `left`, in whole milliseconds.
