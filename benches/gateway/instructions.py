@@ -4,8 +4,8 @@ hyper-floor, and Bazaar plain and with JWT + rate limit + access log, each drive
 `wrk -t1 -c8` through the same upstream as benches/gateway/run.py.
 
 Unlike requests/s or CPU time, the count does not move when the host is busy: the
-same binary and load give the same figure within a percent, so a change of a few
-percent shows, where a throughput run on this shared 2-core machine swings by 30%.
+same binary and load give the same figure within a few percent, so a change of 5%
+shows, where a throughput run on this shared 2-core machine swings by 30%.
 It counts user-space instructions only (the kernel's share is in run.py's
 CPU columns).
 
@@ -52,21 +52,7 @@ daemon off;
 pid {work}/nginx-cg.pid;
 error_log {work}/nginx-cg-error.log warn;
 events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  upstream app {{ server 127.0.0.1:{upstream}; keepalive 128; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $remote_addr;
-    }}
-  }}
-}}
-""")
+""" + run.nginx_http(upstream, f"127.0.0.1:{port}"))
     proc = run.start([wrapped, "-c", conf, "-p", work])
     run.wait_port(port, timeout=60)
     return proc, port, out

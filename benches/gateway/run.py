@@ -181,6 +181,26 @@ def stop(proc):
             pass
 
 
+def nginx_http(upstream, listen):
+    """nginx's `http` block: a plain reverse proxy with upstream keep-alive."""
+    return f"""
+http {{
+  access_log off;
+  upstream app {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{
+    listen {listen};
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $remote_addr;
+    }}
+  }}
+}}
+"""
+
+
 def nginx(work, upstream):
     port = free_port()
     conf = os.path.join(work, "nginx.conf")
@@ -191,21 +211,7 @@ daemon off;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  upstream app {{ server 127.0.0.1:{upstream}; keepalive 128; }}
-  server {{
-    listen 127.0.0.1:{port} reuseport;
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host $host;
-      proxy_set_header X-Forwarded-For $remote_addr;
-    }}
-  }}
-}}
-""")
+""" + nginx_http(upstream, f"127.0.0.1:{port} reuseport"))
     proc = start(["nginx", "-c", conf, "-p", work])
     wait_port(port)
     return proc, port
