@@ -467,13 +467,13 @@ fn json_str(buf: &mut Vec<u8>, s: &str) {
     buf.push(b'"');
 }
 
-/// Whether `s` holds a byte JSON escapes (a control character, `"` or `\\`),
-/// eight bytes per step: most strings of a line are short names and ids.
+/// Whether `s` holds a byte JSON escapes (a control character, a quote or a
+/// backslash), eight bytes per step: most strings of a line are names and ids.
 fn needs_escape(s: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    // The high bit of each byte of x that is below n (n <= 0x80), exactly when one
-    // is: the classic "has less" bit trick.
+    // Nonzero exactly when some byte of x is below n (n <= 0x80): the classic
+    // "has less" bit trick.
     let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
     let mut chunks = s.chunks_exact(8);
     for chunk in &mut chunks {
