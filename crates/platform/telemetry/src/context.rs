@@ -87,15 +87,6 @@ impl TraceContext {
         encode_hex(&self.span_id)
     }
 
-    /// The `traceparent` header value for this context, as a header.
-    pub fn to_header_value(&self) -> HeaderValue {
-        // Hex digits and dashes only, so always valid; the string's buffer becomes
-        // the value's without a copy.
-        HeaderValue::try_from(self.to_header()).unwrap_or_else(|_| {
-            HeaderValue::from_static("00-00000000000000000000000000000001-0000000000000001-01")
-        })
-    }
-
     /// The `traceparent` header value for this context.
     pub fn to_header(&self) -> String {
         // Written by hand: this runs on every outgoing call, and `format!` with
@@ -145,13 +136,13 @@ fn push_hex(s: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     // Into a byte buffer, then one push: pushing char by char re-checks the
     // capacity and encodes UTF-8 for every digit.
-    let mut hex = [0u8; 32];
-    for (chunk, bytes) in bytes.chunks(16).map(|c| (c.len(), c)) {
-        for (i, b) in bytes.iter().enumerate() {
-            hex[2 * i] = DIGITS[usize::from(b >> 4)];
-            hex[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+    for chunk in bytes.chunks(16) {
+        let mut hex = [0u8; 32];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0x0f)];
         }
-        s.push_str(std::str::from_utf8(&hex[..2 * chunk]).unwrap_or_default());
+        s.push_str(std::str::from_utf8(&hex[..2 * chunk.len()]).unwrap_or_default());
     }
 }
 
@@ -229,7 +220,10 @@ impl RequestContext {
         if let Ok(v) = HeaderValue::from_str(&self.correlation_id) {
             headers.insert(CORRELATION_ID, v);
         }
-        headers.insert(TRACEPARENT, self.trace.child().to_header_value());
+        // The string's buffer becomes the value's without a copy.
+        if let Ok(v) = HeaderValue::try_from(self.trace.child().to_header()) {
+            headers.insert(TRACEPARENT, v);
+        }
     }
 }
 

@@ -130,6 +130,14 @@ impl Out {
         }
     }
 
+    /// Writes a block of gathered lines and empties it; whether it held any.
+    fn drain(&self, block: &mut Vec<u8>) -> bool {
+        let held = !block.is_empty();
+        self.write(block);
+        block.clear();
+        held
+    }
+
     fn write(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -198,12 +206,7 @@ pub fn idle() {
         };
         let mut wrote = false;
         for (out, block) in blocks.iter() {
-            let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
-            if !block.is_empty() {
-                out.write(&block);
-                block.clear();
-                wrote = true;
-            }
+            wrote |= out.drain(&mut block.lock().unwrap_or_else(|e| e.into_inner()));
         }
         if wrote {
             LAST_WRITE.set(Some(now));
@@ -214,10 +217,8 @@ pub fn idle() {
 /// Writes every thread's pending lines now: at exit, and by the flusher.
 pub fn flush() {
     let pending = PENDING.lock().unwrap_or_else(|e| e.into_inner());
-    for (buf, out) in pending.iter() {
-        let mut buf = buf.lock().unwrap_or_else(|e| e.into_inner());
-        out.write(&buf);
-        buf.clear();
+    for (block, out) in pending.iter() {
+        out.drain(&mut block.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -288,8 +289,7 @@ impl JsonLayer {
         let mut block = block.lock().unwrap_or_else(|e| e.into_inner());
         block.extend_from_slice(line);
         if urgent || block.len() >= BLOCK {
-            self.out.write(&block);
-            block.clear();
+            self.out.drain(&mut block);
             let _ = LAST_WRITE.try_with(|last| last.set(Some(std::time::Instant::now())));
         }
     }
