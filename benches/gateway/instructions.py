@@ -100,7 +100,7 @@ def main():
                         "bench-upstream"], cwd=run.ROOT, check=True)
     release = os.path.join(run.target_dir(), "release")
     bazaar = os.path.abspath(args.binary) if args.binary else os.path.join(release, "bazaar")
-    work = tempfile.mkdtemp(prefix="bazaar-gw-instructions-")
+    work = os.environ.get("CG_WORK") or tempfile.mkdtemp(prefix="bazaar-gw-instructions-")
     up = subprocess.Popen([os.path.join(release, "bench-upstream"), "0"],
                           stdout=subprocess.PIPE, text=True)
     upstream = int(up.stdout.readline().rsplit(":", 1)[1])

@@ -198,6 +198,9 @@ async fn worker(
     // Each plain connection holds a sender; when every one is dropped, they have all
     // ended.
     let (live, mut all_ended) = tokio::sync::mpsc::channel::<()>(1);
+    // Without it, tokio wakes this worker through its eventfd for every fifth
+    // request's head timeout.
+    tokio::spawn(chassis::clock::timer_floor());
     let loops = listeners
         .into_iter()
         .map(|l| accept(l, &shared, &shutdown, &graceful, &builder, &live));
