@@ -11,7 +11,8 @@ CPU columns).
 
 Usage: python3 benches/gateway/instructions.py [--seconds 10] [--only a,b]
        [--binary PATH] [--no-build]
-Needs: valgrind, wrk, nginx (installed when missing). Prints Markdown.
+Needs: valgrind, wrk, nginx (installed when missing). Prints Markdown. With CG_WORK=DIR
+the callgrind outputs (cg.<row>.1) are kept in DIR, for callgrind_annotate.
 """
 import argparse
 import importlib.util
