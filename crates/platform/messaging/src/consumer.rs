@@ -383,8 +383,12 @@ pub trait Transactional: Send + Sync + 'static {
     }
 
     /// Work outside the transaction, before it: a call to another system, whose
-    /// latency must not hold the database. A window's deliveries are prepared side
-    /// by side. Nothing by default.
+    /// latency must not hold the database. Each delivery is prepared as it arrives,
+    /// side by side with the partition's earlier deliveries still preparing or
+    /// committing, so a later event of the same key may be prepared before an
+    /// earlier one commits: `handle`, in the transaction, has the last word, and a
+    /// preparation may be thrown away (and done again when the delivery is). Nothing
+    /// by default.
     fn prepare<'a>(
         &'a self,
         event: &'a CloudEvent,
@@ -452,8 +456,8 @@ const MAX_WINDOW: usize = 64;
 /// Consumes like [`run`], but each partition's waiting deliveries (up to 64) go
 /// through `handler` in one transaction of `store`: under load a commit carries many
 /// events instead of one, and with one waiting it is one event per transaction as
-/// before. A partition's events are handled one after another (a key's in order);
-/// partitions run side by side.
+/// before. A partition's events are committed one after another (a key's in order),
+/// each prepared as it arrives; partitions run side by side.
 pub async fn run_transactional<H: Transactional>(
     bus: Arc<dyn EventBus>,
     config: ConsumerConfig,
@@ -469,57 +473,156 @@ pub async fn run_transactional<H: Transactional>(
             let (bus, config, store, handler) =
                 (bus.clone(), config.clone(), store.clone(), handler.clone());
             tokio::spawn(async move {
-                windows(bus.as_ref(), &config, &store, handler.as_ref(), rx).await;
+                windows(bus.as_ref(), &config, &store, &handler, rx).await;
             })
         }
     };
     subscribed(bus, config, shutdown, spawn).await;
 }
 
-/// One partition's deliveries, a window at a time.
+/// A delivery taken from a partition's queue, its preparation started as it arrived.
+struct Taken {
+    delivery: Delivery,
+    meta: Meta,
+    prep: Prep,
+}
+
+/// Where a delivery's [`Transactional::prepare`] is.
+enum Prep {
+    /// Finished: `Ok(None)` for an event the handler does not act on (acknowledged
+    /// with its window, untouched); an error (a malformed event, a failed
+    /// preparation) sends the window down the one-delivery-at-a-time path.
+    Done(Result<Option<Prepared>, String>),
+    /// Under way on a task of its own: a call to another system.
+    Running(tokio::task::JoinHandle<Result<Prepared, HandlerError>>),
+}
+
+impl Prep {
+    fn finished(&self) -> bool {
+        match self {
+            Prep::Done(_) => true,
+            Prep::Running(task) => task.is_finished(),
+        }
+    }
+
+    /// Waits for a running preparation and keeps its outcome.
+    async fn wait(&mut self) {
+        if let Prep::Running(task) = self {
+            let outcome = match task.await {
+                Ok(Ok(prepared)) => Ok(Some(prepared)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("prepare panicked".into()),
+            };
+            *self = Prep::Done(outcome);
+        }
+    }
+}
+
+/// Takes `d` in and starts its preparation: inline when it finishes at once (every
+/// handler without a `prepare`), else on a task, so a slow call for one delivery
+/// runs while earlier ones commit and later ones arrive.
+fn take<H: Transactional>(handler: &Arc<H>, delivery: Delivery) -> Taken {
+    let meta = Meta::of(&delivery);
+    let prep = match &delivery.event {
+        Err(e) => Prep::Done(Err(format!("malformed event: {e}"))),
+        Ok(event) => match handler.accepts(event, &meta) {
+            Err(e) => Prep::Done(Err(e.to_string())),
+            Ok(false) => Prep::Done(Ok(None)),
+            Ok(true) => {
+                let (handler, event, m) = (handler.clone(), event.clone(), meta.clone());
+                let mut prepare = Box::pin(async move {
+                    AssertUnwindSafe(handler.prepare(&event, &m))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Err(HandlerError::Retry("prepare panicked".into())))
+                });
+                match (&mut prepare).now_or_never() {
+                    Some(Ok(prepared)) => Prep::Done(Ok(Some(prepared))),
+                    Some(Err(e)) => Prep::Done(Err(e.to_string())),
+                    None => Prep::Running(tokio::spawn(prepare)),
+                }
+            }
+        },
+    };
+    Taken {
+        delivery,
+        meta,
+        prep,
+    }
+}
+
+/// One partition's deliveries, a window at a time: the longest run at the front of
+/// the queue (up to 64) whose preparations have finished. Each delivery's
+/// preparation starts when it arrives, so a window never waits for the slowest
+/// call of the deliveries behind it, and commits stay in the partition's order.
 async fn windows<H: Transactional>(
     bus: &dyn EventBus,
     config: &ConsumerConfig,
     store: &Store,
-    handler: &H,
+    handler: &Arc<H>,
     mut rx: mpsc::Receiver<Delivery>,
 ) {
     // After a nack the broker sends the key's events again from the nacked one:
     // what was already queued behind it is stale (by key: the nacked offset).
     let mut nacked: HashMap<String, u64> = HashMap::new();
-    let mut window: Vec<Delivery> = Vec::with_capacity(MAX_WINDOW);
-    while let Some(first) = rx.recv().await {
-        window.push(first);
-        while window.len() < MAX_WINDOW {
-            match rx.try_recv() {
-                Ok(d) => window.push(d),
-                Err(_) => break,
+    let mut queue: std::collections::VecDeque<Taken> = std::collections::VecDeque::new();
+    let mut open = true;
+    loop {
+        if queue.is_empty() {
+            match rx.recv().await {
+                Some(d) => queue.push_back(take(handler, d)),
+                None => return,
             }
         }
-        window.retain(|d| match nacked.get(&d.key) {
-            Some(&n) if d.offset > n => false,
+        // Until the front is prepared, keep taking in what arrives.
+        loop {
+            while open && queue.len() < MAX_PREPARING {
+                match rx.try_recv() {
+                    Ok(d) => queue.push_back(take(handler, d)),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            let room = open && queue.len() < MAX_PREPARING;
+            let Some(front) = queue.front_mut() else {
+                break;
+            };
+            if front.prep.finished() {
+                front.prep.wait().await;
+                break;
+            }
+            let arrived = tokio::select! {
+                () = front.prep.wait() => break,
+                d = rx.recv(), if room => d,
+            };
+            match arrived {
+                Some(d) => queue.push_back(take(handler, d)),
+                None => open = false,
+            }
+        }
+        let mut ready = 0;
+        for taken in queue.iter_mut().take(MAX_WINDOW) {
+            if !taken.prep.finished() {
+                break;
+            }
+            taken.prep.wait().await;
+            ready += 1;
+        }
+        let mut window: Vec<Taken> = queue.drain(..ready).collect();
+        window.retain(|t| match nacked.get(&t.delivery.key) {
+            Some(&n) if t.delivery.offset > n => false,
             Some(_) => {
-                nacked.remove(&d.key);
+                nacked.remove(&t.delivery.key);
                 true
             }
             None => true,
         });
-        if window.len() > 1 {
-            // (Deliveries are not `Sync`: the events and their positions go in.)
-            let events: Result<Vec<_>, String> = window
-                .iter()
-                .map(|d| match &d.event {
-                    Ok(event) => Ok((event, Meta::of(d))),
-                    Err(e) => Err(format!("malformed event: {e}")),
-                })
-                .collect();
-            let handled = match events {
-                Ok(events) => in_one_transaction(store, handler, events).await,
-                Err(e) => Err(e),
-            };
-            match handled {
+        // A window of one goes this way too: its preparation is done already.
+        if !window.is_empty() {
+            match in_one_transaction(store, handler.as_ref(), &mut window).await {
                 Ok(()) => {
-                    let acks = futures::future::join_all(window.drain(..).map(Delivery::ack));
+                    let acks =
+                        futures::future::join_all(window.into_iter().map(|t| t.delivery.ack()));
                     for result in acks.await {
                         if let Err(e) = result {
                             tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
@@ -532,59 +635,59 @@ async fn windows<H: Transactional>(
                 }
             }
         }
-        for d in window.drain(..) {
-            if nacked.get(&d.key).is_some_and(|&n| d.offset > n) {
+        for Taken { delivery, meta, .. } in window {
+            if nacked
+                .get(&delivery.key)
+                .is_some_and(|&n| delivery.offset > n)
+            {
                 continue;
             }
-            let (key, offset) = (d.key.clone(), d.offset);
-            let meta = Meta::of(&d);
-            let outcome = match &d.event {
-                Ok(event) => AssertUnwindSafe(handle_one(store, handler, event, &meta))
+            let (key, offset) = (delivery.key.clone(), delivery.offset);
+            let outcome = match &delivery.event {
+                Ok(event) => AssertUnwindSafe(handle_one(store, handler.as_ref(), event, &meta))
                     .catch_unwind()
                     .await
                     .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into()))),
                 Err(e) => Err(HandlerError::Reject(e.to_string())),
             };
-            if conclude(bus, config, d, outcome).await {
+            if conclude(bus, config, delivery, outcome).await {
                 nacked.insert(key, offset);
             }
         }
     }
 }
 
-/// Handles every delivery of `window` in one transaction and commits it; on any
-/// failure nothing is committed (and the reason is returned).
+/// Deliveries of a partition taken in and being prepared at most.
+const MAX_PREPARING: usize = 2 * MAX_WINDOW;
+
+/// Handles every prepared delivery of `window` in one transaction and commits it;
+/// on any failure nothing is committed (and the reason is returned).
 async fn in_one_transaction<H: Transactional>(
     store: &Store,
     handler: &H,
-    window: Vec<(&CloudEvent, Meta)>,
+    window: &mut [Taken],
 ) -> Result<(), String> {
-    let mut events = Vec::with_capacity(window.len());
-    for (event, meta) in window {
-        if handler.accepts(event, &meta).map_err(|e| e.to_string())? {
-            events.push((event, meta));
-        }
+    let mut accepted = Vec::with_capacity(window.len());
+    for taken in window.iter_mut() {
+        let prepared = match std::mem::replace(&mut taken.prep, Prep::Done(Ok(None))) {
+            Prep::Done(Ok(Some(prepared))) => prepared,
+            Prep::Done(Ok(None)) => continue,
+            Prep::Done(Err(e)) => return Err(e),
+            Prep::Running(_) => {
+                return Err("a delivery of the window is still being prepared".into());
+            }
+        };
+        let Ok(event) = &taken.delivery.event else {
+            return Err("malformed event".into());
+        };
+        accepted.push((event, &taken.meta, prepared));
     }
-    if events.is_empty() {
+    if accepted.is_empty() {
         return Ok(());
-    }
-    let prepared = futures::future::join_all(
-        events
-            .iter()
-            .map(|(event, meta)| AssertUnwindSafe(handler.prepare(event, meta)).catch_unwind()),
-    )
-    .await;
-    let mut ready = Vec::with_capacity(prepared.len());
-    for p in prepared {
-        match p {
-            Ok(Ok(p)) => ready.push(p),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("prepare panicked".into()),
-        }
     }
     let mut tx = store.pool.begin().await.map_err(|e| e.to_string())?;
     let mut after = AfterCommit::default();
-    for ((event, meta), prepared) in events.iter().zip(ready) {
+    for (event, meta, prepared) in accepted {
         if !store
             .inbox
             .claim(&mut tx, &event.id)

@@ -275,3 +275,138 @@ async fn a_window_commits_together_and_a_failing_event_is_settled_alone() {
         "no event shared a transaction with the one before it"
     );
 }
+
+/// Prepares event 0 until event 1's preparation has started (or 5 s have passed),
+/// noting which; writes each event it handles.
+struct Overlapping {
+    started: tokio::sync::watch::Sender<bool>,
+    overlapped: std::sync::atomic::AtomicBool,
+}
+
+impl messaging::consumer::Transactional for Overlapping {
+    fn prepare<'a>(
+        &'a self,
+        event: &'a messaging::CloudEvent,
+        _meta: &'a messaging::consumer::Meta,
+    ) -> messaging::BoxFuture<
+        'a,
+        Result<messaging::consumer::Prepared, messaging::consumer::HandlerError>,
+    > {
+        Box::pin(async move {
+            if event.data["n"] == 1 {
+                self.started.send_replace(true);
+            } else {
+                let mut started = self.started.subscribe();
+                let waited = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    started.wait_for(|s| *s),
+                )
+                .await;
+                self.overlapped.store(
+                    waited.is_ok_and(|r| r.is_ok()),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+            Ok(None)
+        })
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a messaging::CloudEvent,
+        meta: &'a messaging::consumer::Meta,
+        _prepared: messaging::consumer::Prepared,
+        _after: &'a mut messaging::consumer::AfterCommit,
+    ) -> messaging::BoxFuture<'a, Result<(), messaging::consumer::HandlerError>> {
+        Box::pin(async move {
+            sqlx::query("INSERT INTO seen (k, n, shared) VALUES ($1, $2, 0)")
+                .bind(&meta.key)
+                .bind(event.data["n"].as_i64().unwrap())
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+/// A delivery is prepared as it arrives, while an earlier one of its partition is
+/// still being prepared (a slow call elsewhere holds up only its own commit), and
+/// the two still commit in the partition's order.
+#[tokio::test]
+async fn a_delivery_is_prepared_while_an_earlier_one_still_is() {
+    use messaging::consumer::{self, ConsumerConfig, Store};
+    use messaging::inbox::Inbox;
+    use messaging::{CloudEvent, EventBus};
+    use std::time::{Duration, Instant};
+
+    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
+    let mut config = LogConfig::new(dir);
+    config.partitions = 1;
+    let broker = Broker::open(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, server::router(broker)).await });
+    let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(&url));
+
+    sqlx::any::install_default_drivers();
+    let path = std::env::temp_dir().join(format!("bazaar-overlap-{}.db", uuid::Uuid::new_v4()));
+    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap();
+    Inbox::install(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE seen (k TEXT NOT NULL, n BIGINT NOT NULL, shared BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let handler = Arc::new(Overlapping {
+        started: tokio::sync::watch::channel(false).0,
+        overlapped: std::sync::atomic::AtomicBool::new(false),
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(consumer::run_transactional(
+        bus.clone(),
+        ConsumerConfig::new("work", "g"),
+        Store {
+            pool: pool.clone(),
+            inbox: Inbox::new("g"),
+        },
+        stop.clone(),
+        handler.clone(),
+    ));
+    let publish = |n: i64| {
+        let bus = bus.clone();
+        async move {
+            let e = CloudEvent::new(
+                "/t",
+                "thing.happened",
+                Some("k"),
+                serde_json::json!({"n": n}),
+            );
+            bus.publish("work", "k", &e).await.unwrap();
+        }
+    };
+    publish(0).await;
+    // Event 1 comes once event 0 is being prepared: in a window of its own.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rows: Vec<i64> = loop {
+        let rows: Vec<i64> = sqlx::query_scalar("SELECT n FROM seen ORDER BY rowid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        if rows.len() >= 2 {
+            break rows;
+        }
+        assert!(Instant::now() < deadline, "handled only {rows:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(rows, [0, 1], "committed out of the partition's order");
+    assert!(
+        handler.overlapped.load(std::sync::atomic::Ordering::SeqCst),
+        "event 1 was not prepared until event 0's preparation had ended"
+    );
+}
