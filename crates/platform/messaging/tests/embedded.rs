@@ -10,11 +10,12 @@ use messaging::embedded::client::EmbeddedBus;
 use messaging::embedded::store::LogConfig;
 use messaging::embedded::{Broker, server};
 
-/// A broker of its own: its address and the bus's.
-async fn serve() -> std::net::SocketAddr {
+/// A broker of its own with `partitions` per topic, from a fresh data directory: its
+/// address.
+async fn serve(partitions: u32) -> std::net::SocketAddr {
     let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
     let mut config = LogConfig::new(dir);
-    config.partitions = 4;
+    config.partitions = partitions;
     let broker = Broker::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -22,10 +23,31 @@ async fn serve() -> std::net::SocketAddr {
     addr
 }
 
+/// A bus on a broker of its own.
+async fn own_bus(partitions: u32) -> conformance::Bus {
+    Arc::new(EmbeddedBus::new(&format!(
+        "http://{}",
+        serve(partitions).await
+    )))
+}
+
+/// A fresh SQLite database with the inbox and the `seen` table the consumer tests'
+/// handlers write: a pool and its URL.
+async fn seen_db() -> (sqlx::AnyPool, String) {
+    sqlx::any::install_default_drivers();
+    let path = std::env::temp_dir().join(format!("bazaar-seen-{}.db", uuid::Uuid::new_v4()));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    messaging::inbox::Inbox::install(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE seen (k TEXT NOT NULL, n BIGINT NOT NULL, shared BIGINT NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    (pool, url)
+}
+
 async fn bus() -> (conformance::Bus, impl std::future::Future<Output = ()>) {
-    let addr = serve().await;
-    let bus: conformance::Bus = Arc::new(EmbeddedBus::new(&format!("http://{addr}")));
-    (bus, async {})
+    (own_bus(4).await, async {})
 }
 
 async fn behind_proxy() -> (
@@ -34,7 +56,7 @@ async fn behind_proxy() -> (
     impl std::future::Future<Output = ()>,
 ) {
     let proxy = conformance::Proxy::bind().await;
-    proxy.forward_to(serve().await);
+    proxy.forward_to(serve(4).await);
     let bus: conformance::Bus = Arc::new(EmbeddedBus::new(&format!("http://{}", proxy.addr)));
     (bus, proxy, async {})
 }
@@ -45,19 +67,12 @@ conformance::suite!(bus, behind_proxy, conformance::ALL);
 /// key does not hold up the others) while each key's events stay in order.
 #[tokio::test]
 async fn keys_of_one_partition_run_side_by_side_each_in_order() {
+    use messaging::CloudEvent;
     use messaging::consumer::{self, ConsumerConfig};
-    use messaging::{CloudEvent, EventBus};
     use std::sync::Mutex;
     use std::time::{Duration, Instant};
 
-    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
-    let mut config = LogConfig::new(dir);
-    config.partitions = 1;
-    let broker = Broker::open(config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, server::router(broker)).await });
-    let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(&url));
+    let bus = own_bus(1).await;
     let event = |key: &str, n: u64| {
         CloudEvent::new(
             "/t",
@@ -174,27 +189,12 @@ impl messaging::consumer::Transactional for Recorder {
 async fn a_window_commits_together_and_a_failing_event_is_settled_alone() {
     use messaging::consumer::{self, ConsumerConfig, Store};
     use messaging::inbox::Inbox;
-    use messaging::{CloudEvent, EventBus, SubscribeOptions};
+    use messaging::{CloudEvent, SubscribeOptions};
     use std::time::{Duration, Instant};
 
-    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
-    let mut config = LogConfig::new(dir);
-    config.partitions = 2;
-    let broker = Broker::open(config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, server::router(broker)).await });
-    let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(&url));
+    let bus = own_bus(2).await;
 
-    sqlx::any::install_default_drivers();
-    let path = std::env::temp_dir().join(format!("bazaar-window-{}.db", uuid::Uuid::new_v4()));
-    let url_db = format!("sqlite://{}?mode=rwc", path.display());
-    let pool = sqlx::AnyPool::connect(&url_db).await.unwrap();
-    Inbox::install(&pool).await.unwrap();
-    sqlx::query("CREATE TABLE seen (k TEXT NOT NULL, n BIGINT NOT NULL, shared BIGINT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (pool, url_db) = seen_db().await;
     let outside = sqlx::AnyPool::connect(&url_db).await.unwrap();
 
     for n in 0..40 {
@@ -335,30 +335,14 @@ impl messaging::consumer::Transactional for Overlapping {
 /// the two still commit in the partition's order.
 #[tokio::test]
 async fn a_delivery_is_prepared_while_an_earlier_one_still_is() {
+    use messaging::CloudEvent;
     use messaging::consumer::{self, ConsumerConfig, Store};
     use messaging::inbox::Inbox;
-    use messaging::{CloudEvent, EventBus};
     use std::time::{Duration, Instant};
 
-    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
-    let mut config = LogConfig::new(dir);
-    config.partitions = 1;
-    let broker = Broker::open(config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, server::router(broker)).await });
-    let bus: Arc<dyn EventBus> = Arc::new(EmbeddedBus::new(&url));
+    let bus = own_bus(1).await;
 
-    sqlx::any::install_default_drivers();
-    let path = std::env::temp_dir().join(format!("bazaar-overlap-{}.db", uuid::Uuid::new_v4()));
-    let pool = sqlx::AnyPool::connect(&format!("sqlite://{}?mode=rwc", path.display()))
-        .await
-        .unwrap();
-    Inbox::install(&pool).await.unwrap();
-    sqlx::query("CREATE TABLE seen (k TEXT NOT NULL, n BIGINT NOT NULL, shared BIGINT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let (pool, _) = seen_db().await;
     let handler = Arc::new(Overlapping {
         started: tokio::sync::watch::channel(false).0,
         overlapped: std::sync::atomic::AtomicBool::new(false),

@@ -819,14 +819,21 @@ mod tests {
         }
     }
 
-    /// Every line is one JSON object with the fixed keys, the span's fields and the
-    /// event's (which win on a clash), strings escaped.
-    #[test]
-    fn lines_are_json_objects_with_span_and_event_fields() {
+    /// A subscriber with the JSON layer of service `svc` 1.2.3, writing to a new
+    /// file: the file's path and the subscriber.
+    fn json_to_file() -> (std::path::PathBuf, impl Subscriber + Send + Sync) {
         let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
         let file = std::fs::File::create(&path).unwrap();
         let subscriber = tracing_subscriber::registry()
             .with(JsonLayer::new("svc", "1.2.3").with_sink(Sink::File(file)));
+        (path, subscriber)
+    }
+
+    /// Every line is one JSON object with the fixed keys, the span's fields and the
+    /// event's (which win on a clash), strings escaped.
+    #[test]
+    fn lines_are_json_objects_with_span_and_event_fields() {
+        let (path, subscriber) = json_to_file();
         tracing::subscriber::with_default(subscriber, || {
             let span = tracing::info_span!(
                 "request",
@@ -886,10 +893,7 @@ mod tests {
     /// under another subscriber it writes nothing and says so.
     #[test]
     fn direct_lines_match_the_lines_of_events() {
-        let path = std::env::temp_dir().join(format!("log-{}.jsonl", uuid::Uuid::new_v4()));
-        let file = std::fs::File::create(&path).unwrap();
-        let subscriber = tracing_subscriber::registry()
-            .with(JsonLayer::new("svc", "1.2.3").with_sink(Sink::File(file)));
+        let (path, subscriber) = json_to_file();
         let fields = |line: &mut Fields<'_>| {
             line.str("id", Some("c-\"1\"\n"))
                 .str("absent", None)
