@@ -492,7 +492,7 @@ enum Prep {
     /// Finished: `Ok(None)` for an event the handler does not act on (acknowledged
     /// with its window, untouched); an error (a malformed event, a failed
     /// preparation) sends the window down the one-delivery-at-a-time path.
-    Done(Result<Option<Prepared>, String>),
+    Done(Result<Option<Prepared>, HandlerError>),
     /// Under way on a task of its own: a call to another system.
     Running(tokio::task::JoinHandle<Result<Prepared, HandlerError>>),
 }
@@ -509,9 +509,8 @@ impl Prep {
     async fn wait(&mut self) {
         if let Prep::Running(task) = self {
             let outcome = match task.await {
-                Ok(Ok(prepared)) => Ok(Some(prepared)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("prepare panicked".into()),
+                Ok(prepared) => prepared.map(Some),
+                Err(_) => Err(HandlerError::Retry("prepare panicked".into())),
             };
             *self = Prep::Done(outcome);
         }
@@ -524,25 +523,28 @@ impl Prep {
 fn take<H: Transactional>(handler: &Arc<H>, delivery: Delivery) -> Taken {
     let meta = Meta::of(&delivery);
     let prep = match &delivery.event {
-        Err(e) => Prep::Done(Err(format!("malformed event: {e}"))),
-        Ok(event) => match handler.accepts(event, &meta) {
-            Err(e) => Prep::Done(Err(e.to_string())),
-            Ok(false) => Prep::Done(Ok(None)),
-            Ok(true) => {
-                let (handler, event, m) = (handler.clone(), event.clone(), meta.clone());
-                let mut prepare = Box::pin(async move {
-                    AssertUnwindSafe(handler.prepare(&event, &m))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| Err(HandlerError::Retry("prepare panicked".into())))
-                });
-                match (&mut prepare).now_or_never() {
-                    Some(Ok(prepared)) => Prep::Done(Ok(Some(prepared))),
-                    Some(Err(e)) => Prep::Done(Err(e.to_string())),
-                    None => Prep::Running(tokio::spawn(prepare)),
+        Err(e) => Prep::Done(Err(HandlerError::Reject(e.to_string()))),
+        Ok(event) => {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| handler.accepts(event, &meta)))
+                .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())))
+            {
+                Err(e) => Prep::Done(Err(e)),
+                Ok(false) => Prep::Done(Ok(None)),
+                Ok(true) => {
+                    let (handler, event, m) = (handler.clone(), event.clone(), meta.clone());
+                    let mut prepare = Box::pin(async move {
+                        AssertUnwindSafe(handler.prepare(&event, &m))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|_| Err(HandlerError::Retry("prepare panicked".into())))
+                    });
+                    match (&mut prepare).now_or_never() {
+                        Some(prepared) => Prep::Done(prepared.map(Some)),
+                        None => Prep::Running(tokio::spawn(prepare)),
+                    }
                 }
             }
-        },
+        }
     };
     Taken {
         delivery,
@@ -617,8 +619,36 @@ async fn windows<H: Transactional>(
             }
             None => true,
         });
-        // A window of one goes this way too: its preparation is done already.
-        if !window.is_empty() {
+        // A lone delivery (every one, over brokers that hand out one at a time) is
+        // settled with its own outcome, its preparation used, not run again.
+        if let [_] = window.as_slice()
+            && let Some(Taken {
+                delivery,
+                meta,
+                prep,
+            }) = window.pop()
+        {
+            let (key, offset) = (delivery.key.clone(), delivery.offset);
+            let outcome = match (prep, &delivery.event) {
+                (Prep::Done(Ok(Some(prepared))), Ok(event)) => {
+                    AssertUnwindSafe(commit_one(store, handler.as_ref(), event, &meta, prepared))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())))
+                }
+                (Prep::Done(Ok(None)), _) => Ok(()),
+                (Prep::Done(Err(e)), _) => Err(e),
+                (_, Err(e)) => Err(HandlerError::Reject(e.to_string())),
+                (Prep::Running(_), Ok(_)) => Err(HandlerError::Retry(
+                    "the delivery was still being prepared".into(),
+                )),
+            };
+            if conclude(bus, config, delivery, outcome).await {
+                nacked.insert(key, offset);
+            }
+            continue;
+        }
+        if window.len() > 1 {
             match in_one_transaction(store, handler.as_ref(), &mut window).await {
                 Ok(()) => {
                     let acks =
@@ -672,7 +702,7 @@ async fn in_one_transaction<H: Transactional>(
         let prepared = match std::mem::replace(&mut taken.prep, Prep::Done(Ok(None))) {
             Prep::Done(Ok(Some(prepared))) => prepared,
             Prep::Done(Ok(None)) => continue,
-            Prep::Done(Err(e)) => return Err(e),
+            Prep::Done(Err(e)) => return Err(e.to_string()),
             Prep::Running(_) => {
                 return Err("a delivery of the window is still being prepared".into());
             }
@@ -724,6 +754,18 @@ pub async fn handle_one<H: Transactional>(
         return Ok(());
     }
     let prepared = handler.prepare(event, meta).await?;
+    commit_one(store, handler, event, meta, prepared).await
+}
+
+/// A prepared event in a transaction of its own: claimed in the inbox, handled,
+/// committed, then what it left for after the commit.
+async fn commit_one<H: Transactional>(
+    store: &Store,
+    handler: &H,
+    event: &CloudEvent,
+    meta: &Meta,
+    prepared: Prepared,
+) -> Result<(), HandlerError> {
     let mut tx = store.pool.begin().await?;
     let mut after = AfterCommit::default();
     if store.inbox.claim(&mut tx, &event.id).await? {

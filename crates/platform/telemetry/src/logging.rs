@@ -426,7 +426,9 @@ impl Fields<'_> {
 /// [`JsonLayer`] and no span is entered (whose fields the line would carry).
 /// Returns whether it wrote; the caller checks first that `info` is enabled for
 /// `target` (`tracing::enabled!`), and logs through `tracing` when this returns
-/// false.
+/// false. (A subscriber that gives the layer a filter of its own, or other layers
+/// beside it, would see these lines pass that filter and miss those layers: the
+/// binary's subscriber, `init_to`'s, has neither.)
 pub fn info_line(target: &str, message: &str, fields: impl FnOnce(&mut Fields<'_>)) -> bool {
     // `get_default` takes an `FnMut`: the fields are taken out of an `Option`.
     let mut fields = Some(fields);
