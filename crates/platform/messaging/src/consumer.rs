@@ -620,34 +620,9 @@ async fn windows<H: Transactional>(
             None => true,
         });
         // A lone delivery (every one, over brokers that hand out one at a time) is
-        // settled with its own outcome, its preparation used, not run again.
-        if let [_] = window.as_slice()
-            && let Some(Taken {
-                delivery,
-                meta,
-                prep,
-            }) = window.pop()
-        {
-            let (key, offset) = (delivery.key.clone(), delivery.offset);
-            let outcome = match (prep, &delivery.event) {
-                (Prep::Done(Ok(Some(prepared))), Ok(event)) => {
-                    AssertUnwindSafe(commit_one(store, handler.as_ref(), event, &meta, prepared))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())))
-                }
-                (Prep::Done(Ok(None)), _) => Ok(()),
-                (Prep::Done(Err(e)), _) => Err(e),
-                (_, Err(e)) => Err(HandlerError::Reject(e.to_string())),
-                (Prep::Running(_), Ok(_)) => Err(HandlerError::Retry(
-                    "the delivery was still being prepared".into(),
-                )),
-            };
-            if conclude(bus, config, delivery, outcome).await {
-                nacked.insert(key, offset);
-            }
-            continue;
-        }
+        // settled with the preparation it has; a window's went into its transaction,
+        // and a delivery of a window that failed is prepared again.
+        let lone = window.len() == 1;
         if window.len() > 1 {
             match in_one_transaction(store, handler.as_ref(), &mut window).await {
                 Ok(()) => {
@@ -665,26 +640,70 @@ async fn windows<H: Transactional>(
                 }
             }
         }
-        for Taken { delivery, meta, .. } in window {
+        for Taken {
+            delivery,
+            meta,
+            prep,
+        } in window
+        {
             if nacked
                 .get(&delivery.key)
                 .is_some_and(|&n| delivery.offset > n)
             {
                 continue;
             }
-            let (key, offset) = (delivery.key.clone(), delivery.offset);
-            let outcome = match &delivery.event {
-                Ok(event) => AssertUnwindSafe(handle_one(store, handler.as_ref(), event, &meta))
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into()))),
-                Err(e) => Err(HandlerError::Reject(e.to_string())),
+            let prepared = match prep {
+                Prep::Done(outcome) if lone => Some(outcome),
+                _ => None,
             };
-            if conclude(bus, config, delivery, outcome).await {
+            let settled = settle_alone(
+                bus,
+                config,
+                store,
+                handler.as_ref(),
+                delivery,
+                &meta,
+                prepared,
+            );
+            if let Some((key, offset)) = settled.await {
                 nacked.insert(key, offset);
             }
         }
     }
+}
+
+/// Handles `delivery` in a transaction of its own, with its preparation's outcome
+/// (`None`: prepare it now), and settles it: acknowledged, dead-lettered, or nacked
+/// for a retry (its key and offset returned, for the partition's `nacked`).
+async fn settle_alone<H: Transactional>(
+    bus: &dyn EventBus,
+    config: &ConsumerConfig,
+    store: &Store,
+    handler: &H,
+    delivery: Delivery,
+    meta: &Meta,
+    prepared: Option<Result<Option<Prepared>, HandlerError>>,
+) -> Option<(String, u64)> {
+    let (key, offset) = (delivery.key.clone(), delivery.offset);
+    let outcome = match (&delivery.event, prepared) {
+        (Err(e), _) => Err(HandlerError::Reject(e.to_string())),
+        (Ok(_), Some(Err(e))) => Err(e),
+        // Not an event the handler acts on.
+        (Ok(_), Some(Ok(None))) => Ok(()),
+        (Ok(event), prepared) => AssertUnwindSafe(async {
+            match prepared {
+                Some(Ok(Some(prepared))) => commit_one(store, handler, event, meta, prepared).await,
+                // Not prepared yet (the other outcomes are matched above).
+                _ => handle_one(store, handler, event, meta).await,
+            }
+        })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into()))),
+    };
+    conclude(bus, config, delivery, outcome)
+        .await
+        .then_some((key, offset))
 }
 
 /// Deliveries of a partition taken in and being prepared at most.
