@@ -160,7 +160,7 @@ impl AccessLogPolicy {
 }
 
 /// What a proxy knows of a request beyond what the chassis sees, added to its
-/// access log line: put it in the response's extensions.
+/// access log line: given to [`log_access`].
 #[derive(Clone, Debug, Default)]
 pub struct AccessLog {
     /// The client, as trusted proxies reveal it (else the peer address).
@@ -400,7 +400,7 @@ async fn observe(State(state): State<ObserveState>, request: Request, next: Next
         response.headers_mut().insert(CORRELATION_ID, v);
     }
     if state.log.logs(status.as_u16()) {
-        span.in_scope(|| log_access(&response, &route, elapsed, peer, None));
+        span.in_scope(|| log_access(&response, None, &route, elapsed, peer, None));
     }
     response
 }
@@ -413,16 +413,16 @@ pub struct RequestIds<'a> {
     pub path: &'a str,
 }
 
-/// The access line (`request completed`) for `response`, with what an [`AccessLog`]
-/// in its extensions adds; `ids` when the caller is not inside the request's span.
+/// The access line (`request completed`) for `response`, with what a proxy adds in
+/// `extra`; `ids` when the caller is not inside the request's span.
 pub fn log_access(
     response: &Response,
+    extra: Option<&AccessLog>,
     route: &str,
     elapsed: Duration,
     peer: Option<std::net::IpAddr>,
     ids: Option<RequestIds<'_>>,
 ) {
-    let extra = response.extensions().get::<AccessLog>();
     let bytes = response
         .headers()
         .get(http::header::CONTENT_LENGTH)

@@ -114,18 +114,22 @@ impl Proxy {
     }
 
     /// The forwarded identity for `caller`: a fresh one, or one minted less than half
-    /// its lifetime ago (so it has at least that half left when it arrives).
-    fn identity(&self, caller: &Caller) -> Result<Arc<str>, chassis::jwt::JwtError> {
+    /// its lifetime ago (so it has at least that half left when it arrives). Kept
+    /// as a header value: a clone shares its bytes, where making the value anew
+    /// would copy and check a few hundred bytes per request.
+    fn identity(&self, caller: &Caller) -> Result<HeaderValue, Problem> {
         if let Some(known) = self.minted.get(caller.sub.as_str())
             && known.email == caller.email
             && known.at.elapsed() < self.issuer.ttl() / 2
         {
             return Ok(known.token.clone());
         }
-        let token: Arc<str> = self
+        let token = self
             .issuer
-            .mint(&caller.sub, caller.email.as_deref())?
-            .into();
+            .mint(&caller.sub, caller.email.as_deref())
+            .map_err(Problem::internal)?;
+        let token =
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(token)).map_err(Problem::internal)?;
         let minted = Minted {
             email: caller.email.clone(),
             token: token.clone(),
@@ -139,26 +143,25 @@ impl Proxy {
 /// A forwarded identity, as minted for a subject.
 pub struct Minted {
     email: Option<String>,
-    token: Arc<str>,
+    token: HeaderValue,
     at: std::time::Instant,
 }
 
-/// Forwards one request, or answers it with a problem; the response carries the
-/// [`AccessLog`] and route label for the access log and metrics.
-pub async fn handle_request(proxy: &Proxy, peer: SocketAddr, request: Request) -> Response {
-    let mut log = AccessLog::default();
-    let mut response = match forward(proxy, peer, request, &mut log).await {
-        Ok(response) => response,
-        Err((label, problem)) => {
-            let mut response = problem.into_response();
-            if let Some(label) = label {
-                response.extensions_mut().insert(label);
-            }
-            response
-        }
-    };
-    response.extensions_mut().insert(log);
-    response
+/// Forwards one request, or answers it with a problem, with the matched route's
+/// label; what the access line adds is written into `log`.
+///
+/// Both come back beside the response, not in its extensions: the first insert
+/// into a response's extensions allocates a map, and each value a box of its own.
+pub async fn handle_request(
+    proxy: &Proxy,
+    peer: SocketAddr,
+    request: Request,
+    log: &mut AccessLog,
+) -> (Response, Option<RouteLabel>) {
+    match forward(proxy, peer, request, log).await {
+        Ok(answered) => answered,
+        Err((label, problem)) => (problem.into_response(), label),
+    }
 }
 
 type Failure = (Option<RouteLabel>, Problem);
@@ -188,7 +191,7 @@ async fn forward(
     peer: SocketAddr,
     request: Request,
     log: &mut AccessLog,
-) -> Result<Response, Failure> {
+) -> Result<(Response, Option<RouteLabel>), Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
     let forwarded = proxy.trusted.forwarded(peer.ip(), request.headers());
@@ -249,8 +252,7 @@ async fn forward(
             let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
             *response.headers_mut() = headers;
-            response.extensions_mut().insert(label);
-            return Ok(response);
+            return Ok((response, Some(label)));
         }
         cors.decorate(origin.as_ref(), &mut grants);
     }
@@ -323,7 +325,7 @@ async fn forward(
                     header::RETRY_AFTER,
                     HeaderValue::from(decision.retry_after.as_secs_f64().ceil().max(1.0) as u64),
                 );
-                for (name, value) in headers {
+                for (name, value) in headers.into_iter().flatten() {
                     problem = problem.with_header(name, value);
                 }
                 return Err(fail(problem));
@@ -347,11 +349,8 @@ async fn forward(
     strip(&mut parts.headers, &[&CLIENT_IDENTITY, &CREDENTIALS]);
     route.request_headers.apply(&mut parts.headers);
     if let Some(caller) = &caller {
-        let token = proxy
-            .identity(caller)
-            .map_err(|e| fail(Problem::internal(e)))?;
-        let value = HeaderValue::from_str(&token).map_err(|e| fail(Problem::internal(e)))?;
-        parts.headers.insert(IDENTITY_HEADER, value);
+        let token = proxy.identity(caller).map_err(fail)?;
+        parts.headers.insert(IDENTITY_HEADER, token);
     }
     // What untrusted clients claim about earlier hops is not kept.
     // The chain's buffer becomes the header's without a copy.
@@ -489,21 +488,19 @@ fn finish(
     response: Response,
     route: &crate::routes::Route,
     grants: &HeaderMap,
-    limit: Option<Vec<(HeaderName, HeaderValue)>>,
+    limit: Option<RateLimitHeaders>,
     label: RouteLabel,
-) -> Response {
+) -> (Response, Option<RouteLabel>) {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
     for (name, value) in grants {
         parts.headers.insert(name.clone(), value.clone());
     }
-    for (name, value) in limit.into_iter().flatten() {
+    for (name, value) in limit.into_iter().flatten().flatten() {
         parts.headers.insert(name, value);
     }
-    let mut response = Response::from_parts(parts, body);
-    response.extensions_mut().insert(label);
-    response
+    (Response::from_parts(parts, body), Some(label))
 }
 
 /// The 413 for a body over `limit` bytes.
@@ -519,12 +516,12 @@ pub fn body_too_large(limit: u64) -> Problem {
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
+/// `RateLimit-Policy` and `RateLimit`, each when it could be written (an array, not
+/// a `Vec`: one allocation less on every rate-limited request).
+type RateLimitHeaders = [Option<(HeaderName, HeaderValue)>; 2];
+
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
-fn rate_limit_headers(
-    name: &str,
-    limiter: &KeyedLimiter,
-    d: &Decision,
-) -> Vec<(HeaderName, HeaderValue)> {
+fn rate_limit_headers(name: &str, limiter: &KeyedLimiter, d: &Decision) -> RateLimitHeaders {
     // Written by hand: `format!` was a visible share of a rate-limited request.
     let mut state = String::with_capacity(name.len() + 32);
     state.push('"');
@@ -533,14 +530,14 @@ fn rate_limit_headers(
     state.push_str(itoa::Buffer::new().format(d.remaining));
     state.push_str(";t=");
     state.push_str(itoa::Buffer::new().format(d.reset.as_secs_f64().ceil() as u64));
-    let mut headers = Vec::with_capacity(2);
-    if let Some(policy) = limiter.header_policy(name) {
-        headers.push((RATELIMIT_POLICY, policy));
-    }
-    if let Ok(state) = HeaderValue::try_from(state) {
-        headers.push((RATELIMIT, state));
-    }
-    headers
+    [
+        limiter
+            .header_policy(name)
+            .map(|policy| (RATELIMIT_POLICY, policy)),
+        HeaderValue::try_from(state)
+            .ok()
+            .map(|state| (RATELIMIT, state)),
+    ]
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -548,10 +545,10 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers, those `Connection` names (never the gateway's
-/// own), and every name in the lists of `also`. One pass over the names present,
-/// then a removal for each one found: a request carries a handful of headers, and
-/// removing each of the candidates by name would hash every one of them, present
-/// or not.
+/// own), and every name in the lists of `also`. Each removal follows a pass over
+/// the names present: a request carries a handful of headers, and removing each of
+/// the candidates by name would hash every one of them, present or not; collecting
+/// the names found first would allocate on every request.
 fn strip(headers: &mut HeaderMap, also: &[&[HeaderName]]) {
     // `Upgrade` is hop-by-hop; WebSocket pass-through is not offered yet.
     let doomed = |name: &HeaderName| {
@@ -559,22 +556,22 @@ fn strip(headers: &mut HeaderMap, also: &[&[HeaderName]]) {
             || *name == header::UPGRADE
             || also.iter().any(|list| list.contains(name))
     };
-    let mut found: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
-    if found.is_empty() {
-        return;
+    let mut named = Vec::new();
+    while let Some(name) = headers.keys().find(|n| doomed(n)).cloned() {
+        if name == header::CONNECTION {
+            named.extend(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .flat_map(|v| v.split(','))
+                    .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+                    .filter(|n| !PROTECTED.contains(n) && !CLIENT_IDENTITY.contains(n)),
+            );
+        }
+        headers.remove(name);
     }
-    if found.contains(&header::CONNECTION) {
-        found.extend(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-                .filter(|n| !PROTECTED.contains(n) && !CLIENT_IDENTITY.contains(n)),
-        );
-    }
-    for name in found {
+    for name in named {
         headers.remove(name);
     }
 }

@@ -19,7 +19,7 @@ use axum::extract::ConnectInfo;
 use axum::response::{IntoResponse, Response};
 use chassis::Problem;
 use chassis::http::{
-    AccessLogPolicy, RequestIds, RouteLabel, ServerFn, UNMATCHED_ROUTE, log_access,
+    AccessLog, AccessLogPolicy, RequestIds, ServerFn, UNMATCHED_ROUTE, log_access,
 };
 use futures::FutureExt;
 use http::header::{self, HeaderValue};
@@ -243,7 +243,14 @@ impl h1::Handler for Plain {
                 method,
                 path,
             });
-            log_access(answer, UNMATCHED_ROUTE, elapsed, Some(self.peer.ip()), ids);
+            log_access(
+                answer,
+                None,
+                UNMATCHED_ROUTE,
+                elapsed,
+                Some(self.peer.ip()),
+                ids,
+            );
         }
     }
 }
@@ -370,15 +377,16 @@ impl Shared {
         // only for a problem or an access line.
         let uri = request.uri().clone();
         let limited = self.check_limits(&request);
-        let mut response = match limited {
-            Some(problem) => problem.into_response(),
+        let mut log = AccessLog::default();
+        let (mut response, route) = match limited {
+            Some(problem) => (problem.into_response(), None),
             None => {
                 let deadline = ctx.deadline;
                 // Boxed once: the forwarding future is kilobytes (every path of the
                 // proxy is in its state), and each wrapper below would copy it whole.
                 let forward = telemetry::context::scope(
                     ctx,
-                    Box::pin(proxy::handle_request(&self.proxy, peer, request)),
+                    Box::pin(proxy::handle_request(&self.proxy, peer, request, &mut log)),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();
                 let outcome = match deadline {
@@ -386,11 +394,12 @@ impl Shared {
                     None => Some(forward.await),
                 };
                 match outcome {
-                    Some(Ok(r)) => r,
-                    Some(Err(_)) => {
-                        Problem::internal("the gateway failed on this request").into_response()
-                    }
-                    None => Problem::timed_out().into_response(),
+                    Some(Ok(answered)) => answered,
+                    Some(Err(_)) => (
+                        Problem::internal("the gateway failed on this request").into_response(),
+                        None,
+                    ),
+                    None => (Problem::timed_out().into_response(), None),
                 }
             }
         };
@@ -404,30 +413,24 @@ impl Shared {
                 Some(correlation_id.to_string()),
             );
         }
-        let route = response
-            .extensions()
-            .get::<RouteLabel>()
-            .map(|r| r.0.clone());
+        let route = route.as_ref().map_or(UNMATCHED_ROUTE, |r| &*r.0);
         let elapsed = started.elapsed();
-        self.metrics.observe_http(
-            method.as_str(),
-            route.as_deref().unwrap_or(UNMATCHED_ROUTE),
-            status.as_u16(),
-            elapsed,
-        );
+        self.metrics
+            .observe_http(method.as_str(), route, status.as_u16(), elapsed);
         if let Some(v) = correlation {
             response.headers_mut().insert(CORRELATION_ID, v);
         }
         if self.access.logs(status.as_u16()) {
-            let trace_id = trace.trace_id_hex();
+            let trace_id = trace.trace_id_bytes();
             log_access(
                 &response,
-                route.as_deref().unwrap_or(UNMATCHED_ROUTE),
+                Some(&log),
+                route,
                 elapsed,
                 Some(peer.ip()),
                 Some(RequestIds {
                     correlation_id: &correlation_id,
-                    trace_id: &trace_id,
+                    trace_id: std::str::from_utf8(&trace_id).unwrap_or("-"),
                     method: method.as_str(),
                     path: uri.path(),
                 }),

@@ -272,47 +272,48 @@ impl Upstreams {
     }
 
     /// Indexes of instances to use, ejected ones left out unless all are.
-    fn candidates(&self, s: &Snapshot, tried: &[usize]) -> Vec<usize> {
-        let now = nanos(self.epoch.elapsed());
-        let fresh: Vec<usize> = (0..s.instances.len())
-            .filter(|i| !tried.contains(i))
-            .collect();
-        let healthy: Vec<usize> = fresh
-            .iter()
-            .copied()
-            .filter(|&i| s.states[i].ejected_until.load(Ordering::Relaxed) <= now)
-            .collect();
-        // Every instance ejected: use them all rather than fail (Envoy's panic mode).
-        if healthy.is_empty() { fresh } else { healthy }
-    }
-
+    /// An instance not yet tried, by the route's policy; the ejected ones only when
+    /// every other is (Envoy's panic mode: use them all rather than fail). The
+    /// candidates are counted and indexed in place, not collected: a pick runs on
+    /// every request.
     fn pick(&self, u: &Upstream, s: &Snapshot, call: &Call<'_>, tried: &[usize]) -> Option<usize> {
-        let c = self.candidates(s, tried);
-        match (c.len(), call.config.lb) {
+        let now = nanos(self.epoch.elapsed());
+        let all = 0..s.instances.len();
+        let fresh = |i: &usize| !tried.contains(i);
+        let healthy =
+            |i: &usize| fresh(i) && s.states[*i].ejected_until.load(Ordering::Relaxed) <= now;
+        let (eligible, n): (&dyn Fn(&usize) -> bool, usize) =
+            match all.clone().filter(healthy).count() {
+                0 => (&fresh, all.clone().filter(fresh).count()),
+                n => (&healthy, n),
+            };
+        let nth = |k: usize| all.clone().filter(|i| eligible(i)).nth(k);
+        match (n, call.config.lb) {
             (0, _) => None,
-            (1, _) => Some(c[0]),
-            (_, LbPolicy::RoundRobin) => Some(c[u.next.fetch_add(1, Ordering::Relaxed) % c.len()]),
+            (1, _) => nth(0),
+            (_, LbPolicy::RoundRobin) => nth(u.next.fetch_add(1, Ordering::Relaxed) % n),
             (n, LbPolicy::P2c) => {
                 let mut rng = rand::thread_rng();
                 let a = rng.gen_range(0..n);
                 let b = (a + rng.gen_range(1..n)) % n;
+                let (a, b) = (nth(a)?, nth(b)?);
                 let score = |i: usize| {
-                    let st = &s.states[c[i]];
+                    let st = &s.states[i];
                     let load = u64::from(st.outstanding.load(Ordering::Relaxed)) + 1;
                     load * st.ewma_us.load(Ordering::Relaxed).max(1)
                 };
-                Some(if score(a) <= score(b) { c[a] } else { c[b] })
+                Some(if score(a) <= score(b) { a } else { b })
             }
             (_, LbPolicy::ConsistentHash) => match call.hash_key {
                 // Rendezvous hashing: the instance with the highest hash of
                 // (key, instance) wins, so removing one moves only its keys.
-                Some(key) => c.iter().copied().max_by_key(|&i| {
+                Some(key) => all.filter(|i| eligible(i)).max_by_key(|&i| {
                     mix(fnv(
                         key.as_bytes(),
                         fnv(s.instances[i].id.as_bytes(), 0xcbf2_9ce4_8422_2325),
                     ))
                 }),
-                None => Some(c[u.next.fetch_add(1, Ordering::Relaxed) % c.len()]),
+                None => nth(u.next.fetch_add(1, Ordering::Relaxed) % n),
             },
         }
     }
@@ -396,7 +397,10 @@ impl Upstreams {
                     reason: "every instance was tried".into(),
                 });
             };
-            tried.push(i);
+            // Only a request that may go again needs to know where it went.
+            if may_retry {
+                tried.push(i);
+            }
             let instance = &s.instances[i];
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);

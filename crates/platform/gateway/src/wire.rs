@@ -502,26 +502,38 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         _ => Version::HTTP_10,
     };
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + message::ADDED_HEADERS);
+    // What framing needs is noted as the fields go in: looking each name up again
+    // afterwards cost more than building the map.
+    let (mut lengths, mut length, mut framed, mut close) = (0, None, false, false);
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| format!("the upstream sent an invalid header name `{}`", h.name))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| format!("the upstream sent an invalid value for `{}`", h.name))?;
+        if name == header::CONTENT_LENGTH {
+            lengths += 1;
+            // A single field of digits, the usual case, is read here.
+            length = digits(h.value);
+        } else if name == header::TRANSFER_ENCODING {
+            framed = true;
+        } else if name == header::CONNECTION {
+            close |= message::has_token([&value], "close");
+        }
         headers.append(name, value);
     }
-    let mut reusable = version == Version::HTTP_11
-        && !message::has_token(headers.get_all(header::CONNECTION), "close");
+    let mut reusable = version == Version::HTTP_11 && !close;
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let framed = headers.contains_key(header::TRANSFER_ENCODING);
     let framing = if bodiless {
         // A body where none can be (a broken upstream) would be read as the next
         // request's answer: such a connection is not reused.
         // (A 304's or a HEAD answer's Content-Length describes the representation.)
         if framed
-            || (status == StatusCode::NO_CONTENT && content_length(&headers).is_ok_and(|n| n > 0))
+            || (status == StatusCode::NO_CONTENT
+                && lengths > 0
+                && content_length(&headers).is_ok_and(|n| n > 0))
         {
             reusable = false;
         }
@@ -538,22 +550,21 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         // With a Content-Length as well, the message is suspect (RFC 9112 §6.3):
         // it is read as chunked, its length is not passed on, and the connection
         // is not reused.
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if lengths > 0 {
+            headers.remove(header::CONTENT_LENGTH);
             reusable = false;
         }
         Framing::Chunked(Chunk::Size)
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        let n = content_length(&headers)?;
-        // `5, 5` is one length; the client gets it once (a single field of digits,
-        // the usual case, passes as it is).
-        let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
-        let single = fields
-            .next()
-            .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
-            && fields.next().is_none();
-        if !single {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-        }
+    } else if lengths > 0 {
+        let n = match (lengths, length) {
+            (1, Some(n)) => n,
+            // `5, 5` is one length; the client gets it once.
+            _ => {
+                let n = content_length(&headers)?;
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                n
+            }
+        };
         Framing::Length(n)
     } else {
         reusable = false;
@@ -569,6 +580,16 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         },
         used,
     )))
+}
+
+/// `value` as a decimal number when it is nothing but digits (and fits).
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + u64::from(b - b'0'))
+    })
 }
 
 /// Every `Content-Length` of an answer must be the same number.
