@@ -165,10 +165,10 @@ impl AccessLogPolicy {
 pub struct AccessLog {
     /// The client, as trusted proxies reveal it (else the peer address).
     pub client_ip: Option<std::net::IpAddr>,
-    pub user_id: Option<String>,
+    pub user_id: Option<Arc<str>>,
     /// The path as routed (normalized).
     pub path: Option<String>,
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     pub upstream_ms: Option<f64>,
 }
 
@@ -434,7 +434,17 @@ pub fn log_access(
     // `tracing`'s dispatch: the same fields, in the same order.
     if tracing::enabled!(tracing::Level::INFO)
         && telemetry::logging::info_line(module_path!(), "request completed", |line| {
-            let ip = client_ip.map(ip_text);
+            // An IPv4 address on the stack: the line is written for every request.
+            let mut v4 = [0; 15];
+            let v6;
+            let ip = match client_ip {
+                Some(IpAddr::V4(a)) => Some(v4_text(a, &mut v4)),
+                Some(other) => {
+                    v6 = ip_text(other);
+                    Some(v6.as_str())
+                }
+                None => None,
+            };
             line.str("correlation_id", ids.as_ref().map(|i| i.correlation_id))
                 .str("trace_id", ids.as_ref().map(|i| i.trace_id))
                 .str("method", ids.as_ref().map(|i| i.method))
@@ -443,7 +453,7 @@ pub fn log_access(
                 .str("route", Some(route))
                 .f64("duration_ms", Some(duration_ms))
                 .u64("bytes", bytes)
-                .str("client_ip", ip.as_deref())
+                .str("client_ip", ip)
                 .str("user_id", extra.and_then(|e| e.user_id.as_deref()))
                 .str("routed_path", extra.and_then(|e| e.path.as_deref()))
                 .str("upstream", extra.and_then(|e| e.upstream.as_deref()))
@@ -475,24 +485,31 @@ pub fn log_access(
 /// `X-Forwarded-For` name the client of every request).
 pub fn ip_text(ip: IpAddr) -> String {
     match ip {
-        IpAddr::V4(v4) => {
-            let mut text = String::with_capacity(15);
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    text.push('.');
-                }
-                if octet >= 100 {
-                    text.push(char::from(b'0' + octet / 100));
-                }
-                if octet >= 10 {
-                    text.push(char::from(b'0' + octet / 10 % 10));
-                }
-                text.push(char::from(b'0' + octet % 10));
-            }
-            text
-        }
+        IpAddr::V4(v4) => v4_text(v4, &mut [0; 15]).to_owned(),
         IpAddr::V6(_) => ip.to_string(),
     }
+}
+
+/// An IPv4 address as text, written into `buf`.
+fn v4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 /// Drops the handler when the request's deadline passes (the caller's, or this

@@ -107,7 +107,7 @@ async fn routes(State(admin): State<Admin>) -> Response {
                 "name": &*r.label,
                 "host": r.host,
                 "methods": r.methods.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
-                "service": r.service,
+                "service": &*r.service,
                 "rewrite": r.rewrite,
                 "timeout_ms": r.timeout.map(|t| t.as_millis() as u64),
                 "auth": format!("{:?}", r.auth).to_lowercase(),

@@ -27,7 +27,7 @@ pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// The user (the token's subject claim) or `consumer:<name>` for an API key.
-    pub sub: String,
+    pub sub: Arc<str>,
     pub email: Option<String>,
     /// The API key's consumer.
     pub consumer: Option<String>,
@@ -146,7 +146,7 @@ impl Authenticator {
                 .and_then(|key| api_keys.consumer(key))
                 .ok_or_else(|| Problem::unauthorized("the API key is not valid"))?;
             return Ok(Some(Arc::new(Caller {
-                sub: format!("consumer:{consumer}"),
+                sub: format!("consumer:{consumer}").into(),
                 email: None,
                 consumer: Some(consumer.to_owned()),
                 exp: u64::MAX,
@@ -182,7 +182,7 @@ impl Authenticator {
                     .filter(|s| !s.is_empty())
                     .ok_or_else(|| Problem::unauthorized("the access token names no subject"))?;
                 let caller = Arc::new(Caller {
-                    sub: sub.to_owned(),
+                    sub: sub.into(),
                     email: claims
                         .get(&self.claims.email)
                         .and_then(Value::as_str)

@@ -45,7 +45,7 @@ pub async fn merged(State(proxy): State<Arc<Proxy>>) -> Response {
             let Some(route) = runtime
                 .table
                 .route_for_doc(path)
-                .filter(|r| &r.service == service)
+                .filter(|r| *r.service == **service)
             else {
                 continue;
             };

@@ -118,7 +118,7 @@ impl Proxy {
     /// as a header value: a clone shares its bytes, where making the value anew
     /// would copy and check a few hundred bytes per request.
     fn identity(&self, caller: &Caller) -> Result<HeaderValue, Problem> {
-        if let Some(known) = self.minted.get(caller.sub.as_str())
+        if let Some(known) = self.minted.get(&*caller.sub)
             && known.email == caller.email
             && known.at.elapsed() < self.issuer.ttl() / 2
         {
@@ -135,7 +135,7 @@ impl Proxy {
             token: token.clone(),
             at: std::time::Instant::now(),
         };
-        self.minted.insert(caller.sub.clone(), Arc::new(minted));
+        self.minted.insert(caller.sub.to_string(), Arc::new(minted));
         Ok(token)
     }
 }
@@ -410,7 +410,7 @@ async fn forward(
             .iter()
             .map(|p| p.service.as_str())
             .collect();
-        log.upstream = Some(services.join("+"));
+        log.upstream = Some(services.join("+").into());
         let sent = std::time::Instant::now();
         // The rarer paths are boxed so the common one's future stays small.
         let merged = Box::pin(crate::aggregate::fan_out(
@@ -443,7 +443,7 @@ async fn forward(
     let response = match cache {
         Some((name, policy)) => {
             let user = match policy.authenticated {
-                AuthenticatedCaching::PerUser => caller.as_ref().map(|c| c.sub.as_str()),
+                AuthenticatedCaching::PerUser => caller.as_ref().map(|c| &*c.sub),
                 _ => None,
             };
             let key = Cache::key(name, &route.service, host_name.as_deref(), &target, user);

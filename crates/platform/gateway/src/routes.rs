@@ -53,7 +53,8 @@ pub struct Route {
     pub pattern: Pattern,
     /// Empty: every method.
     pub methods: Vec<Method>,
-    pub service: String,
+    /// Shared: every request's access line names it.
+    pub service: Arc<str>,
     pub rewrite: Option<String>,
     pub timeout: Option<Duration>,
     pub auth: AuthPolicy,
@@ -237,7 +238,7 @@ impl RouteTable {
                 host: c.host.as_ref().map(|h| h.to_ascii_lowercase()),
                 pattern,
                 methods,
-                service: c.service.clone(),
+                service: c.service.as_str().into(),
                 rewrite: c.rewrite.clone(),
                 timeout: c.timeout.map(|t| t.0),
                 auth: c.auth,
@@ -342,7 +343,7 @@ impl RouteTable {
             .routes
             .iter()
             .flat_map(|r| {
-                std::iter::once(r.service.clone())
+                std::iter::once(r.service.to_string())
                     .chain(r.config.aggregate.iter().map(|p| p.service.clone()))
             })
             .filter(|s| !s.is_empty())
@@ -793,7 +794,7 @@ mod tests {
             },
         ]);
         let service = |host: Option<&str>, m: Method, p: &str| match t.matching(host, &m, p) {
-            Match::Found { route, .. } => route.service.clone(),
+            Match::Found { route, .. } => route.service.to_string(),
             Match::MethodNotAllowed(a) => format!("405 {a:?}"),
             Match::NotFound => "404".into(),
         };

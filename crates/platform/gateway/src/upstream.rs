@@ -376,7 +376,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         call: Call<'_>,
-        mut head: http::request::Parts,
+        head: http::request::Parts,
         body: Bytes,
     ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
@@ -386,7 +386,9 @@ impl Upstreams {
         let idempotent = resilience::retry::is_idempotent(&head.method);
         let retries = call.retries.unwrap_or(call.config.retries);
         let may_retry = retries > 0 && s.instances.len() > 1;
-        telemetry::context::inject_current(&mut head.headers);
+        // Written into each attempt's head by the wire (the time left as it goes).
+        let context = telemetry::context::current()
+            .unwrap_or_else(telemetry::context::RequestContext::new_root);
         let mut tried = Vec::new();
         let mut attempt = 0u32;
         loop {
@@ -405,7 +407,13 @@ impl Upstreams {
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let sent = crate::wire::send(&instance.base_url, &head, &body, self.connect_timeout);
+            let sent = crate::wire::send(
+                &instance.base_url,
+                &head,
+                &body,
+                self.connect_timeout,
+                Some(&context),
+            );
             let outcome = tokio::time::timeout(call.timeout, sent).await;
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();

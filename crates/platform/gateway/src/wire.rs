@@ -32,6 +32,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use crate::message::{self, BadLength, Chunk, MAX_LINE, Step};
+use telemetry::context::{CORRELATION_ID, DEADLINE, RequestContext, TRACEPARENT};
 
 /// A connection's read buffer to begin with; it grows for a long head.
 pub(crate) const BUFFER: usize = 8 * 1024;
@@ -305,12 +306,15 @@ struct Broken {
 }
 
 /// Sends a request to the instance at `base` (an `http://` URI) and returns its
-/// answer; the body streams unless it was short enough to read whole.
+/// answer; the body streams unless it was short enough to read whole. With a
+/// `context`, the request carries its correlation id, a child `traceparent` and the
+/// time left, in place of any the head holds.
 pub async fn send(
     base: &Uri,
     head: &Parts,
     body: &Bytes,
     connect_timeout: Duration,
+    context: Option<&RequestContext>,
 ) -> Result<Response<Body>, WireError> {
     if base.scheme_str().is_some_and(|s| s != "http") {
         return Err(WireError::Connect(format!(
@@ -331,7 +335,7 @@ pub async fn send(
             // request's future, which each wrapper above copies.
             None => Box::pin(connect(authority, connect_timeout)).await?,
         };
-        encode(&mut conn.out, head, key, body);
+        encode(&mut conn.out, head, key, body, context);
         match exchange(&mut conn, body, head.method == Method::HEAD).await {
             Ok(answer) => return respond(conn, key, answer).await,
             // The upstream closed a pooled connection as it was taken: nothing was
@@ -387,9 +391,23 @@ fn skipped(name: &HeaderName) -> bool {
         || *name == header::COOKIE
 }
 
+/// What a request context writes itself.
+fn from_context(name: &HeaderName) -> bool {
+    *name == CORRELATION_ID || *name == TRACEPARENT || *name == DEADLINE
+}
+
 /// The request head: the proxy's headers as they are (the `http` types hold no
-/// CR or LF), `Host` for the instance and the length of the buffered body.
-fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
+/// CR or LF), `Host` for the instance, the context's headers and the length of the
+/// buffered body. The context's are written here rather than put in the header
+/// map first: three values made, checked and hashed into the map for every
+/// request, only to be read back out at once.
+fn encode(
+    out: &mut Vec<u8>,
+    head: &Parts,
+    authority: &str,
+    body: &Bytes,
+    context: Option<&RequestContext>,
+) {
     out.clear();
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -399,13 +417,34 @@ fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
     out.extend_from_slice(authority.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in &head.headers {
-        if skipped(name) {
+        if skipped(name) || (context.is_some() && from_context(name)) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(out, name.as_str(), value.as_bytes());
+    }
+    if let Some(context) = context {
+        if let Some(left) = context.remaining() {
+            let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            line(
+                out,
+                DEADLINE.as_str(),
+                itoa::Buffer::new().format(millis).as_bytes(),
+            );
+        }
+        // Ids this gateway made, or a client's checked against a conservative
+        // alphabet when the context was read; a header line takes them as they are.
+        if telemetry::context::valid_correlation_id(&context.correlation_id) {
+            line(
+                out,
+                CORRELATION_ID.as_str(),
+                context.correlation_id.as_bytes(),
+            );
+        }
+        line(
+            out,
+            TRACEPARENT.as_str(),
+            &context.trace.child().traceparent(),
+        );
     }
     // HTTP/2 clients send each cookie as a field of its own; an HTTP/1.1 message
     // carries them in one, joined by "; " (RFC 9113 §8.2.3).
@@ -420,10 +459,20 @@ fn encode(out: &mut Vec<u8>, head: &Parts, authority: &str, body: &Bytes) {
         out.extend_from_slice(b"\r\n");
     }
     if !body.is_empty() || matches!(head.method, Method::POST | Method::PUT | Method::PATCH) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(
+            out,
+            "content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// One `name: value` line of a head.
+fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -840,7 +889,7 @@ mod tests {
         )
         .await;
         for _ in 0..3 {
-            let r = send(&base, &get("/x?y=1"), &Bytes::new(), SECOND)
+            let r = send(&base, &get("/x?y=1"), &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::OK);
@@ -862,7 +911,9 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .unwrap();
             assert_eq!(text(r).await, "hello world");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -878,7 +929,9 @@ mod tests {
             a
         });
         let (base, _) = upstream(vec![LONG.as_slice()], 10).await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            .await
+            .unwrap();
         assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(200_000));
         let body = r.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 200_000);
@@ -889,7 +942,9 @@ mod tests {
     async fn an_answer_without_length_is_read_until_close() {
         let (base, accepted) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], 1).await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .unwrap();
             assert_eq!(text(r).await, "until the end");
         }
         assert_eq!(
@@ -915,7 +970,7 @@ mod tests {
             .0;
         post.headers
             .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        let r = send(&base, &post, &Bytes::from_static(b"{}"), SECOND)
+        let r = send(&base, &post, &Bytes::from_static(b"{}"), SECOND, None)
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
@@ -923,7 +978,9 @@ mod tests {
 
         let (base, _) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], 10).await;
         let head = http::Request::head("/").body(()).unwrap().into_parts().0;
-        let r = send(&base, &head, &Bytes::new(), SECOND).await.unwrap();
+        let r = send(&base, &head, &Bytes::new(), SECOND, None)
+            .await
+            .unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "99");
         assert_eq!(text(r).await, "");
     }
@@ -935,7 +992,9 @@ mod tests {
         let (base, accepted) =
             upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], 1).await;
         for _ in 0..3 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .unwrap();
             assert_eq!(text(r).await, "ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -951,7 +1010,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
             let (base, _) = upstream(vec![bad], 10).await;
-            let e = send(&base, &get("/"), &Bytes::new(), SECOND)
+            let e = send(&base, &get("/"), &Bytes::new(), SECOND, None)
                 .await
                 .unwrap_err();
             assert!(!e.is_connect(), "{e}");
@@ -961,7 +1020,9 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            .await
+            .unwrap();
         assert!(
             r.into_body().collect().await.is_err(),
             "a bad chunk size fails the body"
@@ -972,7 +1033,7 @@ mod tests {
             .parse()
             .unwrap();
         drop(closed);
-        let e = send(&base, &get("/"), &Bytes::new(), SECOND)
+        let e = send(&base, &get("/"), &Bytes::new(), SECOND, None)
             .await
             .unwrap_err();
         assert!(e.is_connect(), "{e}");
@@ -988,7 +1049,9 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .unwrap();
             assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
             assert_eq!(text(r).await, "hello");
         }
@@ -1000,7 +1063,11 @@ mod tests {
             10,
         )
         .await;
-        assert!(send(&base, &get("/"), &Bytes::new(), SECOND).await.is_err());
+        assert!(
+            send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .is_err()
+        );
 
         // A repeated length is passed on once.
         let (base, _) = upstream(
@@ -1008,7 +1075,9 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            .await
+            .unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
         assert_eq!(text(r).await, "ok");
 
@@ -1019,7 +1088,9 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND).await.unwrap();
+            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+                .await
+                .unwrap();
             assert_eq!(r.status(), StatusCode::NO_CONTENT);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -1047,11 +1118,54 @@ mod tests {
             &head,
             "10.0.0.1:8080",
             &Bytes::from_static(b"{\"n\":12}"),
+            None,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\ncookie: a=1; b=2\r\ncontent-length: 8\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn a_context_replaces_the_trace_headers_a_client_sent() {
+        let mut head = get("/");
+        for (name, value) in [
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+            ("x-correlation-id", "forged"),
+            ("x-bazaar-deadline", "999999"),
+        ] {
+            head.headers.insert(name, HeaderValue::from_static(value));
+        }
+        let mut context = RequestContext::new_root();
+        context.correlation_id = "abc-123".into();
+        context.deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+        let mut out = Vec::new();
+        encode(
+            &mut out,
+            &head,
+            "10.0.0.1:8080",
+            &Bytes::new(),
+            Some(&context),
+        );
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.split("\r\n").collect();
+        let field = |name: &str| {
+            let found: Vec<&str> = lines
+                .iter()
+                .filter_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+                .collect();
+            assert_eq!(found.len(), 1, "one {name} in {text}");
+            found[0].to_owned()
+        };
+        assert_eq!(field("x-correlation-id"), "abc-123");
+        let left: u64 = field("x-bazaar-deadline").parse().unwrap();
+        assert!((1_000..=2_000).contains(&left), "{left}");
+        let parent = telemetry::context::TraceContext::parse(&field("traceparent")).unwrap();
+        assert_eq!(parent.trace_id, context.trace.trace_id, "the same trace");
+        assert_ne!(parent.span_id, context.trace.span_id, "a child span");
     }
 
     #[test]

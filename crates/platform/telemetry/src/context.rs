@@ -165,20 +165,29 @@ impl RequestContext {
     /// Takes the correlation id and trace from incoming headers, generating what is
     /// missing or malformed.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let correlation_id = headers
-            .get(&CORRELATION_ID)
+        // One pass over the few headers a request has, taking each name's first
+        // value as `get` would: three lookups hashed three names every request.
+        let (mut correlation, mut parent, mut deadline) = (None, None, None);
+        for (name, value) in headers {
+            if *name == CORRELATION_ID {
+                correlation = correlation.or(Some(value));
+            } else if *name == TRACEPARENT {
+                parent = parent.or(Some(value));
+            } else if *name == DEADLINE {
+                deadline = deadline.or(Some(value));
+            }
+        }
+        let correlation_id = correlation
             .and_then(|v| v.to_str().ok())
             .filter(|v| valid_correlation_id(v))
             .map(Arc::from)
             .unwrap_or_else(new_correlation_id);
-        let trace = headers
-            .get(&TRACEPARENT)
+        let trace = parent
             .and_then(|v| v.to_str().ok())
             .and_then(TraceContext::parse)
             .map(|parent| parent.child())
             .unwrap_or_else(TraceContext::new_root);
-        let deadline = headers
-            .get(&DEADLINE)
+        let deadline = deadline
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|ms| Instant::now() + Duration::from_millis(ms).min(MAX_DEADLINE));
