@@ -230,6 +230,54 @@ async fn slow_clients_are_cut_off_and_told_why() {
     assert_eq!(gw.seen_count(), 1);
 }
 
+/// The head timer of a kept-alive connection is set once and moved when it fires
+/// before the head it watches is due: each head still gets its whole time, and a
+/// stalled one is still cut.
+#[tokio::test]
+async fn each_head_has_its_whole_time_on_a_kept_alive_connection() {
+    let gw = spawn_with(|s| s.header_timeout = HumanDuration::millis(1000)).await;
+    let mut stream = connect(&gw).await;
+    let ok = |answer: &str| assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    // The second head arrives at 0.6 s: the third's time runs until about 1.6 s.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    // Half of the third head, then the rest at about 1.3 s: past the first head's
+    // deadline (1 s), within the third's.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    stream.write_all(b"st: gw\r\n\r\n").await.unwrap();
+    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    // A fourth head that stalls is cut after its own second, not at the third's
+    // deadline (about 0.3 s from now).
+    let stalled = std::time::Instant::now();
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let answer = read_until(&mut stream, "}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(
+        stalled.elapsed() >= Duration::from_millis(800),
+        "cut after {:?}",
+        stalled.elapsed()
+    );
+    assert!(closed(&mut stream).await);
+    assert_eq!(gw.seen_count(), 3);
+}
+
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
     let gw = spawn_with(|s| s.upstream_timeout = HumanDuration::secs(10)).await;
