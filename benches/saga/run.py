@@ -184,8 +184,13 @@ def main():
             rows.append((mode, backend, run_one(binary, mode, backend, args.rate, args.seconds)))
     print(f"### Saga: {args.rate:,} orders/s offered for {args.seconds} s through the gateway\n")
     print("| mode | backend | orders/s done | request p50 / p99 | saga p50 / p99 / p99.9 | "
-          "reserve p50 / p99 | charge p50 / p99 | errors | outcomes | verify |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "reserve p50 / p99 | charge p50 / p99 | step retries per order | errors | outcomes | verify |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    # Attempts the orchestrator sent again (sampled orders' histories), by step.
+    def retries(r):
+        got = r.get("step_retries", {})
+        return ", ".join(f"{n} {got[n]:.2}" for n in ("reserve", "charge") if n in got) or "0"
+
     for mode, backend, r in rows:
         q, s, st = r["requests"], r["saga"], r.get("steps", {})
         step = lambda n: (f"{st[n]['p50_ms']:.1f} / {st[n]['p99_ms']:.1f} ms" if n in st else "-")
@@ -195,7 +200,7 @@ def main():
         print(f"| {mode} | {backend} | {r['orders_per_second']:,.0f} | "
               f"{q['p50_ms']:.1f} / {q['p99_ms']:.1f} ms | "
               f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f} / {s['p999_ms']:.1f} ms | "
-              f"{step('reserve')} | {step('charge')} | {errors} | "
+              f"{step('reserve')} | {step('charge')} | {retries(r)} | {errors} | "
               f"{r['confirmed']} confirmed, {cancelled} cancelled, {r['pending']} pending | "
               f"{'clean' if violations == 0 else f'{violations} violations'} |")
     # Where the CPU goes: per process, per order placed (the shop's processes only;

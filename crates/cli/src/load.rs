@@ -97,8 +97,11 @@ pub struct Report {
     pub saga: Latency,
     /// Where a saga's time goes, from up to 200 sampled orders' step histories: each
     /// step from sent to answered (`reserve`, `charge`; in choreography, where nothing
-    /// is sent, from the step before).
+    /// is sent, from the step before). Timed from a step's first attempt.
     pub steps: BTreeMap<String, Latency>,
+    /// Attempts sent again because no reply came in time, per sampled order, by
+    /// step (orchestration): under a backlog, the orchestrator's retries are load.
+    pub step_retries: BTreeMap<String, f64>,
 }
 
 struct Customer {
@@ -380,6 +383,7 @@ pub async fn run(
     let tally = driver.tally.into_inner();
     let sagas = saga_latencies(&http, &gateway, target.orders.as_deref(), &tally.placed).await?;
     let steps = step_latencies(&http, &gateway, &tally.placed).await?;
+    let sampled = steps.sampled.max(1) as f64;
     let requests = latency(&tally.requests);
     Ok(Report {
         shape: match shape {
@@ -397,17 +401,37 @@ pub async fn run(
         cancelled: sagas.cancelled,
         pending: sagas.pending,
         saga: latency(&sagas.latency),
-        steps: steps.iter().map(|(k, h)| (k.clone(), latency(h))).collect(),
+        steps: steps
+            .latency
+            .iter()
+            .map(|(k, h)| (k.clone(), latency(h)))
+            .collect(),
+        step_retries: steps
+            .retries
+            .iter()
+            .map(|(k, n)| (k.clone(), *n as f64 / sampled))
+            .collect(),
     })
 }
 
-/// Per-step latencies of up to 200 orders spread over the run.
+/// What the step histories of the sampled orders show.
+struct Steps {
+    latency: BTreeMap<String, Histogram<u64>>,
+    /// Attempts the orchestrator sent again, by step.
+    retries: BTreeMap<String, u64>,
+    /// Orders whose history was read.
+    sampled: u64,
+}
+
+/// Per-step latencies and retries of up to 200 orders spread over the run.
 async fn step_latencies(
     http: &reqwest::Client,
     gateway: &str,
     placed: &[(String, String)],
-) -> anyhow::Result<BTreeMap<String, Histogram<u64>>> {
+) -> anyhow::Result<Steps> {
     let mut steps: BTreeMap<String, Histogram<u64>> = BTreeMap::new();
+    let mut retries: BTreeMap<String, u64> = BTreeMap::new();
+    let mut sampled = 0;
     let every = (placed.len() / 200).max(1);
     let parse = |v: &Value| {
         time::OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339)
@@ -425,6 +449,7 @@ async fn step_latencies(
         let Some(created) = parse(&order["created_at"]) else {
             continue;
         };
+        sampled += 1;
         let mut since: BTreeMap<String, time::OffsetDateTime> = BTreeMap::new();
         let mut last = created;
         for step in order["steps"].as_array().into_iter().flatten() {
@@ -436,8 +461,12 @@ async fn step_latencies(
                 continue;
             };
             match what {
+                // From the first attempt: a step sent again is timed from its start.
                 "sent" | "requested" => {
-                    since.insert(name.to_owned(), at);
+                    since.entry(name.to_owned()).or_insert(at);
+                }
+                _ if what.starts_with("no reply to attempt") => {
+                    *retries.entry(name.to_owned()).or_default() += 1;
                 }
                 "done" => {
                     // In choreography nothing is "sent": count from the step before.
@@ -456,7 +485,11 @@ async fn step_latencies(
             last = at;
         }
     }
-    Ok(steps)
+    Ok(Steps {
+        latency: steps,
+        retries,
+        sampled,
+    })
 }
 
 struct Sagas {
@@ -615,8 +648,14 @@ pub fn print(report: &Report, json_out: bool) -> anyhow::Result<()> {
     );
     for (step, l) in &report.steps {
         println!(
-            "  {step:<8} p50 {:.2} ms  p99 {:.2} ms  (sent -> answered, {} sampled)",
-            l.p50_ms, l.p99_ms, l.count
+            "  {step:<8} p50 {:.2} ms  p99 {:.2} ms  (sent -> answered, {} sampled){}",
+            l.p50_ms,
+            l.p99_ms,
+            l.count,
+            match report.step_retries.get(step) {
+                Some(n) => format!(", {n:.2} retries an order"),
+                None => String::new(),
+            }
         );
     }
     if report.errors.is_empty() {

@@ -251,6 +251,8 @@ async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
     assert_eq!(report["confirmed"], 120, "{report}");
     assert_eq!(report["saga"]["count"], 120, "{report}");
     assert!(report["saga"]["p50_ms"].as_f64().unwrap() > 0.0, "{report}");
+    // Steps sent again, per order: reported even when none was.
+    assert!(report["step_retries"].is_object(), "{report}");
     let (code, verified) = verify(&shop);
     assert_eq!((code, &verified["orders"]), (0, &json!(120)), "{verified}");
     // Through --gateway alone (no data dir), the same journeys and saga latencies.
