@@ -218,16 +218,21 @@ async fn slow_clients_are_cut_off_and_told_why() {
     assert!(closed(&mut stream).await);
     // A connection quiet between requests is closed without a word.
     let mut stream = connect(&gw).await;
-    stream
-        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until(&mut stream, "{\"ok\":true}", 1).await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    get_ok(&mut stream).await;
     let mut rest = String::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut rest)).await;
     assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest}");
     assert_eq!(gw.seen_count(), 1);
+}
+
+/// Sends a whole `GET /open/x` and expects its 200.
+async fn get_ok(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until(stream, "{\"ok\":true}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
 }
 
 /// The head timer of a kept-alive connection is set once and moved when it fires
@@ -237,19 +242,10 @@ async fn slow_clients_are_cut_off_and_told_why() {
 async fn each_head_has_its_whole_time_on_a_kept_alive_connection() {
     let gw = spawn_with(|s| s.header_timeout = HumanDuration::millis(1000)).await;
     let mut stream = connect(&gw).await;
-    let ok = |answer: &str| assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
-    stream
-        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    get_ok(&mut stream).await;
     // The second head arrives at 0.6 s: the third's time runs until about 1.6 s.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    stream
-        .write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    get_ok(&mut stream).await;
     // Half of the third head, then the rest at about 1.3 s: past the first head's
     // deadline (1 s), within the third's.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -259,7 +255,8 @@ async fn each_head_has_its_whole_time_on_a_kept_alive_connection() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     stream.write_all(b"st: gw\r\n\r\n").await.unwrap();
-    ok(&read_until(&mut stream, "{\"ok\":true}", 1).await);
+    let answer = read_until(&mut stream, "{\"ok\":true}", 1).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
     // A fourth head that stalls is cut after its own second, not at the third's
     // deadline (about 0.3 s from now).
     let stalled = std::time::Instant::now();
@@ -282,11 +279,7 @@ async fn each_head_has_its_whole_time_on_a_kept_alive_connection() {
 async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
     let gw = spawn_with(|s| s.upstream_timeout = HumanDuration::secs(10)).await;
     let mut idle = connect(&gw).await;
-    idle.write_all(b"GET /open/x HTTP/1.1\r\nHost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let answer = read_until(&mut idle, "{\"ok\":true}", 1).await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK"), "{answer}");
+    get_ok(&mut idle).await;
     // The upstream takes 3 s to answer this one.
     let mut busy = connect(&gw).await;
     busy.write_all(b"GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n")
