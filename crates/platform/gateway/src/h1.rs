@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::{self, Chunk, Framing, Head, Refusal, Step, parse};
-use crate::wire::{BUFFER, Conn, write_all};
+use crate::wire::{BUFFER, Conn, line, write_all};
 
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -412,10 +412,7 @@ async fn write_response(
             continue;
         }
         dated |= *name == header::DATE;
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        line(&mut out, name.as_str(), value.as_bytes());
     }
     if !dated {
         out.extend_from_slice(b"date: ");
@@ -424,11 +421,11 @@ async fn write_response(
     }
     if !bodiless {
         match length {
-            Some(n) => {
-                out.extend_from_slice(b"content-length: ");
-                out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+            Some(n) => line(
+                &mut out,
+                "content-length",
+                itoa::Buffer::new().format(n).as_bytes(),
+            ),
             None if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             None => {}
         }

@@ -159,7 +159,7 @@ pub async fn handle_request(
     log: &mut AccessLog,
 ) -> (Response, Option<RouteLabel>) {
     match forward(proxy, peer, request, log).await {
-        Ok(answered) => answered,
+        Ok((response, label)) => (response, Some(label)),
         Err((label, problem)) => (problem.into_response(), label),
     }
 }
@@ -191,7 +191,7 @@ async fn forward(
     peer: SocketAddr,
     request: Request,
     log: &mut AccessLog,
-) -> Result<(Response, Option<RouteLabel>), Failure> {
+) -> Result<(Response, RouteLabel), Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
     let forwarded = proxy.trusted.forwarded(peer.ip(), request.headers());
@@ -252,7 +252,7 @@ async fn forward(
             let mut response = Response::new(Body::empty());
             *response.status_mut() = status;
             *response.headers_mut() = headers;
-            return Ok((response, Some(label)));
+            return Ok((response, label));
         }
         cors.decorate(origin.as_ref(), &mut grants);
     }
@@ -490,7 +490,7 @@ fn finish(
     grants: &HeaderMap,
     limit: Option<RateLimitHeaders>,
     label: RouteLabel,
-) -> (Response, Option<RouteLabel>) {
+) -> (Response, RouteLabel) {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
@@ -500,7 +500,7 @@ fn finish(
     for (name, value) in limit.into_iter().flatten().flatten() {
         parts.headers.insert(name, value);
     }
-    (Response::from_parts(parts, body), Some(label))
+    (Response::from_parts(parts, body), label)
 }
 
 /// The 413 for a body over `limit` bytes.

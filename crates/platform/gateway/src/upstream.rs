@@ -271,7 +271,6 @@ impl Upstreams {
         Ok(s)
     }
 
-    /// Indexes of instances to use, ejected ones left out unless all are.
     /// An instance not yet tried, by the route's policy; the ejected ones only when
     /// every other is (Envoy's panic mode: use them all rather than fail). The
     /// candidates are counted and indexed in place, not collected: a pick runs on

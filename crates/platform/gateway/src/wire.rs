@@ -468,8 +468,8 @@ fn encode(
     out.extend_from_slice(b"\r\n");
 }
 
-/// One `name: value` line of a head.
-fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+/// One `name: value` line of a head (requests here, answers in `h1`).
+pub(crate) fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
