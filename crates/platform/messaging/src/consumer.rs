@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use sqlx::{AnyConnection, AnyPool};
@@ -97,6 +97,8 @@ pub fn triage(
 pub struct Meta {
     pub topic: String,
     pub key: String,
+    /// The partition of `key`.
+    pub partition: u32,
     pub offset: u64,
     pub attempt: u32,
 }
@@ -106,6 +108,7 @@ impl Meta {
         Self {
             topic: d.topic.clone(),
             key: d.key.clone(),
+            partition: d.partition,
             offset: d.offset,
             attempt: d.attempt,
         }
@@ -454,10 +457,11 @@ pub struct Store {
 const MAX_WINDOW: usize = 64;
 
 /// Consumes like [`run`], but each partition's waiting deliveries (up to 64) go
-/// through `handler` in one transaction of `store`: under load a commit carries many
-/// events instead of one, and with one waiting it is one event per transaction as
-/// before. A partition's events are committed one after another (a key's in order),
-/// each prepared as it arrives; partitions run side by side.
+/// through `handler` in one transaction of `store`, together with the windows other
+/// partitions submitted meanwhile: under load a commit carries many events instead
+/// of one, and with one waiting it is one event per transaction as before. A
+/// partition's events are committed one after another (a key's in order), each
+/// prepared as it arrives; partitions prepare side by side and share commits.
 pub async fn run_transactional<H: Transactional>(
     bus: Arc<dyn EventBus>,
     config: ConsumerConfig,
@@ -467,17 +471,152 @@ pub async fn run_transactional<H: Transactional>(
 ) {
     let config = Arc::new(config);
     let store = Arc::new(store);
+    let (commits, submitted) = mpsc::unbounded_channel();
+    let committer = tokio::spawn(committer(store.clone(), handler.clone(), submitted));
     let spawn = {
         let (bus, config) = (bus.clone(), config.clone());
         move |rx| {
-            let (bus, config, store, handler) =
-                (bus.clone(), config.clone(), store.clone(), handler.clone());
+            let (bus, config, store, handler, commits) = (
+                bus.clone(),
+                config.clone(),
+                store.clone(),
+                handler.clone(),
+                commits.clone(),
+            );
             tokio::spawn(async move {
-                windows(bus.as_ref(), &config, &store, &handler, rx).await;
+                let partition = Partition {
+                    bus: bus.as_ref(),
+                    config: &config,
+                    store: &store,
+                    handler: &handler,
+                    commits,
+                };
+                windows(partition, rx).await;
             })
         }
     };
     subscribed(bus, config, shutdown, spawn).await;
+    // Every partition's worker has ended, and with the last of them the channel.
+    let _ = committer.await;
+}
+
+/// What a partition's worker works with.
+struct Partition<'a, H> {
+    bus: &'a dyn EventBus,
+    config: &'a ConsumerConfig,
+    store: &'a Store,
+    handler: &'a Arc<H>,
+    /// The consumer's committer.
+    commits: mpsc::UnboundedSender<Submitted>,
+}
+
+/// A partition's window handed to the consumer's committer, and where it comes
+/// back with its verdict.
+struct Submitted {
+    window: Vec<Taken>,
+    /// To be committed in a transaction of its own.
+    solo: bool,
+    done: oneshot::Sender<(Vec<Taken>, Verdict)>,
+}
+
+/// What became of a submitted window.
+enum Verdict {
+    /// Committed (with the other windows of its group): acknowledge it.
+    Committed,
+    /// Its transaction failed; `shared` if other partitions' windows were in it
+    /// (and the failure may have been theirs).
+    RolledBack { shared: bool },
+    /// A lone delivery, alone in its group, committed or failed on its own: how
+    /// it ended, to settle it with.
+    Alone(Result<(), HandlerError>),
+}
+
+/// Commits the windows of every partition of a consumer: the windows submitted
+/// while a transaction was under way go together into the next one. A broker that
+/// hands out one message per partition at a time (NATS, Kafka, RabbitMQ) gives
+/// windows of one; under load every partition has one waiting, and they share a
+/// commit instead of taking one each. Each partition submits its next window only
+/// once the last has come back, so a partition's (and a key's) events still commit
+/// in order; with one window waiting, it is committed at once, as before.
+async fn committer<H: Transactional>(
+    store: Arc<Store>,
+    handler: Arc<H>,
+    mut submitted: mpsc::UnboundedReceiver<Submitted>,
+) {
+    // A solo window that arrived while a group was being gathered.
+    let mut held: Option<Submitted> = None;
+    loop {
+        let first = match held.take() {
+            Some(first) => first,
+            None => match submitted.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut group = vec![first];
+        if !group[0].solo {
+            while let Ok(more) = submitted.try_recv() {
+                if more.solo {
+                    held = Some(more);
+                    break;
+                }
+                group.push(more);
+            }
+        }
+        if let [only] = &mut group[..]
+            && let [taken] = &mut only.window[..]
+        {
+            let outcome = alone(&store, handler.as_ref(), taken).await;
+            if let Some(only) = group.pop() {
+                let _ = only.done.send((only.window, Verdict::Alone(outcome)));
+            }
+            continue;
+        }
+        let size = group.iter().map(|s| s.window.len()).sum::<usize>();
+        let result = in_one_transaction(
+            &store,
+            handler.as_ref(),
+            group.iter_mut().flat_map(|s| s.window.iter_mut()),
+        )
+        .await;
+        if let Err(reason) = &result {
+            tracing::debug!(windows = group.len(), size, reason = %reason, "a group of windows rolled back; handling them one delivery at a time");
+        }
+        let shared = group.len() > 1;
+        for s in group {
+            let verdict = match result {
+                Ok(()) => Verdict::Committed,
+                Err(_) => Verdict::RolledBack { shared },
+            };
+            let _ = s.done.send((s.window, verdict));
+        }
+    }
+}
+
+/// A lone delivery's transaction, with the preparation it has.
+async fn alone<H: Transactional>(
+    store: &Store,
+    handler: &H,
+    taken: &mut Taken,
+) -> Result<(), HandlerError> {
+    let prepared = match std::mem::replace(&mut taken.prep, Prep::Done(Ok(None))) {
+        Prep::Done(Ok(Some(prepared))) => prepared,
+        // Not an event the handler acts on.
+        Prep::Done(Ok(None)) => return Ok(()),
+        Prep::Done(Err(e)) => return Err(e),
+        Prep::Running(_) => {
+            return Err(HandlerError::Retry(
+                "the delivery was still being prepared".into(),
+            ));
+        }
+    };
+    let Ok(event) = &taken.delivery.event else {
+        return Err(HandlerError::Reject("malformed event".into()));
+    };
+    AssertUnwindSafe(commit_one(store, handler, event, &taken.meta, prepared))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err(HandlerError::Retry("the handler panicked".into())))
 }
 
 /// A delivery taken from a partition's queue, its preparation started as it arrived.
@@ -557,19 +696,20 @@ fn take<H: Transactional>(handler: &Arc<H>, delivery: Delivery) -> Taken {
 /// the queue (up to 64) whose preparations have finished. Each delivery's
 /// preparation starts when it arrives, so a window never waits for the slowest
 /// call of the deliveries behind it, and commits stay in the partition's order.
-async fn windows<H: Transactional>(
-    bus: &dyn EventBus,
-    config: &ConsumerConfig,
-    store: &Store,
-    handler: &Arc<H>,
-    mut rx: mpsc::Receiver<Delivery>,
-) {
+async fn windows<H: Transactional>(p: Partition<'_, H>, mut rx: mpsc::Receiver<Delivery>) {
+    let Partition {
+        bus,
+        config,
+        store,
+        handler,
+        commits,
+    } = p;
     // After a nack the broker sends the key's events again from the nacked one:
     // what was already queued behind it is stale (by key: the nacked offset).
     let mut nacked: HashMap<String, u64> = HashMap::new();
     let mut queue: std::collections::VecDeque<Taken> = std::collections::VecDeque::new();
     let mut open = true;
-    loop {
+    'windows: loop {
         if queue.is_empty() {
             match rx.recv().await {
                 Some(d) => queue.push_back(take(handler, d)),
@@ -619,13 +759,30 @@ async fn windows<H: Transactional>(
             }
             None => true,
         });
-        // A lone delivery (every one, over brokers that hand out one at a time) is
-        // settled with the preparation it has; a window's went into its transaction,
-        // and a delivery of a window that failed is prepared again.
-        let lone = window.len() == 1;
-        if window.len() > 1 {
-            match in_one_transaction(store, handler.as_ref(), &mut window).await {
-                Ok(()) => {
+        if window.is_empty() {
+            continue;
+        }
+        // A window whose deliveries are all prepared goes to the committer, to share
+        // a transaction with other partitions' windows; one with a malformed event or
+        // a failed preparation is handled one delivery at a time.
+        let mut lone = window.len() == 1;
+        let mut solo = false;
+        while window
+            .iter()
+            .all(|t| t.delivery.event.is_ok() && matches!(t.prep, Prep::Done(Ok(_))))
+        {
+            let (done, verdict) = oneshot::channel();
+            if commits.send(Submitted { window, solo, done }).is_err() {
+                // No committer (the consumer is stopping): the broker hands these
+                // out again.
+                return;
+            }
+            let Ok((returned, verdict)) = verdict.await else {
+                return;
+            };
+            window = returned;
+            match verdict {
+                Verdict::Committed => {
                     let acks =
                         futures::future::join_all(window.into_iter().map(|t| t.delivery.ack()));
                     for result in acks.await {
@@ -633,13 +790,40 @@ async fn windows<H: Transactional>(
                             tracing::warn!(topic = %config.topic, error = %e, "could not settle a delivery");
                         }
                     }
-                    continue;
+                    continue 'windows;
                 }
-                Err(reason) => {
-                    tracing::debug!(topic = %config.topic, group = %config.group, size = window.len(), reason = %reason, "window rolled back; handling it one delivery at a time");
+                Verdict::Alone(outcome) => {
+                    if let Some(taken) = window.into_iter().next() {
+                        let (key, offset) = (taken.delivery.key.clone(), taken.delivery.offset);
+                        if conclude(bus, config, taken.delivery, outcome).await {
+                            nacked.insert(key, offset);
+                        }
+                    }
+                    continue 'windows;
+                }
+                // It shared the failed transaction with other partitions' windows:
+                // prepared again (its preparations went into that transaction) and
+                // committed on its own, so another's failure costs it one retry.
+                Verdict::RolledBack { shared: true } if !solo => {
+                    solo = true;
+                    window = window
+                        .into_iter()
+                        .map(|t| take(handler, t.delivery))
+                        .collect();
+                    for t in &mut window {
+                        t.prep.wait().await;
+                    }
+                }
+                // Its preparations went into the failed transaction: each delivery
+                // is prepared again, one at a time.
+                Verdict::RolledBack { .. } => {
+                    lone = false;
+                    break;
                 }
             }
         }
+        // A lone delivery is settled with the preparation it has; a delivery of a
+        // window is prepared again.
         for Taken {
             delivery,
             meta,
@@ -711,13 +895,13 @@ const MAX_PREPARING: usize = 2 * MAX_WINDOW;
 
 /// Handles every prepared delivery of `window` in one transaction and commits it;
 /// on any failure nothing is committed (and the reason is returned).
-async fn in_one_transaction<H: Transactional>(
+async fn in_one_transaction<'w, H: Transactional>(
     store: &Store,
     handler: &H,
-    window: &mut [Taken],
+    window: impl Iterator<Item = &'w mut Taken>,
 ) -> Result<(), String> {
-    let mut accepted = Vec::with_capacity(window.len());
-    for taken in window.iter_mut() {
+    let mut accepted = Vec::with_capacity(window.size_hint().0);
+    for taken in window {
         let prepared = match std::mem::replace(&mut taken.prep, Prep::Done(Ok(None))) {
             Prep::Done(Ok(Some(prepared))) => prepared,
             Prep::Done(Ok(None)) => continue,

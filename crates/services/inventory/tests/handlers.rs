@@ -16,6 +16,7 @@ fn meta() -> Meta {
     Meta {
         topic: "t".into(),
         key: "k".into(),
+        partition: 0,
         offset: 1,
         attempt: 1,
     }

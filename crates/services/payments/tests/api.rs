@@ -17,6 +17,7 @@ fn meta() -> Meta {
     Meta {
         topic: "payments.commands".into(),
         key: "o".into(),
+        partition: 0,
         offset: 1,
         attempt: 1,
     }

@@ -12,6 +12,7 @@ fn meta() -> Meta {
     Meta {
         topic: "orders".into(),
         key: "o".into(),
+        partition: 0,
         offset: 1,
         attempt: 1,
     }

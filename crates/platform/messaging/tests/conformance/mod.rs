@@ -50,7 +50,8 @@ macro_rules! suite {
             malformed_bytes_arrive_marked_and_block_nothing,
             failing_poison_and_malformed_messages_go_to_the_dead_letter_topic,
             a_committed_outbox_is_relayed_in_order_and_a_rolled_back_one_never,
-            the_inbox_makes_a_redelivered_event_change_nothing_twice
+            the_inbox_makes_a_redelivered_event_change_nothing_twice,
+            waiting_events_of_several_partitions_share_a_commit_each_key_in_order
         );
 
         #[tokio::test]
@@ -575,4 +576,109 @@ pub async fn a_30_second_broker_outage_loses_nothing(bus: Bus, proxy: Proxy) {
     );
     stop.cancel();
     relay_task.await.unwrap();
+}
+
+/// An event handled in a transaction: its partition, key and number.
+type Handled = (u32, String, u64);
+
+/// Notes which events each transaction carried: `handle` adds its event to the open
+/// transaction's list and the transaction's first after-commit callback closes the
+/// list (a consumer's commits run one after another). The first event's transaction
+/// stays open half a second, so the other partitions' deliveries arrive meanwhile.
+#[derive(Default)]
+struct CommitLog {
+    open: Arc<std::sync::Mutex<Vec<Handled>>>,
+    closed: Arc<std::sync::Mutex<Vec<Vec<Handled>>>>,
+    first: std::sync::atomic::AtomicBool,
+}
+
+impl consumer::Transactional for CommitLog {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a mut sqlx::AnyConnection,
+        event: &'a CloudEvent,
+        meta: &'a consumer::Meta,
+        _prepared: consumer::Prepared,
+        after: &'a mut consumer::AfterCommit,
+    ) -> messaging::BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            if !self.first.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let n = event.data["n"].as_u64().unwrap();
+            self.open
+                .lock()
+                .unwrap()
+                .push((meta.partition, meta.key.clone(), n));
+            let (open, closed) = (self.open.clone(), self.closed.clone());
+            after.then(move || {
+                let group = std::mem::take(&mut *open.lock().unwrap());
+                if !group.is_empty() {
+                    closed.lock().unwrap().push(group);
+                }
+            });
+            Ok(())
+        })
+    }
+}
+
+/// Deliveries of several partitions waiting at once (a queue under load) are
+/// committed together in one transaction, also where the broker hands out one
+/// message per partition at a time; each is handled exactly once and each key's
+/// events still commit in order.
+pub async fn waiting_events_of_several_partitions_share_a_commit_each_key_in_order(
+    bus: Bus,
+    _: &Traits,
+) {
+    let topic = topic();
+    let keys = ["a", "b", "c", "d", "e", "f"];
+    for n in 0..30 {
+        let key = keys[n as usize % keys.len()];
+        bus.publish(&topic, key, &event(key, n)).await.unwrap();
+    }
+    let pool = sqlite().await;
+    let log = Arc::new(CommitLog::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(consumer::run_transactional(
+        bus.clone(),
+        ConsumerConfig::new(&topic, "g"),
+        consumer::Store {
+            pool,
+            inbox: Inbox::new("g"),
+        },
+        stop.clone(),
+        log.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let handled = || {
+        log.closed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(Vec::len)
+            .sum::<usize>()
+    };
+    while handled() < 30 {
+        assert!(Instant::now() < deadline, "handled only {}", handled());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap();
+    let commits = log.closed.lock().unwrap().clone();
+    let all: Vec<&Handled> = commits.iter().flatten().collect();
+    for key in keys {
+        let ns: Vec<u64> = all.iter().filter(|h| h.1 == key).map(|h| h.2).collect();
+        let expected: Vec<u64> = (0..30).filter(|n| keys[*n as usize % 6] == key).collect();
+        assert_eq!(ns, expected, "{key}: each event once, in order");
+    }
+    let spans = |c: &Vec<Handled>| {
+        let mut partitions: Vec<u32> = c.iter().map(|h| h.0).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        partitions.len()
+    };
+    assert!(
+        commits.iter().any(|c| spans(c) > 1),
+        "no commit carried events of two partitions: {commits:?}"
+    );
 }
