@@ -580,7 +580,7 @@ async fn committer<H: Transactional>(
         )
         .await;
         if let Err(reason) = &result {
-            tracing::debug!(windows = group.len(), size, reason = %reason, "a group of windows rolled back; handling them one delivery at a time");
+            tracing::debug!(windows = group.len(), size, reason = %reason, "a group of windows rolled back; each is tried again on its own");
         }
         let shared = group.len() > 1;
         for s in group {
