@@ -463,35 +463,29 @@ pub async fn a_committed_outbox_is_relayed_in_order_and_a_rolled_back_one_never(
         .unwrap();
     tx.rollback().await.unwrap();
     for n in 0..20 {
-        let mut tx = pool.begin().await.unwrap();
-        outbox
-            .enqueue(&mut tx, &topic, "o-1", &event("o-1", n))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        commit_one_event(&pool, &outbox, &topic, n).await;
     }
     let relay = Relay::new(pool.clone(), bus.clone(), outbox.clone(), "relay");
     assert_eq!(relay.lag().await.unwrap().pending, 20);
     let stop = CancellationToken::new();
     let relay_task = tokio::spawn(relay.run(stop.clone()));
-    let got = drain(&bus, &topic, "g", 20).await;
-    let ns: Vec<u64> = got.iter().map(|e| e.data["n"].as_u64().unwrap()).collect();
-    assert_eq!(ns, (0..20).collect::<Vec<_>>());
-    // Commits trickling in while the relay runs: each wakes it, and the rows it
-    // published but has not deleted yet are never published again.
+    let ns = |got: Vec<CloudEvent>| -> Vec<u64> {
+        got.iter().map(|e| e.data["n"].as_u64().unwrap()).collect()
+    };
+    assert_eq!(
+        ns(drain(&bus, &topic, "g", 20).await),
+        (0..20).collect::<Vec<_>>()
+    );
+    // Commits trickling in while the relay runs, each waking it: each published once.
     for n in 20..40 {
-        let mut tx = pool.begin().await.unwrap();
-        outbox
-            .enqueue(&mut tx, &topic, "o-1", &event("o-1", n))
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        commit_one_event(&pool, &outbox, &topic, n).await;
         outbox.written();
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let got = drain(&bus, &topic, "g", 20).await;
-    let ns: Vec<u64> = got.iter().map(|e| e.data["n"].as_u64().unwrap()).collect();
-    assert_eq!(ns, (20..40).collect::<Vec<_>>());
+    assert_eq!(
+        ns(drain(&bus, &topic, "g", 20).await),
+        (20..40).collect::<Vec<_>>()
+    );
     stop.cancel();
     relay_task.await.unwrap();
     let relay = Relay::new(pool, bus.clone(), outbox, "relay");
@@ -507,6 +501,16 @@ pub async fn a_committed_outbox_is_relayed_in_order_and_a_rolled_back_one_never(
         d.ack().await.unwrap();
     }
     assert_eq!(ids.len(), 40, "each event published once");
+}
+
+/// Event `n` of key `o-1` written to `outbox` in a transaction of its own.
+async fn commit_one_event(pool: &AnyPool, outbox: &Outbox, topic: &str, n: u64) {
+    let mut tx = pool.begin().await.unwrap();
+    outbox
+        .enqueue(&mut tx, topic, "o-1", &event("o-1", n))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }
 
 pub async fn the_inbox_makes_a_redelivered_event_change_nothing_twice(bus: Bus, _: &Traits) {
