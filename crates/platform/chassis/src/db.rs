@@ -93,8 +93,9 @@ async fn open_pool(url: &str, backend: Backend) -> Result<AnyPool, DbError> {
         .before_acquire(move |conn, meta| {
             Box::pin(async move {
                 if backend != Backend::Sqlite && meta.idle_for >= PING_AFTER_IDLE {
-                    // `false` closes it; the pool opens another.
-                    return Ok(conn.ping().await.is_ok());
+                    // An error drops it without a goodbye to a server that is gone;
+                    // the pool opens another.
+                    conn.ping().await?;
                 }
                 Ok(true)
             })

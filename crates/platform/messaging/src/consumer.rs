@@ -573,12 +573,18 @@ async fn committer<H: Transactional>(
             continue;
         }
         let size = group.iter().map(|s| s.window.len()).sum::<usize>();
-        let result = in_one_transaction(
+        // A panic (in what the handler left for after the commit, say) must not end
+        // the committer: every partition of the consumer depends on it. Whatever
+        // committed before it is claimed in the inbox, so handling it again changes
+        // nothing twice.
+        let result = AssertUnwindSafe(in_one_transaction(
             &store,
             handler.as_ref(),
             group.iter_mut().flat_map(|s| s.window.iter_mut()),
-        )
-        .await;
+        ))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err("the handler panicked".into()));
         if let Err(reason) = &result {
             tracing::debug!(windows = group.len(), size, reason = %reason, "a group of windows rolled back; each is tried again on its own");
         }

@@ -46,6 +46,32 @@ async fn seen_db() -> (sqlx::AnyPool, String) {
     (pool, url)
 }
 
+/// Runs `handler` over `config`'s topic as a transactional consumer writing `pool`
+/// (inbox `g`): the token that stops it and its task.
+fn consume<H: messaging::consumer::Transactional>(
+    bus: &conformance::Bus,
+    config: messaging::consumer::ConsumerConfig,
+    pool: &sqlx::AnyPool,
+    handler: Arc<H>,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let store = messaging::consumer::Store {
+        pool: pool.clone(),
+        inbox: messaging::inbox::Inbox::new("g"),
+    };
+    let task = tokio::spawn(messaging::consumer::run_transactional(
+        bus.clone(),
+        config,
+        store,
+        stop.clone(),
+        handler,
+    ));
+    (stop, task)
+}
+
 async fn bus() -> (conformance::Bus, impl std::future::Future<Output = ()>) {
     (own_bus(4).await, async {})
 }
@@ -187,8 +213,7 @@ impl messaging::consumer::Transactional for Recorder {
 /// written exactly once, each key's in order.
 #[tokio::test]
 async fn a_window_commits_together_and_a_failing_event_is_settled_alone() {
-    use messaging::consumer::{self, ConsumerConfig, Store};
-    use messaging::inbox::Inbox;
+    use messaging::consumer::ConsumerConfig;
     use messaging::{CloudEvent, SubscribeOptions};
     use std::time::{Duration, Instant};
 
@@ -209,17 +234,7 @@ async fn a_window_commits_together_and_a_failing_event_is_settled_alone() {
     }
     let mut config = ConsumerConfig::new("work", "g");
     config.base_backoff = Duration::from_millis(50);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(consumer::run_transactional(
-        bus.clone(),
-        config,
-        Store {
-            pool: pool.clone(),
-            inbox: Inbox::new("g"),
-        },
-        stop.clone(),
-        Arc::new(Recorder { outside }),
-    ));
+    let (stop, task) = consume(&bus, config, &pool, Arc::new(Recorder { outside }));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM seen")
@@ -336,8 +351,7 @@ impl messaging::consumer::Transactional for Overlapping {
 #[tokio::test]
 async fn a_delivery_is_prepared_while_an_earlier_one_still_is() {
     use messaging::CloudEvent;
-    use messaging::consumer::{self, ConsumerConfig, Store};
-    use messaging::inbox::Inbox;
+    use messaging::consumer::ConsumerConfig;
     use std::time::{Duration, Instant};
 
     let bus = own_bus(1).await;
@@ -347,17 +361,12 @@ async fn a_delivery_is_prepared_while_an_earlier_one_still_is() {
         started: tokio::sync::watch::channel(false).0,
         overlapped: std::sync::atomic::AtomicBool::new(false),
     });
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(consumer::run_transactional(
-        bus.clone(),
+    let (stop, task) = consume(
+        &bus,
         ConsumerConfig::new("work", "g"),
-        Store {
-            pool: pool.clone(),
-            inbox: Inbox::new("g"),
-        },
-        stop.clone(),
+        &pool,
         handler.clone(),
-    ));
+    );
     let publish = |n: i64| {
         let bus = bus.clone();
         async move {
@@ -392,5 +401,105 @@ async fn a_delivery_is_prepared_while_an_earlier_one_still_is() {
     assert!(
         handler.overlapped.load(std::sync::atomic::Ordering::SeqCst),
         "event 1 was not prepared until event 0's preparation had ended"
+    );
+}
+
+/// Writes each event; the first time it handles event 3 it leaves a callback that
+/// panics after the commit.
+struct PanicsAfterCommit {
+    panicked: std::sync::atomic::AtomicBool,
+}
+
+impl messaging::consumer::Transactional for PanicsAfterCommit {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a messaging::CloudEvent,
+        meta: &'a messaging::consumer::Meta,
+        _prepared: messaging::consumer::Prepared,
+        after: &'a mut messaging::consumer::AfterCommit,
+    ) -> messaging::BoxFuture<'a, Result<(), messaging::consumer::HandlerError>> {
+        Box::pin(async move {
+            let n = event.data["n"].as_i64().unwrap();
+            sqlx::query("INSERT INTO seen (k, n, shared) VALUES ($1, $2, 0)")
+                .bind(&meta.key)
+                .bind(n)
+                .execute(&mut *tx)
+                .await?;
+            if n == 3
+                && !self
+                    .panicked
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+            {
+                after.then(|| panic!("a callback after the commit panicked"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A panic in what a handler left for after a window's commit does not stop the
+/// consumer: the window's events stay handled once, and later events still are.
+#[tokio::test]
+async fn a_panic_after_a_commit_does_not_stop_the_consumer() {
+    use messaging::CloudEvent;
+    use messaging::consumer::ConsumerConfig;
+    use std::time::{Duration, Instant};
+
+    let bus = own_bus(1).await;
+    let (pool, _) = seen_db().await;
+    let publish = |n: i64| {
+        let bus = bus.clone();
+        async move {
+            let e = CloudEvent::new(
+                "/t",
+                "thing.happened",
+                Some("k"),
+                serde_json::json!({"n": n}),
+            );
+            bus.publish("work", "k", &e).await.unwrap();
+        }
+    };
+    // Waiting together: one window, committed in one transaction.
+    for n in 0..10 {
+        publish(n).await;
+    }
+    let (stop, task) = consume(
+        &bus,
+        ConsumerConfig::new("work", "g"),
+        &pool,
+        Arc::new(PanicsAfterCommit {
+            panicked: std::sync::atomic::AtomicBool::new(false),
+        }),
+    );
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT n FROM seen ORDER BY rowid")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while rows().await.len() < 10 {
+        assert!(Instant::now() < deadline, "handled only {:?}", rows().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for n in 10..15 {
+        publish(n).await;
+    }
+    while rows().await.len() < 15 {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer stopped after the panic: {:?}",
+            rows().await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        rows().await,
+        (0..15).collect::<Vec<_>>(),
+        "each event once, in order"
     );
 }
