@@ -423,28 +423,7 @@ fn encode(
         line(out, name.as_str(), value.as_bytes());
     }
     if let Some(context) = context {
-        if let Some(left) = context.remaining() {
-            let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
-            line(
-                out,
-                DEADLINE.as_str(),
-                itoa::Buffer::new().format(millis).as_bytes(),
-            );
-        }
-        // Ids this gateway made, or a client's checked against a conservative
-        // alphabet when the context was read; a header line takes them as they are.
-        if telemetry::context::valid_correlation_id(&context.correlation_id) {
-            line(
-                out,
-                CORRELATION_ID.as_str(),
-                context.correlation_id.as_bytes(),
-            );
-        }
-        line(
-            out,
-            TRACEPARENT.as_str(),
-            &context.trace.child().traceparent(),
-        );
+        context.outgoing(|name, value| line(out, name.as_str(), value));
     }
     // HTTP/2 clients send each cookie as a field of its own; an HTTP/1.1 message
     // carries them in one, joined by "; " (RFC 9113 §8.2.3).

@@ -228,15 +228,27 @@ impl RequestContext {
     /// Writes the correlation id, a child `traceparent` and the time left into
     /// outgoing headers.
     pub fn inject(&self, headers: &mut HeaderMap) {
+        self.outgoing(|name, value| {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                headers.insert(name.clone(), v);
+            }
+        });
+    }
+
+    /// Hands `put` each header an outgoing request carries for this context: the
+    /// time left in whole milliseconds, the correlation id (of the conservative
+    /// alphabet: one set by hand is checked again, as it goes into a head as it is)
+    /// and a child `traceparent`. [`RequestContext::inject`] puts them in a header
+    /// map; a client writing its own request heads writes them straight in.
+    pub fn outgoing(&self, mut put: impl FnMut(&HeaderName, &[u8])) {
         if let Some(left) = self.remaining() {
-            set_deadline(headers, left);
+            let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
+            put(&DEADLINE, itoa::Buffer::new().format(millis).as_bytes());
         }
-        if let Ok(v) = HeaderValue::from_str(&self.correlation_id) {
-            headers.insert(CORRELATION_ID, v);
+        if valid_correlation_id(&self.correlation_id) {
+            put(&CORRELATION_ID, self.correlation_id.as_bytes());
         }
-        if let Ok(v) = HeaderValue::from_bytes(&self.trace.child().traceparent()) {
-            headers.insert(TRACEPARENT, v);
-        }
+        put(&TRACEPARENT, &self.trace.child().traceparent());
     }
 }
 
