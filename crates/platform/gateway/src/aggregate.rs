@@ -179,7 +179,7 @@ async fn ask(
                 hash_key: None,
                 retries: route.retries,
             },
-            part_head,
+            &part_head,
             bytes::Bytes::new(),
         )
         .await

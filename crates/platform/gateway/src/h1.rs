@@ -414,6 +414,7 @@ async fn write_response(
         dated |= *name == header::DATE;
         line(&mut out, name.as_str(), value.as_bytes());
     }
+    crate::message::recycle(parts.headers);
     if !dated {
         out.extend_from_slice(b"date: ");
         date(&mut out);

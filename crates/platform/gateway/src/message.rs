@@ -63,6 +63,45 @@ pub enum Framing {
 /// `traceparent`, the correlation id and deadline, an identity, rate-limit state).
 pub const ADDED_HEADERS: usize = 8;
 
+thread_local! {
+    /// Header maps of messages already written, cleared, for the next messages
+    /// parsed on this thread: a map is two allocations (its index and its
+    /// entries), and a proxied request made and freed two maps.
+    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// At most this many maps wait per thread (about 1 KiB each).
+const POOLED_MAPS: usize = 32;
+/// Maps with room for fewer fields than this (made small elsewhere) or more (grown
+/// for a crowd of headers) are freed rather than kept.
+const POOLED_CAPACITY: std::ops::RangeInclusive<usize> = ADDED_HEADERS + 4..=64;
+
+/// An empty header map with room for `fields` and what a proxy adds: one given
+/// back by [`recycle`] when there is one.
+pub fn header_map(fields: usize) -> HeaderMap {
+    let wanted = fields + ADDED_HEADERS;
+    MAPS.try_with(|maps| maps.try_borrow_mut().ok()?.pop())
+        .ok()
+        .flatten()
+        .filter(|map| map.capacity() >= wanted)
+        .unwrap_or_else(|| HeaderMap::with_capacity(wanted))
+}
+
+/// Gives back the map of a message that has been written, for [`header_map`].
+pub fn recycle(mut map: HeaderMap) {
+    if !POOLED_CAPACITY.contains(&map.capacity()) {
+        return;
+    }
+    map.clear();
+    let _ = MAPS.try_with(|maps| {
+        if let Ok(mut maps) = maps.try_borrow_mut()
+            && maps.len() < POOLED_MAPS
+        {
+            maps.push(map);
+        }
+    });
+}
+
 /// A head from the start of `bytes`, with the bytes it took; `None` until complete.
 pub fn parse(
     bytes: &[u8],
@@ -111,7 +150,7 @@ pub fn parse(
     };
     // Room for what the proxy adds on the way up (forwarding, trace and deadline
     // headers): growing a header map rehashes it, several times a request.
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_HEADERS);
+    let mut headers = header_map(parsed.headers.len());
     // Framing fields are read once all are in (they may repeat); the others as
     // they come.
     let (mut sized, mut coded) = (false, false);
@@ -362,6 +401,24 @@ mod tests {
 
     fn parsed(bytes: &[u8]) -> Result<Option<(Head, usize)>, Refusal> {
         parse(bytes, 16 * 1024, 4)
+    }
+
+    /// A map given back never carries one message's fields into the next, and one
+    /// too small for the next message is not handed out.
+    #[test]
+    fn recycled_header_maps_come_back_empty() {
+        let mut map = header_map(2);
+        map.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        let room = map.capacity();
+        recycle(map);
+        let again = header_map(2);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), room, "the given-back map is reused");
+        recycle(again);
+        assert!(header_map(room).capacity() >= room + ADDED_HEADERS);
+        // Small maps made elsewhere are not kept.
+        recycle(HeaderMap::new());
+        assert!(header_map(0).capacity() >= ADDED_HEADERS);
     }
 
     #[test]

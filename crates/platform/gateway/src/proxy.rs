@@ -370,15 +370,18 @@ async fn forward(
     } else if !parts.headers.contains_key(X_FORWARDED_PROTO) {
         parts.headers.insert(X_FORWARDED_PROTO, proto);
     }
-    // The upstream gets the normalized (and rewritten) path: the one checked.
-    let target = crate::routes::with_query(upstream_path, parts.uri.query());
+    // The upstream gets the normalized (and rewritten) path: the one checked. A
+    // path in origin form that neither changed keeps the URI as it was parsed.
+    if parts.uri.path() != upstream_path || parts.uri.scheme().is_some() {
+        let target = crate::routes::with_query(upstream_path, parts.uri.query());
+        parts.uri = target.parse().map_err(|_| {
+            fail(Problem::bad_request(
+                "the rewritten path is not a valid URI",
+            ))
+        })?;
+    }
     // Upstreams are spoken to in HTTP/1.1, whatever the client spoke.
     parts.version = http::Version::HTTP_11;
-    parts.uri = target.parse().map_err(|_| {
-        fail(Problem::bad_request(
-            "the rewritten path is not a valid URI",
-        ))
-    })?;
     let upstream_config = runtime.upstream(&route.service);
     let hash_key = upstream_config
         .hash_on
@@ -432,7 +435,8 @@ async fn forward(
     let upstream_ms = &mut log.upstream_ms;
     let send = async |parts: http::request::Parts| {
         let sent = std::time::Instant::now();
-        let response = proxy.upstreams.send(call, parts, body).await;
+        let response = proxy.upstreams.send(call, &parts, body).await;
+        crate::message::recycle(parts.headers);
         *upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         response
     };
@@ -446,7 +450,8 @@ async fn forward(
                 AuthenticatedCaching::PerUser => caller.as_ref().map(|c| &*c.sub),
                 _ => None,
             };
-            let key = Cache::key(name, &route.service, host_name.as_deref(), &target, user);
+            let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let key = Cache::key(name, &route.service, host_name.as_deref(), target, user);
             let method = parts.method.clone();
             if (method == http::Method::GET || method == http::Method::HEAD) && bodiless {
                 let request = CacheRequest {

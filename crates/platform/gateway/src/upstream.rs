@@ -375,7 +375,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         call: Call<'_>,
-        head: http::request::Parts,
+        head: &http::request::Parts,
         body: Bytes,
     ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
@@ -408,7 +408,7 @@ impl Upstreams {
             let started = Instant::now();
             let sent = crate::wire::send(
                 &instance.base_url,
-                &head,
+                head,
                 &body,
                 self.connect_timeout,
                 Some(&context),

@@ -416,8 +416,10 @@ fn encode(
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(authority.as_bytes());
     out.extend_from_slice(b"\r\n");
+    let mut cookied = false;
     for (name, value) in &head.headers {
         if skipped(name) || (context.is_some() && from_context(name)) {
+            cookied |= *name == header::COOKIE;
             continue;
         }
         line(out, name.as_str(), value.as_bytes());
@@ -426,8 +428,12 @@ fn encode(
         context.outgoing(|name, value| line(out, name.as_str(), value));
     }
     // HTTP/2 clients send each cookie as a field of its own; an HTTP/1.1 message
-    // carries them in one, joined by "; " (RFC 9113 §8.2.3).
-    let mut cookies = head.headers.get_all(header::COOKIE).iter();
+    // carries them in one, joined by "; " (RFC 9113 §8.2.3). (Looked up only when
+    // the pass above met one.)
+    let mut cookies = cookied
+        .then(|| head.headers.get_all(header::COOKIE).iter())
+        .into_iter()
+        .flatten();
     if let Some(first) = cookies.next() {
         out.extend_from_slice(b"cookie: ");
         out.extend_from_slice(first.as_bytes());
@@ -449,6 +455,7 @@ fn encode(
 
 /// One `name: value` line of a head (requests here, answers in `h1`).
 pub(crate) fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -529,7 +536,7 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + message::ADDED_HEADERS);
+    let mut headers = message::header_map(parsed.headers.len());
     // What framing needs is noted as the fields go in: looking each name up again
     // afterwards cost more than building the map.
     let (mut lengths, mut length, mut framed, mut close) = (0, None, false, false);

@@ -191,6 +191,9 @@ const PATH_CASES: &[(&str, u16, Option<&str>)] = &[
     ("/%6Fpen/x", 200, Some("/open/x")),
     ("/open/caf%c3%a9", 200, Some("/open/caf%C3%A9")),
     ("/open/x?q=%2F..", 200, Some("/open/x?q=%2F..")),
+    // A target in absolute form reaches the upstream in origin form.
+    ("http://shop.test/open/x?a=1", 200, Some("/open/x?a=1")),
+    ("http://shop.test/open/./x?a=1", 200, Some("/open/x?a=1")),
     // What servers read differently is refused.
     ("/private%2fy", 400, None),
     ("/open%2F..%2Fprivate", 400, None),

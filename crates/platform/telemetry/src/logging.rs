@@ -90,8 +90,8 @@ pub fn init_to(
 
 /// The JSON layer. Public so that tests and embedders can compose it themselves.
 pub struct JsonLayer {
-    service: String,
-    version: String,
+    /// `,"service":..,"version":..` as every line carries it, written once here.
+    identity: Box<[u8]>,
     out: Arc<Out>,
     /// Gather lines per thread and write them in blocks (see [`JsonLayer::buffered`]).
     buffered: bool,
@@ -224,9 +224,12 @@ pub fn flush() {
 
 impl JsonLayer {
     pub fn new(service: &str, version: &str) -> Self {
+        let mut identity = b",\"service\":".to_vec();
+        json_str(&mut identity, service);
+        identity.extend_from_slice(b",\"version\":");
+        json_str(&mut identity, version);
         Self {
-            service: service.to_owned(),
-            version: version.to_owned(),
+            identity: identity.into_boxed_slice(),
             out: Arc::new(Out::new(None)),
             buffered: false,
         }
@@ -394,8 +397,19 @@ impl Fields<'_> {
 
     pub fn str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
         if let Some(value) = value {
-            self.key(key);
-            json_str(self.0, value);
+            // The usual value needs no escaping: key and value go in after one
+            // reservation.
+            if needs_escape(value.as_bytes()) {
+                self.key(key);
+                json_str(self.0, value);
+            } else {
+                self.0.reserve(key.len() + value.len() + 6);
+                self.0.extend_from_slice(b",\"");
+                self.0.extend_from_slice(key.as_bytes());
+                self.0.extend_from_slice(b"\":\"");
+                self.0.extend_from_slice(value.as_bytes());
+                self.0.push(b'"');
+            }
         }
         self
     }
@@ -515,10 +529,8 @@ impl JsonLayer {
         write_now(buf);
         buf.extend_from_slice(b"\",\"level\":\"");
         buf.extend_from_slice(level.as_bytes());
-        buf.extend_from_slice(b"\",\"service\":");
-        json_str(buf, &self.service);
-        buf.extend_from_slice(b",\"version\":");
-        json_str(buf, &self.version);
+        buf.push(b'"');
+        buf.extend_from_slice(&self.identity);
         buf.extend_from_slice(b",\"target\":");
         json_str(buf, target);
     }
