@@ -397,19 +397,11 @@ impl Fields<'_> {
 
     pub fn str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
         if let Some(value) = value {
-            // The usual value needs no escaping: key and value go in after one
-            // reservation.
-            if needs_escape(value.as_bytes()) {
-                self.key(key);
-                json_str(self.0, value);
-            } else {
-                self.0.reserve(key.len() + value.len() + 6);
-                self.0.extend_from_slice(b",\"");
-                self.0.extend_from_slice(key.as_bytes());
-                self.0.extend_from_slice(b"\":\"");
-                self.0.extend_from_slice(value.as_bytes());
-                self.0.push(b'"');
-            }
+            // One reservation for the key and the usual value, which needs no
+            // escaping.
+            self.0.reserve(key.len() + value.len() + 6);
+            self.key(key);
+            json_str(self.0, value);
         }
         self
     }
