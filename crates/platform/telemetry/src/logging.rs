@@ -390,6 +390,11 @@ impl Fields<'_> {
     /// `key` is written as it is: a Rust identifier, as `tracing`'s field names are.
     fn key(&mut self, key: &'static str) {
         self.0.reserve(key.len() + 4);
+        self.key_within(key);
+    }
+
+    /// `,"key":`, where room for it was reserved.
+    fn key_within(&mut self, key: &'static str) {
         self.0.extend_from_slice(b",\"");
         self.0.extend_from_slice(key.as_bytes());
         self.0.extend_from_slice(b"\":");
@@ -397,11 +402,19 @@ impl Fields<'_> {
 
     pub fn str(&mut self, key: &'static str, value: Option<&str>) -> &mut Self {
         if let Some(value) = value {
-            // One reservation for the key and the usual value, which needs no
-            // escaping.
-            self.0.reserve(key.len() + value.len() + 6);
-            self.key(key);
-            json_str(self.0, value);
+            if needs_escape(value.as_bytes()) {
+                self.key(key);
+                json_str(self.0, value);
+            } else {
+                // The usual value needs no escaping: key and value go in after
+                // one reservation, without `json_str`'s second look (about 40
+                // instructions a field, nine fields an access line).
+                self.0.reserve(key.len() + value.len() + 6);
+                self.key_within(key);
+                self.0.push(b'"');
+                self.0.extend_from_slice(value.as_bytes());
+                self.0.push(b'"');
+            }
         }
         self
     }
