@@ -181,6 +181,8 @@ async fn ask(
             },
             &part_head,
             bytes::Bytes::new(),
+            // The parts run side by side: each times its own calls.
+            None,
         )
         .await
         .map_err(PartError::Upstream)?;

@@ -140,9 +140,17 @@ pub fn parse(
         .method
         .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
         .ok_or_else(|| bad_request("the request method is invalid"))?;
+    // The head is copied once, and the target and each value share that copy: a
+    // copy each cost an allocation, and cloning one (the proxy clones the URI and
+    // `Host`) another, to share it.
+    let block = Bytes::copy_from_slice(&bytes[..used]);
+    let within = |part: &[u8]| {
+        let at = (part.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
+        block.slice(at..at + part.len())
+    };
     let uri = parsed
         .path
-        .and_then(|p| Uri::from_maybe_shared(Bytes::copy_from_slice(p.as_bytes())).ok())
+        .and_then(|p| Uri::from_maybe_shared(within(p.as_bytes())).ok())
         .ok_or_else(|| bad_request("the request target is not a valid URI"))?;
     let version = match parsed.version {
         Some(1) => Version::HTTP_11,
@@ -158,7 +166,7 @@ pub fn parse(
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| bad_request(format!("`{}` is not a valid field name", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value)
+        let value = HeaderValue::from_maybe_shared(within(field.value))
             .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
         if name == header::CONTENT_LENGTH {
             sized = true;

@@ -1,6 +1,7 @@
 //! The forwarding core.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -152,13 +153,17 @@ pub struct Minted {
 ///
 /// Both come back beside the response, not in its extensions: the first insert
 /// into a response's extensions allocates a map, and each value a box of its own.
+///
+/// `timer`: the connection's timer for upstream calls, when it lends one (see
+/// [`crate::h1::within`]).
 pub async fn handle_request(
     proxy: &Proxy,
     peer: SocketAddr,
     request: Request,
     log: &mut AccessLog,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
 ) -> (Response, Option<RouteLabel>) {
-    match forward(proxy, peer, request, log).await {
+    match forward(proxy, peer, request, log, timer).await {
         Ok((response, label)) => (response, Some(label)),
         Err((label, problem)) => (problem.into_response(), label),
     }
@@ -173,11 +178,14 @@ fn host_of(request: &Request) -> Option<&str> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| request.uri().host())?;
-    // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port.
-    Some(match raw.rsplit_once(':') {
+    // `[::1]:8080` keeps its brackets; `example.com:8080` loses the port. (The
+    // colon is found by a plain byte scan: `rsplit_once`'s char searcher cost
+    // about 150 instructions a request.)
+    let colon = raw.bytes().rposition(|b| b == b':');
+    Some(match colon.map(|at| raw.split_at(at)) {
         Some((host, port))
             if !host.is_empty()
-                && port.bytes().all(|b| b.is_ascii_digit())
+                && port[1..].bytes().all(|b| b.is_ascii_digit())
                 && !raw.ends_with(']') =>
         {
             host
@@ -191,6 +199,7 @@ async fn forward(
     peer: SocketAddr,
     request: Request,
     log: &mut AccessLog,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
 ) -> Result<(Response, RouteLabel), Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
@@ -435,7 +444,7 @@ async fn forward(
     let upstream_ms = &mut log.upstream_ms;
     let send = async |parts: http::request::Parts| {
         let sent = std::time::Instant::now();
-        let response = proxy.upstreams.send(call, &parts, body).await;
+        let response = proxy.upstreams.send(call, &parts, body, timer).await;
         crate::message::recycle(parts.headers);
         *upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
         response
@@ -527,19 +536,24 @@ type RateLimitHeaders = [Option<(HeaderName, HeaderValue)>; 2];
 
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
 fn rate_limit_headers(name: &str, limiter: &KeyedLimiter, d: &Decision) -> RateLimitHeaders {
-    // Written by hand: `format!` was a visible share of a rate-limited request.
-    let mut state = String::with_capacity(name.len() + 32);
-    state.push('"');
-    state.push_str(name);
-    state.push_str("\";r=");
-    state.push_str(itoa::Buffer::new().format(d.remaining));
-    state.push_str(";t=");
-    state.push_str(itoa::Buffer::new().format(d.reset.as_secs_f64().ceil() as u64));
+    // Written by hand (`format!` was a visible share of a rate-limited request), at
+    // its exact size: a value with room to spare is two allocations (`Bytes` keeps
+    // the spare room in a block of its own).
+    let (mut remaining, mut reset) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let remaining = remaining.format(d.remaining);
+    let reset = reset.format(d.reset.as_secs_f64().ceil() as u64);
+    let mut state = Vec::with_capacity(name.len() + remaining.len() + reset.len() + 8);
+    state.push(b'"');
+    state.extend_from_slice(name.as_bytes());
+    state.extend_from_slice(b"\";r=");
+    state.extend_from_slice(remaining.as_bytes());
+    state.extend_from_slice(b";t=");
+    state.extend_from_slice(reset.as_bytes());
     [
         limiter
             .header_policy(name)
             .map(|policy| (RATELIMIT_POLICY, policy)),
-        HeaderValue::try_from(state)
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(state))
             .ok()
             .map(|state| (RATELIMIT, state)),
     ]
@@ -600,5 +614,32 @@ pub(crate) fn upstream_problem(service: &str, error: UpstreamError) -> Problem {
             "Upstream unavailable",
         )
         .with_detail(format!("`{service}` cannot be reached; try again shortly")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_loses_its_port_and_nothing_else() {
+        let host = |value: &str| {
+            let request = Request::builder()
+                .header(header::HOST, value)
+                .body(Body::empty())
+                .unwrap();
+            host_of(&request).map(str::to_owned)
+        };
+        assert_eq!(host("shop.test:8080").as_deref(), Some("shop.test"));
+        assert_eq!(host("shop.test").as_deref(), Some("shop.test"));
+        assert_eq!(host("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(host("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(host("shop.test:http").as_deref(), Some("shop.test:http"));
+        assert_eq!(host(":8080").as_deref(), Some(":8080"));
+        let absolute = Request::builder()
+            .uri("http://shop.test:9/x")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(host_of(&absolute), Some("shop.test"));
     }
 }

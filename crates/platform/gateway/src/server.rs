@@ -218,8 +218,12 @@ struct Plain {
 }
 
 impl h1::Handler for Plain {
-    fn handle(&self, request: Request<Body>) -> impl Future<Output = Response> + Send {
-        self.shared.dispatch(self.peer, request)
+    fn handle(
+        &self,
+        request: Request<Body>,
+        timers: h1::Timers<'_>,
+    ) -> impl Future<Output = Response> + Send {
+        self.shared.dispatch(self.peer, request, Some(timers))
     }
 
     /// Refusals count and log as unrouted requests: a smuggling attempt or an
@@ -291,7 +295,7 @@ async fn accept(
                 if https {
                     request.extensions_mut().insert(Https);
                 }
-                async move { Ok::<_, Infallible>(shared.dispatch(peer, request).await) }
+                async move { Ok::<_, Infallible>(shared.dispatch(peer, request, None).await) }
             })
         };
         let watcher = graceful.watcher();
@@ -344,7 +348,13 @@ async fn accept(
 }
 
 impl Shared {
-    async fn dispatch(&self, peer: SocketAddr, mut request: Request<Body>) -> Response {
+    /// `timers`: the connection's, when it lends them (see [`h1::within`]).
+    async fn dispatch(
+        &self,
+        peer: SocketAddr,
+        mut request: Request<Body>,
+        timers: Option<h1::Timers<'_>>,
+    ) -> Response {
         let path = request.uri().path();
         // The gateway's own metrics are for a scraper on this host; anyone else
         // scrapes the admin API's `/metrics` (the public port faces clients).
@@ -361,11 +371,16 @@ impl Shared {
                 Err(never) => match never {},
             };
         }
-        self.proxied(peer, request).await
+        self.proxied(peer, request, timers).await
     }
 
     /// The short path: context, limits, the proxy, metrics and the access log.
-    async fn proxied(&self, peer: SocketAddr, request: Request<Body>) -> Response {
+    async fn proxied(
+        &self,
+        peer: SocketAddr,
+        request: Request<Body>,
+        timers: Option<h1::Timers<'_>>,
+    ) -> Response {
         let started = Instant::now();
         let ctx = RequestContext::from_headers(request.headers())
             .with_deadline_by(tokio::time::Instant::from_std(started) + self.request_timeout);
@@ -384,14 +399,25 @@ impl Shared {
                 let deadline = ctx.deadline;
                 // Boxed once: the forwarding future is kilobytes (every path of the
                 // proxy is in its state), and each wrapper below would copy it whole.
+                let (request_timer, upstream_timer) = match timers {
+                    Some(t) => (Some(t.request), Some(t.upstream)),
+                    None => (None, None),
+                };
                 let forward = telemetry::context::scope(
                     ctx,
-                    Box::pin(proxy::handle_request(&self.proxy, peer, request, &mut log)),
+                    Box::pin(proxy::handle_request(
+                        &self.proxy,
+                        peer,
+                        request,
+                        &mut log,
+                        upstream_timer,
+                    )),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();
-                let outcome = match deadline {
-                    Some(at) => tokio::time::timeout_at(at, forward).await.ok(),
-                    None => Some(forward.await),
+                let outcome = match (deadline, request_timer) {
+                    (Some(at), Some(timer)) => h1::within(at, timer, std::pin::pin!(forward)).await,
+                    (Some(at), None) => tokio::time::timeout_at(at, forward).await.ok(),
+                    (None, _) => Some(forward.await),
                 };
                 match outcome {
                     Some(Ok(answered)) => answered,

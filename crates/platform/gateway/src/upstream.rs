@@ -6,6 +6,7 @@
 //! thread and authority.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -371,12 +372,15 @@ impl Upstreams {
     }
 
     /// Sends a request (its URI a path and query; its body read whole, so any
-    /// attempt can carry it again) to an instance of `call.service`.
+    /// attempt can carry it again) to an instance of `call.service`. Each attempt
+    /// is timed by `timer` when one is lent (a connection's, see
+    /// [`crate::h1::within`]), else by a timer of its own.
     pub async fn send(
         &self,
         call: Call<'_>,
         head: &http::request::Parts,
         body: Bytes,
+        mut timer: Option<Pin<&mut tokio::time::Sleep>>,
     ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
         let s = self.snapshot(&u)?;
@@ -413,7 +417,17 @@ impl Upstreams {
                 self.connect_timeout,
                 Some(&context),
             );
-            let outcome = tokio::time::timeout(call.timeout, sent).await;
+            let outcome = match timer.as_mut() {
+                Some(timer) => {
+                    let at = tokio::time::Instant::from_std(started) + call.timeout;
+                    crate::h1::within(at, timer.as_mut(), std::pin::pin!(sent))
+                        .await
+                        .ok_or(())
+                }
+                None => tokio::time::timeout(call.timeout, sent)
+                    .await
+                    .map_err(|_| ()),
+            };
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();
             let (result, failed, connect, label) = match outcome {
