@@ -144,13 +144,17 @@ pub fn parse(
     // copy each cost an allocation, and cloning one (the proxy clones the URI and
     // `Host`) another, to share it.
     let block = Bytes::copy_from_slice(&bytes[..used]);
-    let within = |part: &[u8]| {
+    let shared = |part: &[u8]| {
         let at = (part.as_ptr() as usize).wrapping_sub(bytes.as_ptr() as usize);
-        block.slice(at..at + part.len())
+        match at.checked_add(part.len()) {
+            Some(end) if !part.is_empty() && end <= block.len() => block.slice(at..end),
+            // (The parser's slices all lie in the head; an empty one may not.)
+            _ => Bytes::copy_from_slice(part),
+        }
     };
     let uri = parsed
         .path
-        .and_then(|p| Uri::from_maybe_shared(within(p.as_bytes())).ok())
+        .and_then(|p| Uri::from_maybe_shared(shared(p.as_bytes())).ok())
         .ok_or_else(|| bad_request("the request target is not a valid URI"))?;
     let version = match parsed.version {
         Some(1) => Version::HTTP_11,
@@ -166,7 +170,7 @@ pub fn parse(
     for field in parsed.headers.iter() {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| bad_request(format!("`{}` is not a valid field name", field.name)))?;
-        let value = HeaderValue::from_maybe_shared(within(field.value))
+        let value = HeaderValue::from_maybe_shared(shared(field.value))
             .map_err(|_| bad_request(format!("the value of `{}` is invalid", field.name)))?;
         if name == header::CONTENT_LENGTH {
             sized = true;
@@ -409,6 +413,24 @@ mod tests {
 
     fn parsed(bytes: &[u8]) -> Result<Option<(Head, usize)>, Refusal> {
         parse(bytes, 16 * 1024, 4)
+    }
+
+    /// The target and the values share one copy of the head: they read as sent,
+    /// empty values included, after the connection's buffer has moved on.
+    #[test]
+    fn target_and_values_outlive_the_buffer_they_were_read_from() {
+        let mut buffer =
+            b"GET /orders/7?x=1 HTTP/1.1\r\nHost: shop.test\r\nX-Empty:\r\nX-Trace: a b\r\n\r\nNEXT"
+                .to_vec();
+        let (head, used) = parse(&buffer, 16 * 1024, 8).unwrap().unwrap();
+        assert_eq!(&buffer[used..], b"NEXT");
+        buffer.fill(b'#');
+        assert_eq!(head.uri, "/orders/7?x=1");
+        assert_eq!(head.headers["host"], "shop.test");
+        assert_eq!(head.headers["x-empty"], "");
+        assert_eq!(head.headers["x-trace"], "a b");
+        // A clone shares the bytes and reads the same.
+        assert_eq!(head.uri.clone().path(), "/orders/7");
     }
 
     /// A map given back never carries one message's fields into the next, and one
