@@ -178,6 +178,7 @@ async fn ask(
                 timeout,
                 hash_key: None,
                 retries: route.retries,
+                added: &[],
             },
             &part_head,
             bytes::Bytes::new(),

@@ -49,6 +49,9 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Headers a `Connection` list can never remove: the gateway's own.
 const PROTECTED: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+/// The forwarding fields the gateway sets, `X-Forwarded-For` first (the one it
+/// replaces even from a trusted proxy).
+const FORWARDED: [HeaderName; 3] = PROTECTED;
 
 /// Everything a request needs, shared by all requests.
 pub struct Proxy {
@@ -355,29 +358,48 @@ async fn forward(
     };
     let (mut parts, body) = request.into_parts();
     let host = parts.headers.get(header::HOST).cloned();
-    strip(&mut parts.headers, &[&CLIENT_IDENTITY, &CREDENTIALS]);
-    route.request_headers.apply(&mut parts.headers);
-    if let Some(caller) = &caller {
-        let token = proxy.identity(caller).map_err(fail)?;
-        parts.headers.insert(IDENTITY_HEADER, token);
-    }
+    let upstream_config = runtime.upstream(&route.service);
+    // The identity and `X-Forwarded-*` the proxy sets go out after the request's
+    // own fields rather than into its map: four inserts hashed four names, a
+    // thousand instructions a request, for fields only written out. The map must
+    // hold them where something reads it: the cache (`Vary`), aggregation, hashing
+    // on a header and a route's own header rules.
+    let direct = route.cache.is_none()
+        && route.config.aggregate.is_empty()
+        && upstream_config.hash_on.is_none()
+        && route.request_headers.is_empty();
     // What untrusted clients claim about earlier hops is not kept.
+    let replaced: &[HeaderName] = match (direct, forwarded.trusted_peer) {
+        (true, false) => &FORWARDED,
+        (true, true) => &FORWARDED[..1],
+        (false, _) => &[],
+    };
+    strip(
+        &mut parts.headers,
+        &[&CLIENT_IDENTITY, &CREDENTIALS, replaced],
+    );
+    route.request_headers.apply(&mut parts.headers);
+    let mut added: [Option<(HeaderName, HeaderValue)>; 4] = Default::default();
+    if let Some(caller) = &caller {
+        added[0] = Some((IDENTITY_HEADER, proxy.identity(caller).map_err(fail)?));
+    }
     // The chain's buffer becomes the header's without a copy.
     if let Ok(v) = HeaderValue::try_from(forwarded.chain) {
-        parts.headers.insert(X_FORWARDED_FOR, v);
+        added[1] = Some((X_FORWARDED_FOR, v));
     }
     if !forwarded.trusted_peer {
-        parts.headers.insert(X_FORWARDED_PROTO, proto);
-        match host {
-            Some(h) => {
-                parts.headers.insert(X_FORWARDED_HOST, h);
-            }
-            None => {
-                parts.headers.remove(X_FORWARDED_HOST);
-            }
-        }
+        added[2] = Some((X_FORWARDED_PROTO, proto));
+        added[3] = host.map(|h| (X_FORWARDED_HOST, h));
     } else if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts.headers.insert(X_FORWARDED_PROTO, proto);
+        added[2] = Some((X_FORWARDED_PROTO, proto));
+    }
+    if !direct {
+        if !forwarded.trusted_peer && added[3].is_none() {
+            parts.headers.remove(X_FORWARDED_HOST);
+        }
+        for (name, value) in added.iter_mut().filter_map(Option::take) {
+            parts.headers.insert(name, value);
+        }
     }
     // The upstream gets the normalized (and rewritten) path: the one checked. A
     // path in origin form that neither changed keeps the URI as it was parsed.
@@ -391,7 +413,6 @@ async fn forward(
     }
     // Upstreams are spoken to in HTTP/1.1, whatever the client spoke.
     parts.version = http::Version::HTTP_11;
-    let upstream_config = runtime.upstream(&route.service);
     let hash_key = upstream_config
         .hash_on
         .as_ref()
@@ -440,6 +461,7 @@ async fn forward(
         timeout,
         hash_key: hash_key.as_deref(),
         retries: route.retries,
+        added: &added,
     };
     let upstream_ms = &mut log.upstream_ms;
     let send = async |parts: http::request::Parts| {

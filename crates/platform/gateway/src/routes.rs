@@ -35,6 +35,11 @@ pub struct Transform {
 }
 
 impl Transform {
+    /// Whether it sets or removes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
+
     pub fn apply(&self, headers: &mut HeaderMap) {
         for name in &self.remove {
             headers.remove(name);

@@ -152,6 +152,9 @@ pub struct Call<'a> {
     pub hash_key: Option<&'a str>,
     /// The route's extra attempts, in place of the upstream's `retries`.
     pub retries: Option<u32>,
+    /// Fields the proxy adds, written after the head's own instead of inserted into
+    /// its map (each insert hashes a name the map then holds only to write it out).
+    pub added: &'a crate::wire::Added,
 }
 
 impl Upstreams {
@@ -413,6 +416,7 @@ impl Upstreams {
             let sent = crate::wire::send(
                 &instance.base_url,
                 head,
+                call.added,
                 &body,
                 self.connect_timeout,
                 Some(&context),

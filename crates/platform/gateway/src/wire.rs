@@ -305,13 +305,18 @@ struct Broken {
     written: bool,
 }
 
+/// Fields a proxy adds to a request it forwards, written after the head's own
+/// (see [`crate::upstream::Call::added`]).
+pub type Added = [Option<(HeaderName, HeaderValue)>];
+
 /// Sends a request to the instance at `base` (an `http://` URI) and returns its
 /// answer; the body streams unless it was short enough to read whole. With a
 /// `context`, the request carries its correlation id, a child `traceparent` and the
-/// time left, in place of any the head holds.
+/// time left, in place of any the head holds. `added` goes after the head's fields.
 pub async fn send(
     base: &Uri,
     head: &Parts,
+    added: &Added,
     body: &Bytes,
     connect_timeout: Duration,
     context: Option<&RequestContext>,
@@ -335,7 +340,7 @@ pub async fn send(
             // request's future, which each wrapper above copies.
             None => Box::pin(connect(authority, connect_timeout)).await?,
         };
-        encode(&mut conn.out, head, key, body, context);
+        encode(&mut conn.out, head, added, key, body, context);
         match exchange(&mut conn, body, head.method == Method::HEAD).await {
             Ok(answer) => return respond(conn, key, answer).await,
             // The upstream closed a pooled connection as it was taken: nothing was
@@ -404,6 +409,7 @@ fn from_context(name: &HeaderName) -> bool {
 fn encode(
     out: &mut Vec<u8>,
     head: &Parts,
+    added: &Added,
     authority: &str,
     body: &Bytes,
     context: Option<&RequestContext>,
@@ -422,6 +428,9 @@ fn encode(
             cookied |= *name == header::COOKIE;
             continue;
         }
+        line(out, name.as_str(), value.as_bytes());
+    }
+    for (name, value) in added.iter().flatten() {
         line(out, name.as_str(), value.as_bytes());
     }
     if let Some(context) = context {
@@ -881,7 +890,7 @@ mod tests {
         )
         .await;
         for _ in 0..3 {
-            let r = send(&base, &get("/x?y=1"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/x?y=1"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::OK);
@@ -903,7 +912,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(text(r).await, "hello world");
@@ -921,7 +930,7 @@ mod tests {
             a
         });
         let (base, _) = upstream(vec![LONG.as_slice()], 10).await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
             .await
             .unwrap();
         assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(200_000));
@@ -934,7 +943,7 @@ mod tests {
     async fn an_answer_without_length_is_read_until_close() {
         let (base, accepted) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], 1).await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(text(r).await, "until the end");
@@ -962,7 +971,7 @@ mod tests {
             .0;
         post.headers
             .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        let r = send(&base, &post, &Bytes::from_static(b"{}"), SECOND, None)
+        let r = send(&base, &post, &[], &Bytes::from_static(b"{}"), SECOND, None)
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
@@ -970,7 +979,7 @@ mod tests {
 
         let (base, _) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], 10).await;
         let head = http::Request::head("/").body(()).unwrap().into_parts().0;
-        let r = send(&base, &head, &Bytes::new(), SECOND, None)
+        let r = send(&base, &head, &[], &Bytes::new(), SECOND, None)
             .await
             .unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "99");
@@ -984,7 +993,7 @@ mod tests {
         let (base, accepted) =
             upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], 1).await;
         for _ in 0..3 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(text(r).await, "ok");
@@ -1002,7 +1011,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
             let (base, _) = upstream(vec![bad], 10).await;
-            let e = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let e = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap_err();
             assert!(!e.is_connect(), "{e}");
@@ -1012,7 +1021,7 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
             .await
             .unwrap();
         assert!(
@@ -1025,7 +1034,7 @@ mod tests {
             .parse()
             .unwrap();
         drop(closed);
-        let e = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+        let e = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
             .await
             .unwrap_err();
         assert!(e.is_connect(), "{e}");
@@ -1041,7 +1050,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
@@ -1056,7 +1065,7 @@ mod tests {
         )
         .await;
         assert!(
-            send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .is_err()
         );
@@ -1067,7 +1076,7 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
             .await
             .unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
@@ -1080,7 +1089,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &Bytes::new(), SECOND, None)
+            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
                 .await
                 .unwrap();
             assert_eq!(r.status(), StatusCode::NO_CONTENT);
@@ -1105,16 +1114,24 @@ mod tests {
         head.headers
             .append(header::COOKIE, HeaderValue::from_static("b=2"));
         let mut out = Vec::new();
+        let added = [
+            None,
+            Some((
+                HeaderName::from_static("x-forwarded-for"),
+                HeaderValue::from_static("10.1.1.1"),
+            )),
+        ];
         encode(
             &mut out,
             &head,
+            &added,
             "10.0.0.1:8080",
             &Bytes::from_static(b"{\"n\":12}"),
             None,
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\ncookie: a=1; b=2\r\ncontent-length: 8\r\n\r\n"
+            "POST /a?b=c HTTP/1.1\r\nhost: 10.0.0.1:8080\r\nx-one: 1\r\nx-forwarded-for: 10.1.1.1\r\ncookie: a=1; b=2\r\ncontent-length: 8\r\n\r\n"
         );
     }
 
@@ -1138,6 +1155,7 @@ mod tests {
         encode(
             &mut out,
             &head,
+            &[],
             "10.0.0.1:8080",
             &Bytes::new(),
             Some(&context),

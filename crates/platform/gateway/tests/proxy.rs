@@ -22,6 +22,8 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
         .header("x-bazaar-identity", "forged")
         .header("x-user-id", "admin")
         .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-host", "evil.test")
         .header("authorization", "Bearer whatever")
         .header("connection", "x-forwarded-for, x-custom")
         .header("x-custom", "hop")
@@ -47,6 +49,10 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
             !headers.contains_key(absent),
             "{absent} reached the upstream"
         );
+    }
+    // The gateway's own, once each: what the client claimed is gone.
+    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+        assert_eq!(headers.get_all(name).iter().count(), 1, "{name} twice");
     }
     assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(headers["x-forwarded-proto"], "http");
