@@ -176,12 +176,16 @@ pub struct Timers<'a> {
 /// about 500 instructions of the timer wheel's. `None` when `at` passed first.
 ///
 /// `work` comes pinned by the caller: a future taken by value is moved into this
-/// one's state, a copy of its whole size.
+/// one's state, a copy of its whole size. Without a lent `timer` (HTTP/2, an
+/// aggregated part), `work` gets a timeout of its own.
 pub async fn within<F: Future>(
     at: Instant,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    timer: Option<Pin<&mut tokio::time::Sleep>>,
     mut work: Pin<&mut F>,
 ) -> Option<F::Output> {
+    let Some(mut timer) = timer else {
+        return tokio::time::timeout_at(at, work).await.ok();
+    };
     if timer.deadline() > at {
         timer.as_mut().reset(at);
     }
@@ -652,7 +656,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(60)).await;
             7
         });
-        assert_eq!(within(at, timer, work).await, Some(7));
+        assert_eq!(within(at, Some(timer), work).await, Some(7));
     }
 
     #[tokio::test]
@@ -661,10 +665,21 @@ mod tests {
         let started = Instant::now();
         let at = started + Duration::from_millis(80);
         let work = std::pin::pin!(std::future::pending::<()>());
-        assert_eq!(within(at, timer.as_mut(), work).await, None);
+        assert_eq!(within(at, Some(timer.as_mut()), work).await, None);
         assert!(started.elapsed() >= Duration::from_millis(80));
         // The timer stays where the deadline put it, for the next request.
         assert_eq!(timer.deadline(), at);
+    }
+
+    #[tokio::test]
+    async fn without_a_lent_timer_the_deadline_holds_all_the_same() {
+        let started = Instant::now();
+        let at = started + Duration::from_millis(50);
+        let done = std::pin::pin!(async { 7 });
+        assert_eq!(within(at, None, done).await, Some(7));
+        let work = std::pin::pin!(std::future::pending::<()>());
+        assert_eq!(within(at, None, work).await, None);
+        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 
     #[tokio::test]
@@ -674,7 +689,7 @@ mod tests {
         let started = Instant::now();
         let at = started + Duration::from_millis(50);
         let work = std::pin::pin!(std::future::pending::<()>());
-        assert_eq!(within(at, timer, work).await, None);
+        assert_eq!(within(at, Some(timer), work).await, None);
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

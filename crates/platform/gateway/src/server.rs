@@ -399,10 +399,8 @@ impl Shared {
                 let deadline = ctx.deadline;
                 // Boxed once: the forwarding future is kilobytes (every path of the
                 // proxy is in its state), and each wrapper below would copy it whole.
-                let (request_timer, upstream_timer) = match timers {
-                    Some(t) => (Some(t.request), Some(t.upstream)),
-                    None => (None, None),
-                };
+                let (request_timer, upstream_timer) =
+                    timers.map(|t| (t.request, t.upstream)).unzip();
                 let forward = telemetry::context::scope(
                     ctx,
                     Box::pin(proxy::handle_request(
@@ -414,10 +412,9 @@ impl Shared {
                     )),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();
-                let outcome = match (deadline, request_timer) {
-                    (Some(at), Some(timer)) => h1::within(at, timer, std::pin::pin!(forward)).await,
-                    (Some(at), None) => tokio::time::timeout_at(at, forward).await.ok(),
-                    (None, _) => Some(forward.await),
+                let outcome = match deadline {
+                    Some(at) => h1::within(at, request_timer, std::pin::pin!(forward)).await,
+                    None => Some(forward.await),
                 };
                 match outcome {
                     Some(Ok(answered)) => answered,

@@ -421,17 +421,11 @@ impl Upstreams {
                 self.connect_timeout,
                 Some(&context),
             );
-            let outcome = match timer.as_mut() {
-                Some(timer) => {
-                    let at = tokio::time::Instant::from_std(started) + call.timeout;
-                    crate::h1::within(at, timer.as_mut(), std::pin::pin!(sent))
-                        .await
-                        .ok_or(())
-                }
-                None => tokio::time::timeout(call.timeout, sent)
-                    .await
-                    .map_err(|_| ()),
-            };
+            let at = tokio::time::Instant::from_std(started) + call.timeout;
+            let lent = timer.as_mut().map(|t| t.as_mut());
+            let outcome = crate::h1::within(at, lent, std::pin::pin!(sent))
+                .await
+                .ok_or(());
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
             let took = started.elapsed();
             let (result, failed, connect, label) = match outcome {
