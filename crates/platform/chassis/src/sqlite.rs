@@ -281,13 +281,23 @@ impl InlineConnection {
         if self.depth == 0 {
             return Ok(());
         }
-        self.exec(&sql(self.depth))?;
+        self.exec_cached(&sql(self.depth))?;
         self.depth -= 1;
         Ok(())
     }
 
     fn exec(&mut self, sql: &str) -> Result<(), Error> {
         self.conn.execute_batch(sql).map_err(error)
+    }
+
+    /// One statement without rows (`BEGIN`, `COMMIT`, a savepoint's), prepared
+    /// once per connection: every transaction runs two of them.
+    fn exec_cached(&mut self, sql: &str) -> Result<(), Error> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut statement| statement.raw_execute())
+            .map(drop)
+            .map_err(error)
     }
 }
 
@@ -513,8 +523,19 @@ impl AnyConnectionBackend for InlineConnection {
         self.close()
     }
 
+    /// sqlx pings every connection it takes back into the pool. An in-process
+    /// database has no link to lose, so this runs no statement (a `SELECT 1` was a
+    /// parse and a step on every release); what it checks is the one thing that
+    /// can spoil the connection for its next user: a transaction left open by raw
+    /// SQL (`BEGIN` without sqlx's knowledge), which closes the connection instead.
     fn ping(&mut self) -> BoxFuture<'_, Result<(), Error>> {
-        let pinged = self.exec("SELECT 1");
+        let pinged = if self.depth == 0 && !self.conn.is_autocommit() {
+            Err(Error::Protocol(
+                "a transaction begun by raw SQL was left open".into(),
+            ))
+        } else {
+            Ok(())
+        };
         Box::pin(async move { pinged })
     }
 
@@ -522,7 +543,7 @@ impl AnyConnectionBackend for InlineConnection {
         let begun = match statement {
             Some(_) if self.depth > 0 => Err(Error::InvalidSavePointStatement),
             Some(statement) => self.exec(&statement),
-            None => self.exec(&begin_ansi_transaction_sql(self.depth)),
+            None => self.exec_cached(&begin_ansi_transaction_sql(self.depth)),
         }
         .map(|()| self.depth += 1);
         Box::pin(async move { begun })
@@ -926,6 +947,35 @@ mod tests {
             .unwrap();
         tx.commit().await.unwrap();
         drop(conn);
+        pool.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_transaction_left_open_by_raw_sql_never_reaches_the_next_user() {
+        let (pool, dir) = pool().await;
+        {
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+            sqlx::query("INSERT INTO t (id) VALUES (1)")
+                .execute(&mut *conn)
+                .await
+                .unwrap();
+            sqlx::Connection::ping(&mut *conn)
+                .await
+                .expect_err("an open transaction sqlx does not know of");
+            // Released with the transaction open: the pool must drop it.
+        }
+        // The pool's only connection was closed, its write never committed; the
+        // next user gets a fresh connection outside any transaction.
+        let mut next = pool.acquire().await.unwrap();
+        sqlx::Connection::ping(&mut *next).await.unwrap();
+        let count: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM t")
+            .fetch_one(&mut *next)
+            .await
+            .unwrap();
+        assert_eq!(count, (0,));
+        drop(next);
         pool.close().await;
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -503,3 +503,79 @@ async fn a_panic_after_a_commit_does_not_stop_the_consumer() {
         "each event once, in order"
     );
 }
+
+/// `POST /v1/log/settle` settles items of several topics and groups in one call,
+/// each item answered on its own: a bad one fails itself, not its neighbours.
+#[tokio::test]
+async fn one_settle_call_serves_every_group_and_answers_per_item() {
+    let base = format!("http://{}", serve(2).await);
+    let http = reqwest::Client::new();
+    let publish = |topic: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let answer = http
+                .post(format!("{base}/v1/log/topics/{topic}/records"))
+                .header("bazaar-key", "k")
+                .body("{}")
+                .send()
+                .await
+                .unwrap();
+            assert!(answer.status().is_success(), "{}", answer.status());
+        }
+    };
+    let fetch = |topic: &'static str, group: &'static str, wait_ms: u64| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.post(format!("{base}/v1/log/topics/{topic}/groups/{group}/fetch"))
+                .json(&serde_json::json!({"member": "m", "max": 8, "wait_ms": wait_ms}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Vec<serde_json::Value>>()
+                .await
+                .unwrap()
+        }
+    };
+    publish("orders").await;
+    publish("payments").await;
+    let order = fetch("orders", "billing", 2_000).await.remove(0);
+    let payment = fetch("payments", "emails", 2_000).await.remove(0);
+    let answer: serde_json::Value = http
+        .post(format!("{base}/v1/log/settle"))
+        .json(&serde_json::json!([
+            {"topic": "orders", "group": "billing", "offset": order["offset"], "token": order["token"]},
+            {"topic": "payments", "group": "emails", "offset": payment["offset"],
+             "token": payment["token"], "delay_ms": 0},
+            {"topic": "orders", "group": "no such group!", "offset": 0, "token": 0},
+            {"topic": "payments", "group": "emails", "offset": payment["offset"], "token": 999_999},
+        ]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let results = answer["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "{answer}");
+    assert!(results[0].is_null() && results[1].is_null(), "{answer}");
+    assert!(
+        results[2].as_str().unwrap().contains("no such group!"),
+        "{answer}"
+    );
+    assert!(results[3].is_string(), "a stale token is refused: {answer}");
+    // The ack took the order away; the nack brought the payment back.
+    assert!(fetch("orders", "billing", 300).await.is_empty());
+    let again = fetch("payments", "emails", 2_000).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["offset"], payment["offset"]);
+    assert_eq!(again[0]["attempt"], 2);
+    // A body that is not a list of items is the client's mistake.
+    let bad = http
+        .post(format!("{base}/v1/log/settle"))
+        .json(&serde_json::json!({"offset": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert_eq!(bad.headers()["content-type"], "application/problem+json");
+}

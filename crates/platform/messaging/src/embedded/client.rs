@@ -24,8 +24,11 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most records, and bytes, one batch call carries.
 const BATCH_RECORDS: usize = 512;
 const BATCH_BYTES: usize = 512 << 10;
-/// Batch calls in flight at once.
+/// Publish calls in flight at once.
 const BATCHES_IN_FLIGHT: usize = 4;
+/// Settle calls in flight at once: acks that arrive while one is out wait for it
+/// and go together in the next (a settle is a few bytes; its cost is the call).
+const SETTLES_IN_FLIGHT: usize = 1;
 
 /// A client of the control plane's embedded broker. Cheap to clone.
 ///
@@ -78,10 +81,9 @@ struct Settle {
 }
 
 impl Batched for Settle {
-    type Key = (String, String);
-    fn key(&self) -> (String, String) {
-        (self.topic.clone(), self.group.clone())
-    }
+    /// Every group's settles share a call (`POST /v1/log/settle`).
+    type Key = ();
+    fn key(&self) {}
     fn size(&self) -> usize {
         32
     }
@@ -111,6 +113,7 @@ impl EmbeddedBus {
     fn queue<T, S, Fut>(
         &self,
         cell: &std::sync::OnceLock<mpsc::Sender<T>>,
+        in_flight: usize,
         send: S,
     ) -> mpsc::Sender<T>
     where
@@ -120,7 +123,8 @@ impl EmbeddedBus {
     {
         cell.get_or_init(|| {
             let (tx, rx) = mpsc::channel(BATCH_RECORDS * BATCHES_IN_FLIGHT);
-            tokio::spawn(batch_loop(self.base.clone(), self.http.clone(), rx, send));
+            let (base, http) = (self.base.clone(), self.http.clone());
+            tokio::spawn(batch_loop(base, http, rx, in_flight, send));
             tx
         })
         .clone()
@@ -144,7 +148,7 @@ impl EmbeddedBus {
             reply,
         };
         let closed = || BusError::Unavailable("the client stopped".into());
-        self.queue(&self.settles, send_settles)
+        self.queue(&self.settles, SETTLES_IN_FLIGHT, send_settles)
             .send(settle)
             .await
             .map_err(|_| closed())?;
@@ -182,7 +186,7 @@ impl EmbeddedBus {
             reply,
         };
         let closed = || BusError::Unavailable("the publisher stopped".into());
-        self.queue(&self.publishes, send_publishes)
+        self.queue(&self.publishes, BATCHES_IN_FLIGHT, send_publishes)
             .send(publish)
             .await
             .map_err(|_| closed())?;
@@ -190,19 +194,30 @@ impl EmbeddedBus {
     }
 }
 
-/// Takes everything waiting, one call per key, a few calls in flight.
+/// Takes everything waiting once a call may start, one call per key, `in_flight`
+/// calls at most.
 async fn batch_loop<T, S, Fut>(
     base: String,
     http: reqwest::Client,
     mut queue: mpsc::Receiver<T>,
+    in_flight: usize,
     send: S,
 ) where
     T: Batched,
     S: Fn(String, reqwest::Client, T::Key, Vec<T>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-    while let Some(first) = queue.recv().await {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(in_flight));
+    loop {
+        // A free slot first, then what is waiting: what arrives while every slot is
+        // busy joins the next call instead of waiting in a call of its own.
+        let Ok(free) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut free = Some(free);
         let mut groups: HashMap<T::Key, Vec<T>> = HashMap::new();
         let mut bytes = first.size();
         let mut count = 1;
@@ -218,8 +233,12 @@ async fn batch_loop<T, S, Fut>(
             }
         }
         for (key, batch) in groups {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
+            let permit = match free.take() {
+                Some(permit) => permit,
+                None => match in_flight.clone().acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
             };
             let call = send(base.clone(), http.clone(), key, batch);
             tokio::spawn(async move {
@@ -245,28 +264,22 @@ fn fail_all<T>(
     }
 }
 
-async fn send_settles(
-    base: String,
-    http: reqwest::Client,
-    key: (String, String),
-    batch: Vec<Settle>,
-) {
-    let (topic, group) = key;
+async fn send_settles(base: String, http: reqwest::Client, _: (), batch: Vec<Settle>) {
     let items: Vec<Value> = batch
         .iter()
         .map(|s| match s.nack_delay {
-            None => json!({ "offset": s.offset, "token": s.token }),
+            None => json!({
+                "topic": s.topic, "group": s.group, "offset": s.offset, "token": s.token,
+            }),
             Some(d) => json!({
-                "offset": s.offset, "token": s.token,
+                "topic": s.topic, "group": s.group, "offset": s.offset, "token": s.token,
                 "delay_ms": u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
             }),
         })
         .collect();
     let result = async {
         let response = http
-            .post(format!(
-                "{base}/v1/log/topics/{topic}/groups/{group}/settle"
-            ))
+            .post(format!("{base}/v1/log/settle"))
             .timeout(CALL_TIMEOUT)
             .json(&items)
             .send()

@@ -34,6 +34,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/v1/log/topics/{topic}/groups/{group}/ack", post(ack))
         .route("/v1/log/topics/{topic}/groups/{group}/nack", post(nack))
         .route("/v1/log/topics/{topic}/groups/{group}/reset", post(reset))
+        .route("/v1/log/settle", post(settle_across))
         .route(
             "/v1/log/topics/{topic}/groups/{group}/settle",
             post(settle_many),
@@ -464,5 +465,57 @@ async fn settle_many(
             done.err().map(|e| e.to_string())
         })
         .collect();
+    axum::Json(json!({ "results": results })).into_response()
+}
+
+#[derive(Deserialize)]
+struct SettleOf {
+    topic: String,
+    group: String,
+    offset: u64,
+    token: u64,
+    delay_ms: Option<u64>,
+}
+
+/// Acks and nacks of any topics and groups in one call: a client with several
+/// consumers coalesces all of theirs, so a process makes one settle call where it
+/// would make one per group. Each item is a `settle` item with its `"topic"` and
+/// `"group"`; answers per item `null` (done) or the problem's detail (an unknown
+/// group or an invalid name fails its item, not the call).
+async fn settle_across(State(broker): State<Arc<Broker>>, body: Bytes) -> Response {
+    let items = match parse::<Vec<SettleOf>>(&body) {
+        Ok(items) => items,
+        Err(r) => return r,
+    };
+    // Most batches name a few topics many times: open each once.
+    let mut topics: Vec<(String, Arc<Topic>)> = Vec::new();
+    let mut results: Vec<Option<String>> = Vec::with_capacity(items.len());
+    for s in items {
+        let (name, group) = (s.topic, s.group);
+        if let Err(e) = check_name(&name).and_then(|()| check_name(&group)) {
+            results.push(Some(e.to_string()));
+            continue;
+        }
+        let topic = match topics.iter().find(|(n, _)| *n == name) {
+            Some((_, t)) => t.clone(),
+            None => match broker.topic(&name) {
+                Ok(t) => {
+                    topics.push((name, t.clone()));
+                    t
+                }
+                Err(e) => {
+                    results.push(Some(e.to_string()));
+                    continue;
+                }
+            },
+        };
+        let done = match s.delay_ms {
+            None => topic.groups.ack(&group, s.offset, s.token),
+            Some(ms) => topic
+                .groups
+                .nack(&group, s.offset, s.token, Duration::from_millis(ms)),
+        };
+        results.push(done.err().map(|e| e.to_string()));
+    }
     axum::Json(json!({ "results": results })).into_response()
 }
