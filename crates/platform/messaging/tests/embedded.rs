@@ -579,3 +579,31 @@ async fn one_settle_call_serves_every_group_and_answers_per_item() {
     assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
     assert_eq!(bad.headers()["content-type"], "application/problem+json");
 }
+
+/// A client newer than its broker (a rolling upgrade): the broker has no
+/// `/v1/log/settle`, and acks and nacks still land, through the per-group call.
+#[tokio::test]
+async fn acks_reach_a_broker_without_the_shared_settle_call() {
+    let dir = std::env::temp_dir().join(format!("bazaar-log-{}", uuid::Uuid::new_v4().simple()));
+    let broker = Broker::open(LogConfig::new(dir)).unwrap();
+    let older = server::router(broker).layer(axum::middleware::from_fn(
+        |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if request.uri().path() == "/v1/log/settle" {
+                return axum::response::IntoResponse::into_response(
+                    axum::http::StatusCode::NOT_FOUND,
+                );
+            }
+            next.run(request).await
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, older).await });
+    let bus: conformance::Bus = Arc::new(EmbeddedBus::new(&format!("http://{addr}")));
+    conformance::a_nack_brings_the_message_back_after_the_delay_before_later_ones(
+        bus.clone(),
+        &conformance::ALL,
+    )
+    .await;
+    conformance::every_group_gets_every_event(bus, &conformance::ALL).await;
+}

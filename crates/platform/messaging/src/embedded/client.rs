@@ -277,22 +277,10 @@ async fn send_settles(base: String, http: reqwest::Client, _: (), batch: Vec<Set
             }),
         })
         .collect();
-    let result = async {
-        let response = http
-            .post(format!("{base}/v1/log/settle"))
-            .timeout(CALL_TIMEOUT)
-            .json(&items)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        let answer: Value = check(response).await?.json().await.map_err(unavailable)?;
-        let results = answer["results"].as_array().cloned().unwrap_or_default();
-        if results.len() != batch.len() {
-            return Err(BusError::Refused(format!("unexpected answer {answer}")));
-        }
-        Ok(results)
-    }
-    .await;
+    let result = match post_settles(&http, format!("{base}/v1/log/settle"), &items).await {
+        Ok(None) => settle_per_group(&http, &base, &batch, &items).await,
+        other => other.map(Option::unwrap_or_default),
+    };
     match result {
         Ok(results) => {
             for (s, r) in batch.into_iter().zip(results) {
@@ -304,6 +292,61 @@ async fn send_settles(base: String, http: reqwest::Client, _: (), batch: Vec<Set
         }
         Err(e) => fail_all(&e, batch.into_iter().map(|s| s.reply)),
     }
+}
+
+/// One settle call: each item's answer, or `None` if the broker has no such call.
+async fn post_settles(
+    http: &reqwest::Client,
+    url: String,
+    items: &[Value],
+) -> Result<Option<Vec<Value>>, BusError> {
+    let response = http
+        .post(url)
+        .timeout(CALL_TIMEOUT)
+        .json(items)
+        .send()
+        .await
+        .map_err(unavailable)?;
+    if response.status() == reqwest::StatusCode::NOT_FOUND {
+        // Every item's problem is in the answer's body, so a 404 is the route: a
+        // broker older than `/v1/log/settle` (a rolling upgrade).
+        return Ok(None);
+    }
+    let answer: Value = check(response).await?.json().await.map_err(unavailable)?;
+    match answer["results"].as_array() {
+        Some(results) if results.len() == items.len() => Ok(Some(results.clone())),
+        _ => Err(BusError::Refused(format!("unexpected answer {answer}"))),
+    }
+}
+
+/// The batch as one call per topic and group, for a broker without
+/// `/v1/log/settle` (the per-group call ignores the items' topic and group).
+async fn settle_per_group(
+    http: &reqwest::Client,
+    base: &str,
+    batch: &[Settle],
+    items: &[Value],
+) -> Result<Vec<Value>, BusError> {
+    let mut results = vec![Value::Null; batch.len()];
+    let mut groups: Vec<((&str, &str), Vec<usize>)> = Vec::new();
+    for (n, s) in batch.iter().enumerate() {
+        let key = (s.topic.as_str(), s.group.as_str());
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, members)) => members.push(n),
+            None => groups.push((key, vec![n])),
+        }
+    }
+    for ((topic, group), members) in groups {
+        let url = format!("{base}/v1/log/topics/{topic}/groups/{group}/settle");
+        let own: Vec<Value> = members.iter().map(|&n| items[n].clone()).collect();
+        let answers = post_settles(http, url, &own).await?.ok_or_else(|| {
+            BusError::Refused(format!("the broker has no settle call for {topic}/{group}"))
+        })?;
+        for (n, answer) in members.into_iter().zip(answers) {
+            results[n] = answer;
+        }
+    }
+    Ok(results)
 }
 
 async fn send_publishes(base: String, http: reqwest::Client, topic: String, batch: Vec<Publish>) {
