@@ -96,7 +96,7 @@ impl CloudEvent {
         // rest of the parse. A document this does not take whole is parsed again
         // by the checking path, which names what is wrong with it.
         if let Ok(wire) = serde_json::from_slice::<Wire>(bytes)
-            && let Some(event) = wire.into_event()
+            && let Ok(event) = wire.into_event()
         {
             return Ok(event);
         }
@@ -126,17 +126,9 @@ impl CloudEvent {
                 format!("must be \"{SPEC_VERSION}\""),
             ));
         }
-        let mut event: CloudEvent = match serde_json::from_value(with_defaults(value)) {
-            Ok(e) => e,
-            Err(e) => return Err(invalid("(document)", e.to_string())),
-        };
-        if event.timestamp().is_none() {
-            return Err(invalid("time", "is not an RFC 3339 timestamp"));
-        }
-        if event.datacontenttype.is_empty() {
-            event.datacontenttype = "application/json".to_owned();
-        }
-        Ok(event)
+        serde_json::from_value::<Wire>(value)
+            .map_err(|e| invalid("(document)", e.to_string()))?
+            .into_event()
     }
 
     /// Binary mode: attributes as `ce-*` headers, `data` as the payload.
@@ -211,34 +203,43 @@ struct Wire {
 }
 
 impl Wire {
-    /// The event, if it is valid; `None` sends it to the path that says why not.
-    fn into_event(self) -> Option<CloudEvent> {
-        let present = |v: Option<String>| v.filter(|s| !s.is_empty());
+    /// The event, with its optional attributes' defaults, or the first attribute
+    /// at fault (in the order [`CloudEvent::from_value`] checks them).
+    fn into_event(self) -> Result<CloudEvent, EnvelopeError> {
+        fn required(attribute: &str, value: Option<String>) -> Result<String, EnvelopeError> {
+            match value {
+                None => Err(invalid(attribute, "is missing")),
+                Some(v) if v.is_empty() => Err(invalid(attribute, "is empty")),
+                Some(v) => Ok(v),
+            }
+        }
+        let specversion = required("specversion", self.specversion)?;
         let event = CloudEvent {
-            specversion: present(self.specversion).filter(|v| v == SPEC_VERSION)?,
-            id: present(self.id)?,
-            source: present(self.source)?,
-            ty: present(self.ty)?,
+            id: required("id", self.id)?,
+            source: required("source", self.source)?,
+            ty: required("type", self.ty)?,
+            time: required("time", self.time)?,
+            specversion,
             subject: self.subject,
-            time: present(self.time)?,
-            datacontenttype: present(self.datacontenttype)
+            datacontenttype: self
+                .datacontenttype
+                .filter(|v| !v.is_empty())
                 .unwrap_or_else(|| "application/json".to_owned()),
             data: self.data.unwrap_or(Value::Null),
             traceparent: self.traceparent,
             correlationid: self.correlationid,
         };
-        event.timestamp().is_some().then_some(event)
+        if event.specversion != SPEC_VERSION {
+            return Err(invalid(
+                "specversion",
+                format!("must be \"{SPEC_VERSION}\""),
+            ));
+        }
+        if event.timestamp().is_none() {
+            return Err(invalid("time", "is not an RFC 3339 timestamp"));
+        }
+        Ok(event)
     }
-}
-
-/// Optional attributes a producer may leave out.
-fn with_defaults(mut value: Value) -> Value {
-    if let Value::Object(map) = &mut value {
-        map.entry("datacontenttype")
-            .or_insert_with(|| Value::String("application/json".to_owned()));
-        map.entry("data").or_insert(Value::Null);
-    }
-    value
 }
 
 #[cfg(test)]
@@ -284,7 +285,7 @@ mod tests {
 
     #[test]
     fn the_direct_parse_reads_what_the_checking_path_reads() {
-        let docs: [&[u8]; 6] = [
+        let docs: [&[u8]; 7] = [
             br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"2026-01-01T00:00:00Z","data":{"b":1,"a":[true,null]}}"#,
             br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"2026-01-01T00:00:00Z","subject":null,"data":null,"ext":{"x":1}}"#,
             br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"2026-01-01T00:00:00Z","datacontenttype":"","traceparent":"tp","correlationid":"c"}"#,
@@ -292,6 +293,8 @@ mod tests {
             br#"{"specversion":"1.0","id":"1","id":"2","source":"s","type":"t","time":"2026-01-01T00:00:00Z"}"#,
             br#" {"data":"x","time":"2026-01-01T00:00:00+02:00","type":"t","source":"s","id":"1","specversion":"1.0","subject":"k"} "#,
             br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"2026-01-01T00:00:00Z","subject":5}"#,
+            // A null optional attribute reads as absent on both paths.
+            br#"{"specversion":"1.0","id":"1","source":"s","type":"t","time":"2026-01-01T00:00:00Z","datacontenttype":null}"#,
         ];
         for doc in docs {
             let direct = CloudEvent::from_json(doc);
@@ -302,7 +305,7 @@ mod tests {
         }
         let wire: Wire = serde_json::from_slice(docs[0]).unwrap();
         assert!(
-            wire.into_event().is_some(),
+            wire.into_event().is_ok(),
             "a valid event takes the direct path"
         );
         let repeated = CloudEvent::from_json(docs[3]).unwrap();

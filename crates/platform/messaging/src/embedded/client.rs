@@ -267,14 +267,14 @@ fn fail_all<T>(
 async fn send_settles(base: String, http: reqwest::Client, _: (), batch: Vec<Settle>) {
     let items: Vec<Value> = batch
         .iter()
-        .map(|s| match s.nack_delay {
-            None => json!({
+        .map(|s| {
+            let mut item = json!({
                 "topic": s.topic, "group": s.group, "offset": s.offset, "token": s.token,
-            }),
-            Some(d) => json!({
-                "topic": s.topic, "group": s.group, "offset": s.offset, "token": s.token,
-                "delay_ms": u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
-            }),
+            });
+            if let Some(d) = s.nack_delay {
+                item["delay_ms"] = json!(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            }
+            item
         })
         .collect();
     let result = match post_settles(&http, format!("{base}/v1/log/settle"), &items).await {

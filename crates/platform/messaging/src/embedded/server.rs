@@ -298,6 +298,20 @@ struct Settle {
     delay_ms: Option<u64>,
 }
 
+impl Settle {
+    /// Acks (no delay) or nacks it in `group`: `None` when done, else the problem.
+    fn apply(&self, topic: &Topic, group: &str) -> Option<String> {
+        let done = match self.delay_ms {
+            None => topic.groups.ack(group, self.offset, self.token),
+            Some(ms) => {
+                let delay = Duration::from_millis(ms);
+                topic.groups.nack(group, self.offset, self.token, delay)
+            }
+        };
+        done.err().map(|e| e.to_string())
+    }
+}
+
 fn settled(result: Result<(), SettleError>) -> Response {
     match result {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -453,18 +467,7 @@ async fn settle_many(
         Ok(x) => x,
         Err(r) => return r,
     };
-    let results: Vec<Option<String>> = items
-        .into_iter()
-        .map(|s| {
-            let done = match s.delay_ms {
-                None => topic.groups.ack(&group, s.offset, s.token),
-                Some(ms) => topic
-                    .groups
-                    .nack(&group, s.offset, s.token, Duration::from_millis(ms)),
-            };
-            done.err().map(|e| e.to_string())
-        })
-        .collect();
+    let results: Vec<Option<String>> = items.iter().map(|s| s.apply(&topic, &group)).collect();
     axum::Json(json!({ "results": results })).into_response()
 }
 
@@ -509,13 +512,12 @@ async fn settle_across(State(broker): State<Arc<Broker>>, body: Bytes) -> Respon
                 }
             },
         };
-        let done = match s.delay_ms {
-            None => topic.groups.ack(&group, s.offset, s.token),
-            Some(ms) => topic
-                .groups
-                .nack(&group, s.offset, s.token, Duration::from_millis(ms)),
+        let settle = Settle {
+            offset: s.offset,
+            token: s.token,
+            delay_ms: s.delay_ms,
         };
-        results.push(done.err().map(|e| e.to_string()));
+        results.push(settle.apply(&topic, &group));
     }
     axum::Json(json!({ "results": results })).into_response()
 }
