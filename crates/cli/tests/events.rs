@@ -186,12 +186,12 @@ async fn a_30_second_embedded_broker_outage_loses_nothing() {
             let key = format!("order-{}", n % 3);
             let event = CloudEvent::new("/test", "order.created", Some(&key), json!({ "n": n }));
             let mut tx = pool.begin().await.unwrap();
-            outbox
+            let row = outbox
                 .enqueue(&mut tx, "orders", &key, &event)
                 .await
                 .unwrap();
             tx.commit().await.unwrap();
-            outbox.written();
+            outbox.committed([row]);
         }
     };
     for n in 0..10 {

@@ -355,11 +355,17 @@ impl AfterCommit {
         self.0.push(Box::new(f));
     }
 
-    /// Wakes `outbox`'s relay once the transaction has committed (what a handler
-    /// that enqueued an event leaves).
-    pub fn wake(&mut self, outbox: &crate::outbox::Outbox) {
-        let outbox = outbox.clone();
-        self.then(move || outbox.written());
+    /// Hands the rows a handler enqueued to `outbox`'s relay once the transaction
+    /// has committed, waking it (see [`crate::outbox::Outbox::committed`]).
+    pub fn hand_over(
+        &mut self,
+        outbox: &crate::outbox::Outbox,
+        rows: impl IntoIterator<Item = crate::outbox::Enqueued>,
+    ) {
+        let (outbox, rows): (_, Vec<_>) = (outbox.clone(), rows.into_iter().collect());
+        if !rows.is_empty() {
+            self.then(move || outbox.committed(rows));
+        }
     }
 
     /// Runs what was left, once the transaction has committed.

@@ -2,10 +2,17 @@
 //! the same transaction as the state change, and a relay publishes them afterwards,
 //! in order, at least once. A crash between commit and publish delays an event; it
 //! never loses one, and a broker outage only makes the outbox longer.
+//!
+//! The producer hands what it enqueued to the relay once its transaction has
+//! committed ([`Outbox::committed`]), so while the relay keeps up it publishes from
+//! memory and only deletes from the table; it reads the table back when it cannot
+//! trust its hand-over to be complete (at start, after a failure, when the queue
+//! overflowed, when another instance of the service may have written) and every
+//! poll interval in any case.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use sqlx::{AnyConnection, AnyPool, Row};
 use tokio::sync::Notify;
@@ -41,12 +48,46 @@ pub enum OutboxError {
     Database(#[from] sqlx::Error),
     #[error(transparent)]
     Name(#[from] crate::bus::BusError),
+    #[error("the broker took {0} events of the batch; the outbox keeps the rest")]
+    Unpublished(usize),
 }
 
 /// Writes events in the caller's transaction. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Outbox {
     written: Arc<Notify>,
+    handed: Arc<Mutex<Handed>>,
+}
+
+/// Rows handed over after their commit, waiting for the relay.
+#[derive(Debug, Default)]
+struct Handed {
+    rows: Vec<Enqueued>,
+    /// Rows were committed that are not in `rows` (the queue was full, or a
+    /// producer only woke the relay): it must read the table.
+    read_table: bool,
+}
+
+/// Most rows waiting in the hand-over: past it (no relay runs, or it is stuck) the
+/// queue is dropped and the relay reads the table instead.
+const HANDED_CAP: usize = 4096;
+/// Sequence numbers the relay remembers having published, so a row both read back
+/// and handed over goes out once.
+const RECENT_CAP: usize = 8192;
+/// How long handed-over rows wait behind a missing `seq` for its row to be handed
+/// over too (a transaction of this instance committing a moment later) before the
+/// relay reads the table instead.
+const GAP_WAIT: Duration = Duration::from_millis(5);
+
+/// A row [`Outbox::enqueue`] wrote. Hand it to [`Outbox::committed`] once the
+/// transaction has committed; dropped, the relay finds the row at its next read.
+#[derive(Debug)]
+#[must_use = "hand it to Outbox::committed after the commit, or the relay finds it only when it reads the table"]
+pub struct Enqueued {
+    seq: i64,
+    topic: String,
+    key: String,
+    event: CloudEvent,
 }
 
 impl Outbox {
@@ -64,32 +105,66 @@ impl Outbox {
     }
 
     /// Adds `event` for `topic`, keyed by `key`, inside `tx`: it is published if and
-    /// only if the transaction commits. Call [`Outbox::written`] after the commit to
-    /// wake the relay at once.
+    /// only if the transaction commits. Hand what it returns to
+    /// [`Outbox::committed`] after the commit.
     pub async fn enqueue(
         &self,
         tx: &mut AnyConnection,
         topic: &str,
         key: &str,
         event: &CloudEvent,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<Enqueued, OutboxError> {
         check_name(topic)?;
-        sqlx::query(
+        let seq: i64 = sqlx::query_scalar(
             "INSERT INTO messaging_outbox (topic, event_key, event_id, payload, created_at)
-             VALUES ($1, $2, $3, $4, $5)",
+             VALUES ($1, $2, $3, $4, $5) RETURNING seq",
         )
         .bind(topic)
         .bind(key)
         .bind(&event.id)
         .bind(String::from_utf8_lossy(&event.to_json()).into_owned())
         .bind(now_millis())
-        .execute(tx)
+        .fetch_one(tx)
         .await?;
-        Ok(())
+        Ok(Enqueued {
+            seq,
+            topic: topic.to_owned(),
+            key: key.to_owned(),
+            event: event.clone(),
+        })
     }
 
-    /// Wakes the relay (after a commit that enqueued events).
+    /// Hands rows whose transaction has committed to the relay, and wakes it: it
+    /// publishes them without reading them back. Never call it for a transaction
+    /// that rolled back or whose commit failed (a commit of unknown outcome is left
+    /// to the relay's next read).
+    pub fn committed(&self, rows: impl IntoIterator<Item = Enqueued>) {
+        {
+            let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+            for row in rows {
+                if handed.rows.len() >= HANDED_CAP {
+                    handed.rows.clear();
+                    handed.read_table = true;
+                }
+                handed.rows.push(row);
+            }
+        }
+        self.written.notify_one();
+    }
+
+    /// Everything handed over so far, and whether the table holds rows that were not.
+    fn take_handed(&self) -> (Vec<Enqueued>, bool) {
+        let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
+        let read_table = std::mem::take(&mut handed.read_table);
+        (std::mem::take(&mut handed.rows), read_table)
+    }
+
+    /// Wakes the relay without handing rows over: it reads them from the table.
     pub fn written(&self) {
+        self.handed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read_table = true;
         self.written.notify_one();
     }
 }
@@ -106,6 +181,8 @@ pub struct Lag {
 struct RelayMetrics {
     pending: prometheus_client::metrics::gauge::Gauge,
     oldest: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+    reads: prometheus_client::metrics::counter::Counter,
+    handed: prometheus_client::metrics::counter::Counter,
 }
 
 /// Publishes a database's outbox in `seq` order.
@@ -151,6 +228,16 @@ impl Relay {
             "bazaar_outbox_oldest_age_seconds",
             "Age of the oldest event not yet published",
             m.oldest.clone(),
+        );
+        metrics.register(
+            "bazaar_outbox_reads",
+            "Times the relay read the outbox table back",
+            m.reads.clone(),
+        );
+        metrics.register(
+            "bazaar_outbox_handed_published",
+            "Events published as handed over at commit, without reading the table",
+            m.handed.clone(),
         );
         self.metrics = Some(m);
         self
@@ -211,50 +298,82 @@ impl Relay {
         Ok(holder == self.holder)
     }
 
-    /// Publishes one batch; returns how many were published. A key's events go one
-    /// after another, in `seq` order, and a key stops at its first failure so a later
-    /// event never overtakes an earlier one; different keys go concurrently (a
-    /// batching client then carries them in few calls).
-    pub async fn publish_batch(&self) -> Result<usize, OutboxError> {
+    /// Reads one batch from the table and publishes it; returns how many rows it
+    /// read.
+    async fn read_and_publish(&self, recent: &mut Recent) -> Result<usize, OutboxError> {
         let rows = sqlx::query(
             "SELECT seq, topic, event_key, payload FROM messaging_outbox ORDER BY seq LIMIT $1",
         )
         .bind(self.batch)
         .fetch_all(&self.pool)
         .await?;
-        let mut by_key: HashMap<(String, String), Vec<(i64, String)>> = HashMap::new();
+        let read = rows.len();
+        let mut out = Vec::with_capacity(read);
         for row in rows {
             let seq: i64 = row.try_get(0)?;
-            let topic: String = row.try_get(1)?;
-            let key: String = row.try_get(2)?;
             let payload: String = row.try_get(3)?;
-            by_key.entry((topic, key)).or_default().push((seq, payload));
+            match CloudEvent::from_json(payload.as_bytes()) {
+                Ok(event) => out.push(Enqueued {
+                    seq,
+                    topic: row.try_get(1)?,
+                    key: row.try_get(2)?,
+                    event,
+                }),
+                // Cannot happen for rows written by `enqueue`; never block on one.
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "dropping an outbox row that is not an event");
+                    recent.delete_later(seq);
+                }
+            }
         }
-        let chains = by_key.into_iter().map(|((topic, key), rows)| async move {
+        self.publish_rows(out, recent).await?;
+        Ok(read)
+    }
+
+    /// Publishes `rows` (in `seq` order per key) and deletes what went out, with the
+    /// undeletable rows `recent` kept; returns how many went out. A key's events go
+    /// one after another and a key stops at its first failure, so a later event never
+    /// overtakes an earlier one; different keys go concurrently (a batching client
+    /// then carries them in few calls).
+    async fn publish_rows(
+        &self,
+        rows: Vec<Enqueued>,
+        recent: &mut Recent,
+    ) -> Result<usize, OutboxError> {
+        let mut by_key: HashMap<(String, String), Vec<(i64, CloudEvent)>> = HashMap::new();
+        for row in rows {
+            if recent.contains(row.seq) {
+                continue;
+            }
+            by_key
+                .entry((row.topic, row.key))
+                .or_default()
+                .push((row.seq, row.event));
+        }
+        let chains = by_key.into_iter().map(|((topic, key), mut rows)| async move {
+            rows.sort_unstable_by_key(|(seq, _)| *seq);
             let mut done = Vec::new();
-            for (seq, payload) in rows {
-                match CloudEvent::from_json(payload.as_bytes()) {
-                    Ok(event) => {
-                        if let Err(e) = self.bus.publish(&topic, &key, &event).await {
-                            tracing::warn!(error = %e, pending_from = seq, "broker unavailable; the outbox keeps the events");
-                            break;
-                        }
-                    }
-                    // Cannot happen for rows written by `enqueue`; never block on one.
-                    Err(e) => {
-                        tracing::error!(seq, error = %e, "dropping an outbox row that is not an event")
-                    }
+            for (seq, event) in rows {
+                if let Err(e) = self.bus.publish(&topic, &key, &event).await {
+                    tracing::warn!(error = %e, pending_from = seq, "broker unavailable; the outbox keeps the events");
+                    return (done, false);
                 }
                 done.push(seq);
             }
-            done
+            (done, true)
         });
-        let published: Vec<i64> = futures::future::join_all(chains)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-        for chunk in published.chunks(100) {
+        let mut published = Vec::new();
+        let mut complete = true;
+        for (done, all) in futures::future::join_all(chains).await {
+            published.extend(done);
+            complete &= all;
+        }
+        for &seq in &published {
+            recent.delete_later(seq);
+        }
+        let count = published.len();
+        let doomed = recent.take_undeleted();
+        for chunk in doomed.chunks(100) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "DELETE FROM messaging_outbox WHERE seq IN ({})",
@@ -264,9 +383,17 @@ impl Relay {
             for seq in chunk {
                 query = query.bind(*seq);
             }
-            query.execute(&self.pool).await?;
+            if let Err(e) = query.execute(&self.pool).await {
+                // Published, not yet deleted: deleted with the next batch (until then
+                // `recent` keeps them from going out again).
+                recent.undeleted.extend(doomed.iter().copied());
+                return Err(e.into());
+            }
         }
-        Ok(published.len())
+        if !complete {
+            return Err(OutboxError::Unpublished(count));
+        }
+        Ok(count)
     }
 
     /// Relays until `shutdown`.
@@ -276,32 +403,108 @@ impl Relay {
         // When the lease was last confirmed: renewing it is a write, and a write per
         // batch competed with the service's own transactions, so it is renewed once a
         // third of its term has passed (well before another relay may take it).
-        let mut held_since: Option<std::time::Instant> = None;
+        let mut held_since: Option<Instant> = None;
+        let mut recent = Recent::default();
+        // The last read found the table drained and published all of it: every row
+        // committed since is in the hand-over (or flagged), so what is handed over
+        // goes out without reading the table, until the poll interval has passed.
+        let mut trusted = false;
+        let mut last_read: Option<Instant> = None;
+        // Handed-over rows waiting behind a missing `seq`, and since when.
+        let mut held: Vec<Enqueued> = Vec::new();
+        let mut gap_since: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             let fresh = held_since.is_some_and(|t| t.elapsed() < self.lease / 3);
             let holding = if fresh {
                 Ok(true)
             } else {
                 let held = self.hold_lease().await;
-                held_since = matches!(held, Ok(true)).then(std::time::Instant::now);
+                held_since = matches!(held, Ok(true)).then(Instant::now);
                 held
             };
+            let (mut handed, read_table) = self.outbox.take_handed();
+            if !held.is_empty() {
+                held.append(&mut handed);
+                handed = std::mem::take(&mut held);
+            }
             let pause = match holding {
-                Ok(true) => match self.publish_batch().await {
-                    Ok(n) if n as i64 == self.batch => Duration::ZERO,
-                    Ok(0) if failures == 0 => self.poll,
-                    Ok(_) => {
-                        failures = 0;
-                        self.poll
+                Ok(true) => {
+                    let mut read = !trusted
+                        || read_table
+                        || last_read.is_none_or(|t| t.elapsed() >= self.poll);
+                    let mut gap_left = None;
+                    if !read {
+                        // Handed-over rows must continue the highest `seq` gone out
+                        // without a gap: a missing number is a transaction of this
+                        // instance about to hand its row over (worth a moment's
+                        // wait), or a row of another instance of the service (or, on
+                        // PostgreSQL, a rolled-back transaction's), and then only a
+                        // read keeps the key's order.
+                        let cut = continuous(&mut handed, &recent);
+                        if cut == handed.len() {
+                            gap_since = None;
+                        } else {
+                            let waited = gap_since.get_or_insert_with(Instant::now).elapsed();
+                            if waited >= GAP_WAIT {
+                                read = true;
+                            } else {
+                                held = handed.split_off(cut);
+                                gap_left = Some(GAP_WAIT - waited);
+                            }
+                        }
                     }
-                    Err(e) => {
-                        failures += 1;
-                        tracing::warn!(error = %e, "outbox relay failed");
-                        Duration::from_secs(1)
+                    let cycle = if read {
+                        // The handed rows committed before the read starts: it finds them.
+                        drop(handed);
+                        gap_since = None;
+                        last_read = Some(Instant::now());
+                        if let Some(m) = &self.metrics {
+                            m.reads.inc();
+                        }
+                        self.read_and_publish(&mut recent)
+                            .await
+                            .map(|n| n as i64 == self.batch)
+                    } else if handed.is_empty() {
+                        Ok(false)
+                    } else {
+                        let count = handed.len() as u64;
+                        let published = self.publish_rows(handed, &mut recent).await;
+                        if let (Ok(_), Some(m)) = (&published, &self.metrics) {
+                            m.handed.inc_by(count);
+                        }
+                        published.map(|_| false)
+                    };
+                    match cycle {
+                        // A full batch: more rows wait in the table.
+                        Ok(true) => {
+                            failures = 0;
+                            trusted = false;
+                            Duration::ZERO
+                        }
+                        Ok(false) => {
+                            failures = 0;
+                            trusted = true;
+                            let since = last_read.map(|t| t.elapsed()).unwrap_or_default();
+                            let next_read = self.poll.saturating_sub(since);
+                            gap_left.map_or(next_read, |left| left.min(next_read))
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            trusted = false;
+                            tracing::warn!(error = %e, failures, "outbox relay failed");
+                            Duration::from_secs(1)
+                        }
                     }
-                },
-                Ok(false) => self.lease / 2,
+                }
+                Ok(false) => {
+                    // Another instance relays; it reads what this one's producers wrote.
+                    held.clear();
+                    trusted = false;
+                    self.lease / 2
+                }
                 Err(e) => {
+                    held.clear();
+                    trusted = false;
                     tracing::warn!(error = %e, "outbox lease unavailable");
                     Duration::from_secs(1)
                 }
@@ -316,5 +519,110 @@ impl Relay {
                 () = tokio::time::sleep(pause) => {}
             }
         }
+    }
+}
+
+/// Sorts `handed` by `seq` and says how many of them, from the first, continue the
+/// highest `seq` gone out without a gap (rows at or below it are late commits of
+/// this instance, which the last read could not see, and go out as they are; rows
+/// gone out already are skipped when published).
+fn continuous(handed: &mut [Enqueued], recent: &Recent) -> usize {
+    handed.sort_unstable_by_key(|row| row.seq);
+    let Some(mut next) = recent.high else {
+        return 0;
+    };
+    for (n, row) in handed.iter().enumerate() {
+        if recent.contains(row.seq) || row.seq <= next {
+            continue;
+        }
+        if row.seq != next + 1 {
+            return n;
+        }
+        next = row.seq;
+    }
+    handed.len()
+}
+
+/// What the relay published (or dropped) lately, so a row both read back and handed
+/// over, or read again before its delete landed, goes out once.
+#[derive(Debug, Default)]
+struct Recent {
+    seen: HashSet<i64>,
+    order: VecDeque<i64>,
+    /// Published rows not yet deleted from the table.
+    undeleted: Vec<i64>,
+    /// The highest `seq` gone out.
+    high: Option<i64>,
+}
+
+impl Recent {
+    fn contains(&self, seq: i64) -> bool {
+        self.seen.contains(&seq)
+    }
+
+    /// Remembers `seq` as gone out; its row is deleted with the batch.
+    fn delete_later(&mut self, seq: i64) {
+        self.high = self.high.max(Some(seq));
+        if self.seen.insert(seq) {
+            self.order.push_back(seq);
+            if self.order.len() > RECENT_CAP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.seen.remove(&old);
+            }
+        }
+        self.undeleted.push(seq);
+    }
+
+    fn take_undeleted(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.undeleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(seqs: &[i64]) -> Vec<Enqueued> {
+        seqs.iter()
+            .map(|&seq| Enqueued {
+                seq,
+                topic: "t".into(),
+                key: "k".into(),
+                event: CloudEvent::new("/test", "test.event", None, serde_json::json!({})),
+            })
+            .collect()
+    }
+
+    fn published(seqs: &[i64]) -> Recent {
+        let mut recent = Recent::default();
+        for &seq in seqs {
+            recent.delete_later(seq);
+        }
+        recent
+    }
+
+    #[test]
+    fn handed_rows_go_out_alone_only_up_to_a_gap() {
+        let recent = published(&[1, 2, 3]);
+        // Commit order is not seq order; sorted, 4 5 6 follow 3.
+        let mut handed = rows(&[6, 4, 5]);
+        assert_eq!(continuous(&mut handed, &recent), 3);
+        assert_eq!(handed.iter().map(|r| r.seq).collect::<Vec<_>>(), [4, 5, 6]);
+        // 6 is missing: another writer's row, or a transaction still open.
+        assert_eq!(continuous(&mut rows(&[7, 5, 4]), &recent), 2);
+        assert_eq!(continuous(&mut rows(&[5, 6]), &recent), 0);
+        // Late commits below the highest gone out, and rows gone out already.
+        assert_eq!(continuous(&mut rows(&[2, 3, 4]), &published(&[1, 3])), 3);
+        // Nothing gone out yet: no baseline, so a read.
+        assert_eq!(continuous(&mut rows(&[1]), &Recent::default()), 0);
+    }
+
+    #[test]
+    fn recent_forgets_the_oldest_past_its_cap() {
+        let recent = published(&(0..=RECENT_CAP as i64).collect::<Vec<_>>());
+        assert!(!recent.contains(0));
+        assert!(recent.contains(1) && recent.contains(RECENT_CAP as i64));
+        assert_eq!(recent.high, Some(RECENT_CAP as i64));
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use messaging::BoxFuture;
 use messaging::CloudEvent;
-use messaging::outbox::Outbox;
+use messaging::outbox::{Enqueued, Outbox};
 use serde_json::Value;
 use sqlx::{AnyConnection, AnyPool, Row};
 use time::OffsetDateTime;
@@ -54,9 +54,13 @@ pub struct Outgoing {
 pub type Route = Arc<dyn Fn(&Saga, &Command) -> Outgoing + Send + Sync>;
 
 /// The host's reaction to a saga that ended (an order confirmed or cancelled), run
-/// in the transition's transaction.
+/// in the transition's transaction; what it enqueues in the outbox goes in `sent`.
 pub type OnFinish = Arc<
-    dyn for<'c> Fn(&'c mut AnyConnection, &'c Saga) -> BoxFuture<'c, Result<(), sqlx::Error>>
+    dyn for<'c> Fn(
+            &'c mut AnyConnection,
+            &'c Saga,
+            &'c mut Vec<Enqueued>,
+        ) -> BoxFuture<'c, Result<(), sqlx::Error>>
         + Send
         + Sync,
 >;
@@ -111,13 +115,15 @@ impl Orchestrator {
     }
 
     /// Starts saga `id` on `data` inside the caller's transaction (the one that
-    /// writes what the saga is about), sending its first command.
+    /// writes what the saga is about), sending its first command: the outbox row
+    /// goes in `sent`, for [`Outbox::committed`] once the transaction has committed.
     pub async fn start(
         &self,
         tx: &mut AnyConnection,
         id: &str,
         data: Value,
         now: OffsetDateTime,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<Saga, SagaError> {
         let (saga, transition) = Saga::start(&self.def, id, data, now);
         sqlx::query(
@@ -136,7 +142,7 @@ impl Orchestrator {
         .bind(millis(now))
         .execute(&mut *tx)
         .await?;
-        self.record(tx, &saga, &transition, now).await?;
+        self.record(tx, &saga, &transition, now, sent).await?;
         Ok(saga)
     }
 
@@ -204,13 +210,15 @@ impl Orchestrator {
     }
 
     /// Applies `input` to saga `id` inside `tx`: `None` if there is no such saga or
-    /// nothing changed (a duplicate or late reply), else the saga after it.
+    /// nothing changed (a duplicate or late reply), else the saga after it. The
+    /// outbox rows it wrote go in `sent`, as with [`Orchestrator::start`].
     pub async fn apply(
         &self,
         tx: &mut AnyConnection,
         id: &str,
         input: Input,
         now: OffsetDateTime,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<Option<Saga>, SagaError> {
         let Some((mut saga, version)) = self.read(tx, id).await? else {
             return Ok(None);
@@ -238,9 +246,9 @@ impl Orchestrator {
         if updated.rows_affected() != 1 {
             return Err(SagaError::Conflict(id.to_owned()));
         }
-        self.record(tx, &saga, &transition, now).await?;
+        self.record(tx, &saga, &transition, now, sent).await?;
         if saga.phase.is_terminal() {
-            (self.on_finish)(tx, &saga).await?;
+            (self.on_finish)(tx, &saga, sent).await?;
         }
         Ok(Some(saga))
     }
@@ -252,6 +260,7 @@ impl Orchestrator {
         saga: &Saga,
         transition: &Transition,
         now: OffsetDateTime,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<(), SagaError> {
         let mut lines: Vec<(String, String)> = transition
             .history
@@ -291,9 +300,11 @@ impl Orchestrator {
         }
         if let Some(command) = &transition.send {
             let out = (self.route)(saga, command);
-            self.outbox
-                .enqueue(tx, &out.topic, &out.key, &out.event)
-                .await?;
+            sent.push(
+                self.outbox
+                    .enqueue(tx, &out.topic, &out.key, &out.event)
+                    .await?,
+            );
         }
         Ok(())
     }
@@ -330,9 +341,11 @@ impl Orchestrator {
         let mut changed = 0;
         for id in self.due(pool, now, 500).await? {
             let mut tx = pool.begin().await?;
-            match self.apply(&mut tx, &id, Input::Tick, now).await {
+            let mut sent = Vec::new();
+            match self.apply(&mut tx, &id, Input::Tick, now, &mut sent).await {
                 Ok(Some(_)) => {
                     tx.commit().await?;
+                    self.outbox.committed(sent);
                     changed += 1;
                 }
                 Ok(None) => tx.rollback().await?,
@@ -340,9 +353,6 @@ impl Orchestrator {
                 Err(SagaError::Conflict(_)) => tx.rollback().await?,
                 Err(e) => return Err(e),
             }
-        }
-        if changed > 0 {
-            self.outbox.written();
         }
         Ok(changed)
     }

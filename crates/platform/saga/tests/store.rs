@@ -35,7 +35,7 @@ fn orchestrator() -> Orchestrator {
         }
     });
     let on_finish: OnFinish = Arc::new(
-        |tx: &mut AnyConnection, saga| -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        |tx: &mut AnyConnection, saga, _sent| -> BoxFuture<'_, Result<(), sqlx::Error>> {
             let (id, outcome) = (saga.id.clone(), saga.phase.as_str());
             Box::pin(async move {
                 sqlx::query("INSERT INTO outcomes (saga_id, outcome) VALUES ($1, $2)")
@@ -141,6 +141,7 @@ async fn reply(
                 reply,
             },
             now,
+            &mut Vec::new(),
         )
         .await
         .unwrap()
@@ -152,9 +153,15 @@ async fn reply(
 async fn a_saga_runs_to_completion_once_whatever_is_replied_twice(pool: AnyPool) {
     let o = orchestrator();
     let mut tx = pool.begin().await.unwrap();
-    o.start(&mut tx, "o-1", json!({"order": "o-1"}), at(0))
-        .await
-        .unwrap();
+    o.start(
+        &mut tx,
+        "o-1",
+        json!({"order": "o-1"}),
+        at(0),
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(
         sent(&pool, "o-1").await,
@@ -231,7 +238,9 @@ async fn a_saga_runs_to_completion_once_whatever_is_replied_twice(pool: AnyPool)
 async fn a_rolled_back_start_leaves_neither_saga_nor_command(pool: AnyPool) {
     let o = orchestrator();
     let mut tx = pool.begin().await.unwrap();
-    o.start(&mut tx, "o-2", json!({}), at(0)).await.unwrap();
+    o.start(&mut tx, "o-2", json!({}), at(0), &mut Vec::new())
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
     assert!(o.load(&mut conn, "o-2").await.unwrap().is_none());
@@ -241,7 +250,9 @@ async fn a_rolled_back_start_leaves_neither_saga_nor_command(pool: AnyPool) {
 async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPool) {
     let o = orchestrator();
     let mut tx = pool.begin().await.unwrap();
-    o.start(&mut tx, "o-3", json!({}), at(0)).await.unwrap();
+    o.start(&mut tx, "o-3", json!({}), at(0), &mut Vec::new())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     reply(
         &o,
@@ -321,7 +332,9 @@ async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPoo
 async fn a_late_reply_is_ignored(pool: AnyPool) {
     let o = orchestrator();
     let mut tx = pool.begin().await.unwrap();
-    o.start(&mut tx, "o-4", json!({}), at(0)).await.unwrap();
+    o.start(&mut tx, "o-4", json!({}), at(0), &mut Vec::new())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert!(
         reply(
@@ -362,7 +375,9 @@ async fn a_late_reply_is_ignored(pool: AnyPool) {
 async fn concurrent_transitions_conflict(pool: AnyPool) {
     let o = orchestrator();
     let mut tx = pool.begin().await.unwrap();
-    o.start(&mut tx, "o-5", json!({}), at(0)).await.unwrap();
+    o.start(&mut tx, "o-5", json!({}), at(0), &mut Vec::new())
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let mut first = pool.begin().await.unwrap();
     o.apply(
@@ -374,6 +389,7 @@ async fn concurrent_transitions_conflict(pool: AnyPool) {
             reply: Reply::Done(json!({})),
         },
         at(1),
+        &mut Vec::new(),
     )
     .await
     .unwrap()
@@ -382,7 +398,8 @@ async fn concurrent_transitions_conflict(pool: AnyPool) {
         let (o, pool) = (o.clone(), pool.clone());
         tokio::spawn(async move {
             let mut tx = pool.begin().await.unwrap();
-            o.apply(&mut tx, "o-5", Input::Tick, at(10)).await
+            o.apply(&mut tx, "o-5", Input::Tick, at(10), &mut Vec::new())
+                .await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -34,7 +34,7 @@ use messaging::consumer::{
     AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
 };
 use messaging::inbox::Inbox;
-use messaging::outbox::Outbox;
+use messaging::outbox::{Enqueued, Outbox};
 use messaging::{BoxFuture, CloudEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -297,12 +297,13 @@ impl Inventory {
     async fn emit(
         &self,
         tx: &mut AnyConnection,
+        sent: &mut Vec<Enqueued>,
         order_id: &str,
         ty: &str,
         data: Value,
     ) -> Result<(), HandlerError> {
         let event = CloudEvent::new("/bazaar/inventory", ty, Some(order_id), data);
-        self.outbox.enqueue(tx, TOPIC, order_id, &event).await?;
+        sent.push(self.outbox.enqueue(tx, TOPIC, order_id, &event).await?);
         Ok(())
     }
 
@@ -358,6 +359,7 @@ impl Inventory {
         tx: &mut AnyConnection,
         event: &CloudEvent,
         meta: &Meta,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<(), HandlerError> {
         match topic {
             Topic::Products => {
@@ -387,17 +389,17 @@ impl Inventory {
             Topic::Commands => match event.ty.as_str() {
                 "inventory.reserve" => {
                     let order: OrderRef = parse(event)?;
-                    self.reserve(tx, &order, meta.attempt).await
+                    self.reserve(tx, &order, meta.attempt, sent).await
                 }
-                _ => self.release(tx, &order_id(event)?, None).await,
+                _ => self.release(tx, &order_id(event)?, None, sent).await,
             },
             Topic::Orders => match event.ty.as_str() {
                 "order.created" => {
                     let order: OrderRef = parse(event)?;
-                    self.reserve(tx, &order, meta.attempt).await
+                    self.reserve(tx, &order, meta.attempt, sent).await
                 }
                 "order.confirmed" => self.commit(tx, &order_id(event)?).await,
-                _ => self.release(tx, &order_id(event)?, None).await,
+                _ => self.release(tx, &order_id(event)?, None, sent).await,
             },
         }
     }
@@ -408,6 +410,7 @@ impl Inventory {
         tx: &mut AnyConnection,
         order: &OrderRef,
         attempt: u32,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<(), HandlerError> {
         let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
         for line in &order.items {
@@ -437,7 +440,7 @@ impl Inventory {
         match existing {
             // Asked again (a retried command): the same answer.
             Some((status, _)) if status == "held" || status == "committed" => {
-                self.emit(tx, id, "inventory.reserved", reserved(order))
+                self.emit(tx, sent, id, "inventory.reserved", reserved(order))
                     .await?;
             }
             Some((status, reason)) => {
@@ -449,6 +452,7 @@ impl Inventory {
                 };
                 self.emit(
                     tx,
+                    sent,
                     id,
                     "inventory.rejected",
                     json!({"order_id": id, "reason": reason}),
@@ -512,6 +516,7 @@ impl Inventory {
                         tracing::info!(order_id = id, product_id = %product, "out of stock");
                         self.emit(
                             tx,
+                            sent,
                             id,
                             "inventory.rejected",
                             json!({"order_id": id, "reason": "out_of_stock", "product_id": product}),
@@ -519,7 +524,7 @@ impl Inventory {
                         .await?
                     }
                     None => {
-                        self.emit(tx, id, "inventory.reserved", reserved(order))
+                        self.emit(tx, sent, id, "inventory.reserved", reserved(order))
                             .await?
                     }
                 }
@@ -558,6 +563,7 @@ impl Inventory {
         tx: &mut AnyConnection,
         order_id: &str,
         expired: Option<i64>,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<(), HandlerError> {
         let row = sqlx::query("SELECT status, items FROM reservations WHERE order_id = $1")
             .bind(order_id)
@@ -614,7 +620,8 @@ impl Inventory {
         if expired.is_some() {
             data["reason"] = json!("expired");
         }
-        self.emit(tx, order_id, "inventory.released", data).await?;
+        self.emit(tx, sent, order_id, "inventory.released", data)
+            .await?;
         Ok(())
     }
 
@@ -675,9 +682,11 @@ impl Inventory {
         .await?;
         for order_id in &due {
             let mut tx = self.pool.begin().await?;
-            self.release(&mut tx, order_id, Some(now_ms)).await?;
+            let mut sent = Vec::new();
+            self.release(&mut tx, order_id, Some(now_ms), &mut sent)
+                .await?;
             tx.commit().await?;
-            self.outbox.written();
+            self.outbox.committed(sent);
         }
         Ok(due.len())
     }
@@ -715,8 +724,11 @@ impl Transactional for Consumer {
         after: &'a mut AfterCommit,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            self.inventory.apply(self.topic, tx, event, meta).await?;
-            after.wake(&self.inventory.outbox);
+            let mut sent = Vec::new();
+            self.inventory
+                .apply(self.topic, tx, event, meta, &mut sent)
+                .await?;
+            after.hand_over(&self.inventory.outbox, sent);
             Ok(())
         })
     }

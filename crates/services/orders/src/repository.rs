@@ -117,9 +117,11 @@ pub async fn insert(
             "created_at": chassis::clock::rfc3339(created_at),
         }),
     );
-    outbox
-        .enqueue(&mut tx, TOPIC, &id.to_string(), &event)
-        .await?;
+    let mut sent = vec![
+        outbox
+            .enqueue(&mut tx, TOPIC, &id.to_string(), &event)
+            .await?,
+    ];
     match orchestrator {
         Some(orchestrator) => {
             orchestrator
@@ -128,6 +130,7 @@ pub async fn insert(
                     &id.to_string(),
                     event.data.clone(),
                     time::OffsetDateTime::now_utc(),
+                    &mut sent,
                 )
                 .await
                 .map_err(|e| InsertError::Saga(e.to_string()))?;
@@ -143,7 +146,7 @@ pub async fn insert(
         }
     }
     tx.commit().await?;
-    outbox.written();
+    outbox.committed(sent);
     Ok(Order {
         id,
         status: Status::Pending,

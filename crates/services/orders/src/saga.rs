@@ -22,7 +22,7 @@ use messaging::consumer::{
     AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
 };
 use messaging::inbox::Inbox;
-use messaging::outbox::Outbox;
+use messaging::outbox::{Enqueued, Outbox};
 use messaging::{BoxFuture, CloudEvent};
 use saga::machine::{Definition, Direction, Input, Phase, Reply};
 use saga::store::{HistoryLine, OnFinish, Orchestrator, Outgoing, Route, SagaError};
@@ -66,6 +66,7 @@ pub async fn finish(
     outbox: &Outbox,
     order_id: &str,
     outcome: Outcome<'_>,
+    sent: &mut Vec<Enqueued>,
 ) -> Result<bool, sqlx::Error> {
     let (status, reason, ty) = match outcome {
         Outcome::Confirmed => (Status::Confirmed, None, "order.confirmed"),
@@ -114,10 +115,12 @@ pub async fn finish(
         data["reason"] = json!(reason);
     }
     let event = CloudEvent::new(SOURCE, ty, Some(order_id), data);
-    outbox
-        .enqueue(tx, TOPIC, order_id, &event)
-        .await
-        .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+    sent.push(
+        outbox
+            .enqueue(tx, TOPIC, order_id, &event)
+            .await
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?,
+    );
     tracing::info!(order_id, status = status.as_str(), reason, "order ended");
     Ok(true)
 }
@@ -156,7 +159,7 @@ pub fn orchestrator(definition: Definition, outbox: Outbox) -> Orchestrator {
     });
     let finisher = outbox.clone();
     let on_finish: OnFinish = Arc::new(
-        move |tx: &mut AnyConnection, saga| -> BoxFuture<'_, Result<(), sqlx::Error>> {
+        move |tx: &mut AnyConnection, saga, sent| -> BoxFuture<'_, Result<(), sqlx::Error>> {
             let outbox = finisher.clone();
             let id = saga.id.clone();
             let reason = saga.reason.clone().unwrap_or_else(|| "timeout".to_owned());
@@ -167,7 +170,7 @@ pub fn orchestrator(definition: Definition, outbox: Outbox) -> Orchestrator {
                 } else {
                     Outcome::Cancelled(&reason)
                 };
-                finish(tx, &outbox, &id, outcome).await.map(|_| ())
+                finish(tx, &outbox, &id, outcome, sent).await.map(|_| ())
             })
         },
     );
@@ -237,6 +240,7 @@ impl Saga {
         tx: &mut AnyConnection,
         event: &CloudEvent,
         meta: &Meta,
+        sent: &mut Vec<Enqueued>,
     ) -> Result<(), HandlerError> {
         let declared = if meta.topic == INVENTORY {
             INVENTORY_EVENTS
@@ -258,7 +262,7 @@ impl Saga {
                     reply,
                 };
                 match orchestrator
-                    .apply(tx, &order_id, input, OffsetDateTime::now_utc())
+                    .apply(tx, &order_id, input, OffsetDateTime::now_utc(), sent)
                     .await
                 {
                     Ok(_) => {}
@@ -280,7 +284,7 @@ impl Saga {
                     _ => None,
                 };
                 if let Some(outcome) = outcome {
-                    finish(tx, &self.outbox, &order_id, outcome).await?;
+                    finish(tx, &self.outbox, &order_id, outcome, sent).await?;
                 }
             }
         }
@@ -299,14 +303,14 @@ impl Saga {
         let mut cancelled = 0;
         for id in stale {
             let mut tx = self.pool.begin().await?;
-            if finish(&mut tx, &self.outbox, &id, Outcome::Cancelled("timeout")).await? {
+            let mut sent = Vec::new();
+            let outcome = Outcome::Cancelled("timeout");
+            if finish(&mut tx, &self.outbox, &id, outcome, &mut sent).await? {
                 record_step(&mut tx, &id, "-", "no outcome in time").await?;
                 cancelled += 1;
             }
             tx.commit().await?;
-        }
-        if cancelled > 0 {
-            self.outbox.written();
+            self.outbox.committed(sent);
         }
         Ok(cancelled)
     }
@@ -374,8 +378,9 @@ impl Transactional for Saga {
         after: &'a mut AfterCommit,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            self.apply(tx, event, meta).await?;
-            after.wake(&self.outbox);
+            let mut sent = Vec::new();
+            self.apply(tx, event, meta, &mut sent).await?;
+            after.hand_over(&self.outbox, sent);
             Ok(())
         })
     }

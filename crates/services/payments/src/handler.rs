@@ -9,7 +9,7 @@ use messaging::consumer::{
     AfterCommit, HandlerError, Meta, Prepared, Store, Transactional, triage,
 };
 use messaging::inbox::Inbox;
-use messaging::outbox::Outbox;
+use messaging::outbox::{Enqueued, Outbox};
 use messaging::{BoxFuture, CloudEvent};
 use serde_json::json;
 use sqlx::{AnyConnection, AnyPool, Row};
@@ -281,8 +281,8 @@ impl Payments {
                 )));
             }
         };
-        self.emit(tx, order_id, &answer).await?;
-        after.wake(&self.outbox);
+        let row = self.emit(tx, order_id, &answer).await?;
+        after.hand_over(&self.outbox, [row]);
         if let Some(outcome) = outcome {
             let metrics = self.metrics.clone();
             let (order_id, amount_cents) = (order_id.to_owned(), request.amount_cents);
@@ -330,8 +330,8 @@ impl Payments {
                 (nothing_refunded(), Some("nothing_charged"))
             }
         };
-        self.emit(tx, order_id, &answer).await?;
-        after.wake(&self.outbox);
+        let row = self.emit(tx, order_id, &answer).await?;
+        after.hand_over(&self.outbox, [row]);
         if let Some(outcome) = outcome {
             let (metrics, order_id) = (self.metrics.clone(), order_id.to_owned());
             after.then(move || {
@@ -347,7 +347,7 @@ impl Payments {
         tx: &mut AnyConnection,
         order_id: &str,
         answer: &Answer,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<Enqueued, HandlerError> {
         self.outbox
             .enqueue(tx, TOPIC, order_id, &answer.event(order_id))
             .await

@@ -41,6 +41,7 @@ pub async fn seed(
         Err(e) => return Err(e.into()),
     }
     let catalog = demo_catalog();
+    let mut sent = Vec::with_capacity(catalog.len());
     for (name, description, price_cents) in &catalog {
         let id = Uuid::now_v7().to_string();
         let event = messaging::CloudEvent::new(
@@ -52,7 +53,7 @@ pub async fn seed(
                 "price_cents": price_cents, "currency": CURRENCY,
             }),
         );
-        outbox.enqueue(&mut tx, TOPIC, &id, &event).await?;
+        sent.push(outbox.enqueue(&mut tx, TOPIC, &id, &event).await?);
         sqlx::query(
             "INSERT INTO products (id, name, description, price_cents, currency, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -67,7 +68,7 @@ pub async fn seed(
         .await?;
     }
     tx.commit().await?;
-    outbox.written();
+    outbox.committed(sent);
     Ok(catalog.len())
 }
 

@@ -68,9 +68,9 @@ pub async fn insert(
             "created_at": chassis::clock::rfc3339(record.created_at),
         }),
     );
-    outbox.enqueue(&mut tx, TOPIC, &id, &event).await?;
+    let row = outbox.enqueue(&mut tx, TOPIC, &id, &event).await?;
     tx.commit().await?;
-    outbox.written();
+    outbox.committed([row]);
     Ok(record)
 }
 
