@@ -10,7 +10,7 @@
 //! overflowed, when another instance of the service may have written) and every
 //! poll interval in any case.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,9 @@ const RECENT_CAP: usize = 8192;
 /// over too (a transaction of this instance committing a moment later) before the
 /// relay reads the table instead.
 const GAP_WAIT: Duration = Duration::from_millis(5);
+/// Most missing `seq`s below the highest gone out the relay lists one by one; past
+/// it, it reads the table until a poll interval has passed.
+const HOLES_CAP: usize = 1024;
 
 /// A row [`Outbox::enqueue`] wrote. Hand it to [`Outbox::committed`] once the
 /// transaction has committed; dropped, the relay finds the row at its next read.
@@ -431,7 +434,13 @@ impl Relay {
                 Ok(true) => {
                     let mut read = !trusted
                         || read_table
-                        || last_read.is_none_or(|t| t.elapsed() >= self.poll);
+                        || last_read.is_none_or(|t| t.elapsed() >= self.poll)
+                        // A `seq` below the highest gone out that never went out: a
+                        // transaction still open when the table was read (another
+                        // instance's, or a rolled-back one). Until it shows or a poll
+                        // interval passes, the table is read, so its row keeps its
+                        // place before this instance's later rows of its key.
+                        || recent.holes_within(self.poll);
                     let mut gap_left = None;
                     if !read {
                         // Handed-over rows must continue the highest `seq` gone out
@@ -553,6 +562,10 @@ struct Recent {
     undeleted: Vec<i64>,
     /// The highest `seq` gone out.
     high: Option<i64>,
+    /// `seq`s below `high` that have not gone out, and since when they are missing.
+    holes: BTreeMap<i64, Instant>,
+    /// Since when more were missing than `holes` lists.
+    blind_since: Option<Instant>,
 }
 
 impl Recent {
@@ -562,6 +575,20 @@ impl Recent {
 
     /// Remembers `seq` as gone out; its row is deleted with the batch.
     fn delete_later(&mut self, seq: i64) {
+        if let Some(high) = self.high
+            && seq > high + 1
+        {
+            let now = Instant::now();
+            let skipped = usize::try_from(seq - high - 1).unwrap_or(usize::MAX);
+            if skipped.saturating_add(self.holes.len()) > HOLES_CAP {
+                self.holes.clear();
+                self.blind_since = Some(now);
+            } else {
+                self.holes
+                    .extend((high + 1..seq).map(|missing| (missing, now)));
+            }
+        }
+        self.holes.remove(&seq);
         self.high = self.high.max(Some(seq));
         if self.seen.insert(seq) {
             self.order.push_back(seq);
@@ -576,6 +603,20 @@ impl Recent {
 
     fn take_undeleted(&mut self) -> Vec<i64> {
         std::mem::take(&mut self.undeleted)
+    }
+
+    /// Whether some `seq` below the highest gone out has been missing for less
+    /// than `within` (older ones are forgotten: rolled back, or left to the reads
+    /// of the poll interval).
+    fn holes_within(&mut self, within: Duration) -> bool {
+        self.holes.retain(|_, since| since.elapsed() < within);
+        if self
+            .blind_since
+            .is_some_and(|since| since.elapsed() >= within)
+        {
+            self.blind_since = None;
+        }
+        !self.holes.is_empty() || self.blind_since.is_some()
     }
 }
 
@@ -616,6 +657,24 @@ mod tests {
         assert_eq!(continuous(&mut rows(&[2, 3, 4]), &published(&[1, 3])), 3);
         // Nothing gone out yet: no baseline, so a read.
         assert_eq!(continuous(&mut rows(&[1]), &Recent::default()), 0);
+    }
+
+    #[test]
+    fn a_seq_skipped_below_the_highest_is_a_hole_until_it_goes_out_or_ages() {
+        let mut recent = published(&[1, 2, 5]);
+        assert_eq!(recent.holes.keys().copied().collect::<Vec<_>>(), [3, 4]);
+        assert!(recent.holes_within(Duration::from_secs(60)));
+        recent.delete_later(3);
+        recent.delete_later(4);
+        assert!(!recent.holes_within(Duration::from_secs(60)));
+        recent.delete_later(7);
+        assert!(recent.holes_within(Duration::from_secs(60)));
+        assert!(!recent.holes_within(Duration::ZERO), "aged out");
+        // Too many to list: the relay reads until the interval has passed.
+        recent.delete_later(7 + HOLES_CAP as i64 + 2);
+        assert!(recent.holes.is_empty() && recent.blind_since.is_some());
+        assert!(recent.holes_within(Duration::from_secs(60)));
+        assert!(!recent.holes_within(Duration::ZERO));
     }
 
     #[test]

@@ -50,6 +50,7 @@ macro_rules! suite {
             malformed_bytes_arrive_marked_and_block_nothing,
             failing_poison_and_malformed_messages_go_to_the_dead_letter_topic,
             a_committed_outbox_is_relayed_in_order_and_a_rolled_back_one_never,
+            a_row_another_instance_commits_late_keeps_its_place_in_its_key,
             the_inbox_makes_a_redelivered_event_change_nothing_twice,
             waiting_events_of_several_partitions_share_a_commit_each_key_in_order
         );
@@ -522,6 +523,66 @@ pub async fn a_committed_outbox_is_relayed_in_order_and_a_rolled_back_one_never(
         d.ack().await.unwrap();
     }
     assert_eq!(ids.len(), 46, "each event published once");
+}
+
+/// On PostgreSQL, where transactions commit in any order: another instance's
+/// transaction takes a `seq`, this instance's later row of another key goes out
+/// past it, then the other commits (it hands nothing to this relay) and this
+/// instance writes that key's next event. The other's row goes out first, though
+/// the relay trusts its hand-over and its timer is off.
+pub async fn a_row_another_instance_commits_late_keeps_its_place_in_its_key(bus: Bus, _: &Traits) {
+    let topic = topic();
+    let (pool, url) = postgres().await;
+    let outbox = Outbox::new();
+    let mut relay = Relay::new(pool.clone(), bus.clone(), outbox.clone(), "relay");
+    relay.poll = Duration::from_secs(120);
+    let stop = CancellationToken::new();
+    let relay_task = tokio::spawn(relay.run(stop.clone()));
+    let commit = |key: &'static str, n: u64| {
+        let (pool, outbox, topic) = (pool.clone(), outbox.clone(), topic.clone());
+        async move {
+            let mut tx = pool.begin().await.unwrap();
+            let row = outbox
+                .enqueue(&mut tx, &topic, key, &event(key, n))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            outbox.committed([row]);
+        }
+    };
+    let ns = |got: Vec<CloudEvent>| -> Vec<u64> {
+        got.iter().map(|e| e.data["n"].as_u64().unwrap()).collect()
+    };
+    commit("o-1", 0).await;
+    assert_eq!(ns(drain(&bus, &topic, "g", 1).await), [0]);
+    let mut other = pool.begin().await.unwrap();
+    let not_handed = outbox
+        .enqueue(&mut other, &topic, "o-2", &event("o-2", 1))
+        .await
+        .unwrap();
+    drop(not_handed);
+    commit("o-3", 2).await;
+    assert_eq!(ns(drain(&bus, &topic, "g", 1).await), [2]);
+    other.commit().await.unwrap();
+    commit("o-2", 3).await;
+    assert_eq!(ns(drain(&bus, &topic, "g", 2).await), [1, 3]);
+    stop.cancel();
+    relay_task.await.unwrap();
+    pool.close().await;
+    let _ = <sqlx::Any as sqlx::migrate::MigrateDatabase>::drop_database(&url).await;
+}
+
+async fn postgres() -> (AnyPool, String) {
+    sqlx::any::install_default_drivers();
+    let base = std::env::var("POSTGRES_TEST_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let url = format!("{base}/bazaar_outbox_{}", uuid::Uuid::new_v4().simple());
+    <sqlx::Any as sqlx::migrate::MigrateDatabase>::create_database(&url)
+        .await
+        .unwrap();
+    let pool = AnyPool::connect(&url).await.unwrap();
+    Outbox::install(&pool).await.unwrap();
+    (pool, url)
 }
 
 /// Event `n` of key `o-1` written to `outbox` in a transaction of its own.
