@@ -219,7 +219,9 @@ impl Relay {
     }
 
     /// Exports `bazaar_outbox_pending` (events waiting) and
-    /// `bazaar_outbox_oldest_age_seconds` (how late the oldest is): the relay lag.
+    /// `bazaar_outbox_oldest_age_seconds` (how late the oldest is), the relay lag;
+    /// and `bazaar_outbox_reads_total` and `bazaar_outbox_handed_published_total`,
+    /// which path carries the events.
     pub fn with_metrics(mut self, metrics: &telemetry::metrics::Metrics) -> Self {
         let m = RelayMetrics::default();
         metrics.register(
@@ -414,7 +416,7 @@ impl Relay {
         let mut trusted = false;
         let mut last_read: Option<Instant> = None;
         // Handed-over rows waiting behind a missing `seq`, and since when.
-        let mut held: Vec<Enqueued> = Vec::new();
+        let mut waiting: Vec<Enqueued> = Vec::new();
         let mut gap_since: Option<Instant> = None;
         while !shutdown.is_cancelled() {
             let fresh = held_since.is_some_and(|t| t.elapsed() < self.lease / 3);
@@ -426,9 +428,9 @@ impl Relay {
                 held
             };
             let (mut handed, read_table) = self.outbox.take_handed();
-            if !held.is_empty() {
-                held.append(&mut handed);
-                handed = std::mem::take(&mut held);
+            if !waiting.is_empty() {
+                waiting.append(&mut handed);
+                handed = std::mem::take(&mut waiting);
             }
             let pause = match holding {
                 Ok(true) => {
@@ -457,7 +459,7 @@ impl Relay {
                             if waited >= GAP_WAIT {
                                 read = true;
                             } else {
-                                held = handed.split_off(cut);
+                                waiting = handed.split_off(cut);
                                 gap_left = Some(GAP_WAIT - waited);
                             }
                         }
@@ -476,10 +478,9 @@ impl Relay {
                     } else if handed.is_empty() {
                         Ok(false)
                     } else {
-                        let count = handed.len() as u64;
                         let published = self.publish_rows(handed, &mut recent).await;
-                        if let (Ok(_), Some(m)) = (&published, &self.metrics) {
-                            m.handed.inc_by(count);
+                        if let (Ok(count), Some(m)) = (&published, &self.metrics) {
+                            m.handed.inc_by(*count as u64);
                         }
                         published.map(|_| false)
                     };
@@ -507,12 +508,12 @@ impl Relay {
                 }
                 Ok(false) => {
                     // Another instance relays; it reads what this one's producers wrote.
-                    held.clear();
+                    waiting.clear();
                     trusted = false;
                     self.lease / 2
                 }
                 Err(e) => {
-                    held.clear();
+                    waiting.clear();
                     trusted = false;
                     tracing::warn!(error = %e, "outbox lease unavailable");
                     Duration::from_secs(1)
