@@ -9,9 +9,11 @@
 //! headers) with `Nats-Msg-Id` set to the event id, so a republished event (an outbox
 //! relay retrying after a crash) is dropped by JetStream's duplicate window.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use bytes::Bytes;
 use futures::StreamExt;
@@ -55,6 +57,10 @@ impl Default for NatsConfig {
 pub struct NatsBus {
     js: jetstream::Context,
     config: Arc<NatsConfig>,
+    /// Topics whose stream this bus has seen exist: a publish checks the set, not
+    /// the server. Asking JetStream (`STREAM.INFO`) before every publish was a
+    /// second request per event, as costly for the server as the publish itself.
+    known: Arc<Mutex<HashSet<String>>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -73,7 +79,13 @@ impl NatsBus {
         Ok(Self {
             js: jetstream::new(client),
             config: Arc::new(config),
+            known: Arc::default(),
         })
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // The set holds no invariant a panicking holder could have broken.
+        self.known.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Deletes every stream of this bus's prefix, with their consumers: a test's
@@ -87,6 +99,8 @@ impl NatsBus {
             .filter(|n| futures::future::ready(n.starts_with(&prefix)))
             .collect()
             .await;
+        // Forgotten first: a publish racing the deletion asks the server again.
+        self.known().clear();
         for name in &names {
             self.js.delete_stream(name).await.map_err(unavailable)?;
         }
@@ -103,7 +117,8 @@ impl NatsBus {
 
     async fn stream(&self, topic: &str) -> Result<stream::Stream, BusError> {
         check_name(topic)?;
-        self.js
+        let stream = self
+            .js
             .get_or_create_stream(stream::Config {
                 name: self.stream_name(topic),
                 subjects: vec![format!("{}.{topic}.*", self.config.prefix)],
@@ -113,7 +128,9 @@ impl NatsBus {
                 ..Default::default()
             })
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        self.known().insert(topic.to_owned());
+        Ok(stream)
     }
 
     async fn send(
@@ -123,16 +140,39 @@ impl NatsBus {
         headers: async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<Option<u64>, BusError> {
-        self.stream(topic).await?;
+        let known = self.known().contains(topic);
+        if !known {
+            self.stream(topic).await?;
+        }
         let subject = self.subject(topic, partition(key, self.config.partitions));
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, payload)
+        // Kept for a second attempt only where the stream may have gone since it
+        // was seen (deleted by an operator or another process).
+        let again = known.then(|| (headers.clone(), payload.clone()));
+        let sent = match self.publish(&subject, headers, payload).await {
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => match again {
+                Some((headers, payload)) => {
+                    self.known().remove(topic);
+                    self.stream(topic).await?;
+                    self.publish(&subject, headers, payload).await
+                }
+                None => Err(e),
+            },
+            sent => sent,
+        };
+        Ok(Some(sent.map_err(unavailable)?.sequence))
+    }
+
+    /// Publishes and waits for JetStream's acknowledgement.
+    async fn publish(
+        &self,
+        subject: &str,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+        self.js
+            .publish_with_headers(subject.to_owned(), headers, payload)
+            .await?
             .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
-        Ok(Some(ack.sequence))
     }
 
     fn consumer_config(
