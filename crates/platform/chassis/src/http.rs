@@ -169,7 +169,8 @@ pub struct AccessLog {
     /// The path as routed (normalized).
     pub path: Option<String>,
     pub upstream: Option<Arc<str>>,
-    pub upstream_ms: Option<f64>,
+    /// How long the upstream took to answer: `upstream_ms` in the line.
+    pub upstream_time: Option<Duration>,
 }
 
 impl Chassis {
@@ -429,7 +430,6 @@ pub fn log_access(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let client_ip = extra.and_then(|e| e.client_ip).or(peer);
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
     // Outside a span (the gateway's proxied requests) the line is written without
     // `tracing`'s dispatch: the same fields, in the same order.
     if tracing::enabled!(tracing::Level::INFO)
@@ -451,13 +451,13 @@ pub fn log_access(
                 .str("path", ids.as_ref().map(|i| i.path))
                 .u64("status", Some(u64::from(response.status().as_u16())))
                 .str("route", Some(route))
-                .f64("duration_ms", Some(duration_ms))
+                .millis("duration_ms", Some(elapsed))
                 .u64("bytes", bytes)
                 .str("client_ip", ip)
                 .str("user_id", extra.and_then(|e| e.user_id.as_deref()))
                 .str("routed_path", extra.and_then(|e| e.path.as_deref()))
                 .str("upstream", extra.and_then(|e| e.upstream.as_deref()))
-                .f64("upstream_ms", extra.and_then(|e| e.upstream_ms));
+                .millis("upstream_ms", extra.and_then(|e| e.upstream_time));
         })
     {
         return;
@@ -469,13 +469,15 @@ pub fn log_access(
         path = ids.as_ref().map(|i| i.path),
         status = response.status().as_u16(),
         route,
-        duration_ms,
+        duration_ms = telemetry::logging::ms(elapsed),
         bytes,
         client_ip = client_ip.map(ip_text),
         user_id = extra.and_then(|e| e.user_id.as_deref()),
         routed_path = extra.and_then(|e| e.path.as_deref()),
         upstream = extra.and_then(|e| e.upstream.as_deref()),
-        upstream_ms = extra.and_then(|e| e.upstream_ms),
+        upstream_ms = extra
+            .and_then(|e| e.upstream_time)
+            .map(telemetry::logging::ms),
         "request completed"
     );
 }

@@ -428,6 +428,42 @@ impl Fields<'_> {
         self
     }
 
+    /// A duration in milliseconds to the microsecond, written as [`ms`]'s value is
+    /// by `f64` (the shortest form, `1.5`, `12.0`) but with integer arithmetic: the
+    /// float formatter cost about 200 instructions a field, two fields an access line.
+    pub fn millis(&mut self, key: &'static str, value: Option<Duration>) -> &mut Self {
+        if let Some(value) = value {
+            // Beyond 31 years, doubles are too far apart for three decimals to be
+            // the shortest form.
+            if value.as_secs() >= 1_000_000_000 {
+                return self.f64(key, Some(ms(value)));
+            }
+            self.key(key);
+            // In u64 and u32 arithmetic: `as_micros` is a u128, whose division is a
+            // call of its own.
+            let micros = value.subsec_micros();
+            let whole = value.as_secs() * 1000 + u64::from(micros / 1000);
+            self.0
+                .extend_from_slice(itoa::Buffer::new().format(whole).as_bytes());
+            let frac = (micros % 1000) as u16;
+            let digits = [
+                b'.',
+                b'0' + (frac / 100) as u8,
+                b'0' + (frac / 10 % 10) as u8,
+                b'0' + (frac % 10) as u8,
+            ];
+            // `12.0`, `1.5`, `1.25`, `1.125`: trailing zeros go, but one digit stays.
+            let keep = match frac {
+                0 => 2,
+                f if f % 100 == 0 => 2,
+                f if f % 10 == 0 => 3,
+                _ => 4,
+            };
+            self.0.extend_from_slice(&digits[..keep]);
+        }
+        self
+    }
+
     pub fn f64(&mut self, key: &'static str, value: Option<f64>) -> &mut Self {
         if let Some(value) = value {
             self.key(key);
@@ -547,6 +583,12 @@ impl JsonLayer {
             false => self.out.write(line),
         }
     }
+}
+
+/// `d` in milliseconds, rounded to the microsecond: the value an access line's
+/// durations carry, whichever way the line is written.
+pub fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
 }
 
 /// `value` as a JSON number; JSON has no NaN or infinity.
@@ -919,6 +961,7 @@ mod tests {
                 .u64("status", Some(200))
                 .u64("bytes", None)
                 .f64("duration_ms", Some(1.25))
+                .millis("upstream_ms", Some(Duration::from_micros(12_340)))
                 .f64("nan", Some(f64::NAN))
                 .str("path", Some("/orders/é"));
         };
@@ -931,6 +974,7 @@ mod tests {
                 status = 200u64,
                 bytes = None::<u64>,
                 duration_ms = 1.25,
+                upstream_ms = ms(Duration::from_micros(12_340)),
                 nan = f64::NAN,
                 path = "/orders/é",
                 "request completed"
@@ -955,6 +999,35 @@ mod tests {
         assert_eq!(line["nan"], Value::Null);
         assert!(line.get("absent").is_none() && line.get("bytes").is_none());
         let _ = std::fs::remove_file(path);
+    }
+
+    /// `millis` writes what `f64` writes for the same duration, without the float
+    /// formatter.
+    #[test]
+    fn millis_are_written_as_the_float_would_be() {
+        let samples = (0..20_000u64)
+            .chain([
+                999_999,
+                1_000_000,
+                1_234_567_890,
+                86_400_000_000,
+                999_999_999_999_999,
+            ])
+            .chain((0..64).map(|i| 1u64 << i));
+        for micros in samples {
+            let d = Duration::from_micros(micros);
+            let (mut fast, mut float) = (Vec::new(), Vec::new());
+            Fields(&mut fast).millis("t", Some(d));
+            Fields(&mut float).f64("t", Some(ms(d)));
+            assert_eq!(
+                String::from_utf8_lossy(&fast),
+                String::from_utf8_lossy(&float),
+                "{micros} µs"
+            );
+        }
+        let mut none = Vec::new();
+        Fields(&mut none).millis("t", None);
+        assert!(none.is_empty());
     }
 
     /// Buffered lines wait for a full block, a warning, the flusher or [`flush`],
