@@ -362,8 +362,9 @@ impl AfterCommit {
         outbox: &crate::outbox::Outbox,
         rows: impl IntoIterator<Item = crate::outbox::Enqueued>,
     ) {
-        let (outbox, rows): (_, Vec<_>) = (outbox.clone(), rows.into_iter().collect());
+        let rows: Vec<_> = rows.into_iter().collect();
         if !rows.is_empty() {
+            let outbox = outbox.clone();
             self.then(move || outbox.committed(rows));
         }
     }

@@ -133,11 +133,14 @@ impl NatsBus {
         Ok(stream)
     }
 
+    /// Publishes to `topic`'s partition for `key`; `headers` makes the message's
+    /// headers, again for a second attempt, which only a stream deleted since it
+    /// was seen (by an operator or another process) needs.
     async fn send(
         &self,
         topic: &str,
         key: &str,
-        headers: async_nats::HeaderMap,
+        headers: impl Fn() -> async_nats::HeaderMap,
         payload: Bytes,
     ) -> Result<Option<u64>, BusError> {
         let known = self.known().contains(topic);
@@ -145,18 +148,12 @@ impl NatsBus {
             self.stream(topic).await?;
         }
         let subject = self.subject(topic, partition(key, self.config.partitions));
-        // Kept for a second attempt only where the stream may have gone since it
-        // was seen (deleted by an operator or another process).
-        let again = known.then(|| (headers.clone(), payload.clone()));
-        let sent = match self.publish(&subject, headers, payload).await {
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => match again {
-                Some((headers, payload)) => {
-                    self.known().remove(topic);
-                    self.stream(topic).await?;
-                    self.publish(&subject, headers, payload).await
-                }
-                None => Err(e),
-            },
+        let sent = match self.publish(&subject, headers(), payload.clone()).await {
+            Err(e) if known && e.kind() == PublishErrorKind::StreamNotFound => {
+                self.known().remove(topic);
+                self.stream(topic).await?;
+                self.publish(&subject, headers(), payload).await
+            }
             sent => sent,
         };
         Ok(Some(sent.map_err(unavailable)?.sequence))
@@ -289,12 +286,15 @@ impl EventBus for NatsBus {
     ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move {
             let (attributes, payload) = event.to_binary();
-            let mut headers = async_nats::HeaderMap::new();
-            for (name, value) in attributes {
-                headers.insert(name.as_str(), value.as_str());
-            }
-            headers.insert("bazaar-key", key);
-            headers.insert("Nats-Msg-Id", event.id.as_str());
+            let headers = || {
+                let mut headers = async_nats::HeaderMap::new();
+                for (name, value) in &attributes {
+                    headers.insert(name.as_str(), value.as_str());
+                }
+                headers.insert("bazaar-key", key);
+                headers.insert("Nats-Msg-Id", event.id.as_str());
+                headers
+            };
             self.send(topic, key, headers, Bytes::from(payload)).await
         })
     }
@@ -306,8 +306,11 @@ impl EventBus for NatsBus {
         payload: Bytes,
     ) -> BoxFuture<'a, Result<Option<u64>, BusError>> {
         Box::pin(async move {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("bazaar-key", key);
+            let headers = || {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("bazaar-key", key);
+                headers
+            };
             self.send(topic, key, headers, payload).await
         })
     }

@@ -141,7 +141,12 @@ impl Outbox {
     /// publishes them without reading them back. Never call it for a transaction
     /// that rolled back or whose commit failed (a commit of unknown outcome is left
     /// to the relay's next read).
+    /// No rows (a transaction that enqueued nothing) wake nothing.
     pub fn committed(&self, rows: impl IntoIterator<Item = Enqueued>) {
+        let mut rows = rows.into_iter().peekable();
+        if rows.peek().is_none() {
+            return;
+        }
         {
             let mut handed = self.handed.lock().unwrap_or_else(|e| e.into_inner());
             for row in rows {
