@@ -424,11 +424,14 @@ pub fn log_access(
     peer: Option<std::net::IpAddr>,
     ids: Option<RequestIds<'_>>,
 ) {
+    // The length the answer declares, else its body's, where that is known: a
+    // proxy may write an answer's fields without putting them in its map.
     let bytes = response
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+        .or_else(|| axum::body::HttpBody::size_hint(response.body()).exact());
     let client_ip = extra.and_then(|e| e.client_ip).or(peer);
     // Outside a span (the gateway's proxied requests) the line is written without
     // `tracing`'s dispatch: the same fields, in the same order.

@@ -179,11 +179,13 @@ async fn ask(
                 hash_key: None,
                 retries: route.retries,
                 added: &[],
+                as_fields: None,
             },
             &part_head,
             bytes::Bytes::new(),
             // The parts run side by side: each times its own calls.
             None,
+            &mut None,
         )
         .await
         .map_err(PartError::Upstream)?;

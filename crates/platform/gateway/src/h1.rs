@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::{self, Chunk, Framing, Head, Refusal, Step, parse};
-use crate::wire::{BUFFER, Conn, line, write_all};
+use crate::wire::{BUFFER, Conn, Fields, line, write_all};
 
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -59,12 +59,13 @@ pub struct Settings {
 /// What answers a connection's requests.
 pub trait Handler {
     /// `timers` are the connection's, for [`within`]: a handler that sets a
-    /// deadline on them leaves them set for the next request.
+    /// deadline on them leaves them set for the next request. The answer may come
+    /// with fields as lines, written after those of its map.
     fn handle(
         &self,
         request: Request<Body>,
         timers: Timers<'_>,
-    ) -> impl Future<Output = Response> + Send;
+    ) -> impl Future<Output = (Response, Option<Fields>)> + Send;
 
     /// A request the connection answered itself, refusing it (a malformed or
     /// oversized head or body, a slow client), before the answer is written: for
@@ -152,9 +153,9 @@ pub async fn serve(
             request: request_timer.as_mut(),
             upstream: upstream_timer.as_mut(),
         };
-        let response = handler.handle(request, timers).await;
+        let (response, fields) = handler.handle(request, timers).await;
         let keep = keep_alive && !shutdown.is_cancelled();
-        match write_response(&mut conn, response, &exchange, keep, settings).await {
+        match write_response(&mut conn, response, fields, &exchange, keep, settings).await {
             Ok(true) => conn.shrink(),
             Ok(false) | Err(_) => return Ended::Closed,
         }
@@ -403,7 +404,7 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
         head_request: false,
         http11: true,
     };
-    if write_response(conn, answer, &exchange, false, settings)
+    if write_response(conn, answer, None, &exchange, false, settings)
         .await
         .is_err()
     {
@@ -429,10 +430,12 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
     let _ = tokio::time::timeout(Duration::from_secs(2), linger).await;
 }
 
-/// Writes `response`; `Ok(false)` when the connection must close after it.
+/// Writes `response`, `fields` after its map's; `Ok(false)` when the connection
+/// must close after it.
 async fn write_response(
     conn: &mut Conn,
     response: Response,
+    fields: Option<Fields>,
     exchange: &Exchange,
     mut keep: bool,
     settings: &Settings,
@@ -471,6 +474,10 @@ async fn write_response(
         line(&mut out, name.as_str(), value.as_bytes());
     }
     crate::message::recycle(parts.headers);
+    if let Some(fields) = fields {
+        out.extend_from_slice(&fields.lines);
+        dated |= fields.dated;
+    }
     if !dated {
         out.extend_from_slice(b"date: ");
         date(&mut out);

@@ -158,15 +158,18 @@ pub struct Minted {
 /// into a response's extensions allocates a map, and each value a box of its own.
 ///
 /// `timer`: the connection's timer for upstream calls, when it lends one (see
-/// [`crate::h1::within`]).
+/// [`crate::h1::within`]); such a connection's server writes its answers itself,
+/// so an upstream's answer may leave its fields in `fields` as lines instead of in
+/// the response's map (see [`crate::wire::Fields`]).
 pub async fn handle_request(
     proxy: &Proxy,
     peer: SocketAddr,
     request: Request,
     log: &mut AccessLog,
     timer: Option<Pin<&mut tokio::time::Sleep>>,
+    fields: &mut Option<crate::wire::Fields>,
 ) -> (Response, Option<RouteLabel>) {
-    match forward(proxy, peer, request, log, timer).await {
+    match forward(proxy, peer, request, log, timer, fields).await {
         Ok((response, label)) => (response, Some(label)),
         Err((label, problem)) => (problem.into_response(), label),
     }
@@ -203,6 +206,7 @@ async fn forward(
     request: Request,
     log: &mut AccessLog,
     timer: Option<Pin<&mut tokio::time::Sleep>>,
+    fields: &mut Option<crate::wire::Fields>,
 ) -> Result<(Response, RouteLabel), Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
@@ -452,9 +456,20 @@ async fn forward(
         .await;
         log.upstream_time = Some(sent.elapsed());
         let response = merged.map_err(fail)?;
-        return Ok(finish(response, route, &grants, limit, label));
+        return Ok(finish(response, route, &grants, limit, label, &mut None));
     }
     log.upstream = Some(route.service.clone());
+    // The answer's fields pass as lines where nothing reads or changes them on the
+    // way (no cache, CORS or header rules of the route's) and the client's server
+    // writes them itself; the fields the proxy sets on answers are left out of them.
+    let as_fields = (timer.is_some()
+        && route.cache.is_none()
+        && route.cors.is_none()
+        && route.response_headers.is_empty())
+    .then_some(match limit.is_some() {
+        true => &SET_ON_ANSWERS[..],
+        false => &SET_ON_ANSWERS[..1],
+    });
     let call = Call {
         service: &route.service,
         config: upstream_config,
@@ -462,11 +477,15 @@ async fn forward(
         hash_key: hash_key.as_deref(),
         retries: route.retries,
         added: &added,
+        as_fields,
     };
     let upstream_time = &mut log.upstream_time;
     let send = async |parts: http::request::Parts| {
         let sent = std::time::Instant::now();
-        let response = proxy.upstreams.send(call, &parts, body, timer).await;
+        let response = proxy
+            .upstreams
+            .send(call, &parts, body, timer, fields)
+            .await;
         crate::message::recycle(parts.headers);
         *upstream_time = Some(sent.elapsed());
         response
@@ -515,18 +534,28 @@ async fn forward(
         }
     };
     let response = response.map_err(|e| fail(upstream_problem(&route.service, e)))?;
-    Ok(finish(response, route, &grants, limit, label))
+    Ok(finish(response, route, &grants, limit, label, fields))
 }
 
 /// The upstream's answer as the client gets it: hop-by-hop headers out, the route's
-/// transform, CORS grants and rate-limit headers in.
+/// transform, CORS grants and rate-limit headers in. Where the answer's fields came
+/// as lines (`fields`), the rate-limit headers join them.
 fn finish(
     response: Response,
     route: &crate::routes::Route,
     grants: &HeaderMap,
     limit: Option<RateLimitHeaders>,
     label: RouteLabel,
+    fields: &mut Option<crate::wire::Fields>,
 ) -> (Response, RouteLabel) {
+    if let Some(lines) = fields {
+        // (Lines come only from routes without CORS or header rules, and hold no
+        // hop-by-hop field.)
+        for (name, value) in limit.into_iter().flatten().flatten() {
+            lines.push(&name, &value);
+        }
+        return (response, label);
+    }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
@@ -551,6 +580,13 @@ pub fn body_too_large(limit: u64) -> Problem {
 
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// What the gateway sets on the answers it passes on, in place of any the upstream
+/// sent: the correlation id always, the rate-limit state on limited routes.
+static SET_ON_ANSWERS: [HeaderName; 3] = [
+    telemetry::context::CORRELATION_ID,
+    RATELIMIT_POLICY,
+    RATELIMIT,
+];
 
 /// `RateLimit-Policy` and `RateLimit`, each when it could be written (an array, not
 /// a `Vec`: one allocation less on every rate-limited request).

@@ -33,6 +33,7 @@ use tower::ServiceExt;
 
 use crate::h1;
 use crate::proxy::{self, Proxy};
+use crate::wire::Fields;
 
 /// Protocol limits, from `[gateway]`.
 #[derive(Clone, Debug)]
@@ -222,7 +223,7 @@ impl h1::Handler for Plain {
         &self,
         request: Request<Body>,
         timers: h1::Timers<'_>,
-    ) -> impl Future<Output = Response> + Send {
+    ) -> impl Future<Output = (Response, Option<Fields>)> + Send {
         self.shared.dispatch(self.peer, request, Some(timers))
     }
 
@@ -295,7 +296,14 @@ async fn accept(
                 if https {
                     request.extensions_mut().insert(Https);
                 }
-                async move { Ok::<_, Infallible>(shared.dispatch(peer, request, None).await) }
+                async move {
+                    let (mut response, fields) = shared.dispatch(peer, request, None).await;
+                    // (Fields come as lines only to a connection that lends timers.)
+                    if let Some(fields) = fields {
+                        fields.into_map(response.headers_mut());
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             })
         };
         let watcher = graceful.watcher();
@@ -348,26 +356,27 @@ async fn accept(
 }
 
 impl Shared {
-    /// `timers`: the connection's, when it lends them (see [`h1::within`]).
+    /// `timers`: the connection's, when it lends them (see [`h1::within`]); the
+    /// answer's own fields may then come as lines beside it.
     async fn dispatch(
         &self,
         peer: SocketAddr,
         mut request: Request<Body>,
         timers: Option<h1::Timers<'_>>,
-    ) -> Response {
+    ) -> (Response, Option<Fields>) {
         let path = request.uri().path();
         // The gateway's own metrics are for a scraper on this host; anyone else
         // scrapes the admin API's `/metrics` (the public port faces clients).
         if path == "/metrics" && !peer.ip().is_loopback() {
-            return Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
-                .with_detail("no route serves this path")
-                .into_response();
+            let problem = Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+                .with_detail("no route serves this path");
+            return (problem.into_response(), None);
         }
         if self.own_paths.iter().any(|p| p == path) || path.starts_with("/admin/") {
             request.extensions_mut().insert(ConnectInfo(peer));
             // Boxed so the proxied path's future does not carry the router's.
             return match Box::pin(self.own.clone().oneshot(request)).await {
-                Ok(r) => r,
+                Ok(r) => (r, None),
                 Err(never) => match never {},
             };
         }
@@ -380,7 +389,7 @@ impl Shared {
         peer: SocketAddr,
         request: Request<Body>,
         timers: Option<h1::Timers<'_>>,
-    ) -> Response {
+    ) -> (Response, Option<Fields>) {
         let started = Instant::now();
         let ctx = RequestContext::from_headers(request.headers())
             .with_deadline_by(tokio::time::Instant::from_std(started) + self.request_timeout);
@@ -393,6 +402,7 @@ impl Shared {
         let uri = request.uri().clone();
         let limited = self.check_limits(&request);
         let mut log = AccessLog::default();
+        let mut fields = None;
         let (mut response, route) = match limited {
             Some(problem) => (problem.into_response(), None),
             None => {
@@ -409,6 +419,7 @@ impl Shared {
                         request,
                         &mut log,
                         upstream_timer,
+                        &mut fields,
                     )),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();
@@ -430,6 +441,7 @@ impl Shared {
         // A problem the gateway wrote itself names the request and its correlation id
         // (an upstream's error answers pass as they are).
         if response.extensions().get::<Problem>().is_some() {
+            fields = None;
             response = chassis::problem::complete(
                 response,
                 uri.path().to_owned(),
@@ -440,8 +452,12 @@ impl Shared {
         let elapsed = started.elapsed();
         self.metrics
             .observe_http(method.as_str(), route, status.as_u16(), elapsed);
-        if let Some(v) = correlation {
-            response.headers_mut().insert(CORRELATION_ID, v);
+        match (correlation, &mut fields) {
+            (Some(v), Some(lines)) => lines.push(&CORRELATION_ID, &v),
+            (Some(v), None) => {
+                response.headers_mut().insert(CORRELATION_ID, v);
+            }
+            (None, _) => {}
         }
         if self.access.logs(status.as_u16()) {
             let trace_id = trace.trace_id_bytes();
@@ -459,7 +475,7 @@ impl Shared {
                 }),
             );
         }
-        response
+        (response, fields)
     }
 
     /// URI and body size limits (header limits are the connection's).

@@ -155,6 +155,10 @@ pub struct Call<'a> {
     /// Fields the proxy adds, written after the head's own instead of inserted into
     /// its map (each insert hashes a name the map then holds only to write it out).
     pub added: &'a crate::wire::Added,
+    /// With these names, the answer's own fields come back as lines
+    /// ([`crate::wire::Fields`], without the names given) rather than in its map:
+    /// for a client connection whose server writes them out as they are.
+    pub as_fields: Option<&'a [http::HeaderName]>,
 }
 
 impl Upstreams {
@@ -377,13 +381,15 @@ impl Upstreams {
     /// Sends a request (its URI a path and query; its body read whole, so any
     /// attempt can carry it again) to an instance of `call.service`. Each attempt
     /// is timed by `timer` when one is lent (a connection's, see
-    /// [`crate::h1::within`]), else by a timer of its own.
+    /// [`crate::h1::within`]), else by a timer of its own. The answer's fields,
+    /// when `call.as_fields` asks for them, land in `fields`.
     pub async fn send(
         &self,
         call: Call<'_>,
         head: &http::request::Parts,
         body: Bytes,
         mut timer: Option<Pin<&mut tokio::time::Sleep>>,
+        fields: &mut Option<crate::wire::Fields>,
     ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
         let s = self.snapshot(&u)?;
@@ -413,13 +419,14 @@ impl Upstreams {
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let sent = crate::wire::send(
+            let sent = crate::wire::send_with(
                 &instance.base_url,
                 head,
                 call.added,
                 &body,
                 self.connect_timeout,
                 Some(&context),
+                call.as_fields,
             );
             let at = tokio::time::Instant::from_std(started) + call.timeout;
             let lent = timer.as_mut().map(|t| t.as_mut());
@@ -456,7 +463,8 @@ impl Upstreams {
                     false,
                     "error",
                 ),
-                Ok(Ok(r)) => {
+                Ok(Ok((r, lines))) => {
+                    *fields = lines;
                     let status = r.status();
                     let failed = status.is_server_error();
                     (Ok(r), failed, false, status_class(status))

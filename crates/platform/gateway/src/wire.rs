@@ -293,8 +293,50 @@ struct Head {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    /// The answer's own fields as lines, in place of `headers`, when asked for.
+    fields: Option<Fields>,
     framing: Framing,
     reusable: bool,
+}
+
+/// An answer's own fields as its client gets them, for a server that writes the
+/// client's answer itself: each `name: value\r\n` as the upstream sent it, without
+/// the framing fields, the hop-by-hop ones (with those `Connection` names) and
+/// those the proxy sets itself. A header map built for an answer cost about 2,000
+/// instructions a request (a name parsed and hashed, a value copied and checked,
+/// for each field), for fields that are only written out again.
+#[derive(Clone, Debug, Default)]
+pub struct Fields {
+    pub lines: Vec<u8>,
+    /// Whether one of them is `Date`.
+    pub dated: bool,
+}
+
+impl Fields {
+    /// One more field, after the others (`value` from a `HeaderValue`, so without
+    /// CR or LF).
+    pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
+        line(&mut self.lines, name.as_str(), value.as_bytes());
+    }
+
+    /// The fields as a header map's entries (for a server that cannot take lines).
+    pub fn into_map(self, headers: &mut HeaderMap) {
+        let mut rest = &self.lines[..];
+        while let Some(end) = rest.windows(2).position(|w| w == b"\r\n") {
+            let line = &rest[..end];
+            rest = &rest[end + 2..];
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let value = line[colon + 1..].trim_ascii_start();
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(value),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
 }
 
 /// A failed exchange, and whether it failed before a byte of the answer came
@@ -321,6 +363,22 @@ pub async fn send(
     connect_timeout: Duration,
     context: Option<&RequestContext>,
 ) -> Result<Response<Body>, WireError> {
+    send_with(base, head, added, body, connect_timeout, context, None)
+        .await
+        .map(|(response, _)| response)
+}
+
+/// [`send`], and with `as_fields` the answer's own fields come back as [`Fields`]
+/// (the response's map left empty), without those named in `as_fields`.
+pub async fn send_with(
+    base: &Uri,
+    head: &Parts,
+    added: &Added,
+    body: &Bytes,
+    connect_timeout: Duration,
+    context: Option<&RequestContext>,
+    as_fields: Option<&[HeaderName]>,
+) -> Result<(Response<Body>, Option<Fields>), WireError> {
     if base.scheme_str().is_some_and(|s| s != "http") {
         return Err(WireError::Connect(format!(
             "{base}: only http:// instances are spoken to"
@@ -341,7 +399,7 @@ pub async fn send(
             None => Box::pin(connect(authority, connect_timeout)).await?,
         };
         encode(&mut conn.out, head, added, key, body, context);
-        match exchange(&mut conn, body, head.method == Method::HEAD).await {
+        match exchange(&mut conn, body, head.method == Method::HEAD, as_fields).await {
             Ok(answer) => return respond(conn, key, answer).await,
             // The upstream closed a pooled connection as it was taken: nothing was
             // done with a request it never read, and an idempotent one may be sent
@@ -472,7 +530,12 @@ pub(crate) fn line(out: &mut Vec<u8>, name: &str, value: &[u8]) {
 }
 
 /// Writes the request and reads the answer's head.
-async fn exchange(conn: &mut Conn, body: &Bytes, head_request: bool) -> Result<Head, Broken> {
+async fn exchange(
+    conn: &mut Conn,
+    body: &Bytes,
+    head_request: bool,
+    as_fields: Option<&[HeaderName]>,
+) -> Result<Head, Broken> {
     let out = std::mem::take(&mut conn.out);
     let written = write_all(&conn.stream, &out, body).await;
     conn.out = out;
@@ -485,7 +548,7 @@ async fn exchange(conn: &mut Conn, body: &Bytes, head_request: bool) -> Result<H
         });
     }
     loop {
-        match parse_head(conn.pending(), head_request) {
+        match parse_head(conn.pending(), head_request, as_fields) {
             Ok(Some((answer, used))) => {
                 conn.consume(used);
                 // 1xx answers are interim (the body was sent with the head, so a
@@ -526,8 +589,13 @@ async fn exchange(conn: &mut Conn, body: &Bytes, head_request: bool) -> Result<H
 }
 
 /// An answer's head from the start of `bytes`, with the bytes it took; `None` until
-/// the head is complete.
-fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>, String> {
+/// the head is complete. With `as_fields`, the answer's own fields come as
+/// [`Fields`] (without those `as_fields` names) and its map stays empty.
+fn parse_head(
+    bytes: &[u8],
+    head_request: bool,
+    as_fields: Option<&[HeaderName]>,
+) -> Result<Option<(Head, usize)>, String> {
     // Uninitialized slots: filling 128 empty headers first cost about 700
     // instructions an answer, more than parsing the handful an answer has.
     let mut slots = [std::mem::MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
@@ -551,31 +619,45 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    let mut headers = message::header_map(parsed.headers.len());
-    // What framing needs is noted as the fields go in: looking each name up again
-    // afterwards cost more than building the map.
-    let (mut lengths, mut length, mut framed, mut close) = (0, None, false, false);
-    for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("the upstream sent an invalid header name `{}`", h.name))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| format!("the upstream sent an invalid value for `{}`", h.name))?;
-        if name == header::CONTENT_LENGTH {
-            lengths += 1;
-            // A single field of digits, the usual case, is read here.
-            length = digits(h.value);
-        } else if name == header::TRANSFER_ENCODING {
-            framed = true;
-        } else if name == header::CONNECTION {
-            close |= message::has_token([&value], "close");
+    let fields = parsed.headers;
+    // What framing needs is noted in one pass over the fields, by their names'
+    // bytes: the framing fields are few and the same in both forms of the answer.
+    let (mut lengths, mut length, mut framed, mut close, mut connection) =
+        (0, None, false, false, false);
+    for h in fields.iter() {
+        match Special::of(h.name.as_bytes()) {
+            Some(Special::ContentLength) => {
+                lengths += 1;
+                // A single field of digits, the usual case, is read here.
+                length = digits(h.value);
+            }
+            Some(Special::TransferEncoding) => framed = true,
+            Some(Special::Connection) => {
+                connection = true;
+                close |= list_has(h.value, b"close");
+            }
+            _ => {}
         }
-        headers.append(name, value);
     }
+    let values = |name: HeaderName| -> Vec<HeaderValue> {
+        fields
+            .iter()
+            .filter(|h| {
+                h.name
+                    .as_bytes()
+                    .eq_ignore_ascii_case(name.as_str().as_bytes())
+            })
+            .filter_map(|h| HeaderValue::from_bytes(h.value).ok())
+            .collect()
+    };
     let mut reusable = version == Version::HTTP_11 && !close;
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
+    // The length the client is told, when it is not the one the upstream sent as it
+    // is: `5, 5` is one length, and a suspect message's length is not passed on.
+    let mut told: Option<Option<u64>> = None;
     let framing = if bodiless {
         // A body where none can be (a broken upstream) would be read as the next
         // request's answer: such a connection is not reused.
@@ -583,7 +665,7 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         if framed
             || (status == StatusCode::NO_CONTENT
                 && lengths > 0
-                && content_length(&headers).is_ok_and(|n| n > 0))
+                && content_length(&values(header::CONTENT_LENGTH)).is_ok_and(|n| n > 0))
         {
             reusable = false;
         }
@@ -592,7 +674,8 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         // Only `chunked` is decoded; a coding the client would have to be told of
         // (`gzip, chunked`) cannot be passed on once the proxy has removed the
         // hop-by-hop `Transfer-Encoding`.
-        let codings = message::transfer_codings(headers.get_all(header::TRANSFER_ENCODING));
+        let codings = values(header::TRANSFER_ENCODING);
+        let codings = message::transfer_codings(&codings);
         if !codings.is_some_and(|c| matches!(c[..], [only] if only.eq_ignore_ascii_case("chunked")))
         {
             return Err("the upstream used a transfer coding other than chunked".into());
@@ -601,7 +684,7 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         // it is read as chunked, its length is not passed on, and the connection
         // is not reused.
         if lengths > 0 {
-            headers.remove(header::CONTENT_LENGTH);
+            told = Some(None);
             reusable = false;
         }
         Framing::Chunked(Chunk::Size)
@@ -610,8 +693,8 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
             (1, Some(n)) => n,
             // `5, 5` is one length; the client gets it once.
             _ => {
-                let n = content_length(&headers)?;
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                let n = content_length(&values(header::CONTENT_LENGTH))?;
+                told = Some(Some(n));
                 n
             }
         };
@@ -620,16 +703,119 @@ fn parse_head(bytes: &[u8], head_request: bool) -> Result<Option<(Head, usize)>,
         reusable = false;
         Framing::Close
     };
+    let (headers, fields) = match as_fields {
+        Some(replaced) => {
+            // A client's server writes the body's length itself, except where the
+            // answer has no body and its length describes the representation.
+            let keep_length = head_request || status == StatusCode::NOT_MODIFIED;
+            let named = match connection {
+                true => named_by_connection(fields),
+                false => Vec::new(),
+            };
+            // Room for the fields the proxy adds after them.
+            let mut lines = Vec::with_capacity(used + 256);
+            let mut dated = false;
+            for h in fields.iter() {
+                let name = h.name.as_bytes();
+                let special = Special::of(name);
+                let passed = match special {
+                    Some(Special::ContentLength) => keep_length,
+                    Some(Special::Date) => true,
+                    Some(_) => false,
+                    None => !named.iter().any(|n| name.eq_ignore_ascii_case(n)),
+                } && !replaced
+                    .iter()
+                    .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
+                if passed {
+                    dated |= special == Some(Special::Date);
+                    line(&mut lines, h.name, h.value);
+                }
+            }
+            (HeaderMap::new(), Some(Fields { lines, dated }))
+        }
+        None => {
+            let mut headers = message::header_map(fields.len());
+            for h in fields.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| {
+                    format!("the upstream sent an invalid header name `{}`", h.name)
+                })?;
+                let value = HeaderValue::from_bytes(h.value)
+                    .map_err(|_| format!("the upstream sent an invalid value for `{}`", h.name))?;
+                headers.append(name, value);
+            }
+            match told {
+                Some(None) => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+                Some(Some(n)) => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                None => {}
+            }
+            (headers, None)
+        }
+    };
     Ok(Some((
         Head {
             status,
             version,
             headers,
+            fields,
             framing,
             reusable,
         },
         used,
     )))
+}
+
+/// The fields an answer's framing and forwarding treat apart, told by their
+/// names' bytes (any case) without making a `HeaderName`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Special {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Date,
+    /// Meaningful for one connection only (RFC 9110 §7.6.1), never passed on.
+    HopByHop,
+}
+
+impl Special {
+    fn of(name: &[u8]) -> Option<Special> {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        // The length first: most names are ruled out by it alone.
+        match name.len() {
+            2 if is("te") => Some(Special::HopByHop),
+            4 if is("date") => Some(Special::Date),
+            7 if is("trailer") || is("upgrade") => Some(Special::HopByHop),
+            10 if is("connection") => Some(Special::Connection),
+            10 if is("keep-alive") => Some(Special::HopByHop),
+            14 if is("content-length") => Some(Special::ContentLength),
+            16 if is("proxy-connection") => Some(Special::HopByHop),
+            17 if is("transfer-encoding") => Some(Special::TransferEncoding),
+            18 if is("proxy-authenticate") => Some(Special::HopByHop),
+            19 if is("proxy-authorization") => Some(Special::HopByHop),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the comma-separated list `value` holds `token` (any case).
+fn list_has(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The field names the `Connection` fields of `fields` list.
+fn named_by_connection(fields: &[httparse::Header<'_>]) -> Vec<Vec<u8>> {
+    fields
+        .iter()
+        .filter(|h| Special::of(h.name.as_bytes()) == Some(Special::Connection))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| t.trim_ascii().to_vec())
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// `value` as a decimal number when it is nothing but digits (and fits).
@@ -643,8 +829,8 @@ fn digits(value: &[u8]) -> Option<u64> {
 }
 
 /// Every `Content-Length` of an answer must be the same number.
-fn content_length(headers: &HeaderMap) -> Result<u64, String> {
-    message::content_length(headers.get_all(header::CONTENT_LENGTH)).map_err(|e| match e {
+fn content_length(values: &[HeaderValue]) -> Result<u64, String> {
+    message::content_length(values).map_err(|e| match e {
         BadLength::Invalid => "the upstream sent an invalid Content-Length".into(),
         BadLength::Conflicting => "the upstream sent conflicting Content-Lengths".into(),
     })
@@ -653,11 +839,16 @@ fn content_length(headers: &HeaderMap) -> Result<u64, String> {
 /// The answer with its body: read whole when short (the connection goes back to
 /// the pool before the client is written to), else streamed from the connection,
 /// which returns to the pool once the body has been read.
-async fn respond(mut conn: Conn, key: &str, answer: Head) -> Result<Response<Body>, WireError> {
+async fn respond(
+    mut conn: Conn,
+    key: &str,
+    answer: Head,
+) -> Result<(Response<Body>, Option<Fields>), WireError> {
     let Head {
         status,
         version,
         headers,
+        fields,
         framing,
         reusable,
     } = answer;
@@ -700,7 +891,7 @@ async fn respond(mut conn: Conn, key: &str, answer: Head) -> Result<Response<Bod
     *response.status_mut() = status;
     *response.version_mut() = version;
     *response.headers_mut() = headers;
-    Ok(response)
+    Ok((response, fields))
 }
 
 /// A body read from the upstream connection as the client takes it.
@@ -952,6 +1143,92 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             2,
             "such a connection is not reused"
+        );
+    }
+
+    /// An answer's fields as lines: as the upstream wrote them, without framing,
+    /// hop-by-hop fields, those `Connection` names and those asked to be left out;
+    /// the framing read from them as from a map.
+    #[test]
+    fn fields_as_lines_leave_out_framing_hop_by_hop_and_replaced_names() {
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: X-Secret, keep-alive\r\n\
+            X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nTrailer: x\r\n\
+            Proxy-Authenticate: Basic\r\nTransfer-Encoding: chunked\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\n\
+            x-correlation-id: upstream-own\r\nRateLimit: r=1\r\nx-kept:  a b \r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let replaced = [CORRELATION_ID, HeaderName::from_static("ratelimit")];
+        let (head, used) = parse_head(answer, false, Some(&replaced)).unwrap().unwrap();
+        assert_eq!(&answer[used..used + 3], b"5\r\n");
+        assert!(head.headers.is_empty(), "the map stays empty");
+        assert_eq!(head.framing, Framing::Chunked(Chunk::Size));
+        // `Connection: keep-alive` on HTTP/1.1 keeps the connection.
+        assert!(head.reusable);
+        let fields = head.fields.unwrap();
+        assert!(fields.dated);
+        assert_eq!(
+            String::from_utf8(fields.lines.clone()).unwrap(),
+            "Content-Type: text/plain\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\nx-kept: a b\r\n"
+        );
+        // The same fields, for a server that needs a map.
+        let mut map = HeaderMap::new();
+        fields.into_map(&mut map);
+        assert_eq!(map.len(), 3);
+        assert_eq!(map["x-kept"], "a b");
+
+        // A sized answer's length is the client's server's to write; a HEAD
+        // answer's describes the representation and stays; `close` is heeded.
+        let sized = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+        let (head, _) = parse_head(sized, false, Some(&[])).unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(!head.reusable);
+        assert!(head.fields.unwrap().lines.is_empty());
+        let (head, _) = parse_head(sized, true, Some(&[])).unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(0));
+        assert_eq!(head.fields.unwrap().lines, b"content-length: 2\r\n");
+
+        // What the map form refuses, the lines form refuses too.
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2, 3\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+        ] {
+            assert!(parse_head(bad, false, Some(&[])).is_err());
+            assert!(parse_head(bad, false, None).is_err());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_sent_for_its_fields_as_lines_comes_whole() {
+        let (base, accepted) = upstream(
+            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\nx-a: 1\r\nkeep-alive: timeout=5\r\n\r\nhello"],
+            10,
+        )
+        .await;
+        for _ in 0..2 {
+            let (r, fields) = send_with(
+                &base,
+                &get("/"),
+                &[],
+                &Bytes::new(),
+                SECOND,
+                None,
+                Some(&[]),
+            )
+            .await
+            .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert!(r.headers().is_empty());
+            assert_eq!(fields.unwrap().lines, b"x-a: 1\r\n");
+            assert_eq!(
+                http_body::Body::size_hint(r.body()).exact(),
+                Some(5),
+                "the length the client's server writes"
+            );
+            assert_eq!(text(r).await, "hello");
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the connection was reused"
         );
     }
 

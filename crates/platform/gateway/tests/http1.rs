@@ -335,3 +335,95 @@ async fn refusals_are_counted_in_the_gateways_metrics() {
     assert_eq!(count("-", 400).as_deref(), Some("1"), "{metrics}");
     assert_eq!(count("PUT", 413).as_deref(), Some("1"), "{metrics}");
 }
+
+/// An upstream answering every request with `answer`, byte for byte.
+async fn scripted(answer: &'static [u8]) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        if socket.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// An upstream's answer reaches the client with its own fields as it wrote them,
+/// but never its hop-by-hop fields (nor those its `Connection` names), its framing,
+/// or a correlation id or date beside the gateway's: each field the client gets
+/// once.
+#[tokio::test]
+async fn an_upstreams_answer_loses_its_hop_by_hop_fields_and_nothing_else() {
+    let raw = scripted(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: X-Secret, keep-alive\r\n\
+          X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTrailer: x-sum\r\nUpgrade: h2c\r\n\
+          Date: Sat, 28 Nov 2026 12:00:00 GMT\r\nX-Correlation-Id: the-upstreams-own\r\n\
+          X-Kept: yes\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    let gw = spawn_full(
+        |s| {
+            s.routes.push(gateway::RouteConfig::prefix(
+                "/scripted",
+                "scripted",
+                gateway::AuthPolicy::Anonymous,
+            ))
+        },
+        vec![("scripted".to_owned(), raw)],
+    )
+    .await;
+    let mut stream = connect(&gw).await;
+    for _ in 0..2 {
+        stream
+            .write_all(
+                b"GET /scripted HTTP/1.1\r\nHost: gw\r\nX-Correlation-Id: the-clients\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let answer = read_until(&mut stream, "hello", 1).await;
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert_eq!(body, "hello");
+        let head = head.to_ascii_lowercase();
+        let count = |field: &str| head.matches(&format!("\r\n{field}:")).count();
+        for gone in [
+            "x-secret",
+            "keep-alive",
+            "trailer",
+            "upgrade",
+            "transfer-encoding",
+        ] {
+            assert_eq!(count(gone), 0, "{gone} passed: {head}");
+        }
+        for once in [
+            "content-type",
+            "date",
+            "x-kept",
+            "x-correlation-id",
+            "content-length",
+        ] {
+            assert_eq!(count(once), 1, "{once} not once: {head}");
+        }
+        assert!(
+            head.contains("\r\ndate: sat, 28 nov 2026 12:00:00 gmt"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nx-correlation-id: the-clients"), "{head}");
+        assert!(head.contains("\r\ncontent-length: 5"), "{head}");
+    }
+}
