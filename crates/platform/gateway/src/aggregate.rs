@@ -185,7 +185,7 @@ async fn ask(
             bytes::Bytes::new(),
             // The parts run side by side: each times its own calls.
             None,
-            &mut None,
+            &mut crate::upstream::Report::default(),
         )
         .await
         .map_err(PartError::Upstream)?;

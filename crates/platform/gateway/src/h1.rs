@@ -111,7 +111,15 @@ pub async fn serve(
     tokio::pin!(head_timer, request_timer, upstream_timer);
     loop {
         let started = std::time::Instant::now();
-        let head = match read_head(&mut conn, settings, shutdown, first, head_timer.as_mut()).await
+        let head = match read_head(
+            &mut conn,
+            settings,
+            shutdown,
+            first,
+            head_timer.as_mut(),
+            started,
+        )
+        .await
         {
             Ok(Some(head)) => head,
             Ok(None) => return Ended::Closed,
@@ -256,8 +264,9 @@ async fn read_head(
     shutdown: &CancellationToken,
     first: bool,
     mut timer: Pin<&mut tokio::time::Sleep>,
+    waiting_since: std::time::Instant,
 ) -> Result<Option<Head>, Refused> {
-    let deadline = Instant::now() + settings.header_timeout;
+    let deadline = Instant::from_std(waiting_since) + settings.header_timeout;
     loop {
         let pending = conn.pending();
         // A connection's first bytes may be HTTP/2's preface, read whole first.

@@ -89,8 +89,9 @@ impl Proxy {
         name: &str,
         limiter: &KeyedLimiter,
         key: &str,
+        now: std::time::Instant,
     ) -> Result<Decision, Problem> {
-        let local = || limiter.check(key, std::time::Instant::now());
+        let local = || limiter.check(key, now);
         if limiter.policy.store != LimitStore::Redis {
             return Ok(local());
         }
@@ -121,10 +122,10 @@ impl Proxy {
     /// its lifetime ago (so it has at least that half left when it arrives). Kept
     /// as a header value: a clone shares its bytes, where making the value anew
     /// would copy and check a few hundred bytes per request.
-    fn identity(&self, caller: &Caller) -> Result<HeaderValue, Problem> {
+    fn identity(&self, caller: &Caller, now: std::time::Instant) -> Result<HeaderValue, Problem> {
         if let Some(known) = self.minted.get(&*caller.sub)
             && known.email == caller.email
-            && known.at.elapsed() < self.issuer.ttl() / 2
+            && now.saturating_duration_since(known.at) < self.issuer.ttl() / 2
         {
             return Ok(known.token.clone());
         }
@@ -137,7 +138,7 @@ impl Proxy {
         let minted = Minted {
             email: caller.email.clone(),
             token: token.clone(),
-            at: std::time::Instant::now(),
+            at: now,
         };
         self.minted.insert(caller.sub.to_string(), Arc::new(minted));
         Ok(token)
@@ -160,7 +161,9 @@ pub struct Minted {
 /// `timer`: the connection's timer for upstream calls, when it lends one (see
 /// [`crate::h1::within`]); such a connection's server writes its answers itself,
 /// so an upstream's answer may leave its fields in `fields` as lines instead of in
-/// the response's map (see [`crate::wire::Fields`]).
+/// the response's map (see [`crate::wire::Fields`]). `started`: when the request
+/// began (its one reading of the clock before the upstream call).
+#[allow(clippy::too_many_arguments)]
 pub async fn handle_request(
     proxy: &Proxy,
     peer: SocketAddr,
@@ -168,8 +171,9 @@ pub async fn handle_request(
     log: &mut AccessLog,
     timer: Option<Pin<&mut tokio::time::Sleep>>,
     fields: &mut Option<crate::wire::Fields>,
+    started: std::time::Instant,
 ) -> (Response, Option<RouteLabel>) {
-    match forward(proxy, peer, request, log, timer, fields).await {
+    match forward(proxy, peer, request, log, timer, fields, started).await {
         Ok((response, label)) => (response, Some(label)),
         Err((label, problem)) => (problem.into_response(), label),
     }
@@ -207,6 +211,7 @@ async fn forward(
     log: &mut AccessLog,
     timer: Option<Pin<&mut tokio::time::Sleep>>,
     fields: &mut Option<crate::wire::Fields>,
+    started: std::time::Instant,
 ) -> Result<(Response, RouteLabel), Failure> {
     // One runtime for the whole request, even if a reload lands meanwhile.
     let runtime = proxy.config.current();
@@ -325,7 +330,10 @@ async fn forward(
                 },
                 LimitKey::Route => route.label.to_string(),
             };
-            let decision = proxy.decide(name, limiter, &key).await.map_err(fail)?;
+            let decision = proxy
+                .decide(name, limiter, &key, started)
+                .await
+                .map_err(fail)?;
             let headers = rate_limit_headers(name, limiter, &decision);
             if !decision.allowed {
                 let mut problem = Problem::new(
@@ -385,7 +393,10 @@ async fn forward(
     route.request_headers.apply(&mut parts.headers);
     let mut added: [Option<(HeaderName, HeaderValue)>; 4] = Default::default();
     if let Some(caller) = &caller {
-        added[0] = Some((IDENTITY_HEADER, proxy.identity(caller).map_err(fail)?));
+        added[0] = Some((
+            IDENTITY_HEADER,
+            proxy.identity(caller, started).map_err(fail)?,
+        ));
     }
     // The chain's buffer becomes the header's without a copy.
     if let Ok(v) = HeaderValue::try_from(forwarded.chain) {
@@ -481,13 +492,14 @@ async fn forward(
     };
     let upstream_time = &mut log.upstream_time;
     let send = async |parts: http::request::Parts| {
-        let sent = std::time::Instant::now();
+        let mut report = crate::upstream::Report::default();
         let response = proxy
             .upstreams
-            .send(call, &parts, body, timer, fields)
+            .send(call, &parts, body, timer, &mut report)
             .await;
         crate::message::recycle(parts.headers);
-        *upstream_time = Some(sent.elapsed());
+        *upstream_time = report.took;
+        *fields = report.fields;
         response
     };
     let cache = route

@@ -420,6 +420,7 @@ impl Shared {
                         &mut log,
                         upstream_timer,
                         &mut fields,
+                        started,
                     )),
                 );
                 let forward = AssertUnwindSafe(forward).catch_unwind();

@@ -143,6 +143,15 @@ pub struct Upstreams {
     metrics: Metrics,
 }
 
+/// What a call learned besides its answer.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The answer's fields as lines, when [`Call::as_fields`] asked for them.
+    pub fields: Option<crate::wire::Fields>,
+    /// From the first attempt's start to the last one's end.
+    pub took: Option<Duration>,
+}
+
 /// What a caller passes for one request.
 pub struct Call<'a> {
     pub service: &'a str,
@@ -283,8 +292,15 @@ impl Upstreams {
     /// every other is (Envoy's panic mode: use them all rather than fail). The
     /// candidates are counted and indexed in place, not collected: a pick runs on
     /// every request.
-    fn pick(&self, u: &Upstream, s: &Snapshot, call: &Call<'_>, tried: &[usize]) -> Option<usize> {
-        let now = nanos(self.epoch.elapsed());
+    fn pick(
+        &self,
+        u: &Upstream,
+        s: &Snapshot,
+        call: &Call<'_>,
+        tried: &[usize],
+        at: Instant,
+    ) -> Option<usize> {
+        let now = nanos(at.saturating_duration_since(self.epoch));
         let all = 0..s.instances.len();
         let fresh = |i: &usize| !tried.contains(i);
         let healthy =
@@ -381,15 +397,15 @@ impl Upstreams {
     /// Sends a request (its URI a path and query; its body read whole, so any
     /// attempt can carry it again) to an instance of `call.service`. Each attempt
     /// is timed by `timer` when one is lent (a connection's, see
-    /// [`crate::h1::within`]), else by a timer of its own. The answer's fields,
-    /// when `call.as_fields` asks for them, land in `fields`.
+    /// [`crate::h1::within`]), else by a timer of its own. What else the call
+    /// learned lands in `report`.
     pub async fn send(
         &self,
         call: Call<'_>,
         head: &http::request::Parts,
         body: Bytes,
         mut timer: Option<Pin<&mut tokio::time::Sleep>>,
-        fields: &mut Option<crate::wire::Fields>,
+        report: &mut Report,
     ) -> Result<Response<Body>, UpstreamError> {
         let u = self.upstream(call.service, call.config);
         let s = self.snapshot(&u)?;
@@ -403,9 +419,14 @@ impl Upstreams {
             .unwrap_or_else(telemetry::context::RequestContext::new_root);
         let mut tried = Vec::new();
         let mut attempt = 0u32;
+        let mut first = None;
         loop {
             attempt += 1;
-            let Some(i) = self.pick(&u, &s, &call, &tried) else {
+            // One reading of the clock per attempt's start and end serves the
+            // pick, the pool, the deadline sent, the timeout and the latencies.
+            let started = Instant::now();
+            let first = *first.get_or_insert(started);
+            let Some(i) = self.pick(&u, &s, &call, &tried, started) else {
                 return Err(UpstreamError::NoInstance {
                     service: u.name.clone(),
                     reason: "every instance was tried".into(),
@@ -418,7 +439,6 @@ impl Upstreams {
             let instance = &s.instances[i];
             let state = &s.states[i];
             state.outstanding.fetch_add(1, Ordering::Relaxed);
-            let started = Instant::now();
             let sent = crate::wire::send_with(
                 &instance.base_url,
                 head,
@@ -427,6 +447,7 @@ impl Upstreams {
                 self.connect_timeout,
                 Some(&context),
                 call.as_fields,
+                started,
             );
             let at = tokio::time::Instant::from_std(started) + call.timeout;
             let lent = timer.as_mut().map(|t| t.as_mut());
@@ -434,7 +455,9 @@ impl Upstreams {
                 .await
                 .ok_or(());
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
-            let took = started.elapsed();
+            let ended = Instant::now();
+            let took = ended.saturating_duration_since(started);
+            report.took = Some(ended.saturating_duration_since(first));
             let (result, failed, connect, label) = match outcome {
                 Err(_) => (
                     Err(UpstreamError::Timeout {
@@ -464,7 +487,7 @@ impl Upstreams {
                     "error",
                 ),
                 Ok(Ok((r, lines))) => {
-                    *fields = lines;
+                    report.fields = lines;
                     let status = r.status();
                     let failed = status.is_server_error();
                     (Ok(r), failed, false, status_class(status))

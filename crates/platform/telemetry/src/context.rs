@@ -251,8 +251,14 @@ impl RequestContext {
     /// alphabet: one set by hand is checked again, as it goes into a head as it is)
     /// and a child `traceparent`. [`RequestContext::inject`] puts them in a header
     /// map; a client writing its own request heads writes them straight in.
-    pub fn outgoing(&self, mut put: impl FnMut(&HeaderName, &[u8])) {
-        if let Some(left) = self.remaining() {
+    pub fn outgoing(&self, put: impl FnMut(&HeaderName, &[u8])) {
+        self.outgoing_at(Instant::now(), put);
+    }
+
+    /// [`RequestContext::outgoing`], with the time left counted from `now` (a
+    /// caller that has just read the clock saves a reading).
+    pub fn outgoing_at(&self, now: Instant, mut put: impl FnMut(&HeaderName, &[u8])) {
+        if let Some(left) = self.deadline.map(|d| d.saturating_duration_since(now)) {
             let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
             put(&DEADLINE, itoa::Buffer::new().format(millis).as_bytes());
         }
