@@ -315,6 +315,32 @@ pub struct Fields {
 }
 
 impl Fields {
+    /// `h` as a line, unless it is a framing or hop-by-hop field (`special`; a
+    /// length is kept where it describes the representation), named in `replaced`
+    /// or in `named` (by `Connection`).
+    fn add(
+        &mut self,
+        h: &httparse::Header<'_>,
+        special: Option<Special>,
+        keep_length: bool,
+        replaced: &[HeaderName],
+        named: &[Vec<u8>],
+    ) {
+        let name = h.name.as_bytes();
+        let passed = match special {
+            Some(Special::ContentLength) => keep_length,
+            Some(Special::Date) => true,
+            Some(_) => false,
+            None => !named.iter().any(|n| name.eq_ignore_ascii_case(n)),
+        } && !replaced
+            .iter()
+            .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
+        if passed {
+            self.dated |= special == Some(Special::Date);
+            line(&mut self.lines, h.name, h.value);
+        }
+    }
+
     /// One more field, after the others (`value` from a `HeaderValue`, so without
     /// CR or LF).
     pub fn push(&mut self, name: &HeaderName, value: &HeaderValue) {
@@ -638,12 +664,22 @@ fn parse_head(
         _ => Version::HTTP_10,
     };
     let fields = parsed.headers;
+    // A client's server writes the body's length itself, except where the answer
+    // has no body and its length describes the representation.
+    let keep_length = head_request || status == StatusCode::NOT_MODIFIED;
     // What framing needs is noted in one pass over the fields, by their names'
-    // bytes: the framing fields are few and the same in both forms of the answer.
+    // bytes, and the lines are written in the same pass (again, without the
+    // fields it names, only when the answer has a `Connection`).
     let (mut lengths, mut length, mut framed, mut close, mut connection) =
         (0, None, false, false, false);
+    let mut lines = as_fields.map(|_| Fields {
+        // Room for the fields the proxy adds after them.
+        lines: Vec::with_capacity(used + 256),
+        dated: false,
+    });
     for h in fields.iter() {
-        match Special::of(h.name.as_bytes()) {
+        let special = Special::of(h.name.as_bytes());
+        match special {
             Some(Special::ContentLength) => {
                 lengths += 1;
                 // A single field of digits, the usual case, is read here.
@@ -655,6 +691,17 @@ fn parse_head(
                 close |= list_has(h.value, b"close");
             }
             _ => {}
+        }
+        if let (Some(out), Some(replaced)) = (&mut lines, as_fields) {
+            out.add(h, special, keep_length, replaced, &[]);
+        }
+    }
+    if connection && let (Some(out), Some(replaced)) = (&mut lines, as_fields) {
+        let named = named_by_connection(fields);
+        out.lines.clear();
+        out.dated = false;
+        for h in fields.iter() {
+            out.add(h, Special::of(h.name.as_bytes()), keep_length, replaced, &named);
         }
     }
     let values = |name: HeaderName| -> Vec<HeaderValue> {
@@ -721,36 +768,8 @@ fn parse_head(
         reusable = false;
         Framing::Close
     };
-    let (headers, fields) = match as_fields {
-        Some(replaced) => {
-            // A client's server writes the body's length itself, except where the
-            // answer has no body and its length describes the representation.
-            let keep_length = head_request || status == StatusCode::NOT_MODIFIED;
-            let named = match connection {
-                true => named_by_connection(fields),
-                false => Vec::new(),
-            };
-            // Room for the fields the proxy adds after them.
-            let mut lines = Vec::with_capacity(used + 256);
-            let mut dated = false;
-            for h in fields.iter() {
-                let name = h.name.as_bytes();
-                let special = Special::of(name);
-                let passed = match special {
-                    Some(Special::ContentLength) => keep_length,
-                    Some(Special::Date) => true,
-                    Some(_) => false,
-                    None => !named.iter().any(|n| name.eq_ignore_ascii_case(n)),
-                } && !replaced
-                    .iter()
-                    .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
-                if passed {
-                    dated |= special == Some(Special::Date);
-                    line(&mut lines, h.name, h.value);
-                }
-            }
-            (HeaderMap::new(), Some(Fields { lines, dated }))
-        }
+    let (headers, fields) = match lines {
+        Some(lines) => (HeaderMap::new(), Some(lines)),
         None => {
             let mut headers = message::header_map(fields.len());
             for h in fields.iter() {
