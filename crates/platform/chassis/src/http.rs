@@ -17,6 +17,7 @@ use http::{HeaderValue, StatusCode};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
+use telemetry::key;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -448,19 +449,22 @@ pub fn log_access(
                 }
                 None => None,
             };
-            line.str("correlation_id", ids.as_ref().map(|i| i.correlation_id))
-                .str("trace_id", ids.as_ref().map(|i| i.trace_id))
-                .str("method", ids.as_ref().map(|i| i.method))
-                .str("path", ids.as_ref().map(|i| i.path))
-                .u64("status", Some(u64::from(response.status().as_u16())))
-                .str("route", Some(route))
-                .millis("duration_ms", Some(elapsed))
-                .u64("bytes", bytes)
-                .str("client_ip", ip)
-                .str("user_id", extra.and_then(|e| e.user_id.as_deref()))
-                .str("routed_path", extra.and_then(|e| e.path.as_deref()))
-                .str("upstream", extra.and_then(|e| e.upstream.as_deref()))
-                .millis("upstream_ms", extra.and_then(|e| e.upstream_time));
+            line.str(
+                key!("correlation_id"),
+                ids.as_ref().map(|i| i.correlation_id),
+            )
+            .str(key!("trace_id"), ids.as_ref().map(|i| i.trace_id))
+            .str(key!("method"), ids.as_ref().map(|i| i.method))
+            .str(key!("path"), ids.as_ref().map(|i| i.path))
+            .u64(key!("status"), Some(u64::from(response.status().as_u16())))
+            .str(key!("route"), Some(route))
+            .millis(key!("duration_ms"), Some(elapsed))
+            .u64(key!("bytes"), bytes)
+            .str(key!("client_ip"), ip)
+            .str(key!("user_id"), extra.and_then(|e| e.user_id.as_deref()))
+            .str(key!("routed_path"), extra.and_then(|e| e.path.as_deref()))
+            .str(key!("upstream"), extra.and_then(|e| e.upstream.as_deref()))
+            .millis(key!("upstream_ms"), extra.and_then(|e| e.upstream_time));
         })
     {
         return;

@@ -701,7 +701,13 @@ fn parse_head(
         out.lines.clear();
         out.dated = false;
         for h in fields.iter() {
-            out.add(h, Special::of(h.name.as_bytes()), keep_length, replaced, &named);
+            out.add(
+                h,
+                Special::of(h.name.as_bytes()),
+                keep_length,
+                replaced,
+                &named,
+            );
         }
     }
     let values = |name: HeaderName| -> Vec<HeaderValue> {
