@@ -105,7 +105,8 @@ impl Proxy {
         self.redis_errors.inc();
         tracing::debug!(error = %error, policy = name, "rate limit store unavailable; falling back");
         match self.redis_fallback {
-            RedisFallback::Local => Ok(local()),
+            // After a failed round trip to Redis: a reading of its own.
+            RedisFallback::Local => Ok(limiter.check(key, std::time::Instant::now())),
             RedisFallback::Allow => Ok(Decision {
                 allowed: true,
                 remaining: 0,
@@ -330,8 +331,10 @@ async fn forward(
                 },
                 LimitKey::Route => route.label.to_string(),
             };
+            // The clock is read again: authentication may have waited (a JWKS
+            // fetch), and a stale time would let a key through early.
             let decision = proxy
-                .decide(name, limiter, &key, started)
+                .decide(name, limiter, &key, std::time::Instant::now())
                 .await
                 .map_err(fail)?;
             let headers = rate_limit_headers(name, limiter, &decision);

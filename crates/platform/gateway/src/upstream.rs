@@ -455,7 +455,11 @@ impl Upstreams {
                 .await
                 .ok_or(());
             state.outstanding.fetch_sub(1, Ordering::Relaxed);
-            let ended = Instant::now();
+            // An answer comes with the time its head arrived; a failure reads it.
+            let ended = match &outcome {
+                Ok(Ok((_, _, answered))) => *answered,
+                _ => Instant::now(),
+            };
             let took = ended.saturating_duration_since(started);
             report.took = Some(ended.saturating_duration_since(first));
             let (result, failed, connect, label) = match outcome {
@@ -486,7 +490,7 @@ impl Upstreams {
                     false,
                     "error",
                 ),
-                Ok(Ok((r, lines))) => {
+                Ok(Ok((r, lines, _))) => {
                     report.fields = lines;
                     let status = r.status();
                     let failed = status.is_server_error();

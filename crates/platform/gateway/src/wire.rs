@@ -250,19 +250,19 @@ thread_local! {
     static SWEPT: std::cell::Cell<Option<Instant>> = const { std::cell::Cell::new(None) };
 }
 
-/// Gives back a connection, idle since `now` (a recent reading of the clock: the
-/// idle timeout is 30 s, so the exchange's start serves, and saves a reading).
+/// Gives back a connection, idle since `now` (the caller's reading of the clock
+/// as its answer arrived).
 fn checkin(key: &str, conn: Conn, now: Instant) {
     IDLE.with_borrow_mut(|idle| {
         // Every idle timeout, the whole pool is swept: an instance discovery no
         // longer names is never taken from again, and its connections would stay.
         if SWEPT
             .get()
-            .is_none_or(|at| now.duration_since(at) >= IDLE_TIMEOUT)
+            .is_none_or(|at| now.saturating_duration_since(at) >= IDLE_TIMEOUT)
         {
             SWEPT.set(Some(now));
             idle.retain(|_, queue| {
-                queue.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+                queue.retain(|i| now.saturating_duration_since(i.since) < IDLE_TIMEOUT);
                 !queue.is_empty()
             });
         }
@@ -272,7 +272,7 @@ fn checkin(key: &str, conn: Conn, now: Instant) {
         };
         while queue
             .front()
-            .is_some_and(|i| now.duration_since(i.since) >= IDLE_TIMEOUT)
+            .is_some_and(|i| now.saturating_duration_since(i.since) >= IDLE_TIMEOUT)
         {
             queue.pop_front();
         }
@@ -402,14 +402,15 @@ pub async fn send(
         Instant::now(),
     )
     .await
-    .map(|(response, _)| response)
+    .map(|(response, _, _)| response)
 }
 
 /// [`send`], and with `as_fields` the answer's own fields come back as [`Fields`]
 /// (the response's map left empty), without those named in `as_fields`. `now`:
 /// the caller's reading of the clock as the exchange starts (for the pool's idle
 /// times and the deadline the request carries; a reading costs about 100
-/// instructions, and a request made a dozen).
+/// instructions, and a request made 20). Returns, beside the answer, when its head
+/// had arrived.
 #[allow(clippy::too_many_arguments)]
 pub async fn send_with(
     base: &Uri,
@@ -420,7 +421,7 @@ pub async fn send_with(
     context: Option<&RequestContext>,
     as_fields: Option<&[HeaderName]>,
     now: Instant,
-) -> Result<(Response<Body>, Option<Fields>), WireError> {
+) -> Result<(Response<Body>, Option<Fields>, Instant), WireError> {
     if base.scheme_str().is_some_and(|s| s != "http") {
         return Err(WireError::Connect(format!(
             "{base}: only http:// instances are spoken to"
@@ -440,9 +441,20 @@ pub async fn send_with(
             // request's future, which each wrapper above copies.
             None => Box::pin(connect(authority, connect_timeout)).await?,
         };
-        encode(&mut conn.out, head, added, key, body, context, now);
+        // A new connection took time to make: the deadline sent counts from after.
+        let sending = match reused {
+            true => now,
+            false => Instant::now(),
+        };
+        encode(&mut conn.out, head, added, key, body, context, sending);
         match exchange(&mut conn, body, head.method == Method::HEAD, as_fields).await {
-            Ok(answer) => return respond(conn, key, answer, now).await,
+            Ok(answer) => {
+                // One reading for the answer: when the connection went idle, and
+                // (returned) the end of the exchange for the caller's latencies.
+                let answered = Instant::now();
+                let response = respond(conn, key, answer, answered).await?;
+                return Ok((response.0, response.1, answered));
+            }
             // The upstream closed a pooled connection as it was taken: nothing was
             // done with a request it never read, and an idempotent one may be sent
             // again in any case.
@@ -1195,9 +1207,10 @@ mod tests {
     /// the framing read from them as from a map.
     #[test]
     fn fields_as_lines_leave_out_framing_hop_by_hop_and_replaced_names() {
-        let answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: X-Secret, keep-alive\r\n\
+        let answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: x-secret, keep-alive\r\n\
             X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nTrailer: x\r\n\
-            Proxy-Authenticate: Basic\r\nTransfer-Encoding: chunked\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\n\
+            Proxy-Authenticate: Basic\r\nProxy-Authorization: x\r\nProxy-Connection: y\r\n\
+            Transfer-Encoding: chunked\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\n\
             x-correlation-id: upstream-own\r\nRateLimit: r=1\r\nx-kept:  a b \r\n\r\n5\r\nhello\r\n0\r\n\r\n";
         let replaced = [CORRELATION_ID, HeaderName::from_static("ratelimit")];
         let (head, used) = parse_head(answer, false, Some(&replaced)).unwrap().unwrap();
@@ -1228,6 +1241,13 @@ mod tests {
         let (head, _) = parse_head(sized, true, Some(&[])).unwrap().unwrap();
         assert_eq!(head.framing, Framing::Length(0));
         assert_eq!(head.fields.unwrap().lines, b"content-length: 2\r\n");
+        let unchanged = b"HTTP/1.1 304 Not Modified\r\ncontent-length: 2\r\netag: \"a\"\r\n\r\n";
+        let (head, _) = parse_head(unchanged, false, Some(&[])).unwrap().unwrap();
+        assert_eq!(head.framing, Framing::Length(0));
+        assert_eq!(
+            head.fields.unwrap().lines,
+            b"content-length: 2\r\netag: \"a\"\r\n"
+        );
 
         // What the map form refuses, the lines form refuses too.
         for bad in [
@@ -1248,7 +1268,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let (r, fields) = send_with(
+            let (r, fields, _) = send_with(
                 &base,
                 &get("/"),
                 &[],
