@@ -383,30 +383,8 @@ pub type Added = [Option<(HeaderName, HeaderValue)>];
 /// answer; the body streams unless it was short enough to read whole. With a
 /// `context`, the request carries its correlation id, a child `traceparent` and the
 /// time left, in place of any the head holds. `added` goes after the head's fields.
-pub async fn send(
-    base: &Uri,
-    head: &Parts,
-    added: &Added,
-    body: &Bytes,
-    connect_timeout: Duration,
-    context: Option<&RequestContext>,
-) -> Result<Response<Body>, WireError> {
-    send_with(
-        base,
-        head,
-        added,
-        body,
-        connect_timeout,
-        context,
-        None,
-        Instant::now(),
-    )
-    .await
-    .map(|(response, _, _)| response)
-}
-
-/// [`send`], and with `as_fields` the answer's own fields come back as [`Fields`]
-/// (the response's map left empty), without those named in `as_fields`. `now`:
+/// With `as_fields` the answer's own fields come back as [`Fields`] (the response's
+/// map left empty), without those named in `as_fields`. `now`:
 /// the caller's reading of the clock as the exchange starts (for the pool's idle
 /// times and the deadline the request carries; a reading costs about 100
 /// instructions, and a request made 20). Returns, beside the answer, when its head
@@ -1129,6 +1107,15 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    /// [`send_with`] of `head` and `body` alone, for an answer with its fields in
+    /// its map.
+    async fn send(base: &Uri, head: &Parts, body: &Bytes) -> Result<Response<Body>, WireError> {
+        let now = Instant::now();
+        send_with(base, head, &[], body, SECOND, None, None, now)
+            .await
+            .map(|(response, _, _)| response)
+    }
+
     #[tokio::test]
     async fn a_sized_answer_is_read_and_its_connection_reused() {
         let (base, accepted) = upstream(
@@ -1136,12 +1123,32 @@ mod tests {
             10,
         )
         .await;
-        for _ in 0..3 {
-            let r = send(&base, &get("/x?y=1"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+        for lines in [false, true, false] {
+            // As a map, or as lines (the length left to the client's server).
+            let as_fields = lines.then_some(&[][..]);
+            let now = Instant::now();
+            let (r, fields, answered) = send_with(
+                &base,
+                &get("/x?y=1"),
+                &[],
+                &Bytes::new(),
+                SECOND,
+                None,
+                as_fields,
+                now,
+            )
+            .await
+            .unwrap();
             assert_eq!(r.status(), StatusCode::OK);
-            assert_eq!(r.headers()["x-a"], "1");
+            assert!(answered >= now);
+            match fields {
+                Some(fields) => {
+                    assert!(r.headers().is_empty());
+                    assert_eq!(fields.lines, b"x-a: 1\r\n");
+                    assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(5));
+                }
+                None => assert_eq!(r.headers()["x-a"], "1"),
+            }
             assert_eq!(text(r).await, "hello");
         }
         assert_eq!(
@@ -1159,9 +1166,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+            let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
             assert_eq!(text(r).await, "hello world");
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -1177,9 +1182,7 @@ mod tests {
             a
         });
         let (base, _) = upstream(vec![LONG.as_slice()], 10).await;
-        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-            .await
-            .unwrap();
+        let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
         assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(200_000));
         let body = r.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 200_000);
@@ -1190,9 +1193,7 @@ mod tests {
     async fn an_answer_without_length_is_read_until_close() {
         let (base, accepted) = upstream(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"], 1).await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+            let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
             assert_eq!(text(r).await, "until the end");
         }
         assert_eq!(
@@ -1261,43 +1262,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_answer_sent_for_its_fields_as_lines_comes_whole() {
-        let (base, accepted) = upstream(
-            vec![b"HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\nx-a: 1\r\nkeep-alive: timeout=5\r\n\r\nhello"],
-            10,
-        )
-        .await;
-        for _ in 0..2 {
-            let (r, fields, _) = send_with(
-                &base,
-                &get("/"),
-                &[],
-                &Bytes::new(),
-                SECOND,
-                None,
-                Some(&[]),
-                Instant::now(),
-            )
-            .await
-            .unwrap();
-            assert_eq!(r.status(), StatusCode::OK);
-            assert!(r.headers().is_empty());
-            assert_eq!(fields.unwrap().lines, b"x-a: 1\r\n");
-            assert_eq!(
-                http_body::Body::size_hint(r.body()).exact(),
-                Some(5),
-                "the length the client's server writes"
-            );
-            assert_eq!(text(r).await, "hello");
-        }
-        assert_eq!(
-            accepted.load(Ordering::SeqCst),
-            1,
-            "the connection was reused"
-        );
-    }
-
-    #[tokio::test]
     async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
         let (base, _) = upstream(
             vec![
@@ -1313,7 +1277,7 @@ mod tests {
             .0;
         post.headers
             .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
-        let r = send(&base, &post, &[], &Bytes::from_static(b"{}"), SECOND, None)
+        let r = send(&base, &post, &Bytes::from_static(b"{}"))
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
@@ -1321,9 +1285,7 @@ mod tests {
 
         let (base, _) = upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n"], 10).await;
         let head = http::Request::head("/").body(()).unwrap().into_parts().0;
-        let r = send(&base, &head, &[], &Bytes::new(), SECOND, None)
-            .await
-            .unwrap();
+        let r = send(&base, &head, &Bytes::new()).await.unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "99");
         assert_eq!(text(r).await, "");
     }
@@ -1335,9 +1297,7 @@ mod tests {
         let (base, accepted) =
             upstream(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], 1).await;
         for _ in 0..3 {
-            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+            let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
             assert_eq!(text(r).await, "ok");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -1353,9 +1313,7 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
         ] {
             let (base, _) = upstream(vec![bad], 10).await;
-            let e = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap_err();
+            let e = send(&base, &get("/"), &Bytes::new()).await.unwrap_err();
             assert!(!e.is_connect(), "{e}");
         }
         let (base, _) = upstream(
@@ -1363,9 +1321,7 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-            .await
-            .unwrap();
+        let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
         assert!(
             r.into_body().collect().await.is_err(),
             "a bad chunk size fails the body"
@@ -1376,9 +1332,7 @@ mod tests {
             .parse()
             .unwrap();
         drop(closed);
-        let e = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-            .await
-            .unwrap_err();
+        let e = send(&base, &get("/"), &Bytes::new()).await.unwrap_err();
         assert!(e.is_connect(), "{e}");
     }
 
@@ -1392,9 +1346,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+            let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
             assert!(!r.headers().contains_key(header::CONTENT_LENGTH));
             assert_eq!(text(r).await, "hello");
         }
@@ -1406,11 +1358,7 @@ mod tests {
             10,
         )
         .await;
-        assert!(
-            send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .is_err()
-        );
+        assert!(send(&base, &get("/"), &Bytes::new()).await.is_err());
 
         // A repeated length is passed on once.
         let (base, _) = upstream(
@@ -1418,10 +1366,24 @@ mod tests {
             10,
         )
         .await;
-        let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-            .await
-            .unwrap();
+        let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
         assert_eq!(r.headers()[header::CONTENT_LENGTH], "2");
+        assert_eq!(text(r).await, "ok");
+        let lines = Some(&[][..]);
+        let (r, fields, _) = send_with(
+            &base,
+            &get("/"),
+            &[],
+            &Bytes::new(),
+            SECOND,
+            None,
+            lines,
+            Instant::now(),
+        )
+        .await
+        .unwrap();
+        assert!(fields.unwrap().lines.is_empty(), "the length is not a line");
+        assert_eq!(http_body::Body::size_hint(r.body()).exact(), Some(2));
         assert_eq!(text(r).await, "ok");
 
         // A 204 that claims a body is not trusted with another request.
@@ -1431,9 +1393,7 @@ mod tests {
         )
         .await;
         for _ in 0..2 {
-            let r = send(&base, &get("/"), &[], &Bytes::new(), SECOND, None)
-                .await
-                .unwrap();
+            let r = send(&base, &get("/"), &Bytes::new()).await.unwrap();
             assert_eq!(r.status(), StatusCode::NO_CONTENT);
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
