@@ -194,7 +194,10 @@ def main():
     for mode, backend, r in rows:
         q, s, st = r["requests"], r["saga"], r.get("steps", {})
         step = lambda n: (f"{st[n]['p50_ms']:.1f} / {st[n]['p99_ms']:.1f} ms" if n in st else "-")
+        # The count, and by kind where there are any (a status, a timeout...).
         errors = sum(r["errors"].values())
+        if errors:
+            errors = f"{errors} (" + ", ".join(f"{k}: {n}" for k, n in sorted(r["errors"].items())) + ")"
         cancelled = sum(r["cancelled"].values())
         violations = len(r["verify"].get("violations", []))
         print(f"| {mode} | {backend} | {r['orders_per_second']:,.0f} | "
