@@ -89,15 +89,15 @@ def servers_delta(before, after):
 
 
 def pg_commits(dbs):
-    """Transactions committed in the benchmark's PostgreSQL databases so far."""
+    """Transactions committed so far in each of the benchmark's PostgreSQL databases."""
     if not dbs:
-        return 0
+        return {}
     names = ",".join(f"'{d}'" for d in dbs)
     out = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc",
-                          f"SELECT COALESCE(SUM(xact_commit), 0) FROM pg_stat_database "
+                          f"SELECT datname, xact_commit FROM pg_stat_database "
                           f"WHERE datname IN ({names})"],
-                         capture_output=True, text=True).stdout.strip()
-    return int(out or 0)
+                         capture_output=True, text=True).stdout
+    return {name: int(n) for name, n in (line.split("|") for line in out.split() if "|" in line)}
 
 
 def run_one(binary, mode, backend, rate, seconds):
@@ -139,7 +139,12 @@ def run_one(binary, mode, backend, rate, seconds):
         placed = max(report["orders_placed"], 1)
         if dbs:
             time.sleep(1.5)  # backends report their counts at most once a second
-            report["pg_commits_per_order"] = (pg_commits(dbs) - commits_before) / placed
+            committed = pg_commits(dbs)
+            # By service (the database's name ends with it), then in all.
+            by_service = {db.rsplit("_", 1)[1]: (n - commits_before.get(db, 0)) / placed
+                          for db, n in committed.items()}
+            report["pg_commits_by_service"] = by_service
+            report["pg_commits_per_order"] = sum(by_service.values())
         report["cost"] = {
             name: {"cpu_ms": 1e3 * (after[name][0] - before[name][0]) / placed,
                    "switches": (after[name][1] - before[name][1]) / placed}
@@ -219,7 +224,9 @@ def main():
         switches = sum(c["switches"] for _, c in cost)
         outside = ", ".join(f"{n} {c['cpu_ms']:.2f}" for n, c in r["outside"].items())
         if "pg_commits_per_order" in r:
-            outside += f"; {r['pg_commits_per_order']:.1f} PostgreSQL commits per order"
+            heaviest = sorted(r["pg_commits_by_service"].items(), key=lambda kv: -kv[1])
+            outside += (f"; {r['pg_commits_per_order']:.1f} PostgreSQL commits per order ("
+                        + ", ".join(f"{n} {c:.1f}" for n, c in heaviest if c >= 0.05) + ")")
         print(f"| {mode} | {backend} | {parts} | {cpu:.2f} ms / {switches:.0f} | {outside} |")
 
 
