@@ -286,11 +286,17 @@ pub fn transfer_codings<'a>(
 
 /// Whether the comma-separated lists in `values` hold `token` (any case).
 pub fn has_token<'a>(values: impl IntoIterator<Item = &'a HeaderValue>, token: &str) -> bool {
-    values
-        .into_iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    values.into_iter().any(|v| list_has(v.as_bytes(), token))
+}
+
+/// Whether the comma-separated list in a field's `value` bytes holds `token` (any
+/// case). A value with bytes other than visible ASCII holds none, as
+/// `HeaderValue::to_str` refuses it.
+pub fn list_has(value: &[u8], token: &str) -> bool {
+    value.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
+        && value
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The request's transfer codings: `chunked` alone is taken. Without `chunked`

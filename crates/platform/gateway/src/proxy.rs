@@ -28,7 +28,7 @@ use crate::upstream::{Call, UpstreamError};
 use chassis::memo::Memo;
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -89,9 +89,11 @@ impl Proxy {
         name: &str,
         limiter: &KeyedLimiter,
         key: &str,
-        now: std::time::Instant,
     ) -> Result<Decision, Problem> {
-        let local = || limiter.check(key, now);
+        // The clock is read here, not taken from the request's start: authentication
+        // may have waited (a JWKS fetch), Redis may have failed after a round trip,
+        // and a stale time would let a key through early.
+        let local = || limiter.check(key, std::time::Instant::now());
         if limiter.policy.store != LimitStore::Redis {
             return Ok(local());
         }
@@ -105,8 +107,7 @@ impl Proxy {
         self.redis_errors.inc();
         tracing::debug!(error = %error, policy = name, "rate limit store unavailable; falling back");
         match self.redis_fallback {
-            // After a failed round trip to Redis: a reading of its own.
-            RedisFallback::Local => Ok(limiter.check(key, std::time::Instant::now())),
+            RedisFallback::Local => Ok(local()),
             RedisFallback::Allow => Ok(Decision {
                 allowed: true,
                 remaining: 0,
@@ -331,12 +332,7 @@ async fn forward(
                 },
                 LimitKey::Route => route.label.to_string(),
             };
-            // The clock is read again: authentication may have waited (a JWKS
-            // fetch), and a stale time would let a key through early.
-            let decision = proxy
-                .decide(name, limiter, &key, std::time::Instant::now())
-                .await
-                .map_err(fail)?;
+            let decision = proxy.decide(name, limiter, &key).await.map_err(fail)?;
             let headers = rate_limit_headers(name, limiter, &decision);
             if !decision.allowed {
                 let mut problem = Problem::new(

@@ -419,13 +419,13 @@ impl Upstreams {
             .unwrap_or_else(telemetry::context::RequestContext::new_root);
         let mut tried = Vec::new();
         let mut attempt = 0u32;
-        let mut first = None;
+        let mut first_started = None;
         loop {
             attempt += 1;
             // One reading of the clock per attempt's start and end serves the
             // pick, the pool, the deadline sent, the timeout and the latencies.
             let started = Instant::now();
-            let first = *first.get_or_insert(started);
+            let first = *first_started.get_or_insert(started);
             let Some(i) = self.pick(&u, &s, &call, &tried, started) else {
                 return Err(UpstreamError::NoInstance {
                     service: u.name.clone(),

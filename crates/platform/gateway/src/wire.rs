@@ -430,8 +430,8 @@ pub async fn send_with(
                 // One reading for the answer: when the connection went idle, and
                 // (returned) the end of the exchange for the caller's latencies.
                 let answered = Instant::now();
-                let response = respond(conn, key, answer, answered).await?;
-                return Ok((response.0, response.1, answered));
+                let (response, fields) = respond(conn, key, answer, answered).await?;
+                return Ok((response, fields, answered));
             }
             // The upstream closed a pooled connection as it was taken: nothing was
             // done with a request it never read, and an idempotent one may be sent
@@ -678,7 +678,7 @@ fn parse_head(
             Some(Special::TransferEncoding) => framed = true,
             Some(Special::Connection) => {
                 connection = true;
-                close |= list_has(h.value, b"close");
+                close |= message::list_has(h.value, "close");
             }
             _ => {}
         }
@@ -831,13 +831,6 @@ impl Special {
             _ => None,
         }
     }
-}
-
-/// Whether the comma-separated list `value` holds `token` (any case).
-fn list_has(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The field names the `Connection` fields of `fields` list.
@@ -1201,6 +1194,24 @@ mod tests {
             2,
             "such a connection is not reused"
         );
+    }
+
+    /// The names the lines leave out by their bytes are the ones the map form strips
+    /// by `HeaderName` (`proxy::HOP_BY_HOP` and `Upgrade`), in any case.
+    #[test]
+    fn the_lines_know_every_hop_by_hop_name_the_map_form_strips() {
+        for name in crate::proxy::HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
+            for spelled in [name.as_str().to_owned(), name.as_str().to_ascii_uppercase()] {
+                let special = Special::of(spelled.as_bytes());
+                assert!(
+                    matches!(
+                        special,
+                        Some(Special::HopByHop | Special::Connection | Special::TransferEncoding)
+                    ),
+                    "{spelled}: {special:?}"
+                );
+            }
+        }
     }
 
     /// An answer's fields as lines: as the upstream wrote them, without framing,

@@ -223,8 +223,12 @@ impl RequestContext {
 
     /// Time left before the deadline, if there is one.
     pub fn remaining(&self) -> Option<Duration> {
-        self.deadline
-            .map(|d| d.saturating_duration_since(Instant::now()))
+        self.remaining_at(Instant::now())
+    }
+
+    /// Time left before the deadline as of `now`, if there is one.
+    pub fn remaining_at(&self, now: Instant) -> Option<Duration> {
+        self.deadline.map(|d| d.saturating_duration_since(now))
     }
 
     /// A context for work not started by a request (startup, background jobs).
@@ -258,7 +262,7 @@ impl RequestContext {
     /// [`RequestContext::outgoing`], with the time left counted from `now` (a
     /// caller that has just read the clock saves a reading).
     pub fn outgoing_at(&self, now: Instant, mut put: impl FnMut(&HeaderName, &[u8])) {
-        if let Some(left) = self.deadline.map(|d| d.saturating_duration_since(now)) {
+        if let Some(left) = self.remaining_at(now) {
             let millis = u64::try_from(left.as_millis()).unwrap_or(u64::MAX);
             put(&DEADLINE, itoa::Buffer::new().format(millis).as_bytes());
         }
