@@ -267,7 +267,7 @@ def hyper_floor(binary, upstream):
     return proc, port
 
 
-def bazaar(binary, work, upstream, full, unbuffered=False):
+def bazaar(binary, work, upstream, full, unbuffered=False, log=True):
     port = free_port()
     config = os.path.join(work, f"gateway-{'full' if full else 'plain'}.toml")
     with open(config, "w") as f:
@@ -306,7 +306,7 @@ secret = "{SECRET}"
         "BAZAAR_DATA_DIR": os.path.join(work, "data"),
         "BAZAAR_DISCOVERY__SERVICES__UPSTREAM": f"http://127.0.0.1:{upstream}",
         # The plain proxy logs warnings only; the full one writes every access line.
-        "BAZAAR_LOG__LEVEL": "info" if full else "warn",
+        "BAZAAR_LOG__LEVEL": "info" if full and log else "warn",
     }
     if unbuffered:
         # One write per access line, instead of the default: a thread's lines
@@ -375,6 +375,9 @@ def main():
         for suffix, binary in binaries:
             run("bazaar+jwt+ratelimit+log" + suffix, lambda: bazaar(binary, work, upstream, True),
                 "/orders/1", auth=jwt)
+        for suffix, binary in binaries:
+            run("bazaar+jwt+ratelimit" + suffix,
+                lambda: bazaar(binary, work, upstream, True, log=False), "/orders/1", auth=jwt)
         for suffix, binary in binaries:
             run("bazaar+jwt+ratelimit+log, unbuffered log" + suffix,
                 lambda: bazaar(binary, work, upstream, True, unbuffered=True), "/orders/1", auth=jwt)

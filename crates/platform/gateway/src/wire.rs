@@ -320,6 +320,7 @@ impl Fields {
     /// or in `named` (by `Connection`).
     fn add(
         &mut self,
+        head: &[u8],
         h: &httparse::Header<'_>,
         special: Option<Special>,
         keep_length: bool,
@@ -337,7 +338,14 @@ impl Fields {
             .any(|r| name.eq_ignore_ascii_case(r.as_str().as_bytes()));
         if passed {
             self.dated |= special == Some(Special::Date);
-            line(&mut self.lines, h.name, h.value);
+            match raw_line(head, h) {
+                Some(raw) => {
+                    self.lines.reserve(raw.len() + 2);
+                    self.lines.extend_from_slice(raw);
+                    self.lines.extend_from_slice(b"\r\n");
+                }
+                None => line(&mut self.lines, h.name, h.value),
+            }
         }
     }
 
@@ -365,6 +373,19 @@ impl Fields {
             }
         }
     }
+}
+
+/// A field's line as the upstream wrote it in `head`, from its name to the end of
+/// its value (the colon and the spaces around it included), without the line's
+/// end: one copy where name, colon and value were three. `None` where the parser's
+/// slices do not lie so in `head` (an empty value need not point into it).
+fn raw_line<'a>(head: &'a [u8], h: &httparse::Header<'_>) -> Option<&'a [u8]> {
+    let base = head.as_ptr() as usize;
+    let start = (h.name.as_ptr() as usize).checked_sub(base)?;
+    let end = (h.value.as_ptr() as usize + h.value.len()).checked_sub(base)?;
+    let raw = head.get(start..end)?;
+    let colon = h.name.len();
+    (!h.value.is_empty() && raw.get(colon) == Some(&b':') && raw.ends_with(h.value)).then_some(raw)
 }
 
 /// A failed exchange, and whether it failed before a byte of the answer came
@@ -683,7 +704,7 @@ fn parse_head(
             _ => {}
         }
         if let (Some(out), Some(replaced)) = (&mut lines, as_fields) {
-            out.add(h, special, keep_length, replaced, &[]);
+            out.add(bytes, h, special, keep_length, replaced, &[]);
         }
     }
     if connection && let (Some(out), Some(replaced)) = (&mut lines, as_fields) {
@@ -692,6 +713,7 @@ fn parse_head(
         out.dated = false;
         for h in fields.iter() {
             out.add(
+                bytes,
                 h,
                 Special::of(h.name.as_bytes()),
                 keep_length,
@@ -1219,11 +1241,13 @@ mod tests {
     /// the framing read from them as from a map.
     #[test]
     fn fields_as_lines_leave_out_framing_hop_by_hop_and_replaced_names() {
-        let answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: x-secret, keep-alive\r\n\
+        let answer =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: x-secret, keep-alive\r\n\
             X-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\nTrailer: x\r\n\
             Proxy-Authenticate: Basic\r\nProxy-Authorization: x\r\nProxy-Connection: y\r\n\
             Transfer-Encoding: chunked\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\n\
-            x-correlation-id: upstream-own\r\nRateLimit: r=1\r\nx-kept:  a b \r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+            x-correlation-id: upstream-own\r\nRateLimit: r=1\r\nx-kept:  a b \r\nx-empty:\r\n\r\n\
+            5\r\nhello\r\n0\r\n\r\n";
         let replaced = [CORRELATION_ID, HeaderName::from_static("ratelimit")];
         let (head, used) = parse_head(answer, false, Some(&replaced)).unwrap().unwrap();
         assert_eq!(&answer[used..used + 3], b"5\r\n");
@@ -1233,15 +1257,19 @@ mod tests {
         assert!(head.reusable);
         let fields = head.fields.unwrap();
         assert!(fields.dated);
+        // Each line as the upstream wrote it, up to the end of its value (an
+        // empty value's line is written anew).
         assert_eq!(
             String::from_utf8(fields.lines.clone()).unwrap(),
-            "Content-Type: text/plain\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\nx-kept: a b\r\n"
+            "Content-Type: text/plain\r\nDate: Sat, 28 Nov 2026 12:00:00 GMT\r\nx-kept:  a b\r\n\
+             x-empty: \r\n"
         );
         // The same fields, for a server that needs a map.
         let mut map = HeaderMap::new();
         fields.into_map(&mut map);
-        assert_eq!(map.len(), 3);
+        assert_eq!(map.len(), 4);
         assert_eq!(map["x-kept"], "a b");
+        assert_eq!(map["x-empty"], "");
 
         // A sized answer's length is the client's server's to write; a HEAD
         // answer's describes the representation and stays; `close` is heeded.
