@@ -334,7 +334,7 @@ enum JwksSource {
 pub struct JwksCache {
     source: JwksSource,
     keys: RwLock<Arc<KeySet>>,
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    last_fetch: tokio::sync::Mutex<Option<(Instant, Option<String>)>>,
     min_interval: Duration,
 }
 
@@ -414,11 +414,20 @@ impl JwksCache {
         if let Some(k) = self.cached(kid) {
             return Ok(k);
         }
-        if last.is_some_and(|t| t.elapsed() < self.min_interval) {
-            return Err(JwtError::UnknownKid(kid.to_owned()));
+        // Fetches are spaced (unknown `kid`s are cheap to send); within the space,
+        // a failed fetch keeps its answer: the issuer unreachable is a 503 to
+        // retry, not a token to throw away.
+        if let Some((at, failure)) = &*last
+            && at.elapsed() < self.min_interval
+        {
+            return Err(match failure {
+                Some(e) => JwtError::KeysUnavailable(e.clone()),
+                None => JwtError::UnknownKid(kid.to_owned()),
+            });
         }
-        *last = Some(Instant::now());
-        let doc = self.fetch().await.map_err(JwtError::KeysUnavailable)?;
+        let fetched = self.fetch().await;
+        *last = Some((Instant::now(), fetched.as_ref().err().cloned()));
+        let doc = fetched.map_err(JwtError::KeysUnavailable)?;
         let set = KeySet::from_jwks(&doc)?;
         tracing::info!(issuer = %self.describe(), keys = set.len(), "fetched JWKS");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
@@ -604,6 +613,24 @@ mod tests {
             })
             .unwrap();
         assert!(v.verify::<Claims>(&wrong_aud).await.is_err());
+    }
+
+    /// While the issuer is unreachable, tokens of keys not yet known are refused as
+    /// "keys unavailable" (a 503 to retry), the failed fetch's answer kept for the
+    /// fetch interval: not "unknown key" (a 401 that sends the user to log in again).
+    #[tokio::test]
+    async fn an_unreachable_issuer_stays_unavailable_between_fetches() {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/jwks.json", dead.local_addr().unwrap());
+        drop(dead);
+        let v = JwtVerifier::with_jwks(JwksCache::from_url(&url), "me", "you", Duration::ZERO);
+        let token = SigningKey::generate().unwrap().sign(&claims(60)).unwrap();
+        for _ in 0..2 {
+            assert!(matches!(
+                v.verify::<Claims>(&token).await,
+                Err(JwtError::KeysUnavailable(_))
+            ));
+        }
     }
 
     #[test]

@@ -183,6 +183,44 @@ pub async fn handle_request(
 
 type Failure = (Option<RouteLabel>, Problem);
 
+/// A matched route, the path to send upstream and what its template captured.
+type Found<'a> = (&'a crate::routes::Route, String, Vec<(String, String)>);
+
+/// A route found, or the problem of a path no route serves (404) or serves for
+/// other methods (405, with `Allow`).
+fn found(matched: Match<'_>) -> Result<Found<'_>, Failure> {
+    match matched {
+        Match::Found {
+            route,
+            upstream_path,
+            params,
+        } => Ok((route, upstream_path, params)),
+        Match::MethodNotAllowed(allowed) => {
+            let allow = allowed
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let problem = Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "Method not allowed",
+            )
+            .with_detail(format!("this path takes {allow}"));
+            let problem = match HeaderValue::from_str(&allow) {
+                Ok(v) => problem.with_header(header::ALLOW, v),
+                Err(_) => problem,
+            };
+            Err((None, problem))
+        }
+        Match::NotFound => Err((
+            None,
+            Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
+                .with_detail("no route serves this path"),
+        )),
+    }
+}
+
 /// The request's host, without a port, from `Host` or the absolute URI.
 fn host_of(request: &Request) -> Option<&str> {
     let raw = request
@@ -231,39 +269,18 @@ async fn forward(
             .unwrap_or_else(|| request.method().clone()),
         false => request.method().clone(),
     };
-    let (route, upstream_path, params) =
-        match runtime.table.matching(host_of(&request), &method, &path) {
-            Match::Found {
-                route,
-                upstream_path,
-                params,
-            } => (route, upstream_path, params),
-            Match::MethodNotAllowed(allowed) => {
-                let allow = allowed
-                    .iter()
-                    .map(|m| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let problem = Problem::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method-not-allowed",
-                    "Method not allowed",
-                )
-                .with_detail(format!("this path takes {allow}"));
-                let problem = match HeaderValue::from_str(&allow) {
-                    Ok(v) => problem.with_header(header::ALLOW, v),
-                    Err(_) => problem,
-                };
-                return Err((None, problem));
-            }
-            Match::NotFound => {
-                return Err((
-                    None,
-                    Problem::new(StatusCode::NOT_FOUND, "no-route", "Not found")
-                        .with_detail("no route serves this path"),
-                ));
-            }
-        };
+    let host = host_of(&request);
+    let (route, upstream_path, params) = found(runtime.table.matching(host, &method, &path))?;
+    // A preflight to a route without CORS is an OPTIONS request like any other,
+    // held to the route's methods: routed as the method it announced, it would
+    // reach the upstream past them.
+    let (preflight, (route, upstream_path, params)) = match preflight && route.cors.is_none() {
+        true => (
+            false,
+            found(runtime.table.matching(host, request.method(), &path))?,
+        ),
+        false => (preflight, (route, upstream_path, params)),
+    };
     let label = RouteLabel(route.label.clone());
     log.path = Some(path.to_string());
     // The route's CORS grants for this origin, on every answer including problems.
@@ -571,7 +588,12 @@ fn finish(
     strip_hop_by_hop(&mut parts.headers);
     route.response_headers.apply(&mut parts.headers);
     for (name, value) in grants {
-        parts.headers.insert(name.clone(), value.clone());
+        // `Vary: origin` joins what the answer varies by (an upstream's
+        // `Vary: accept-encoding` must reach caches too).
+        match *name == header::VARY {
+            true => parts.headers.append(name.clone(), value.clone()),
+            false => parts.headers.insert(name.clone(), value.clone()).is_some(),
+        };
     }
     for (name, value) in limit.into_iter().flatten().flatten() {
         parts.headers.insert(name, value);

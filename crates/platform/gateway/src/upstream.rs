@@ -438,7 +438,9 @@ impl Upstreams {
             }
             let instance = &s.instances[i];
             let state = &s.states[i];
-            state.outstanding.fetch_add(1, Ordering::Relaxed);
+            // Counted down however the attempt ends, dropped midway included (a
+            // count left up would keep the balancer off the instance for good).
+            let outstanding = Outstanding::new(&state.outstanding);
             let sent = crate::wire::send_with(
                 &instance.base_url,
                 head,
@@ -449,12 +451,18 @@ impl Upstreams {
                 call.as_fields,
                 started,
             );
-            let at = tokio::time::Instant::from_std(started) + call.timeout;
+            // An attempt ends by the upstream timeout or by the request's own
+            // deadline, whichever comes first: cut off from outside, the attempt
+            // would leave the client a bare timeout instead of a 504, and neither
+            // the instance's latency nor its failure would be recorded.
+            let own = tokio::time::Instant::from_std(started) + call.timeout;
+            let at = context.deadline.map_or(own, |d| d.min(own));
+            let cut_short = at < own;
             let lent = timer.as_mut().map(|t| t.as_mut());
             let outcome = crate::h1::within(at, lent, std::pin::pin!(sent))
                 .await
                 .ok_or(());
-            state.outstanding.fetch_sub(1, Ordering::Relaxed);
+            drop(outstanding);
             // An answer comes with the time its head arrived; a failure reads it.
             let ended = match &outcome {
                 Ok(Ok((_, _, answered))) => *answered,
@@ -466,7 +474,8 @@ impl Upstreams {
                 Err(_) => (
                     Err(UpstreamError::Timeout {
                         service: u.name.clone(),
-                        after: call.timeout,
+                        after: at
+                            .saturating_duration_since(tokio::time::Instant::from_std(started)),
                     }),
                     true,
                     false,
@@ -497,6 +506,13 @@ impl Upstreams {
                     (Ok(r), failed, false, status_class(status))
                 }
             };
+            // The request's deadline cutting an attempt short says nothing of the
+            // instance (a client's short deadline must not get instances ejected),
+            // and leaves no time for another.
+            if cut_short && matches!(result, Err(UpstreamError::Timeout { .. })) {
+                u.count(label);
+                return result;
+            }
             self.record(&u, &s, i, &call, took, failed);
             u.count(label);
             // Retry: a connection that failed (nothing was sent), or an idempotent
@@ -524,6 +540,23 @@ impl Upstreams {
             }
             tracing::debug!(upstream = %u.name, attempt, "retrying on another instance");
         }
+    }
+}
+
+/// An attempt in flight on an instance, for least-outstanding balancing: counted
+/// up when made, down when dropped.
+struct Outstanding<'a>(&'a AtomicU32);
+
+impl<'a> Outstanding<'a> {
+    fn new(count: &'a AtomicU32) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -1239,24 +1239,76 @@ async fn two_gateways_sharing_redis_admit_the_configured_rate() {
 
 #[tokio::test]
 async fn cors_preflights_are_answered_by_the_gateway_and_grants_added_for_allowed_origins() {
-    let gw = spawn_with(|s| {
-        s.routes = vec![RouteConfig {
-            cors: Some("shop".into()),
-            methods: vec!["GET".into(), "POST".into()],
-            ..RouteConfig::prefix("/private", "echo", AuthPolicy::Required)
-        }];
-        s.cors = [(
-            "shop".to_owned(),
-            gateway::cors::CorsPolicy {
-                allow_origins: vec!["https://shop.example.com".into()],
-                allow_credentials: true,
-                ..Default::default()
-            },
-        )]
-        .into();
-    })
+    // An upstream whose answers vary by encoding already.
+    let varied =
+        chassis::testing::serve(axum::Router::new().fallback(axum::routing::any(|| async {
+            ([("vary", "accept-encoding")], "v")
+        })))
+        .await;
+    let gw = spawn_full(
+        |s| {
+            s.routes = vec![
+                RouteConfig {
+                    cors: Some("shop".into()),
+                    methods: vec!["GET".into(), "POST".into()],
+                    ..RouteConfig::prefix("/private", "echo", AuthPolicy::Required)
+                },
+                RouteConfig {
+                    cors: Some("shop".into()),
+                    ..RouteConfig::prefix("/varied", "varied", AuthPolicy::Anonymous)
+                },
+                RouteConfig {
+                    methods: vec!["GET".into()],
+                    ..RouteConfig::prefix("/open", "echo", AuthPolicy::Anonymous)
+                },
+            ];
+            s.cors = [(
+                "shop".to_owned(),
+                gateway::cors::CorsPolicy {
+                    allow_origins: vec!["https://shop.example.com".into()],
+                    allow_credentials: true,
+                    ..Default::default()
+                },
+            )]
+            .into();
+        },
+        vec![("varied".into(), varied)],
+    )
     .await;
     let before = gw.seen_count();
+    // A preflight-shaped request to a route without CORS is an OPTIONS like any
+    // other: refused by the route's methods, not routed as the one it announces.
+    let r = gw
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/open/x", gw.url))
+        .header("origin", "https://shop.example.com")
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers()["allow"].to_str().unwrap().contains("GET"));
+    assert_eq!(gw.seen_count(), before);
+    // The grants' `Vary: origin` joins the upstream's own `Vary`.
+    let r = gw
+        .http
+        .get(format!("{}/varied/x", gw.url))
+        .header("origin", "https://shop.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let vary: Vec<String> = r
+        .headers()
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+        .collect();
+    assert!(
+        vary.iter().any(|v| v.contains("accept-encoding")),
+        "{vary:?}"
+    );
+    assert!(vary.iter().any(|v| v.contains("origin")), "{vary:?}");
     let preflight = |origin: &'static str, method: &'static str| {
         gw.http
             .request(reqwest::Method::OPTIONS, format!("{}/private/y", gw.url))
@@ -1933,4 +1985,70 @@ async fn public_metrics_are_for_this_host_only() {
     assert_eq!(remote.status(), 404);
     let proxied = gw.http.get(format!("{base}/open/x")).send().await.unwrap();
     assert_eq!(proxied.status(), 200);
+}
+
+/// The request's deadline cuts an upstream call short: the client gets the 504 of
+/// an upstream timeout (not the bare timeout of a request dropped midway), no time
+/// is spent on another instance, and the cut attempt leaves the instance as it
+/// found it: nothing outstanding, no failure counted towards its ejection (a
+/// client's short deadline must not get instances ejected).
+#[tokio::test]
+async fn a_request_deadline_ends_the_upstream_call_as_a_504_and_leaves_no_trace() {
+    use gateway::configuration::UpstreamConfig;
+    let hang = || {
+        chassis::testing::serve(axum::Router::new().fallback(axum::routing::any(|| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            "late"
+        })))
+    };
+    let (first, second) = (hang().await, hang().await);
+    let gw = spawn_full(
+        |s| {
+            s.upstream_timeout = HumanDuration::secs(5);
+            s.routes = vec![RouteConfig::prefix("/hang", "hang", AuthPolicy::Anonymous)];
+            s.upstreams = [(
+                "hang".to_owned(),
+                UpstreamConfig {
+                    outlier_consecutive_failures: 1,
+                    retry_budget_percent: 100,
+                    ..UpstreamConfig::default()
+                },
+            )]
+            .into();
+        },
+        vec![("hang".into(), format!("{first},{second}"))],
+    )
+    .await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let r = gw
+            .http
+            .get(format!("{}/hang/x", gw.url))
+            .header("x-bazaar-deadline", "300")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "answered after {:?}",
+            started.elapsed()
+        );
+    }
+    let upstreams: Value = gw.admin_json("/upstreams").await;
+    let hang = upstreams["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["service"] == "hang")
+        .unwrap()
+        .clone();
+    let instances = hang["instances"].as_array().unwrap();
+    assert_eq!(instances.len(), 2, "{hang}");
+    for i in instances {
+        assert_eq!(i["outstanding"], 0, "{hang}");
+        assert_eq!(i["ejected"], false, "{hang}");
+        assert_eq!(i["consecutive_failures"], 0, "{hang}");
+    }
 }

@@ -80,6 +80,7 @@ impl Metrics {
 
     /// Records one served request.
     pub fn observe_http(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        let method = method_label(method);
         let seconds = elapsed.as_secs_f64();
         let known = HANDLES.with(|handles| {
             let handles = handles.try_borrow().ok()?;
@@ -133,6 +134,18 @@ impl Metrics {
     }
 }
 
+/// A request method as a label: the methods of RFC 9110 and PATCH as they are (and
+/// `-`, a request refused before its method was read), any other token as `OTHER`.
+/// A client may send any token as a method, and each label value is a series of
+/// its own: unmapped, a client could grow the registry without bound.
+pub fn method_label(method: &str) -> &str {
+    match method {
+        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH"
+        | "-" => method,
+        _ => "OTHER",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,6 +182,30 @@ mod tests {
             count(&text, "method=\"GET\",route=\"/x\",status=\"200\"").as_deref(),
             Some("1")
         );
+    }
+
+    /// A client's invented methods share one series: each of them would be a new
+    /// one, and any token is a method.
+    #[test]
+    fn methods_outside_the_standard_set_count_as_other() {
+        let m = Metrics::new("gw");
+        for i in 0..50 {
+            m.observe_http(&format!("BREW{i}"), "/x", 405, Duration::from_millis(1));
+        }
+        m.observe_http("PATCH", "/x", 200, Duration::from_millis(1));
+        let text = m.encode();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("http_server_request_duration_seconds_count"))
+            .collect();
+        assert_eq!(series.len(), 2, "{series:?}");
+        assert!(
+            series
+                .iter()
+                .any(|l| l.contains("method=\"OTHER\"") && l.ends_with(" 50")),
+            "{series:?}"
+        );
+        assert!(series.iter().any(|l| l.contains("method=\"PATCH\"")));
     }
 
     #[test]
