@@ -794,7 +794,9 @@ impl Service {
     ) -> Self {
         match self.chassis.events.clone() {
             Some(bus) => {
-                let config = messaging::consumer::ConsumerConfig::new(topic, group);
+                // A service's consumers keep its state and its sagas' steps: an event
+                // that fails for a passing reason is retried until handled.
+                let config = messaging::consumer::ConsumerConfig::new(topic, group).until_handled();
                 let store = messaging::consumer::Store {
                     pool,
                     inbox: messaging::inbox::Inbox::new(group),

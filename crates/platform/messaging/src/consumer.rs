@@ -62,6 +62,18 @@ impl ConsumerConfig {
         }
     }
 
+    /// Redelivers an event that fails with [`HandlerError::Retry`] until it is
+    /// handled, never dead-lettering it (a [`HandlerError::Reject`] still is, at
+    /// once): for a consumer whose events carry state that may not go missing, a
+    /// saga's step or a read model's change, where a skipped event breaks an
+    /// invariant (stock never sold, a charge never refunded) and a stalled
+    /// partition, retried with backoff and logged at each attempt, can be seen and
+    /// mended.
+    pub fn until_handled(mut self) -> Self {
+        self.max_attempts = u32::MAX;
+        self
+    }
+
     fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
         self.base_backoff

@@ -607,3 +607,80 @@ async fn acks_reach_a_broker_without_the_shared_settle_call() {
     .await;
     conformance::every_group_gets_every_event(bus, &conformance::ALL).await;
 }
+
+/// Fails each event with a passing error until its eighth delivery.
+struct Stubborn;
+
+impl messaging::consumer::Transactional for Stubborn {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut sqlx::AnyConnection,
+        event: &'a messaging::CloudEvent,
+        meta: &'a messaging::consumer::Meta,
+        _prepared: messaging::consumer::Prepared,
+        _after: &'a mut messaging::consumer::AfterCommit,
+    ) -> messaging::BoxFuture<'a, Result<(), messaging::consumer::HandlerError>> {
+        Box::pin(async move {
+            if meta.attempt < 8 {
+                return Err(messaging::consumer::HandlerError::Retry("not yet".into()));
+            }
+            sqlx::query("INSERT INTO seen (k, n, shared) VALUES ($1, $2, $3)")
+                .bind(&meta.key)
+                .bind(event.data["n"].as_i64().unwrap())
+                .bind(i64::from(meta.attempt))
+                .execute(&mut *tx)
+                .await?;
+            Ok(())
+        })
+    }
+}
+
+/// A consumer made `until_handled` retries an event that keeps failing for a
+/// passing reason past the attempts after which another would dead-letter it, and
+/// handles it once it can: nothing reaches the dead-letter topic.
+#[tokio::test]
+async fn an_event_retried_until_handled_is_never_dead_lettered() {
+    use messaging::consumer::ConsumerConfig;
+    use messaging::{CloudEvent, SubscribeOptions};
+    use std::time::{Duration, Instant};
+
+    let bus = own_bus(1).await;
+    let (pool, _) = seen_db().await;
+    let e = CloudEvent::new(
+        "/t",
+        "thing.happened",
+        Some("k"),
+        serde_json::json!({"n": 1}),
+    );
+    bus.publish("work", "k", &e).await.unwrap();
+    let mut config = ConsumerConfig::new("work", "g").until_handled();
+    assert!(config.max_attempts > 8);
+    config.base_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(40);
+    let (stop, task) = consume(&bus, config, &pool, Arc::new(Stubborn));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let attempt = loop {
+        let row: Option<i64> = sqlx::query_scalar("SELECT shared FROM seen WHERE n = 1")
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if let Some(attempt) = row {
+            break attempt;
+        }
+        assert!(Instant::now() < deadline, "never handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(attempt, 8);
+    let mut letters = bus
+        .subscribe("work.dlq", "check", SubscribeOptions::default())
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), letters.next())
+            .await
+            .is_err(),
+        "an event was dead-lettered"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}

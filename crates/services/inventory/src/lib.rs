@@ -565,14 +565,27 @@ impl Inventory {
         expired: Option<i64>,
         sent: &mut Vec<Enqueued>,
     ) -> Result<(), HandlerError> {
-        let row = sqlx::query("SELECT status, items FROM reservations WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_optional(&mut *tx)
-            .await?;
         let now = chassis::clock::now_millis();
-        match row {
-            Some(row) if row.try_get::<String, _>(0)? == "held" => {
-                let items: String = row.try_get(1)?;
+        let status = if expired.is_some() {
+            "expired"
+        } else {
+            "released"
+        };
+        // The reservation leaves `held` first, and only the transaction that moved
+        // it gives the stock back: a release, an expiry and a sale of the same
+        // reservation may run at once (PostgreSQL, several instances), and a
+        // status read first would let two of them both see it held.
+        let claimed: Option<String> = sqlx::query_scalar(
+            "UPDATE reservations SET status = $1, updated_at = $2 \
+             WHERE order_id = $3 AND status = 'held' RETURNING items",
+        )
+        .bind(status)
+        .bind(now)
+        .bind(order_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match claimed {
+            Some(items) => {
                 let lines: Vec<Line> = serde_json::from_str(&items)
                     .map_err(|e| HandlerError::Retry(format!("reservation {order_id}: {e}")))?;
                 for line in &lines {
@@ -585,35 +598,29 @@ impl Inventory {
                     .execute(&mut *tx)
                     .await?;
                 }
-                let status = if expired.is_some() {
-                    "expired"
-                } else {
-                    "released"
-                };
-                sqlx::query(
-                    "UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3",
-                )
-                .bind(status)
-                .bind(now)
-                .bind(order_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Some(row) => {
-                let status: String = row.try_get(0)?;
-                if status == "committed" {
-                    tracing::warn!(order_id, "release of a sold reservation ignored");
-                }
             }
             None => {
-                sqlx::query(
-                    "INSERT INTO reservations (order_id, status, reason, items, expires_at, created_at, updated_at) \
-                     VALUES ($1, 'cancelled', 'released before reserved', '[]', $2, $2, $2)",
-                )
-                .bind(order_id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
+                let current: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+                        .bind(order_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                match current.as_deref() {
+                    Some("committed") => {
+                        tracing::warn!(order_id, "release of a sold reservation ignored");
+                    }
+                    Some(_) => {}
+                    None => {
+                        sqlx::query(
+                            "INSERT INTO reservations (order_id, status, reason, items, expires_at, created_at, updated_at) \
+                             VALUES ($1, 'cancelled', 'released before reserved', '[]', $2, $2, $2)",
+                        )
+                        .bind(order_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
             }
         }
         let mut data = json!({"order_id": order_id});
@@ -627,27 +634,41 @@ impl Inventory {
 
     /// A confirmed order's reserved stock becomes sold.
     async fn commit(&self, tx: &mut AnyConnection, order_id: &str) -> Result<(), HandlerError> {
-        let row = sqlx::query("SELECT status, items FROM reservations WHERE order_id = $1")
+        let now = chassis::clock::now_millis();
+        // As in `release`: the status moves first, and only the transaction that
+        // moved it moves stock. A held reservation's stock is taken from
+        // `reserved`; one whose time ran out before the confirmation, from
+        // `available` if it is there (the reservation TTL is meant to be far
+        // longer than a saga).
+        let mut claimed = None;
+        for (was, from) in [("held", "reserved"), ("expired", "available")] {
+            let items: Option<String> = sqlx::query_scalar(
+                "UPDATE reservations SET status = 'committed', updated_at = $1 \
+                 WHERE order_id = $2 AND status = $3 RETURNING items",
+            )
+            .bind(now)
             .bind(order_id)
+            .bind(was)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else {
-            tracing::warn!(order_id, "confirmed order without a reservation");
+            if let Some(items) = items {
+                claimed = Some((items, from));
+                break;
+            }
+        }
+        let Some((items, from)) = claimed else {
+            let known: Option<String> =
+                sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+                    .bind(order_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if known.is_none() {
+                tracing::warn!(order_id, "confirmed order without a reservation");
+            }
             return Ok(());
         };
-        let status: String = row.try_get(0)?;
-        let items: String = row.try_get(1)?;
         let lines: Vec<Line> = serde_json::from_str(&items)
             .map_err(|e| HandlerError::Retry(format!("reservation {order_id}: {e}")))?;
-        let from = match status.as_str() {
-            "held" => "reserved",
-            // Its time ran out before the confirmation: take the stock again if it
-            // is there (the reservation TTL is meant to be far longer than a saga).
-            "expired" => "available",
-            _ => {
-                return Ok(());
-            }
-        };
         for line in &lines {
             let moved = sqlx::query(&format!(
                 "UPDATE stock SET {from} = {from} - $1, sold = sold + $1 \
@@ -661,13 +682,6 @@ impl Inventory {
                 tracing::error!(order_id, product_id = %line.product_id, "confirmed order whose expired reservation cannot be taken again: stock ran out");
             }
         }
-        sqlx::query(
-            "UPDATE reservations SET status = 'committed', updated_at = $1 WHERE order_id = $2",
-        )
-        .bind(chassis::clock::now_millis())
-        .bind(order_id)
-        .execute(&mut *tx)
-        .await?;
         Ok(())
     }
 

@@ -286,6 +286,83 @@ async fn no_oversell(engine: Engine) {
     database.close().await;
 }
 
+/// A sale, a release and an expiry of the same reservations race (as they may on
+/// PostgreSQL with several instances): each reservation ends in one state, and its
+/// stock moved once, to where that state says.
+async fn settling_races(engine: Engine) {
+    let (i, database, _db) = setup(engine, 100, SagaMode::Choreography).await;
+    let orders: Vec<String> = (0..12).map(|n| format!("s-{n}")).collect();
+    for order in &orders {
+        let created = CloudEvent::new(
+            "/bazaar/orders",
+            "order.created",
+            Some(order),
+            reserve(order, &[("mug", 2)]).data,
+        );
+        i.on_order(created, meta()).await.unwrap();
+    }
+    assert_eq!(stock(&i, "mug").await, (76, 24, 0));
+    let until_done = |i: Inventory, event: CloudEvent| async move {
+        loop {
+            match i.on_order(event.clone(), meta()).await {
+                Ok(()) => return,
+                Err(HandlerError::Retry(_)) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let mut tasks = Vec::new();
+    for order in &orders {
+        for ty in ["order.confirmed", "order.cancelled"] {
+            tasks.push(tokio::spawn(until_done(i.clone(), command(ty, order))));
+        }
+    }
+    let expiring = i.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if expiring.expire(i64::MAX).await.is_ok() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }));
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let count = |status: &'static str| {
+        let pool = i.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM reservations WHERE status = $1")
+                .bind(status)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    let (sold, released, expired) = (
+        count("committed").await,
+        count("released").await,
+        count("expired").await,
+    );
+    assert_eq!(sold + released + expired, 12);
+    assert_eq!(
+        stock(&i, "mug").await,
+        (100 - 2 * sold, 0, 2 * sold),
+        "{sold} sold, {released} released, {expired} expired"
+    );
+    database.close().await;
+}
+
+#[tokio::test]
+async fn settling_races_move_stock_once_on_sqlite() {
+    settling_races(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn settling_races_move_stock_once_on_postgres() {
+    settling_races(Engine::Postgres).await;
+}
+
 #[tokio::test]
 async fn reservations_on_sqlite() {
     lifecycle(Engine::Sqlite).await;
