@@ -486,13 +486,33 @@ pub fn with_query(path: String, query: Option<&str>) -> String {
     }
 }
 
-/// `template` with the route's captured values put in.
+/// `template` with the route's captured values put in, in one pass over the
+/// template: a captured value is the client's text, and one holding `{name}` (the
+/// http crate takes braces in a path) must not be filled in again. A placeholder
+/// nothing captured stays as it is.
 pub fn fill(template: &str, params: &[(String, String)]) -> String {
-    let mut out = template.to_owned();
-    for (name, value) in params {
-        out = out.replace(&format!("{{*{name}}}"), value);
-        out = out.replace(&format!("{{{name}}}"), value);
+    let mut out = String::with_capacity(template.len() + 16);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = &after[..close];
+        let bare = name.strip_prefix('*').unwrap_or(name);
+        match params.iter().find(|(n, _)| n == bare) {
+            Some((_, value)) => out.push_str(value),
+            None => {
+                out.push('{');
+                out.push_str(name);
+                out.push('}');
+            }
+        }
+        rest = &after[close + 1..];
     }
+    out.push_str(rest);
     out
 }
 
@@ -729,6 +749,21 @@ mod tests {
         assert_eq!(label("/ordersx"), None);
         assert_eq!(label("/orders/1").as_deref(), Some("/orders"));
         assert_eq!(label("/"), None);
+    }
+
+    #[test]
+    fn a_captured_value_is_put_in_once_as_it_is() {
+        let params = vec![
+            ("id".to_owned(), "{rest}".to_owned()),
+            ("rest".to_owned(), "a/b".to_owned()),
+        ];
+        assert_eq!(
+            fill("/items/{id}/x/{*rest}", &params),
+            "/items/{rest}/x/a/b"
+        );
+        assert_eq!(fill("/v/{unknown}/{id}", &params), "/v/{unknown}/{rest}");
+        assert_eq!(fill("/plain", &params), "/plain");
+        assert_eq!(fill("/open/{id", &params), "/open/{id");
     }
 
     #[test]
