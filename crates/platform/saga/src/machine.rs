@@ -253,7 +253,12 @@ impl Saga {
                 let max = def.steps.get(self.step).map_or(1, |s| s.max_attempts);
                 if self.attempt < max {
                     t.note(self.step, &format!("no reply to attempt {}", self.attempt));
-                    self.send(def, Direction::Do, self.attempt + 1, now, &mut t);
+                    let attempt = self.attempt + 1;
+                    self.send(def, Direction::Do, attempt, now, &mut t);
+                    // Each attempt waits twice as long as the one before (up to the
+                    // longest backoff): a participant slow to answer is not sent
+                    // the same command at a fixed rhythm.
+                    self.deadline = now + def.backoff(self.step, attempt);
                 } else {
                     t.note(
                         self.step,
@@ -474,9 +479,14 @@ mod tests {
         );
         let t = saga.apply(&def, Input::Tick, t0() + Duration::from_secs(2));
         assert_eq!(sent(&t), Some((1, Direction::Do, 2)));
+        // The second attempt waits twice the step's timeout (backoff).
+        assert!(
+            saga.apply(&def, Input::Tick, t0() + Duration::from_secs(4))
+                .is_noop()
+        );
         // The charge's last attempt goes unanswered: it may have happened, so it is
         // refunded, then the reservation released.
-        let t = saga.apply(&def, Input::Tick, t0() + Duration::from_secs(4));
+        let t = saga.apply(&def, Input::Tick, t0() + Duration::from_secs(6));
         assert_eq!(sent(&t), Some((1, Direction::Undo, 1)));
         assert_eq!(saga.reason.as_deref(), Some("timeout"));
         // A late reply to the charge no longer counts.

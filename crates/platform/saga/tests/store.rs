@@ -268,6 +268,11 @@ async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPoo
     assert_eq!(o.tick(&pool, at(2)).await.unwrap(), 1, "charge sent again");
     assert_eq!(
         o.tick(&pool, at(4)).await.unwrap(),
+        0,
+        "the second attempt waits twice as long"
+    );
+    assert_eq!(
+        o.tick(&pool, at(6)).await.unwrap(),
         1,
         "charge given up: refund"
     );
@@ -292,7 +297,7 @@ async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPoo
         1,
         Direction::Undo,
         Reply::Done(json!({})),
-        at(5),
+        at(7),
     )
     .await;
     reply(
@@ -302,7 +307,7 @@ async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPoo
         0,
         Direction::Undo,
         Reply::Done(json!({})),
-        at(5),
+        at(7),
     )
     .await;
     reply(
@@ -312,7 +317,7 @@ async fn the_timer_retries_then_compensates_and_the_host_hears_once(pool: AnyPoo
         0,
         Direction::Undo,
         Reply::Done(json!({})),
-        at(5),
+        at(7),
     )
     .await;
     let mut conn = pool.acquire().await.unwrap();

@@ -233,13 +233,22 @@ pub fn apply<'a>(
 }
 
 fn order_cancelled(data: &Value) -> String {
-    let why = match data["reason"].as_str() {
-        Some("out_of_stock") => "an item ran out of stock",
-        Some("payment_declined") => "the payment was declined",
-        Some("timeout") => "it could not be completed in time",
-        _ => "it could not be completed",
+    // Stock runs out before a charge is asked for, and a declined charge took
+    // nothing; an order that timed out may have been charged before the refund
+    // that cancelling it brings.
+    let (why, money) = match data["reason"].as_str() {
+        Some("out_of_stock") => ("an item ran out of stock", "You were not charged."),
+        Some("payment_declined") => ("the payment was declined", "You were not charged."),
+        Some("timeout") => (
+            "it could not be completed in time",
+            "Any payment taken for it is refunded.",
+        ),
+        _ => (
+            "it could not be completed",
+            "Any payment taken for it is refunded.",
+        ),
     };
-    format!("Your order was cancelled: {why}. You were not charged.")
+    format!("Your order was cancelled: {why}. {money}")
 }
 
 fn order_received(data: &Value) -> Result<String, HandlerError> {

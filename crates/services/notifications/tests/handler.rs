@@ -73,6 +73,23 @@ async fn run(engine: Engine) {
         )
     );
     assert_eq!(kinds.len(), 2);
+    // An order that timed out may have been charged: its notice says the
+    // payment comes back rather than that none was taken.
+    let mut timed_out = created("o-5");
+    timed_out.ty = "order.cancelled".into();
+    timed_out.data["reason"] = json!("timeout");
+    notifications::handle(&pool, &inbox, timed_out, meta())
+        .await
+        .unwrap();
+    let text: String = sqlx::query_scalar("SELECT text FROM notifications WHERE order_id = 'o-5'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        text,
+        "Your order was cancelled: it could not be completed in time. \
+         Any payment taken for it is refunded."
+    );
 
     let mut broken = created("o-2");
     broken.data["items"] = json!("not a list");
@@ -95,7 +112,7 @@ async fn run(engine: Engine) {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(count, 2);
+    assert_eq!(count, 3);
     database.close().await;
 }
 

@@ -237,7 +237,8 @@ impl Payments {
         } else if self.provider.in_outage() {
             Err(HandlerError::Retry("payment provider unavailable".into()))
         } else {
-            Ok(Some(self.provider.authorize().await))
+            // The order is the charge's idempotency key with the provider.
+            Ok(Some(self.provider.authorize(order_id).await))
         }
     }
 

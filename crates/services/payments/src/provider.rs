@@ -48,23 +48,66 @@ impl Provider {
         self.outages.iter().any(|o| o.contains(elapsed))
     }
 
-    /// Takes the provider's time, then decides.
-    pub async fn authorize(&self) -> Decision {
-        // The rng is not `Send`: draw everything before the await.
-        let (latency, declined) = {
+    /// Takes the provider's time, then decides the charge of `idempotency_key`.
+    /// The decision is the key's, as a real provider's is: asked again for the
+    /// same key (a redelivered command, a service killed between asking and
+    /// recording the answer), it says the same, so a retry can neither charge twice
+    /// nor turn a decline into a charge.
+    pub async fn authorize(&self, idempotency_key: &str) -> Decision {
+        let latency = {
+            // The rng is not `Send`: drawn before the await.
             let mut rng = rand::thread_rng();
             let spread = self.latency_max.saturating_sub(self.latency_min);
-            (
-                self.latency_min + spread.mul_f64(rng.r#gen::<f64>()),
-                // gen() is in [0, 1): a rate of 1 declines all, 0 none.
-                rng.r#gen::<f64>() < self.decline_rate,
-            )
+            self.latency_min + spread.mul_f64(rng.r#gen::<f64>())
         };
+        // The key's place in [0, 1): a rate of 1 declines all, 0 none. (SipHash
+        // with its fixed keys: the same place after a restart.)
+        let place = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            idempotency_key.hash(&mut hasher);
+            (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let declined = place < self.decline_rate;
         tokio::time::sleep(latency).await;
         if declined {
             Decision::Declined
         } else {
             Decision::Charged
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use chassis::config::HumanDuration;
+
+    fn provider(decline_rate: f64) -> Provider {
+        Provider::new(&Settings {
+            decline_rate,
+            latency_min: HumanDuration::millis(0),
+            latency_max: HumanDuration::millis(0),
+            ..Settings::default()
+        })
+        .unwrap()
+    }
+
+    /// The same key gets the same answer, whatever happened in between (the
+    /// provider rebuilt, as after a restart); the keys' answers keep the rate.
+    #[tokio::test]
+    async fn a_key_is_decided_once_and_keys_decline_at_the_rate() {
+        let (first, again) = (provider(0.5), provider(0.5));
+        let mut declined = 0;
+        for n in 0..1000 {
+            let key = format!("order-{n}");
+            let decision = first.authorize(&key).await;
+            assert_eq!(again.authorize(&key).await, decision, "{key}");
+            declined += usize::from(decision == Decision::Declined);
+        }
+        assert!((420..=580).contains(&declined), "{declined} of 1000");
+        assert_eq!(provider(0.0).authorize("k").await, Decision::Charged);
+        assert_eq!(provider(1.0).authorize("k").await, Decision::Declined);
     }
 }
