@@ -133,7 +133,7 @@ async fn upstreams(State(admin): State<Admin>) -> Response {
             let config = runtime.upstream(&service);
             let error = resolver.resolve(&service).err().map(|e| e.to_string());
             let instances: Vec<Value> = upstreams
-                .states(&service)
+                .states(&service, config)
                 .into_iter()
                 .map(|(i, st, ejected)| {
                     json!({

@@ -402,9 +402,47 @@ pub struct KeyConfig {
 }
 
 impl Declarative {
-    /// Parses a configuration file's text (TOML); every problem is named.
+    /// Parses a configuration file's text (TOML); every problem is named: each
+    /// route, policy and section is read on its own, so a mistyped field in one
+    /// does not hide the mistakes of the others (only a TOML syntax error stops the
+    /// reading where it is).
     pub fn from_toml(text: &str) -> Result<Self, Vec<String>> {
-        let parsed: Self = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| vec![e.to_string()])?;
+        let mut errors = Vec::new();
+        let mut parsed = Self::default();
+        for (key, value) in table {
+            match key.as_str() {
+                "routes" => match value {
+                    toml::Value::Array(routes) => {
+                        for (i, route) in routes.into_iter().enumerate() {
+                            if let Some(route) = read(route, &format!("routes[{i}]"), &mut errors) {
+                                parsed.routes.push(route);
+                            }
+                        }
+                    }
+                    _ => errors.push("`routes` must be an array of tables ([[routes]])".into()),
+                },
+                "rate_limits" => read_each(value, &key, &mut parsed.rate_limits, &mut errors),
+                "api_keys" => read_each(value, &key, &mut parsed.api_keys, &mut errors),
+                "upstreams" => read_each(value, &key, &mut parsed.upstreams, &mut errors),
+                "cors" => read_each(value, &key, &mut parsed.cors, &mut errors),
+                "caches" => read_each(value, &key, &mut parsed.caches, &mut errors),
+                "slashes" => {
+                    if let Some(policy) = read(value, "slashes", &mut errors) {
+                        parsed.slashes = policy;
+                    }
+                }
+                _ => errors.push(format!(
+                    "`{key}` is not a setting of this file (routes, rate_limits, slashes, \
+                     api_keys, upstreams, cors, caches)"
+                )),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
         let errors = parsed.validate();
         if errors.is_empty() {
             Ok(parsed)
@@ -432,6 +470,37 @@ impl Declarative {
                 errors.extend(keys.err().unwrap_or_default());
                 Err(errors)
             }
+        }
+    }
+}
+
+/// `value` as a `T`, or an error naming `at` in `errors`.
+fn read<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    at: &str,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    value
+        .try_into()
+        .map_err(|e: toml::de::Error| errors.push(format!("{at}: {}", e.message().trim_end())))
+        .ok()
+}
+
+/// Each entry of the table `value` (section `at`) as a `T`, into `into`; every
+/// entry that is not one named in `errors`.
+fn read_each<T: serde::de::DeserializeOwned>(
+    value: toml::Value,
+    at: &str,
+    into: &mut BTreeMap<String, T>,
+    errors: &mut Vec<String>,
+) {
+    let toml::Value::Table(entries) = value else {
+        errors.push(format!("`{at}` must be a table ([{at}.NAME] sections)"));
+        return;
+    };
+    for (name, entry) in entries {
+        if let Some(v) = read(entry, &format!("{at}.{name}"), errors) {
+            into.insert(name, v);
         }
     }
 }
@@ -563,4 +632,65 @@ pub fn validate_routes(routes: &[RouteConfig]) -> Vec<String> {
         ..Declarative::default()
     }
     .validate()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Mistakes of shape (a misspelt field, a wrong type, an unknown section) in
+    /// several places are all named, each with where it is, not only the first.
+    #[test]
+    fn every_mistake_of_a_files_shape_is_named_with_its_place() {
+        let text = r#"
+            slashes = "sometimes"
+            colour = "blue"
+
+            [[routes]]
+            prefix = "/a"
+            service = "a"
+            timout = "1s"
+
+            [[routes]]
+            prefix = "/b"
+            service = "b"
+
+            [[routes]]
+            prefix = "/c"
+            service = 3
+
+            [rate_limits.tight]
+            rate = "many"
+
+            [upstreams.b]
+            retries = 1
+        "#;
+        let errors = Declarative::from_toml(text).unwrap_err();
+        let named = |at: &str| errors.iter().any(|e| e.starts_with(at));
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        assert!(named("slashes:"), "{errors:#?}");
+        assert!(
+            errors.iter().any(|e| e.starts_with("`colour`")),
+            "{errors:#?}"
+        );
+        assert!(named("routes[0]:") && errors.iter().any(|e| e.contains("timout")));
+        assert!(named("routes[2]:"), "{errors:#?}");
+        assert!(named("rate_limits.tight:"), "{errors:#?}");
+        // A file whose shape is right still has its meaning checked whole.
+        let errors = Declarative::from_toml(
+            "[[routes]]\nprefix = \"a\"\nservice = \"\"\nmethods = [\"NOT A METHOD\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        // And a sound one reads as it did.
+        let ok = Declarative::from_toml(
+            "slashes = \"reject\"\n[[routes]]\nprefix = \"/a\"\nservice = \"a\"\n\
+             [upstreams.a]\nretries = 2\n",
+        )
+        .unwrap();
+        assert_eq!(ok.routes.len(), 1);
+        assert_eq!(ok.slashes, SlashPolicy::Reject);
+        assert_eq!(ok.upstreams["a"].retries, 2);
+    }
 }

@@ -240,26 +240,28 @@ impl Upstreams {
     }
 
     /// Each instance of `service` with its state, for the admin API.
-    pub fn states(&self, service: &str) -> Vec<(Instance, Arc<InstanceState>, bool)> {
-        let map = self.map.load();
-        let Some(u) = map.get(service) else {
+    /// `service`'s instances as discovery knows them now, with their states (and
+    /// whether each is ejected): those no request has reached yet included, so an
+    /// operator sees a service's instances before its first request.
+    pub fn states(
+        &self,
+        service: &str,
+        config: &UpstreamConfig,
+    ) -> Vec<(Instance, Arc<InstanceState>, bool)> {
+        let u = self.upstream(service, config);
+        let Ok(s) = self.snapshot(&u) else {
             return Vec::new();
         };
         let now = nanos(self.epoch.elapsed());
-        u.snapshot
-            .load_full()
-            .map(|s| {
-                s.instances
-                    .iter()
-                    .cloned()
-                    .zip(s.states.iter().cloned())
-                    .map(|(i, st)| {
-                        let ejected = st.ejected_until.load(Ordering::Relaxed) > now;
-                        (i, st, ejected)
-                    })
-                    .collect()
+        s.instances
+            .iter()
+            .cloned()
+            .zip(s.states.iter().cloned())
+            .map(|(i, st)| {
+                let ejected = st.ejected_until.load(Ordering::Relaxed) > now;
+                (i, st, ejected)
             })
-            .unwrap_or_default()
+            .collect()
     }
 
     fn snapshot(&self, u: &Upstream) -> Result<Arc<Snapshot>, UpstreamError> {

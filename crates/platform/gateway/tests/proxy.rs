@@ -2019,6 +2019,15 @@ async fn a_request_deadline_ends_the_upstream_call_as_a_504_and_leaves_no_trace(
         vec![("hang".into(), format!("{first},{second}"))],
     )
     .await;
+    // The admin API lists a service's instances before any request reached them.
+    let before: Value = gw.admin_json("/upstreams").await;
+    let listed = before["upstreams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["service"] == "hang")
+        .map(|u| u["instances"].as_array().unwrap().len());
+    assert_eq!(listed, Some(2), "{before}");
     for _ in 0..2 {
         let started = std::time::Instant::now();
         let r = gw
