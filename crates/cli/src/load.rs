@@ -34,6 +34,32 @@ pub struct Target {
     /// The orders service, for the saga's latencies (`None`: measured by reading
     /// each order back through the gateway).
     pub orders: Option<String>,
+    /// Where the ids of the orders the shop accepted are added, one a line, for
+    /// `bazaar verify` to find each of them again (a shop in a data directory).
+    pub accepted: Option<std::path::PathBuf>,
+}
+
+/// The file under a data directory where `load` notes the orders it placed.
+pub fn accepted_file(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join("load").join("accepted-orders")
+}
+
+/// Adds `ids` to the accepted orders' file, one a line.
+fn note_accepted(path: &std::path::Path, ids: &[(String, String)]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut text = String::with_capacity(ids.len() * 37);
+    for (id, _) in ids {
+        text.push_str(id);
+        text.push('\n');
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("noting the accepted orders in {}", path.display()))
 }
 
 /// Customers signed up before the clock starts, shared by the journeys.
@@ -93,6 +119,9 @@ pub struct Report {
     pub confirmed: u64,
     pub cancelled: BTreeMap<String, u64>,
     pub pending: u64,
+    /// Orders the shop accepted that the orders service does not list (read
+    /// through the orders service only): lost.
+    pub missing: u64,
     /// Placed -> CONFIRMED or CANCELLED.
     pub saga: Latency,
     /// Where a saga's time goes, from up to 200 sampled orders' step histories: each
@@ -381,6 +410,9 @@ pub async fn run(
     let driver = Arc::try_unwrap(driver).map_err(|_| anyhow::anyhow!("journeys still running"))?;
     let journeys = driver.journeys.load(Ordering::Relaxed);
     let tally = driver.tally.into_inner();
+    if let Some(path) = &target.accepted {
+        note_accepted(path, &tally.placed)?;
+    }
     let sagas = saga_latencies(&http, &gateway, target.orders.as_deref(), &tally.placed).await?;
     let steps = step_latencies(&http, &gateway, &tally.placed).await?;
     let sampled = steps.sampled.max(1) as f64;
@@ -400,6 +432,7 @@ pub async fn run(
         confirmed: sagas.confirmed,
         cancelled: sagas.cancelled,
         pending: sagas.pending,
+        missing: sagas.missing,
         saga: latency(&sagas.latency),
         steps: steps
             .latency
@@ -497,6 +530,8 @@ struct Sagas {
     confirmed: u64,
     cancelled: BTreeMap<String, u64>,
     pending: u64,
+    /// Accepted orders the orders service does not list: lost.
+    missing: u64,
 }
 
 /// Waits (up to 30 s) for the placed orders to end and collects how long each took.
@@ -511,6 +546,7 @@ async fn saga_latencies(
         confirmed: 0,
         cancelled: BTreeMap::new(),
         pending: 0,
+        missing: 0,
     };
     let wanted: std::collections::HashSet<&str> =
         placed.iter().map(|(id, _)| id.as_str()).collect();
@@ -574,6 +610,7 @@ async fn saga_latencies(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    sagas.missing = (wanted.len() - ended.len()) as u64;
     for (status, reason, ms) in ended.values() {
         match status.as_str() {
             "CONFIRMED" => sagas.confirmed += 1,
@@ -646,6 +683,12 @@ pub fn print(report: &Report, json_out: bool) -> anyhow::Result<()> {
         },
         report.pending
     );
+    if report.missing > 0 {
+        println!(
+            "lost      {} accepted orders are not listed by the orders service",
+            report.missing
+        );
+    }
     for (step, l) in &report.steps {
         println!(
             "  {step:<8} p50 {:.2} ms  p99 {:.2} ms  (sent -> answered, {} sampled){}",

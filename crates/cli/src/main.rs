@@ -359,6 +359,7 @@ async fn shop_target(dir: &std::path::Path) -> Result<load::Target, Failure> {
         Some(gateway) => Ok(load::Target {
             gateway,
             orders: url("orders"),
+            accepted: Some(load::accepted_file(dir)),
         }),
         None => Err(Failure::Other(anyhow::anyhow!(
             "no shop runs from {}; start one with `bazaar up`, or pass --data-dir or --gateway",
@@ -499,6 +500,7 @@ async fn dispatch(
                 Some(gateway) => load::Target {
                     gateway,
                     orders: None,
+                    accepted: None,
                 },
                 None => {
                     let dir = shop_dir(data_dir, config.as_deref())?;

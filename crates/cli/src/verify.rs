@@ -1,6 +1,7 @@
 //! `bazaar verify`: checks the shop's invariants through its services' APIs only
 //! (never their databases), the way an auditor outside the system would:
-//! - every accepted order reaches a terminal status;
+//! - every accepted order reaches a terminal status, and none is lost (each order
+//!   `bazaar load` saw the shop accept, noted in the data directory, is known);
 //! - stock is conserved (initial = available + reserved + sold) and no product is
 //!   oversold; what was sold is what confirmed orders bought, and nothing stays
 //!   reserved once every order ended; a confirmed order's reservation was sold, a
@@ -150,9 +151,10 @@ fn service<'a>(urls: &'a HashMap<String, String>, name: &str) -> anyhow::Result<
 pub async fn check(shop: &Shop, settle: Duration) -> anyhow::Result<Report> {
     let urls = urls(shop).await?;
     let http = shop.client(Duration::from_secs(30))?;
+    let accepted = accepted(shop)?;
     let deadline = Instant::now() + settle;
     loop {
-        let report = check_once(&http, &urls).await?;
+        let report = check_once(&http, &urls, &accepted).await?;
         if report.violations.is_empty() || Instant::now() >= deadline {
             return Ok(report);
         }
@@ -160,9 +162,28 @@ pub async fn check(shop: &Shop, settle: Duration) -> anyhow::Result<Report> {
     }
 }
 
+/// The orders `bazaar load` saw the shop accept, where it noted them (a shop in a
+/// data directory); none when it never ran there.
+fn accepted(shop: &Shop) -> anyhow::Result<Vec<String>> {
+    let Shop::Local(dir) = shop else {
+        return Ok(Vec::new());
+    };
+    let path = crate::load::accepted_file(dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 async fn check_once(
     http: &reqwest::Client,
     urls: &HashMap<String, String>,
+    accepted: &[String],
 ) -> anyhow::Result<Report> {
     let orders: Vec<Order> =
         all(http, service(urls, "orders")?, "/admin/orders?limit=1000").await?;
@@ -177,13 +198,29 @@ async fn check_once(
         "/admin/notifications?limit=1000",
     )
     .await?;
-    Ok(judge(
-        &orders,
-        &stock,
-        &reservations,
-        &payments,
-        &notifications,
-    ))
+    let mut report = judge(&orders, &stock, &reservations, &payments, &notifications);
+    lost(&orders, accepted, &mut report);
+    Ok(report)
+}
+
+/// Every order the shop accepted must be one it knows: one missing was lost.
+fn lost(orders: &[Order], accepted: &[String], report: &mut Report) {
+    let known: std::collections::HashSet<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+    let missing: Vec<String> = accepted
+        .iter()
+        .filter(|id| !known.contains(id.as_str()))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        report.violations.push(Violation {
+            invariant: "order_lost",
+            detail: format!(
+                "{} orders the shop accepted (noted by `bazaar load`) are unknown to the orders service",
+                missing.len()
+            ),
+            ids: missing,
+        });
+    }
 }
 
 fn judge(
@@ -452,6 +489,17 @@ mod tests {
 
     fn invariants(r: &Report) -> Vec<&'static str> {
         r.violations.iter().map(|v| v.invariant).collect()
+    }
+
+    #[test]
+    fn an_accepted_order_the_shop_does_not_know_is_lost() {
+        let orders = [order("a", "CONFIRMED", &[("p", 1)])];
+        let mut report = Report::default();
+        lost(&orders, &["a".to_owned()], &mut report);
+        assert!(report.violations.is_empty());
+        lost(&orders, &["a".to_owned(), "gone".to_owned()], &mut report);
+        assert_eq!(invariants(&report), ["order_lost"]);
+        assert_eq!(report.violations[0].ids, ["gone"]);
     }
 
     #[test]
