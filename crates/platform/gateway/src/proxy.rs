@@ -183,6 +183,69 @@ pub async fn handle_request(
 
 type Failure = (Option<RouteLabel>, Problem);
 
+/// The key a rate-limit policy counts a request under: the user or API-key
+/// consumer when there is a caller (else the client's address), the address, or
+/// the route.
+fn limit_key(
+    by: LimitKey,
+    caller: Option<&Caller>,
+    client: std::net::IpAddr,
+    route: &str,
+) -> String {
+    let ip = || chassis::http::ip_text(client);
+    let user = |c: &Caller| {
+        let mut key = String::with_capacity(5 + c.sub.len());
+        key.push_str("user:");
+        key.push_str(&c.sub);
+        key
+    };
+    match by {
+        LimitKey::Ip => ip(),
+        LimitKey::User => caller.map_or_else(ip, user),
+        LimitKey::Consumer => match caller {
+            Some(Caller {
+                consumer: Some(consumer),
+                ..
+            }) => format!("consumer:{consumer}"),
+            Some(c) => user(c),
+            None => ip(),
+        },
+        LimitKey::Route => route.to_owned(),
+    }
+}
+
+/// Counts a request under `key` in policy `name`: the rate-limit headers for its
+/// answer, or the 429 (with `Retry-After` and the same headers) when it is over.
+async fn limited(
+    proxy: &Proxy,
+    name: &str,
+    limiter: &KeyedLimiter,
+    key: &str,
+) -> Result<RateLimitHeaders, Problem> {
+    let decision = proxy.decide(name, limiter, key).await?;
+    let headers = rate_limit_headers(name, limiter, &decision);
+    if decision.allowed {
+        return Ok(headers);
+    }
+    let mut problem = Problem::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        "Too many requests",
+    )
+    .with_detail(format!(
+        "over the limit of {} requests per {}; retry after the time in Retry-After",
+        limiter.policy.rate, limiter.policy.per
+    ))
+    .with_header(
+        header::RETRY_AFTER,
+        HeaderValue::from(decision.retry_after.as_secs_f64().ceil().max(1.0) as u64),
+    );
+    for (name, value) in headers.into_iter().flatten() {
+        problem = problem.with_header(name, value);
+    }
+    Err(problem)
+}
+
 /// A matched route, the path to send upstream and what its template captured.
 type Found<'a> = (&'a crate::routes::Route, String, Vec<(String, String)>);
 
@@ -303,6 +366,28 @@ async fn forward(
         (Some(label.clone()), p)
     };
 
+    // A policy keyed by what the client is not asked to prove (its address, the
+    // route) is applied before authentication: a flood of bad credentials is
+    // limited too, and costs no signature check.
+    let policy = match &route.rate_limit {
+        Some(name) => Some((
+            name,
+            runtime.limiters.get(name).ok_or_else(|| {
+                fail(Problem::internal(format!(
+                    "rate-limit policy `{name}` missing"
+                )))
+            })?,
+        )),
+        None => None,
+    };
+    let mut limit = None;
+    if let Some((name, limiter)) = policy
+        && matches!(limiter.policy.key, LimitKey::Ip | LimitKey::Route)
+    {
+        let key = limit_key(limiter.policy.key, None, forwarded.client, &route.label);
+        limit = Some(limited(proxy, name, limiter, &key).await.map_err(fail)?);
+    }
+
     let caller = proxy
         .auth
         .authenticate(route.auth, request.headers(), &runtime.api_keys)
@@ -322,58 +407,17 @@ async fn forward(
     }
     log.user_id = caller.as_ref().map(|c| c.sub.clone());
 
-    let limit = match &route.rate_limit {
-        Some(name) => {
-            let limiter = runtime.limiters.get(name).ok_or_else(|| {
-                fail(Problem::internal(format!(
-                    "rate-limit policy `{name}` missing"
-                )))
-            })?;
-            let ip = || chassis::http::ip_text(forwarded.client);
-            let user = |c: &Caller| {
-                let mut key = String::with_capacity(5 + c.sub.len());
-                key.push_str("user:");
-                key.push_str(&c.sub);
-                key
-            };
-            let key = match limiter.policy.key {
-                LimitKey::Ip => ip(),
-                LimitKey::User => caller.as_deref().map_or_else(ip, user),
-                LimitKey::Consumer => match caller.as_deref() {
-                    Some(Caller {
-                        consumer: Some(consumer),
-                        ..
-                    }) => format!("consumer:{consumer}"),
-                    Some(c) => user(c),
-                    None => ip(),
-                },
-                LimitKey::Route => route.label.to_string(),
-            };
-            let decision = proxy.decide(name, limiter, &key).await.map_err(fail)?;
-            let headers = rate_limit_headers(name, limiter, &decision);
-            if !decision.allowed {
-                let mut problem = Problem::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate-limited",
-                    "Too many requests",
-                )
-                .with_detail(format!(
-                    "over the limit of {} requests per {}; retry after the time in Retry-After",
-                    limiter.policy.rate, limiter.policy.per
-                ))
-                .with_header(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(decision.retry_after.as_secs_f64().ceil().max(1.0) as u64),
-                );
-                for (name, value) in headers.into_iter().flatten() {
-                    problem = problem.with_header(name, value);
-                }
-                return Err(fail(problem));
-            }
-            Some(headers)
-        }
-        None => None,
-    };
+    if limit.is_none()
+        && let Some((name, limiter)) = policy
+    {
+        let key = limit_key(
+            limiter.policy.key,
+            caller.as_deref(),
+            forwarded.client,
+            &route.label,
+        );
+        limit = Some(limited(proxy, name, limiter, &key).await.map_err(fail)?);
+    }
 
     // Only a cached route keys on the host.
     let host_name = match route.cache {

@@ -2061,3 +2061,39 @@ async fn a_request_deadline_ends_the_upstream_call_as_a_504_and_leaves_no_trace(
         assert_eq!(i["consecutive_failures"], 0, "{hang}");
     }
 }
+
+/// A limit keyed by address counts requests before their credentials are checked:
+/// a client spraying bad tokens is limited like any other, and the limit's answer
+/// comes before any signature check.
+#[tokio::test]
+async fn an_address_limit_counts_requests_before_their_credentials() {
+    let gw = spawn_with(|s| {
+        s.routes = vec![RouteConfig {
+            rate_limit: Some("two".into()),
+            ..RouteConfig::prefix("/private", "echo", AuthPolicy::Required)
+        }];
+        s.rate_limits = [("two".to_owned(), per_minute_by_ip(2))].into();
+    })
+    .await;
+    let bad = |token: &'static str| {
+        gw.http
+            .get(format!("{}/private/x", gw.url))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(bad("not-a-token").await.unwrap().status(), 401);
+    assert_eq!(bad("still.not.one").await.unwrap().status(), 401);
+    let r = bad("nor-this").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    // A valid token from the same address is over the limit too.
+    let r = gw
+        .http
+        .get(format!("{}/private/x", gw.url))
+        .bearer_auth(gw.users.token("user-1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(gw.seen_count(), 0);
+}
