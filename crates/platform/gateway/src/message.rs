@@ -356,6 +356,9 @@ impl Chunk {
                     None => Step::Invalid("an invalid chunk size"),
                 },
                 None if pending.len() > MAX_LINE => Step::Invalid("a chunk-size line too long"),
+                // No CRLF, but a LF: a line ended without CR, which is refused at
+                // once rather than waited on until the body's timeout.
+                None if pending.contains(&b'\n') => Step::Invalid(BARE_LF),
                 None => Step::More,
             },
             Chunk::Data(_) if pending.is_empty() => Step::More,
@@ -377,11 +380,14 @@ impl Chunk {
                 Some(2) => Step::End(2),
                 Some(end) => Step::Framing(end),
                 None if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
+                None if pending.contains(&b'\n') => Step::Invalid(BARE_LF),
                 None => Step::More,
             },
         }
     }
 }
+
+const BARE_LF: &str = "a line of chunked framing ended by LF without CR";
 
 /// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
 pub fn line_end(bytes: &[u8]) -> Option<usize> {
@@ -524,5 +530,17 @@ mod tests {
         }
         assert_eq!((data.as_slice(), at), (&b"abcde"[..], body.len()));
         assert!(matches!(Chunk::DataEnd.step(b"xx"), Step::Invalid(_)));
+        // A size or trailer line ended by a bare LF is refused at once, not waited
+        // on; a line not yet ended is waited on.
+        assert!(matches!(
+            Chunk::Size.step(b"5\nhello"),
+            Step::Invalid(BARE_LF)
+        ));
+        assert!(matches!(
+            Chunk::Trailers.step(b"x: y\n"),
+            Step::Invalid(BARE_LF)
+        ));
+        assert!(matches!(Chunk::Size.step(b"5"), Step::More));
+        assert!(matches!(Chunk::Size.step(b"5\r"), Step::More));
     }
 }
