@@ -334,12 +334,19 @@ enum JwksSource {
 pub struct JwksCache {
     source: JwksSource,
     keys: RwLock<Arc<KeySet>>,
+    /// When `keys` were fetched: past `max_age`, they are fetched again before a
+    /// key of theirs is used, so a key the issuer withdrew stops being trusted.
+    fetched_at: RwLock<Option<Instant>>,
     last_fetch: tokio::sync::Mutex<Option<(Instant, Option<String>)>>,
     min_interval: Duration,
+    max_age: Duration,
 }
 
 /// Fewest seconds between two JWKS fetches triggered by unknown `kid`s.
 const JWKS_MIN_REFRESH: Duration = Duration::from_secs(10);
+/// How long a fetched JWKS is used before it is fetched again (the issuer may have
+/// withdrawn a key).
+const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 
 impl JwksCache {
     pub fn new(client: HttpClient, service: &str, path: &str) -> Self {
@@ -366,9 +373,26 @@ impl JwksCache {
         Self {
             source,
             keys: RwLock::new(Arc::new(KeySet::default())),
+            fetched_at: RwLock::new(None),
             last_fetch: tokio::sync::Mutex::new(None),
             min_interval: JWKS_MIN_REFRESH,
+            max_age: JWKS_MAX_AGE,
         }
+    }
+
+    /// The spacing of fetches and the age at which the keys are fetched again
+    /// (defaults: 10 s and 5 minutes).
+    pub fn with_intervals(mut self, min_interval: Duration, max_age: Duration) -> Self {
+        self.min_interval = min_interval;
+        self.max_age = max_age;
+        self
+    }
+
+    fn stale(&self) -> bool {
+        self.fetched_at
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|at| at.elapsed() >= self.max_age)
     }
 
     fn describe(&self) -> &str {
@@ -406,20 +430,27 @@ impl JwksCache {
     }
 
     async fn key(&self, kid: &str) -> Result<(Algorithm, DecodingKey), JwtError> {
-        if let Some(k) = self.cached(kid) {
+        if let Some(k) = self.cached(kid)
+            && !self.stale()
+        {
             return Ok(k);
         }
         let mut last = self.last_fetch.lock().await;
         // Another request may have refreshed while this one waited for the lock.
-        if let Some(k) = self.cached(kid) {
+        if let Some(k) = self.cached(kid)
+            && !self.stale()
+        {
             return Ok(k);
         }
         // Fetches are spaced (unknown `kid`s are cheap to send); within the space,
-        // a failed fetch keeps its answer: the issuer unreachable is a 503 to
-        // retry, not a token to throw away.
+        // a known key keeps serving, and a failed fetch keeps its answer: the
+        // issuer unreachable is a 503 to retry, not a token to throw away.
         if let Some((at, failure)) = &*last
             && at.elapsed() < self.min_interval
         {
+            if let Some(k) = self.cached(kid) {
+                return Ok(k);
+            }
             return Err(match failure {
                 Some(e) => JwtError::KeysUnavailable(e.clone()),
                 None => JwtError::UnknownKid(kid.to_owned()),
@@ -427,10 +458,17 @@ impl JwksCache {
         }
         let fetched = self.fetch().await;
         *last = Some((Instant::now(), fetched.as_ref().err().cloned()));
-        let doc = fetched.map_err(JwtError::KeysUnavailable)?;
+        let doc = match fetched {
+            Ok(doc) => doc,
+            // Keys known from before keep serving while the issuer is away.
+            Err(e) => {
+                return self.cached(kid).ok_or(JwtError::KeysUnavailable(e));
+            }
+        };
         let set = KeySet::from_jwks(&doc)?;
         tracing::info!(issuer = %self.describe(), keys = set.len(), "fetched JWKS");
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        *self.fetched_at.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.cached(kid)
             .ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
     }
@@ -631,6 +669,47 @@ mod tests {
                 Err(JwtError::KeysUnavailable(_))
             ));
         }
+    }
+
+    /// A key the issuer withdraws stops being trusted once the fetched set is older
+    /// than its age limit; a key it adds is fetched when first seen.
+    #[tokio::test]
+    async fn a_withdrawn_key_is_refused_after_the_set_ages() {
+        let (old, new) = (
+            SigningKey::generate().unwrap(),
+            SigningKey::generate().unwrap(),
+        );
+        let served = Arc::new(std::sync::Mutex::new(jwks([&old])));
+        let state = served.clone();
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let doc = state.lock().unwrap().clone();
+                async move { axum::Json(doc) }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let cache =
+            JwksCache::from_url(&url).with_intervals(Duration::ZERO, Duration::from_millis(200));
+        let v = JwtVerifier::with_jwks(cache, "me", "you", Duration::ZERO);
+        let by_old = old.sign(&claims(60)).unwrap();
+        assert!(v.verify::<Claims>(&by_old).await.is_ok());
+        // The issuer withdraws the old key: it serves until the set ages, then the
+        // set is fetched again and the old key is refused; the new one is known.
+        *served.lock().unwrap() = jwks([&new]);
+        assert!(v.verify::<Claims>(&by_old).await.is_ok());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(matches!(
+            v.verify::<Claims>(&by_old).await,
+            Err(JwtError::UnknownKid(_))
+        ));
+        assert!(
+            v.verify::<Claims>(&new.sign(&claims(60)).unwrap())
+                .await
+                .is_ok()
+        );
     }
 
     #[test]
