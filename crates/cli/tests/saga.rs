@@ -279,7 +279,7 @@ async fn load_drives_orders_at_a_fixed_rate_and_reports_their_sagas() {
     assert_eq!(report["saga"]["count"], report["orders_placed"], "{report}");
 }
 
-/// Load, SIGKILLs of random services every few seconds, then verify: no invariant
+/// Load for a minute, SIGKILLs of random services every 4 s, then verify: no invariant
 /// may break, whichever process dies when.
 /// With `through_gateway`, load, chaos and verify find the shop by its gateway's URL
 /// alone (chaos then crashes services through their operator route).
@@ -298,7 +298,7 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
         }
     };
     let mut load = std::process::Command::new(support::BIN);
-    load.args(["load", "--rate", "25", "--duration", "40s", "--json"]);
+    load.args(["load", "--rate", "25", "--duration", "60s", "--json"]);
     find(&mut load);
     let load = load
         .stdout(std::process::Stdio::piped())
@@ -306,7 +306,7 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
         .spawn()
         .unwrap();
     let mut chaos = std::process::Command::new(support::BIN);
-    chaos.args(["chaos", "--interval", "4s", "--duration", "38s"]);
+    chaos.args(["chaos", "--interval", "4s", "--duration", "58s"]);
     find(&mut chaos);
     let chaos = chaos.output().unwrap();
     let said = String::from_utf8_lossy(&chaos.stdout).into_owned();
@@ -319,7 +319,7 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
         .lines()
         .filter(|l| l.contains("killed ") || l.contains("crashed an instance of"))
         .count();
-    assert!(kills >= 8, "{said}");
+    assert!(kills >= 12, "{said}");
     let load = load.wait_with_output().unwrap();
     let report: Value = serde_json::from_slice(&load.stdout).unwrap_or_else(|e| {
         panic!(
@@ -327,7 +327,11 @@ async fn chaos_keeps_every_invariant(mode: &str, through_gateway: bool) {
             String::from_utf8_lossy(&load.stderr)
         )
     });
-    assert!(report["orders_placed"].as_u64().unwrap() > 200, "{report}");
+    assert!(report["orders_placed"].as_u64().unwrap() > 300, "{report}");
+    // Every order the shop accepted is listed by the orders service (load reads
+    // them back when it finds the shop by its data directory; verify checks the
+    // ids load noted there as well).
+    assert_eq!(report["missing"], 0, "{report}");
     let (code, verified) = if through_gateway {
         verify_with(
             &["--gateway", &shop.gateway, "--operator-key", key.trim()],
