@@ -170,6 +170,10 @@ pub enum Input {
     },
     /// Time passed: an attempt past its deadline is retried or given up.
     Tick,
+    /// A participant undid a done step on its own (a reservation that expired):
+    /// a running saga is compensated with this reason, from the step it awaits
+    /// (whose effect is unknown) down. Anywhere else it changes nothing.
+    Abort(String),
 }
 
 /// A line of the saga's history.
@@ -248,6 +252,11 @@ impl Saga {
                         self.compensate(def, step.checked_sub(1), now, &mut t);
                     }
                 }
+            }
+            (Phase::Running, Input::Abort(reason)) => {
+                t.note(self.step, &format!("aborted: {reason}"));
+                self.reason = Some(reason);
+                self.compensate(def, Some(self.step), now, &mut t);
             }
             (Phase::Running, Input::Tick) if now >= self.deadline => {
                 let max = def.steps.get(self.step).map_or(1, |s| s.max_attempts);
@@ -503,6 +512,35 @@ mod tests {
     }
 
     #[test]
+    fn an_abort_while_running_undoes_the_awaited_step_and_those_before() {
+        let def = def();
+        let (mut saga, _) = Saga::start(&def, "o-1", json!({}), t0());
+        saga.apply(&def, reply(0, Direction::Do, Reply::Done(json!({}))), t0());
+        // The charge was sent; the reservation expired meanwhile.
+        let t = saga.apply(&def, Input::Abort("reservation expired".into()), t0());
+        assert_eq!(sent(&t), Some((1, Direction::Undo, 1)));
+        assert_eq!(saga.phase, Phase::Compensating);
+        assert_eq!(saga.reason.as_deref(), Some("reservation expired"));
+        saga.apply(
+            &def,
+            reply(1, Direction::Undo, Reply::Done(json!({}))),
+            t0(),
+        );
+        saga.apply(
+            &def,
+            reply(0, Direction::Undo, Reply::Done(json!({}))),
+            t0(),
+        );
+        assert_eq!(saga.phase, Phase::Compensated);
+        // Once ended (or compensating), an abort changes nothing.
+        assert!(
+            saga.apply(&def, Input::Abort("late".into()), t0())
+                .is_noop()
+        );
+        assert_eq!(saga.reason.as_deref(), Some("reservation expired"));
+    }
+
+    #[test]
     fn a_compensation_is_retried_with_growing_backoff_until_acknowledged() {
         let def = def();
         let (mut saga, _) = Saga::start(&def, "o-1", json!({}), t0());
@@ -539,7 +577,14 @@ mod tests {
                     Reply::Failed("no".into())
                 },
             });
-        (prop_oneof![reply, Just(Input::Tick)], 0u64..5)
+        (
+            prop_oneof![
+                8 => reply,
+                2 => Just(Input::Tick),
+                1 => Just(Input::Abort("expired".into())),
+            ],
+            0u64..5,
+        )
     }
 
     proptest! {

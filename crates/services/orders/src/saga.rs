@@ -254,12 +254,20 @@ impl Saga {
         let Some((step, direction, reply)) = as_reply(event) else {
             return Ok(());
         };
+        // A reservation inventory released because its time ran out, not because
+        // it was asked to: an order still running has lost its stock and ends as
+        // timed out (its charge, if any, refunded).
+        let expired =
+            event.ty == "inventory.released" && event.data["reason"].as_str() == Some("expired");
         match &self.orchestrator {
             Some(orchestrator) => {
-                let input = Input::Reply {
-                    step,
-                    direction,
-                    reply,
+                let input = match expired {
+                    true => Input::Abort("timeout".to_owned()),
+                    false => Input::Reply {
+                        step,
+                        direction,
+                        reply,
+                    },
                 };
                 match orchestrator
                     .apply(tx, &order_id, input, OffsetDateTime::now_utc(), sent)
@@ -273,12 +281,14 @@ impl Saga {
             None => {
                 let name = if step == RESERVE { "reserve" } else { "charge" };
                 let what = match (&direction, &reply) {
+                    _ if expired => "expired".to_owned(),
                     (Direction::Do, Reply::Done(_)) => "done".to_owned(),
                     (Direction::Do, Reply::Failed(reason)) => format!("failed: {reason}"),
                     (Direction::Undo, _) => "compensated".to_owned(),
                 };
                 record_step(tx, &order_id, name, &what).await?;
                 let outcome = match (step, direction, &reply) {
+                    _ if expired => Some(Outcome::Cancelled("timeout")),
                     (CHARGE, Direction::Do, Reply::Done(_)) => Some(Outcome::Confirmed),
                     (_, Direction::Do, Reply::Failed(reason)) => Some(Outcome::Cancelled(reason)),
                     _ => None,
