@@ -239,8 +239,7 @@ impl Upstreams {
         u
     }
 
-    /// Each instance of `service` with its state, for the admin API.
-    /// `service`'s instances as discovery knows them now, with their states (and
+    /// For the admin API: `service`'s instances as discovery knows them now, with their states (and
     /// whether each is ejected): those no request has reached yet included, so an
     /// operator sees a service's instances before its first request.
     pub fn states(

@@ -584,6 +584,11 @@ impl Inventory {
         .bind(order_id)
         .fetch_optional(&mut *tx)
         .await?;
+        // An expiry that lost the race (the reservation was sold or released
+        // meanwhile) says nothing: `expired` would end a running order.
+        if expired.is_some() && claimed.is_none() {
+            return Ok(());
+        }
         match claimed {
             Some(items) => {
                 let lines: Vec<Line> = serde_json::from_str(&items)
