@@ -1,7 +1,7 @@
 //! The simulated payment provider: answers after a random latency, declines a share
 //! of charges, and is unreachable during configured outage windows.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chassis::config::Errors;
 use rand::Rng;
@@ -21,8 +21,9 @@ pub struct Provider {
     latency_min: Duration,
     latency_max: Duration,
     outages: Vec<Outage>,
-    /// Outage windows count from here (the service's start).
-    started: Instant,
+    /// Outage windows count from here, in Unix milliseconds: the provider's first
+    /// start on this database ([`Provider::since`]), else this process's.
+    started_ms: i64,
 }
 
 impl Provider {
@@ -38,13 +39,21 @@ impl Provider {
             latency_min: settings.latency_min.0,
             latency_max: settings.latency_max.0,
             outages: settings.outage_windows().map_err(Errors)?,
-            started: Instant::now(),
+            started_ms: chassis::clock::now_millis(),
         })
+    }
+
+    /// The same provider, its outage windows counted from `started_ms` (its first
+    /// start, kept in the service's database, so a restart does not replay them).
+    pub fn since(mut self, started_ms: i64) -> Self {
+        self.started_ms = started_ms;
+        self
     }
 
     /// Whether the provider is down now.
     pub fn in_outage(&self) -> bool {
-        let elapsed = self.started.elapsed();
+        let elapsed = chassis::clock::now_millis().saturating_sub(self.started_ms);
+        let elapsed = Duration::from_millis(u64::try_from(elapsed).unwrap_or(0));
         self.outages.iter().any(|o| o.contains(elapsed))
     }
 
@@ -109,5 +118,28 @@ mod tests {
         assert!((420..=580).contains(&declined), "{declined} of 1000");
         assert_eq!(provider(0.0).authorize("k").await, Decision::Charged);
         assert_eq!(provider(1.0).authorize("k").await, Decision::Declined);
+    }
+
+    /// Outage windows count from the provider's first start, not this process's:
+    /// a provider restarted after its window is not down again.
+    #[test]
+    fn outages_count_from_the_first_start() {
+        let down = Provider::new(&Settings {
+            outages: vec!["1s+3s".into()],
+            ..Settings::default()
+        })
+        .unwrap();
+        assert!(!down.in_outage(), "the window opens 1 s after the start");
+        let now = chassis::clock::now_millis();
+        let restarted = |ago_ms: i64| {
+            Provider::new(&Settings {
+                outages: vec!["1s+3s".into()],
+                ..Settings::default()
+            })
+            .unwrap()
+            .since(now - ago_ms)
+        };
+        assert!(restarted(2_000).in_outage());
+        assert!(!restarted(10_000).in_outage());
     }
 }

@@ -20,7 +20,7 @@ pub struct Application;
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Service> {
-        // Outage windows count from here.
+        // Outage windows count from the provider's first start on this database.
         let provider = Provider::new(&config.settings).context("payments settings")?;
         let db = chassis::db::Database::connect(config.database_url.expose_secret(), &MIGRATOR)
             .await
@@ -31,6 +31,11 @@ impl Application {
         Inbox::install(db.pool())
             .await
             .context("payments inbox table")?;
+        let provider = provider.since(
+            first_start(db.pool())
+                .await
+                .context("payments provider clock")?,
+        );
         let chassis = Chassis::bind(config.service)
             .await
             .context("binding the listener")?;
@@ -69,4 +74,18 @@ impl Application {
                 .with_transactional_consumer(ORDERS_TOPIC, NAME, pool, consumer(Topic::Orders)),
         })
     }
+}
+
+/// The provider's first start on this database, in Unix milliseconds (now, the first
+/// time).
+async fn first_start(pool: &sqlx::AnyPool) -> Result<i64, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO provider_clock (id, started_ms) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(chassis::clock::now_millis())
+    .execute(pool)
+    .await?;
+    sqlx::query_scalar("SELECT started_ms FROM provider_clock WHERE id = 1")
+        .fetch_one(pool)
+        .await
 }
