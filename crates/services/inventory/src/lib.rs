@@ -571,28 +571,14 @@ impl Inventory {
         } else {
             "released"
         };
-        // The reservation leaves `held` first, and only the transaction that moved
-        // it gives the stock back: a release, an expiry and a sale of the same
-        // reservation may run at once (PostgreSQL, several instances), and a
-        // status read first would let two of them both see it held.
-        let claimed: Option<String> = sqlx::query_scalar(
-            "UPDATE reservations SET status = $1, updated_at = $2 \
-             WHERE order_id = $3 AND status = 'held' RETURNING items",
-        )
-        .bind(status)
-        .bind(now)
-        .bind(order_id)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let claimed = claim(tx, order_id, "held", status, now).await?;
         // An expiry that lost the race (the reservation was sold or released
         // meanwhile) says nothing: `expired` would end a running order.
         if expired.is_some() && claimed.is_none() {
             return Ok(());
         }
         match claimed {
-            Some(items) => {
-                let lines: Vec<Line> = serde_json::from_str(&items)
-                    .map_err(|e| HandlerError::Retry(format!("reservation {order_id}: {e}")))?;
+            Some(lines) => {
                 for line in &lines {
                     sqlx::query(
                         "UPDATE stock SET available = available + $1, reserved = reserved - $1 \
@@ -604,19 +590,13 @@ impl Inventory {
                     .await?;
                 }
             }
-            None => {
-                let current: Option<String> =
-                    sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
-                        .bind(order_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                match current.as_deref() {
-                    Some("committed") => {
-                        tracing::warn!(order_id, "release of a sold reservation ignored");
-                    }
-                    Some(_) => {}
-                    None => {
-                        sqlx::query(
+            None => match status_of(tx, order_id).await?.as_deref() {
+                Some("committed") => {
+                    tracing::warn!(order_id, "release of a sold reservation ignored");
+                }
+                Some(_) => {}
+                None => {
+                    sqlx::query(
                             "INSERT INTO reservations (order_id, status, reason, items, expires_at, created_at, updated_at) \
                              VALUES ($1, 'cancelled', 'released before reserved', '[]', $2, $2, $2)",
                         )
@@ -624,9 +604,8 @@ impl Inventory {
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
-                    }
                 }
-            }
+            },
         }
         let mut data = json!({"order_id": order_id});
         if expired.is_some() {
@@ -640,40 +619,23 @@ impl Inventory {
     /// A confirmed order's reserved stock becomes sold.
     async fn commit(&self, tx: &mut AnyConnection, order_id: &str) -> Result<(), HandlerError> {
         let now = chassis::clock::now_millis();
-        // As in `release`: the status moves first, and only the transaction that
-        // moved it moves stock. A held reservation's stock is taken from
+        // Claimed as in `release` (see `claim`). A held reservation's stock is taken from
         // `reserved`; one whose time ran out before the confirmation, from
         // `available` if it is there (the reservation TTL is meant to be far
         // longer than a saga).
         let mut claimed = None;
         for (was, from) in [("held", "reserved"), ("expired", "available")] {
-            let items: Option<String> = sqlx::query_scalar(
-                "UPDATE reservations SET status = 'committed', updated_at = $1 \
-                 WHERE order_id = $2 AND status = $3 RETURNING items",
-            )
-            .bind(now)
-            .bind(order_id)
-            .bind(was)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(items) = items {
-                claimed = Some((items, from));
+            if let Some(lines) = claim(tx, order_id, was, "committed", now).await? {
+                claimed = Some((lines, from));
                 break;
             }
         }
-        let Some((items, from)) = claimed else {
-            let known: Option<String> =
-                sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if known.is_none() {
+        let Some((lines, from)) = claimed else {
+            if status_of(tx, order_id).await?.is_none() {
                 tracing::warn!(order_id, "confirmed order without a reservation");
             }
             return Ok(());
         };
-        let lines: Vec<Line> = serde_json::from_str(&items)
-            .map_err(|e| HandlerError::Retry(format!("reservation {order_id}: {e}")))?;
         for line in &lines {
             let moved = sqlx::query(&format!(
                 "UPDATE stock SET {from} = {from} - $1, sold = sold + $1 \
@@ -709,6 +671,46 @@ impl Inventory {
         }
         Ok(due.len())
     }
+}
+
+/// Moves order `order_id`'s reservation from status `from` to `to` and returns its
+/// lines, or `None` when it was not in `from`. The status moves first, and only the
+/// transaction that moved it moves stock: a release, an expiry and a sale of the
+/// same reservation may run at once (PostgreSQL, several instances), and a status
+/// read first would let two of them both see it held.
+async fn claim(
+    tx: &mut AnyConnection,
+    order_id: &str,
+    from: &str,
+    to: &str,
+    now: i64,
+) -> Result<Option<Vec<Line>>, HandlerError> {
+    let items: Option<String> = sqlx::query_scalar(
+        "UPDATE reservations SET status = $1, updated_at = $2 \
+         WHERE order_id = $3 AND status = $4 RETURNING items",
+    )
+    .bind(to)
+    .bind(now)
+    .bind(order_id)
+    .bind(from)
+    .fetch_optional(&mut *tx)
+    .await?;
+    items
+        .map(|items| {
+            serde_json::from_str(&items)
+                .map_err(|e| HandlerError::Retry(format!("reservation {order_id}: {e}")))
+        })
+        .transpose()
+}
+
+/// The status of order `order_id`'s reservation, if it has one.
+async fn status_of(tx: &mut AnyConnection, order_id: &str) -> Result<Option<String>, HandlerError> {
+    Ok(
+        sqlx::query_scalar("SELECT status FROM reservations WHERE order_id = $1")
+            .bind(order_id)
+            .fetch_optional(&mut *tx)
+            .await?,
+    )
 }
 
 /// The topics the service consumes.
