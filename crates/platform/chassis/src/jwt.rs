@@ -333,10 +333,10 @@ enum JwksSource {
 /// the issuer).
 pub struct JwksCache {
     source: JwksSource,
-    keys: RwLock<Arc<KeySet>>,
-    /// When `keys` were fetched: past `max_age`, they are fetched again before a
-    /// key of theirs is used, so a key the issuer withdrew stops being trusted.
-    fetched_at: RwLock<Option<Instant>>,
+    /// The keys last fetched, and when: past `max_age`, they are fetched again
+    /// before a key of theirs is used, so a key the issuer withdrew stops being
+    /// trusted.
+    keys: RwLock<(Arc<KeySet>, Option<Instant>)>,
     last_fetch: tokio::sync::Mutex<Option<(Instant, Option<String>)>>,
     min_interval: Duration,
     max_age: Duration,
@@ -372,8 +372,7 @@ impl JwksCache {
     fn from_source(source: JwksSource) -> Self {
         Self {
             source,
-            keys: RwLock::new(Arc::new(KeySet::default())),
-            fetched_at: RwLock::new(None),
+            keys: RwLock::new((Arc::new(KeySet::default()), None)),
             last_fetch: tokio::sync::Mutex::new(None),
             min_interval: JWKS_MIN_REFRESH,
             max_age: JWKS_MAX_AGE,
@@ -386,13 +385,6 @@ impl JwksCache {
         self.min_interval = min_interval;
         self.max_age = max_age;
         self
-    }
-
-    fn stale(&self) -> bool {
-        self.fetched_at
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some_and(|at| at.elapsed() >= self.max_age)
     }
 
     fn describe(&self) -> &str {
@@ -424,22 +416,20 @@ impl JwksCache {
         }
     }
 
-    fn cached(&self, kid: &str) -> Option<(Algorithm, DecodingKey)> {
+    /// `kid`'s key among those last fetched, and whether they are past `max_age`.
+    fn cached(&self, kid: &str) -> (Option<(Algorithm, DecodingKey)>, bool) {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
-        keys.get(kid).cloned()
+        let stale = keys.1.is_some_and(|at| at.elapsed() >= self.max_age);
+        (keys.0.get(kid).cloned(), stale)
     }
 
     async fn key(&self, kid: &str) -> Result<(Algorithm, DecodingKey), JwtError> {
-        if let Some(k) = self.cached(kid)
-            && !self.stale()
-        {
+        if let (Some(k), false) = self.cached(kid) {
             return Ok(k);
         }
         let mut last = self.last_fetch.lock().await;
         // Another request may have refreshed while this one waited for the lock.
-        if let Some(k) = self.cached(kid)
-            && !self.stale()
-        {
+        if let (Some(k), false) = self.cached(kid) {
             return Ok(k);
         }
         // Fetches are spaced (unknown `kid`s are cheap to send); within the space,
@@ -448,7 +438,7 @@ impl JwksCache {
         if let Some((at, failure)) = &*last
             && at.elapsed() < self.min_interval
         {
-            if let Some(k) = self.cached(kid) {
+            if let (Some(k), _) = self.cached(kid) {
                 return Ok(k);
             }
             return Err(match failure {
@@ -462,14 +452,15 @@ impl JwksCache {
             Ok(doc) => doc,
             // Keys known from before keep serving while the issuer is away.
             Err(e) => {
-                return self.cached(kid).ok_or(JwtError::KeysUnavailable(e));
+                return self.cached(kid).0.ok_or(JwtError::KeysUnavailable(e));
             }
         };
         let set = KeySet::from_jwks(&doc)?;
         tracing::info!(issuer = %self.describe(), keys = set.len(), "fetched JWKS");
-        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
-        *self.fetched_at.write().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) =
+            (Arc::new(set), Some(Instant::now()));
         self.cached(kid)
+            .0
             .ok_or_else(|| JwtError::UnknownKid(kid.to_owned()))
     }
 }
