@@ -262,12 +262,7 @@ impl Saga {
                 let max = def.steps.get(self.step).map_or(1, |s| s.max_attempts);
                 if self.attempt < max {
                     t.note(self.step, &format!("no reply to attempt {}", self.attempt));
-                    let attempt = self.attempt + 1;
-                    self.send(def, Direction::Do, attempt, now, &mut t);
-                    // Each attempt waits twice as long as the one before (up to the
-                    // longest backoff): a participant slow to answer is not sent
-                    // the same command at a fixed rhythm.
-                    self.deadline = now + def.backoff(self.step, attempt);
+                    self.send(def, Direction::Do, self.attempt + 1, now, &mut t);
                 } else {
                     t.note(
                         self.step,
@@ -296,9 +291,7 @@ impl Saga {
                 }
             },
             (Phase::Compensating, Input::Tick) if now >= self.deadline => {
-                let attempt = self.attempt + 1;
-                self.send(def, Direction::Undo, attempt, now, &mut t);
-                self.deadline = now + def.backoff(self.step, attempt);
+                self.send(def, Direction::Undo, self.attempt + 1, now, &mut t);
             }
             _ => {}
         }
@@ -352,11 +345,17 @@ impl Saga {
         t: &mut Transition,
     ) {
         self.attempt = attempt;
-        let timeout = def
-            .steps
-            .get(self.step)
-            .map_or(Duration::from_secs(1), |s| s.timeout);
-        self.deadline = now + timeout;
+        // The first attempt waits the step's timeout; each later one, forward or
+        // back, twice as long as the one before (up to the longest backoff): a
+        // participant slow to answer is not sent the same command at a fixed rhythm.
+        self.deadline = now
+            + match attempt {
+                1 => def
+                    .steps
+                    .get(self.step)
+                    .map_or(Duration::from_secs(1), |s| s.timeout),
+                _ => def.backoff(self.step, attempt),
+            };
         t.note(
             self.step,
             match direction {
