@@ -345,7 +345,7 @@ impl Chunk {
     pub fn step(&mut self, pending: &[u8]) -> Step {
         match *self {
             Chunk::Size => match line_end(pending) {
-                Some(end) => match chunk_size(&pending[..end]) {
+                Line::Ends(end) => match chunk_size(&pending[..end]) {
                     Some(size) => {
                         *self = match size {
                             0 => Chunk::Trailers,
@@ -355,11 +355,11 @@ impl Chunk {
                     }
                     None => Step::Invalid("an invalid chunk size"),
                 },
-                None if pending.len() > MAX_LINE => Step::Invalid("a chunk-size line too long"),
-                // No CRLF, but a LF: a line ended without CR, which is refused at
-                // once rather than waited on until the body's timeout.
-                None if pending.contains(&b'\n') => Step::Invalid(BARE_LF),
-                None => Step::More,
+                Line::BareLf => Step::Invalid(BARE_LF),
+                Line::Open if pending.len() > MAX_LINE => {
+                    Step::Invalid("a chunk-size line too long")
+                }
+                Line::Open => Step::More,
             },
             Chunk::Data(_) if pending.is_empty() => Step::More,
             Chunk::Data(left) => {
@@ -377,11 +377,11 @@ impl Chunk {
             }
             Chunk::DataEnd => Step::Invalid("a chunk not ended by CRLF"),
             Chunk::Trailers => match line_end(pending) {
-                Some(2) => Step::End(2),
-                Some(end) => Step::Framing(end),
-                None if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
-                None if pending.contains(&b'\n') => Step::Invalid(BARE_LF),
-                None => Step::More,
+                Line::Ends(2) => Step::End(2),
+                Line::Ends(end) => Step::Framing(end),
+                Line::BareLf => Step::Invalid(BARE_LF),
+                Line::Open if pending.len() > MAX_LINE => Step::Invalid("a trailer line too long"),
+                Line::Open => Step::More,
             },
         }
     }
@@ -389,13 +389,24 @@ impl Chunk {
 
 const BARE_LF: &str = "a line of chunked framing ended by LF without CR";
 
-/// Where a line (ended by CRLF) ends in `bytes`, past the CRLF.
-pub fn line_end(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .iter()
-        .position(|&b| b == b'\n')
-        .filter(|&i| i > 0 && bytes[i - 1] == b'\r')
-        .map(|i| i + 1)
+/// How the line at the start of some bytes stands.
+enum Line {
+    /// Ended by CRLF: where it ends, past the CRLF.
+    Ends(usize),
+    /// Ended by a LF without CR: refused at once rather than waited on until the
+    /// body's timeout.
+    BareLf,
+    /// Not ended yet.
+    Open,
+}
+
+/// The line at the start of `bytes`, by its first LF.
+fn line_end(bytes: &[u8]) -> Line {
+    match bytes.iter().position(|&b| b == b'\n') {
+        Some(i) if i > 0 && bytes[i - 1] == b'\r' => Line::Ends(i + 1),
+        Some(_) => Line::BareLf,
+        None => Line::Open,
+    }
 }
 
 /// A chunk-size line (RFC 9112 §7.1): hex digits, then extensions, which are ignored.
