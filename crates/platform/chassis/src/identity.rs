@@ -31,6 +31,10 @@ pub struct IdentityClaims {
     pub iat: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// Claims of the caller's access token the gateway is configured to pass on
+    /// (`gateway.auth.forward_claims`), by the names it gives them.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub claims: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Mints forwarded identities (the gateway).
@@ -63,6 +67,16 @@ impl IdentityIssuer {
 
     /// A token for `subject`, valid for the configured TTL.
     pub fn mint(&self, subject: &str, email: Option<&str>) -> Result<String, JwtError> {
+        self.mint_with_claims(subject, email, &serde_json::Map::new())
+    }
+
+    /// A token for `subject` carrying `claims` as well.
+    pub fn mint_with_claims(
+        &self,
+        subject: &str,
+        email: Option<&str>,
+        claims: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<String, JwtError> {
         let now = now_secs();
         self.key.sign(&IdentityClaims {
             iss: self.issuer.clone(),
@@ -71,6 +85,7 @@ impl IdentityIssuer {
             exp: now + self.ttl.as_secs(),
             iat: now,
             email: email.map(str::to_owned),
+            claims: claims.clone(),
         })
     }
 }
@@ -107,6 +122,7 @@ impl IdentityVerifier {
         let identity = Identity {
             subject: claims.sub,
             email: claims.email,
+            claims: claims.claims,
             expires: claims.exp,
         };
         self.memo.insert(token.into(), identity.clone());
@@ -120,6 +136,8 @@ impl IdentityVerifier {
 pub struct Identity {
     pub subject: String,
     pub email: Option<String>,
+    /// The access token's claims the gateway passes on (`gateway.auth.forward_claims`).
+    pub claims: serde_json::Map<String, serde_json::Value>,
     /// When the forwarded token expires (seconds since the epoch).
     pub expires: u64,
 }

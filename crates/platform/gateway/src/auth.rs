@@ -29,6 +29,8 @@ pub struct Caller {
     /// The user (the token's subject claim) or `consumer:<name>` for an API key.
     pub sub: Arc<str>,
     pub email: Option<String>,
+    /// The token's claims named in [`ClaimNames::forwarded`], by their new names.
+    pub claims: serde_json::Map<String, Value>,
     /// The API key's consumer.
     pub consumer: Option<String>,
     /// Unix seconds after which a cached verification is stale.
@@ -36,10 +38,74 @@ pub struct Caller {
 }
 
 /// Claims read from an access token, by configurable names.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ClaimNames {
     pub subject: String,
     pub email: String,
+    /// Claims passed on: the name they are forwarded under, and their path in the
+    /// token (object keys, outermost first).
+    pub forwarded: Vec<(String, Vec<String>)>,
+}
+
+/// Names the forwarded identity gives claims of its own.
+const RESERVED_CLAIMS: [&str; 7] = ["iss", "aud", "sub", "exp", "iat", "email", "claims"];
+
+impl ClaimNames {
+    /// With `forward` (`gateway.auth.forward_claims`: name -> dotted path);
+    /// every malformed entry is named.
+    pub fn new(
+        subject: &str,
+        email: &str,
+        forward: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Self, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut forwarded = Vec::new();
+        for (name, path) in forward {
+            let at = format!("gateway.auth.forward_claims.{name}");
+            if name.is_empty() {
+                errors.push("gateway.auth.forward_claims: a claim needs a name".to_owned());
+                continue;
+            }
+            if RESERVED_CLAIMS.contains(&name.as_str()) {
+                errors.push(format!(
+                    "{at}: `{name}` is the forwarded identity's own; forward it under another name"
+                ));
+                continue;
+            }
+            let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+            if segments.iter().any(String::is_empty) {
+                errors.push(format!(
+                    "{at} = \"{path}\": a claim path is names joined by dots, none empty (\"roles\", \"realm_access.roles\")"
+                ));
+                continue;
+            }
+            forwarded.push((name.clone(), segments));
+        }
+        match errors.is_empty() {
+            true => Ok(Self {
+                subject: subject.to_owned(),
+                email: email.to_owned(),
+                forwarded,
+            }),
+            false => Err(errors),
+        }
+    }
+
+    /// The forwarded claims found in `token`'s claims.
+    fn pick(&self, token: &serde_json::Map<String, Value>) -> serde_json::Map<String, Value> {
+        let mut picked = serde_json::Map::new();
+        for (name, path) in &self.forwarded {
+            let mut segments = path.iter();
+            let found = segments
+                .next()
+                .and_then(|first| token.get(first))
+                .and_then(|v| segments.try_fold(v, |v, key| v.get(key)));
+            if let Some(value) = found {
+                picked.insert(name.clone(), value.clone());
+            }
+        }
+        picked
+    }
 }
 
 /// API keys by the SHA-256 of the key (keys are never stored in clear).
@@ -148,6 +214,7 @@ impl Authenticator {
             return Ok(Some(Arc::new(Caller {
                 sub: format!("consumer:{consumer}").into(),
                 email: None,
+                claims: serde_json::Map::new(),
                 consumer: Some(consumer.to_owned()),
                 exp: u64::MAX,
             })));
@@ -187,6 +254,7 @@ impl Authenticator {
                         .get(&self.claims.email)
                         .and_then(Value::as_str)
                         .map(str::to_owned),
+                    claims: self.claims.pick(&claims),
                     consumer: None,
                     exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(now),
                 });
@@ -213,6 +281,41 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_claims_are_found_by_path_and_bad_entries_named() {
+        let forward = [
+            ("roles", "realm_access.roles"),
+            ("tenant", "tenant"),
+            ("missing", "nope.deeper"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .into_iter()
+        .collect();
+        let names = ClaimNames::new("sub", "email", &forward).unwrap();
+        let token = serde_json::json!({
+            "sub": "u1",
+            "tenant": 7,
+            "realm_access": {"roles": ["admin", "buyer"]},
+            "nope": "a string has no keys",
+        });
+        let picked = names.pick(token.as_object().unwrap());
+        assert_eq!(
+            Value::Object(picked),
+            serde_json::json!({"roles": ["admin", "buyer"], "tenant": 7})
+        );
+        let bad = [("sub", "x"), ("roles", "a..b"), ("", "x")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .into_iter()
+            .collect();
+        let errors = ClaimNames::new("sub", "email", &bad).unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors.iter().any(|e| e.contains("forward_claims.sub")),
+            "{errors:?}"
+        );
+        assert!(errors.iter().any(|e| e.contains("a..b")), "{errors:?}");
+    }
 
     #[test]
     fn api_keys_are_found_by_hash_and_bad_hashes_named() {

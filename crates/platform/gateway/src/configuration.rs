@@ -520,6 +520,11 @@ config_section! {
         pub subject_claim: String = "sub".to_owned(),
         /// The claim forwarded as the caller's e-mail, when present.
         pub email_claim: String = "email".to_owned(),
+        /// More claims passed on in the forwarded identity: the name a service
+        /// reads (`Identity::claims`) -> where it is in the access token, dots
+        /// going into objects (`roles = "realm_access.roles"`). A claim the token
+        /// lacks is left out.
+        pub forward_claims: BTreeMap<String, String> = BTreeMap::new(),
         /// Expected `iss`.
         pub issuer: String = "bazaar-users".to_owned(),
         /// Expected `aud`.
@@ -575,6 +580,10 @@ config_section! {
         /// HTTP/2 streams a client may reset before the server caught up (rapid
         /// reset); past it the connection is closed.
         pub h2_max_pending_resets: usize = 20,
+        /// An HTTP/2 connection with no open stream for this long is closed
+        /// gracefully (GOAWAY); HTTP/1.1 connections idle out after
+        /// `header_timeout`.
+        pub h2_idle_timeout: HumanDuration = HumanDuration::secs(60),
         /// Deadline for an upstream's response head: past it the client gets a 504.
         /// Below `http.request_timeout` so the gateway answers before its own limit.
         pub upstream_timeout: HumanDuration = HumanDuration::secs(15),

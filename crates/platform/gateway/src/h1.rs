@@ -1,5 +1,5 @@
-//! The gateway's HTTP/1.1 server for plain connections (TLS and HTTP/2 stay with
-//! hyper's server).
+//! The gateway's HTTP/1.1 server, for plain connections and TLS ones alike
+//! (HTTP/2 stays with hyper's server).
 //!
 //! Why our own: the proxy buffers every request body and most answers anyway, so
 //! the general machinery of a server (a body channel per request, a dispatcher
@@ -30,12 +30,11 @@ use http::{Method, Request, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::message::{self, Chunk, Framing, Head, Refusal, Step, parse};
-use crate::wire::{BUFFER, Conn, Fields, line, write_all};
+use crate::wire::{BUFFER, Conn, Fields, Transport, line};
 
 /// The client preface of HTTP/2 with prior knowledge (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -83,24 +82,22 @@ pub trait Handler {
 }
 
 /// How a connection ended.
-pub enum Ended {
+pub enum Ended<S> {
     Closed,
     /// The client opened with HTTP/2's preface: the connection, the bytes read
     /// first included, for an HTTP/2 server.
-    Http2(Prefixed),
+    Http2(Prefixed<S>),
 }
 
-/// Serves HTTP/1.1 requests on `stream` until the client closes, a request asks
-/// for the close, a protocol error or `shutdown` (between requests).
-pub async fn serve(
-    stream: TcpStream,
+/// Serves HTTP/1.1 requests on `stream` (a plain TCP connection, or TLS over one)
+/// until the client closes, a request asks for the close, a protocol error or
+/// `shutdown` (between requests).
+pub async fn serve<S: Transport>(
+    stream: S,
     settings: &Settings,
     shutdown: &CancellationToken,
     handler: &impl Handler,
-) -> Ended {
-    // Urgent data inline: `recv` stops short at an urgent mark, which would break
-    // the rule that a short read drained the socket.
-    let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
+) -> Ended<S> {
     let mut conn = Conn::new(stream);
     let mut first = true;
     // The head deadline's timer, one for the connection (see `read_head`), and the
@@ -258,8 +255,8 @@ fn timed_out(what: &str, after: Duration) -> Problem {
 /// keep-alive connection; this way a busy connection moves its timer once per
 /// `header_timeout` (nginx's lazy timer updates, `ngx_event_timer` with a
 /// threshold, save the same work).
-async fn read_head(
-    conn: &mut Conn,
+async fn read_head<S: Transport>(
+    conn: &mut Conn<S>,
     settings: &Settings,
     shutdown: &CancellationToken,
     first: bool,
@@ -318,7 +315,11 @@ async fn read_head(
 }
 
 /// The body, read whole within the body deadline.
-async fn read_body(conn: &mut Conn, head: &Head, settings: &Settings) -> Result<Body, Problem> {
+async fn read_body<S: Transport>(
+    conn: &mut Conn<S>,
+    head: &Head,
+    settings: &Settings,
+) -> Result<Body, Problem> {
     if head.framing == Framing::Length(0) {
         return Ok(Body::empty());
     }
@@ -344,22 +345,19 @@ async fn read_body(conn: &mut Conn, head: &Head, settings: &Settings) -> Result<
     }
 }
 
-async fn read_sized(conn: &mut Conn, n: u64) -> Result<Bytes, Problem> {
+async fn read_sized<S: Transport>(conn: &mut Conn<S>, n: u64) -> Result<Bytes, Problem> {
     let n = usize::try_from(n).map_err(|_| Problem::bad_request("Content-Length is too large"))?;
     if conn.pending().len() >= n {
         return Ok(conn.take(n as u64));
     }
-    let mut body = BytesMut::with_capacity(n);
-    body.put_slice(conn.pending());
-    conn.consume(conn.pending().len());
-    while body.len() < n {
-        let want = n - body.len();
-        conn.stream.readable().await.map_err(|_| cut_short())?;
-        match conn.stream.try_read_buf(&mut (&mut body).limit(want)) {
-            Ok(0) => return Err(cut_short()),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(cut_short()),
+    let mut body = BytesMut::zeroed(n);
+    let mut got = conn.pending().len();
+    body[..got].copy_from_slice(conn.pending());
+    conn.consume(got);
+    while got < n {
+        match conn.read_into(&mut body[got..]).await {
+            Ok(0) | Err(_) => return Err(cut_short()),
+            Ok(read) => got += read,
         }
     }
     Ok(body.freeze())
@@ -369,7 +367,7 @@ fn cut_short() -> Problem {
     Problem::bad_request("the request body was cut short")
 }
 
-async fn read_chunked(conn: &mut Conn, max_body: u64) -> Result<Bytes, Problem> {
+async fn read_chunked<S: Transport>(conn: &mut Conn<S>, max_body: u64) -> Result<Bytes, Problem> {
     let mut body = BytesMut::new();
     let mut chunk = Chunk::Size;
     loop {
@@ -408,7 +406,7 @@ async fn read_chunked(conn: &mut Conn, max_body: u64) -> Result<Bytes, Problem> 
 /// the client still sends is read and dropped for a moment first (nginx's
 /// lingering close), since closing on unread bytes resets the connection, and a
 /// reset can destroy the answer before the client reads it.
-async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
+async fn refuse<S: Transport>(conn: &mut Conn<S>, answer: Response, settings: &Settings) {
     let exchange = Exchange {
         head_request: false,
         http11: true,
@@ -419,20 +417,15 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
     {
         return;
     }
-    let _ = socket2::SockRef::from(&conn.stream).shutdown(std::net::Shutdown::Write);
+    conn.stream.shutdown_write().await;
     let linger = async {
         let mut drained = 0usize;
         let mut sink = vec![0u8; 4096];
         // At most a few megabytes: a client that keeps sending is cut off.
         while drained < 4 << 20 {
-            if conn.stream.readable().await.is_err() {
-                return;
-            }
-            match conn.stream.try_read(&mut sink) {
-                Ok(0) => return,
+            match conn.read_into(&mut sink).await {
+                Ok(0) | Err(_) => return,
                 Ok(n) => drained += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
             }
         }
     };
@@ -441,8 +434,8 @@ async fn refuse(conn: &mut Conn, answer: Response, settings: &Settings) {
 
 /// Writes `response`, `fields` after its map's; `Ok(false)` when the connection
 /// must close after it.
-async fn write_response(
-    conn: &mut Conn,
+async fn write_response<S: Transport>(
+    conn: &mut Conn<S>,
     response: Response,
     fields: Option<Fields>,
     exchange: &Exchange,
@@ -517,8 +510,8 @@ async fn write_response(
 /// Writes the head in `out`, then the body: the head and a whole body in one
 /// `writev`. `Ok(false)` when the body failed midway (the answer is cut short, so
 /// the connection must close).
-async fn write_body(
-    conn: &mut Conn,
+async fn write_body<S: Transport>(
+    conn: &mut Conn<S>,
     head: &[u8],
     body: &mut Body,
     bodiless: bool,
@@ -579,8 +572,13 @@ fn chunk_framing(head: Option<&[u8]>, owed_crlf: bool, size: Option<usize>) -> V
 
 /// Writes `head` then `body`, held to the body deadline (a client that stops
 /// reading cannot hold the connection forever).
-async fn write(conn: &Conn, head: &[u8], body: &[u8], settings: &Settings) -> io::Result<()> {
-    match tokio::time::timeout(settings.body_timeout, write_all(&conn.stream, head, body)).await {
+async fn write<S: Transport>(
+    conn: &mut Conn<S>,
+    head: &[u8],
+    body: &[u8],
+    settings: &Settings,
+) -> io::Result<()> {
+    match tokio::time::timeout(settings.body_timeout, conn.stream.send(head, body)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(io::ErrorKind::TimedOut.into()),
@@ -608,12 +606,12 @@ fn date(out: &mut Vec<u8>) {
 }
 
 /// A connection whose first bytes were already read: they are read again first.
-pub struct Prefixed {
+pub struct Prefixed<S> {
     read: Bytes,
-    stream: TcpStream,
+    stream: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -629,7 +627,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

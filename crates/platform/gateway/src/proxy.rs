@@ -127,18 +127,20 @@ impl Proxy {
     fn identity(&self, caller: &Caller, now: std::time::Instant) -> Result<HeaderValue, Problem> {
         if let Some(known) = self.minted.get(&*caller.sub)
             && known.email == caller.email
+            && known.claims == caller.claims
             && now.saturating_duration_since(known.at) < self.issuer.ttl() / 2
         {
             return Ok(known.token.clone());
         }
         let token = self
             .issuer
-            .mint(&caller.sub, caller.email.as_deref())
+            .mint_with_claims(&caller.sub, caller.email.as_deref(), &caller.claims)
             .map_err(Problem::internal)?;
         let token =
             HeaderValue::from_maybe_shared(bytes::Bytes::from(token)).map_err(Problem::internal)?;
         let minted = Minted {
             email: caller.email.clone(),
+            claims: caller.claims.clone(),
             token: token.clone(),
             at: now,
         };
@@ -150,6 +152,7 @@ impl Proxy {
 /// A forwarded identity, as minted for a subject.
 pub struct Minted {
     email: Option<String>,
+    claims: serde_json::Map<String, serde_json::Value>,
     token: HeaderValue,
     at: std::time::Instant,
 }

@@ -51,6 +51,8 @@ pub struct Limits {
     /// Streams a client may reset before the server answers them (HTTP/2 rapid
     /// reset, CVE-2023-44487).
     pub h2_max_pending_resets: usize,
+    /// An HTTP/2 connection with no open stream for this long is closed (GOAWAY).
+    pub h2_idle_timeout: Duration,
 }
 
 /// A listener beyond the chassis's main one, bound at start.
@@ -194,7 +196,6 @@ async fn worker(
     // and waiting registers under the token's lock, which the workers would
     // otherwise all take.
     let shutdown = shutdown.child_token();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = builder(&shared.limits);
     // Each plain connection holds a sender; when every one is dropped, they have all
     // ended.
@@ -204,26 +205,30 @@ async fn worker(
     tokio::spawn(chassis::clock::timer_floor());
     let loops = listeners
         .into_iter()
-        .map(|l| accept(l, &shared, &shutdown, &graceful, &builder, &live));
+        .map(|l| accept(l, &shared, &shutdown, &builder, &live));
     futures::future::try_join_all(loops).await?;
     drop(live);
-    graceful.shutdown().await;
     let _ = all_ended.recv().await;
     Ok(())
 }
 
-/// A plain connection's requests, for [`h1::serve`].
+/// An HTTP/1.1 connection's requests, for [`h1::serve`].
 struct Plain {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The connection is TLS: its requests are marked [`Https`].
+    https: bool,
 }
 
 impl h1::Handler for Plain {
     fn handle(
         &self,
-        request: Request<Body>,
+        mut request: Request<Body>,
         timers: h1::Timers<'_>,
     ) -> impl Future<Output = (Response, Option<Fields>)> + Send {
+        if self.https {
+            request.extensions_mut().insert(Https);
+        }
         self.shared.dispatch(self.peer, request, Some(timers))
     }
 
@@ -264,7 +269,6 @@ async fn accept(
     listener: Listener,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
     builder: &auto::Builder<TokioExecutor>,
     live: &tokio::sync::mpsc::Sender<()>,
 ) -> std::io::Result<()> {
@@ -285,52 +289,38 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        let https = listener.tls.is_some();
-        let handshake_timeout = shared.limits.header_timeout;
-        let shared = shared.clone();
-        let service = {
-            let shared = shared.clone();
-            hyper::service::service_fn(move |request: Request<Incoming>| {
-                let shared = shared.clone();
-                let mut request = request.map(Body::new);
-                if https {
-                    request.extensions_mut().insert(Https);
-                }
-                async move {
-                    let (mut response, fields) = shared.dispatch(peer, request, None).await;
-                    // (Fields come as lines only to a connection that lends timers.)
-                    if let Some(fields) = fields {
-                        fields.into_map(response.headers_mut());
-                    }
-                    Ok::<_, Infallible>(response)
-                }
-            })
-        };
-        let watcher = graceful.watcher();
+        // Urgent data inline: `recv` stops short at an urgent mark, which would break
+        // the rule that a short read drained the socket (see `wire::read_some`).
+        let _ = socket2::SockRef::from(&stream).set_out_of_band_inline(true);
+        let (live, builder) = (live.clone(), builder.clone());
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
         match &listener.tls {
             // HTTP/1.1 on the gateway's own loop; a client that opens with
             // HTTP/2's preface is handed to hyper's server.
             None => {
-                let (live, builder) = (live.clone(), builder.clone());
-                let (plain, shutdown) = (Plain { shared, peer }, shutdown.clone());
                 tokio::spawn(async move {
                     let _live = live;
+                    let plain = Plain {
+                        shared,
+                        peer,
+                        https: false,
+                    };
                     let ended = h1::serve(stream, &plain.shared.h1, &shutdown, &plain).await;
                     if let h1::Ended::Http2(io) = ended {
-                        let connection =
-                            watcher.watch(builder.serve_connection(TokioIo::new(io), service));
-                        if let Err(e) = connection.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
+                        serve_h2(io, plain, &builder, &shutdown).await;
                     }
                 });
             }
+            // The handshake, then HTTP/2 (by ALPN) on hyper's server, HTTP/1.1 on the
+            // gateway's own loop, held to the same strict parsing as plain connections.
             Some(acceptor) => {
-                let (acceptor, builder) = (acceptor.clone(), builder.clone());
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let _live = live;
                     // The handshake is held to the deadline of a request head.
                     let handshake = acceptor.accept(stream);
-                    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
+                    let timeout = shared.limits.header_timeout;
+                    let stream = match tokio::time::timeout(timeout, handshake).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, %peer, "TLS handshake failed");
@@ -341,17 +331,158 @@ async fn accept(
                             return;
                         }
                     };
-                    let connection = watcher.watch(
-                        builder
-                            .serve_connection(TokioIo::new(stream), service)
-                            .into_owned(),
-                    );
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let tls = Plain {
+                        shared,
+                        peer,
+                        https: true,
+                    };
+                    if h2 {
+                        return serve_h2(stream, tls, &builder, &shutdown).await;
+                    }
+                    let ended = h1::serve(stream, &tls.shared.h1, &shutdown, &tls).await;
+                    // HTTP/2 with prior knowledge inside TLS, without ALPN.
+                    if let h1::Ended::Http2(io) = ended {
+                        serve_h2(io, tls, &builder, &shutdown).await;
                     }
                 });
             }
         }
+    }
+}
+
+/// Serves an HTTP/2 connection on hyper's server until the client closes it, it
+/// has had no open stream for `h2_idle_timeout`, or shutdown: the last two end it
+/// gracefully (GOAWAY, then the streams in flight finish).
+async fn serve_h2<I>(
+    io: I,
+    conn: Plain,
+    builder: &auto::Builder<TokioExecutor>,
+    shutdown: &CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let idle_timeout = conn.shared.limits.h2_idle_timeout;
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let shared = conn.shared.clone();
+            let (peer, https) = (conn.peer, conn.https);
+            // Held by the stream until its answer's body is dropped, sent or not.
+            let open = Open::new(&activity);
+            let mut request = request.map(Body::new);
+            if https {
+                request.extensions_mut().insert(Https);
+            }
+            async move {
+                let (response, fields) = shared.dispatch(peer, request, None).await;
+                let mut response = response.map(|body| Body::new(Counted { body, _open: open }));
+                // (Fields come as lines only to a connection that lends timers.)
+                if let Some(fields) = fields {
+                    fields.into_map(response.headers_mut());
+                }
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let connection = builder
+        .serve_connection(TokioIo::new(io), service)
+        .into_owned();
+    let mut connection = std::pin::pin!(connection);
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = shutdown.cancelled(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = activity.idle_for(idle_timeout), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// The streams open on an HTTP/2 connection, for its idle timeout.
+#[derive(Default)]
+struct Activity {
+    open: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl Activity {
+    /// Returns once no stream has been open for `timeout` (counted again from
+    /// every stream's end).
+    async fn idle_for(&self, timeout: Duration) {
+        use std::sync::atomic::Ordering;
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            // Registered before the count is read: a change after it wakes us.
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => return,
+                () = changed => {}
+            }
+        }
+    }
+}
+
+/// One open stream of an [`Activity`].
+struct Open(Arc<Activity>);
+
+impl Open {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity
+            .open
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        activity.changed.notify_waiters();
+        Self(activity.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// An answer's body that keeps its stream counted as open until it is dropped.
+struct Counted {
+    body: Body,
+    _open: Open,
+}
+
+impl http_body::Body for Counted {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

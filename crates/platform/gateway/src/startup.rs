@@ -112,10 +112,12 @@ impl Application {
         );
         let auth = Authenticator::new(
             verifier,
-            ClaimNames {
-                subject: settings.auth.subject_claim.clone(),
-                email: settings.auth.email_claim.clone(),
-            },
+            ClaimNames::new(
+                &settings.auth.subject_claim,
+                &settings.auth.email_claim,
+                &settings.auth.forward_claims,
+            )
+            .map_err(|errors| anyhow::anyhow!("{}", errors.join("; ")))?,
             settings.auth.leeway.0,
         );
         // Readiness follows the services routed at start; reloads may add others,
@@ -210,6 +212,7 @@ impl Application {
             header_timeout: settings.header_timeout.0,
             h2_max_concurrent_streams: settings.h2_max_concurrent_streams,
             h2_max_pending_resets: settings.h2_max_pending_resets,
+            h2_idle_timeout: settings.h2_idle_timeout.0,
         };
         // The chassis router serves these on the public port; the rest is proxied.
         let own_paths = [

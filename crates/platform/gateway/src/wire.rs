@@ -16,6 +16,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::io::{self, IoSlice, Read};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -62,9 +63,98 @@ impl WireError {
     }
 }
 
+/// A byte stream a [`Conn`] reads and writes: a TCP socket, read with the
+/// short-read rule and written with `writev` straight from the reactor's readiness,
+/// or a TLS session over one (the client side of a TLS listener), through tokio's
+/// `AsyncRead` and `AsyncWrite`. Generic, not a trait object: the plain path is
+/// compiled for `TcpStream` alone and pays nothing for TLS.
+pub trait Transport: Send + Unpin {
+    /// One read into `into`; `Ok(0)` at the end of the stream.
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, into: &mut [u8]) -> Poll<io::Result<usize>>;
+
+    /// Writes `head` then `body` whole (and out of any buffer of the transport's);
+    /// on failure, whether any byte had gone out.
+    fn send<'a>(
+        &'a mut self,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> impl Future<Output = Result<(), (io::Error, bool)>> + Send + 'a;
+
+    /// Ends the sending side (TLS: with its `close_notify`), leaving the
+    /// receiving side open.
+    fn shutdown_write(&mut self) -> impl Future<Output = ()> + Send + '_;
+}
+
+impl Transport for TcpStream {
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, into: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_read_ready(cx))?;
+            match read_some(self, into) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn send<'a>(
+        &'a mut self,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> impl Future<Output = Result<(), (io::Error, bool)>> + Send + 'a {
+        write_all(self, head, body)
+    }
+
+    async fn shutdown_write(&mut self) {
+        let _ = socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl<S> Transport for tokio_rustls::server::TlsStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin,
+{
+    fn poll_read_into(&mut self, cx: &mut Context<'_>, into: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut buf = tokio::io::ReadBuf::new(into);
+        ready!(tokio::io::AsyncRead::poll_read(
+            Pin::new(self),
+            cx,
+            &mut buf
+        ))?;
+        Poll::Ready(Ok(buf.filled().len()))
+    }
+
+    async fn send<'a>(
+        &'a mut self,
+        head: &'a [u8],
+        body: &'a [u8],
+    ) -> Result<(), (io::Error, bool)> {
+        use tokio::io::AsyncWriteExt;
+        let (mut h, mut b) = (0, 0);
+        while h < head.len() || b < body.len() {
+            let slices = [IoSlice::new(&head[h..]), IoSlice::new(&body[b..])];
+            match self.write_vectored(&slices).await {
+                Ok(0) => return Err((io::ErrorKind::WriteZero.into(), h > 0 || b > 0)),
+                Ok(n) => {
+                    let from_head = n.min(head.len() - h);
+                    h += from_head;
+                    b += n - from_head;
+                }
+                Err(e) => return Err((e, h > 0 || b > 0)),
+            }
+        }
+        // rustls holds records until flushed.
+        self.flush().await.map_err(|e| (e, true))
+    }
+
+    async fn shutdown_write(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.shutdown().await;
+    }
+}
+
 /// A connection and what has been read from it but not consumed.
-pub(crate) struct Conn {
-    pub(crate) stream: TcpStream,
+pub(crate) struct Conn<S = TcpStream> {
+    pub(crate) stream: S,
     /// Always initialized (the crate forbids `unsafe`): `start..end` is unread.
     buf: Vec<u8>,
     start: usize,
@@ -73,8 +163,8 @@ pub(crate) struct Conn {
     pub(crate) out: Vec<u8>,
 }
 
-impl Conn {
-    pub(crate) fn new(stream: TcpStream) -> Self {
+impl<S: Transport> Conn<S> {
+    pub(crate) fn new(stream: S) -> Self {
         Self {
             stream,
             buf: vec![0; BUFFER],
@@ -114,7 +204,7 @@ impl Conn {
     }
 
     /// The stream and the bytes read from it but not consumed.
-    pub(crate) fn into_parts(self) -> (TcpStream, Bytes) {
+    pub(crate) fn into_parts(self) -> (S, Bytes) {
         let read = Bytes::copy_from_slice(self.pending());
         (self.stream, read)
     }
@@ -136,23 +226,23 @@ impl Conn {
                 ))));
             }
         }
-        loop {
-            ready!(self.stream.poll_read_ready(cx))?;
-            match read_some(&self.stream, &mut self.buf[self.end..]) {
-                Ok(n) => {
-                    self.end += n;
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
+        let n = ready!(self.stream.poll_read_into(cx, &mut self.buf[self.end..]))?;
+        self.end += n;
+        Poll::Ready(Ok(n))
     }
 
     pub(crate) async fn fill(&mut self, limit: usize) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_fill(cx, limit)).await
     }
 
+    /// Reads into `into`, past the buffer (which must be empty): a body's bytes
+    /// going straight to where they are kept.
+    pub(crate) async fn read_into(&mut self, into: &mut [u8]) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.stream.poll_read_into(cx, into)).await
+    }
+}
+
+impl Conn<TcpStream> {
     /// Whether an idle connection is still open and silent, without a system call
     /// unless the reactor saw an event on it (a close, a reset, stray bytes).
     fn idle_and_open(&self) -> bool {

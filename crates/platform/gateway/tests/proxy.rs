@@ -71,6 +71,76 @@ async fn forwards_with_forwarded_headers_and_without_client_identity() {
     assert!(!tp.contains("00f067aa0ba902b7"), "a new span id per hop");
 }
 
+/// Claims named in `forward_claims` reach the service inside the signed identity,
+/// under their configured names, nested ones included; a claim the token lacks is
+/// left out, and a changed claim is not served from the minted-identity cache.
+#[tokio::test]
+async fn configured_claims_are_forwarded_in_the_signed_identity() {
+    let gw = spawn_with(|s| {
+        s.auth.forward_claims = [
+            ("roles", "realm_access.roles"),
+            ("tenant", "tenant_id"),
+            ("plan", "plan"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+        .into_iter()
+        .collect();
+    })
+    .await;
+    let jwks: Value = gw
+        .http
+        .get(&gw.identity_jwks)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let verifier = JwtVerifier::with_keys(
+        KeySet::from_jwks(&jwks).unwrap(),
+        "bazaar-gateway",
+        "bazaar-services",
+        Duration::ZERO,
+    );
+    let forwarded_for = |tenant: u64| {
+        let token = gw
+            .users
+            .key
+            .sign(&json!({
+                "iss": "bazaar-users", "aud": "bazaar", "sub": "user-9",
+                "exp": now_secs() + 600,
+                "tenant_id": tenant,
+                "realm_access": {"roles": ["buyer", "admin"]},
+            }))
+            .unwrap();
+        let (http, url) = (gw.http.clone(), format!("{}/private/claims", gw.url));
+        async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    forwarded_for(7).await;
+    let identity = gw.last_seen().1["x-bazaar-identity"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let claims: Value = verifier.verify(&identity).await.unwrap();
+    assert_eq!(claims["sub"], "user-9");
+    assert_eq!(
+        claims["claims"],
+        json!({"roles": ["buyer", "admin"], "tenant": 7}),
+        "{claims}"
+    );
+    // The same user with another tenant: a new identity, not the cached one.
+    forwarded_for(8).await;
+    let identity = gw.last_seen().1["x-bazaar-identity"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let claims: Value = verifier.verify(&identity).await.unwrap();
+    assert_eq!(claims["claims"]["tenant"], 8, "{claims}");
+}
+
 #[tokio::test]
 async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
     let gw = spawn().await;
@@ -989,14 +1059,37 @@ fn per_minute_by_ip(rate: u32) -> gateway::configuration::RateLimitPolicy {
 
 /// Sends `bytes` as they are and returns everything the gateway answers.
 async fn raw_send(base: &str, bytes: Vec<u8>) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw_exchange(stream, bytes).await
+}
+
+/// Writes `bytes` on `stream` and reads until the gateway closes it (or 5 s).
+async fn raw_exchange(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    bytes: Vec<u8>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The gateway may answer and close before reading everything sent.
     let _ = stream.write_all(&bytes).await;
+    let _ = stream.flush().await;
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
     String::from_utf8_lossy(&response).into_owned()
+}
+
+/// How the raw cases reach the gateway.
+enum Over {
+    Plain,
+    /// HTTP/1.1 (by ALPN) over TLS to this address.
+    Tls(String),
+}
+
+async fn raw_over(gw: &Gw, over: &Over, bytes: Vec<u8>) -> String {
+    match over {
+        Over::Plain => raw_send(&gw.url, bytes).await,
+        Over::Tls(addr) => raw_exchange(tls_connect(addr, &[b"http/1.1"]).await, bytes).await,
+    }
 }
 
 /// Request smuggling and protocol abuse over a raw socket: each case with the status
@@ -1004,6 +1097,62 @@ async fn raw_send(base: &str, bytes: Vec<u8>) -> String {
 #[tokio::test]
 async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
     let gw = spawn().await;
+    refuses_malformed_requests(&gw, &Over::Plain).await;
+}
+
+/// A TLS listener's HTTP/1.1 is the same strict parser as the plain port's: the
+/// whole smuggling corpus, each refusal a problem document.
+#[tokio::test]
+async fn tls_connections_are_held_to_the_same_strict_http1() {
+    let gw = spawn_with(|s| {
+        s.listeners = vec![gateway::configuration::ListenerConfig {
+            address: "127.0.0.1".into(),
+            port: 0,
+            tls: Some(gateway::tls::TlsConfig {
+                cert_file: key_file("tls-cert.pem"),
+                key_file: key_file("tls-key.pem"),
+            }),
+        }];
+    })
+    .await;
+    let config: Value = gw.admin_json("/config").await;
+    let addr = config["listeners"][1]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let over = Over::Tls(addr.clone());
+    refuses_malformed_requests(&gw, &over).await;
+    // A refusal is a problem document, as on the plain port.
+    let answer = raw_over(
+        &gw,
+        &over,
+        b"POST /open/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd"
+            .to_vec(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.contains("content-type: application/problem+json"),
+        "{answer}"
+    );
+    // Keep-alive and pipelining over TLS: three answers on one connection, marked
+    // as having come over https.
+    let answer = raw_over(
+        &gw,
+        &over,
+        b"GET /open/a HTTP/1.1\r\nHost: gw\r\n\r\n\
+          GET /open/b HTTP/1.1\r\nHost: gw\r\n\r\n\
+          GET /open/c HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{answer}");
+    let (path, headers) = gw.last_seen();
+    assert_eq!(path, "/open/c");
+    assert_eq!(headers["x-forwarded-proto"], "https");
+}
+
+async fn refuses_malformed_requests(gw: &Gw, over: &Over) {
     let h = "Host: gw\r\n";
     let chunked_over_limit = {
         let chunk = "x".repeat(64 * 1024);
@@ -1030,8 +1179,9 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
         ),
     ] {
         let before = gw.seen_count();
-        let answer = raw_send(
-            &gw.url,
+        let answer = raw_over(
+            gw,
+            over,
             format!("POST /open/x HTTP/1.1\r\n{h}{head}\r\n\r\n0\r\n\r\nGET /open/smuggled HTTP/1.1\r\n{h}\r\n").into_bytes(),
         )
         .await;
@@ -1153,7 +1303,7 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
     ];
     for (name, request, status) in cases {
         let before = gw.seen_count();
-        let answer = raw_send(&gw.url, request.into_bytes()).await;
+        let answer = raw_over(gw, over, request.into_bytes()).await;
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status}")),
             "{name}: {answer}"
@@ -1165,8 +1315,9 @@ async fn malformed_and_smuggling_requests_are_refused_before_the_upstream() {
         assert_eq!(gw.seen_count(), before, "{name} reached the upstream");
     }
     // And a well-formed chunked request passes whole.
-    let answer = raw_send(
-        &gw.url,
+    let answer = raw_over(
+        gw,
+        over,
         format!("POST /open/x HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n").into_bytes(),
     )
     .await;
@@ -1626,6 +1777,52 @@ async fn tls_listeners_negotiate_h2_and_reload_renewed_certificates() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An HTTP/2 connection with no stream open for `h2_idle_timeout` is closed (GOAWAY),
+/// counted from its last stream's end; a stream running longer than the timeout
+/// keeps it open.
+#[tokio::test]
+async fn idle_http2_connections_are_closed_and_busy_ones_kept() {
+    let gw = spawn_with(|s| {
+        s.h2_idle_timeout = HumanDuration::millis(400);
+        s.upstream_timeout = HumanDuration::secs(10);
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::spawn(connection);
+    // /slow answers after 3 s: far past the idle timeout, with its stream open.
+    let request = http::Request::get("/slow")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(&body[..], b"late");
+    assert!(!ended.is_finished(), "closed while a stream was open");
+    let answered = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("an idle HTTP/2 connection stayed open")
+        .unwrap()
+        .unwrap();
+    assert!(
+        answered.elapsed() >= Duration::from_millis(300),
+        "closed {:?} after its last stream, before the idle timeout",
+        answered.elapsed()
+    );
 }
 
 /// An aggregating route asks its parts in parallel, merges their JSON, and marks a
