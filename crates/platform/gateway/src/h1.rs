@@ -119,7 +119,7 @@ pub async fn serve<S: Transport>(
         .await
         {
             Ok(Some(head)) => head,
-            Ok(None) => return Ended::Closed,
+            Ok(None) => return closed(conn).await,
             Err(Refused::Http2) => {
                 let (stream, read) = conn.into_parts();
                 return Ended::Http2(Prefixed { read, stream });
@@ -162,9 +162,17 @@ pub async fn serve<S: Transport>(
         let keep = keep_alive && !shutdown.is_cancelled();
         match write_response(&mut conn, response, fields, &exchange, keep, settings).await {
             Ok(true) => conn.shrink(),
-            Ok(false) | Err(_) => return Ended::Closed,
+            Ok(false) | Err(_) => return closed(conn).await,
         }
     }
+}
+
+/// Ends a connection that closes without a refusal: over TLS its `close_notify`
+/// tells the client the stream ended whole (an answer ended by the close
+/// included); a TCP connection is simply dropped.
+async fn closed<S: Transport>(mut conn: Conn<S>) -> Ended<S> {
+    conn.stream.finish().await;
+    Ended::Closed
 }
 
 /// A connection's timers lent to the handler of one request: one for the whole
@@ -350,14 +358,19 @@ async fn read_sized<S: Transport>(conn: &mut Conn<S>, n: u64) -> Result<Bytes, P
     if conn.pending().len() >= n {
         return Ok(conn.take(n as u64));
     }
-    let mut body = BytesMut::zeroed(n);
-    let mut got = conn.pending().len();
-    body[..got].copy_from_slice(conn.pending());
-    conn.consume(got);
-    while got < n {
+    // Reserved whole, but zeroed (the crate forbids `unsafe`) only a step ahead
+    // of what arrived: a client that declares a large body and sends it slowly
+    // does not make the gateway touch all of its memory at once.
+    const STEP: usize = 64 * 1024;
+    let mut body = BytesMut::with_capacity(n);
+    body.extend_from_slice(conn.pending());
+    conn.consume(body.len());
+    while body.len() < n {
+        let got = body.len();
+        body.resize(got + (n - got).min(STEP), 0);
         match conn.read_into(&mut body[got..]).await {
             Ok(0) | Err(_) => return Err(cut_short()),
-            Ok(read) => got += read,
+            Ok(read) => body.truncate(got + read),
         }
     }
     Ok(body.freeze())
@@ -417,8 +430,9 @@ async fn refuse<S: Transport>(conn: &mut Conn<S>, answer: Response, settings: &S
     {
         return;
     }
-    conn.stream.shutdown_write().await;
     let linger = async {
+        // Inside the deadline: over TLS it writes, to a client that may not read.
+        conn.stream.shutdown_write().await;
         let mut drained = 0usize;
         let mut sink = vec![0u8; 4096];
         // At most a few megabytes: a client that keeps sending is cut off.
@@ -578,7 +592,10 @@ async fn write<S: Transport>(
     body: &[u8],
     settings: &Settings,
 ) -> io::Result<()> {
-    match tokio::time::timeout(settings.body_timeout, conn.stream.send(head, body)).await {
+    // Pinned where it is made: moved into the timeout, the send future was copied
+    // on every answer.
+    let send = std::pin::pin!(conn.stream.send(head, body));
+    match tokio::time::timeout(settings.body_timeout, send).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(io::ErrorKind::TimedOut.into()),

@@ -25,8 +25,8 @@ use futures::FutureExt;
 use http::header::{self, HeaderValue};
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use telemetry::context::{CORRELATION_ID, RequestContext};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -168,20 +168,23 @@ async fn run(
     result
 }
 
-fn builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// Between PINGs on an HTTP/2 connection, and how long an answer may take: a peer
+/// that stops answering them is dropped.
+const H2_PING_EVERY: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// HTTP/2 only: a connection reaches it after its preface was seen or `h2` was
+/// negotiated, and hyper's automatic builder would serve anything else as
+/// HTTP/1.1, past the strict parser of `h1`.
+fn builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.h2_max_pending_resets)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(H2_PING_EVERY)
+        .keep_alive_timeout(H2_PING_TIMEOUT);
     builder
 }
 
@@ -223,13 +226,13 @@ struct Plain {
 impl h1::Handler for Plain {
     fn handle(
         &self,
-        mut request: Request<Body>,
+        request: Request<Body>,
         timers: h1::Timers<'_>,
     ) -> impl Future<Output = (Response, Option<Fields>)> + Send {
-        if self.https {
-            request.extensions_mut().insert(Https);
-        }
-        self.shared.dispatch(self.peer, request, Some(timers))
+        // Marked inside `dispatch`, where the request already is: changing it here
+        // made a copy of it on every plain request.
+        self.shared
+            .dispatch(self.peer, request, Some(timers), self.https)
     }
 
     /// Refusals count and log as unrouted requests: a smuggling attempt or an
@@ -269,7 +272,7 @@ async fn accept(
     listener: Listener,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &http2::Builder<TokioExecutor>,
     live: &tokio::sync::mpsc::Sender<()>,
 ) -> std::io::Result<()> {
     listener.socket.set_nonblocking(true)?;
@@ -357,12 +360,13 @@ async fn accept(
 async fn serve_h2<I>(
     io: I,
     conn: Plain,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &http2::Builder<TokioExecutor>,
     shutdown: &CancellationToken,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
 {
     let idle_timeout = conn.shared.limits.h2_idle_timeout;
+    let grace = conn.shared.request_timeout + Duration::from_secs(1);
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = activity.clone();
@@ -371,12 +375,9 @@ async fn serve_h2<I>(
             let (peer, https) = (conn.peer, conn.https);
             // Held by the stream until its answer's body is dropped, sent or not.
             let open = Open::new(&activity);
-            let mut request = request.map(Body::new);
-            if https {
-                request.extensions_mut().insert(Https);
-            }
+            let request = request.map(Body::new);
             async move {
-                let (response, fields) = shared.dispatch(peer, request, None).await;
+                let (response, fields) = shared.dispatch(peer, request, None, https).await;
                 let mut response = response.map(|body| Body::new(Counted { body, _open: open }));
                 // (Fields come as lines only to a connection that lends timers.)
                 if let Some(fields) = fields {
@@ -386,21 +387,26 @@ async fn serve_h2<I>(
             }
         })
     };
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .into_owned();
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
-    let mut closing = false;
+    // Once closing, streams in flight get their deadline to finish; a GOAWAY ends
+    // only when the client answers its PING, which a dead client never does.
+    let mut closing = None;
     let result = loop {
+        let close_by = closing.unwrap_or_else(|| tokio::time::Instant::now() + grace);
         tokio::select! {
             result = connection.as_mut() => break result,
-            () = shutdown.cancelled(), if !closing => {
+            () = shutdown.cancelled(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(close_by);
             }
-            () = activity.idle_for(idle_timeout), if !closing => {
+            () = activity.idle_for(idle_timeout), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(close_by);
+            }
+            () = tokio::time::sleep_until(close_by), if closing.is_some() => {
+                tracing::debug!("an HTTP/2 connection did not close in time; dropped");
+                return;
             }
         }
     };
@@ -494,7 +500,11 @@ impl Shared {
         peer: SocketAddr,
         mut request: Request<Body>,
         timers: Option<h1::Timers<'_>>,
+        https: bool,
     ) -> (Response, Option<Fields>) {
+        if https {
+            request.extensions_mut().insert(Https);
+        }
         let path = request.uri().path();
         // The gateway's own metrics are for a scraper on this host; anyone else
         // scrapes the admin API's `/metrics` (the public port faces clients).

@@ -204,6 +204,11 @@ impl Application {
         );
         tracing::info!(admin = %admin_url, source = %routing.source().describe(), "gateway admin API listening");
         let watcher = routing.clone();
+        if settings.h2_idle_timeout.0.is_zero() {
+            anyhow::bail!(
+                "gateway.h2_idle_timeout must be longer than 0s (it closes HTTP/2 connections without a stream open that long); try \"60s\""
+            );
+        }
         let limits = Limits {
             workers: settings.workers,
             max_header_bytes: settings.max_header_bytes,

@@ -83,6 +83,11 @@ pub trait Transport: Send + Unpin {
     /// Ends the sending side (TLS: with its `close_notify`), leaving the
     /// receiving side open.
     fn shutdown_write(&mut self) -> impl Future<Output = ()> + Send + '_;
+
+    /// What ends a connection about to be dropped: TLS's `close_notify` (within
+    /// a moment: the client may not be reading); nothing for TCP, whose drop
+    /// closes it.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send + '_;
 }
 
 impl Transport for TcpStream {
@@ -107,6 +112,8 @@ impl Transport for TcpStream {
     async fn shutdown_write(&mut self) {
         let _ = socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write);
     }
+
+    async fn finish(&mut self) {}
 }
 
 impl<S> Transport for tokio_rustls::server::TlsStream<S>
@@ -149,6 +156,10 @@ where
     async fn shutdown_write(&mut self) {
         use tokio::io::AsyncWriteExt;
         let _ = self.shutdown().await;
+    }
+
+    async fn finish(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shutdown_write()).await;
     }
 }
 

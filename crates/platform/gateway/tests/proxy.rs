@@ -1150,6 +1150,21 @@ async fn tls_connections_are_held_to_the_same_strict_http1() {
     let (path, headers) = gw.last_seen();
     assert_eq!(path, "/open/c");
     assert_eq!(headers["x-forwarded-proto"], "https");
+    // A client that negotiates h2 and then speaks HTTP/1.1 gets no HTTP/1.1 server
+    // (which would be a way around the strict one).
+    let before = gw.seen_count();
+    let answer = raw_exchange(
+        tls_connect(&addr, &[b"h2"]).await,
+        b"POST /open/x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            .to_vec(),
+    )
+    .await;
+    assert!(!answer.contains("HTTP/1.1"), "{answer}");
+    assert_eq!(
+        gw.seen_count(),
+        before,
+        "an HTTP/1.1 request on h2 reached the upstream"
+    );
 }
 
 async fn refuses_malformed_requests(gw: &Gw, over: &Over) {
