@@ -36,17 +36,45 @@ fn verify_with(find: &[&str], settle: &str) -> (i32, Value) {
     (out.status.code().unwrap_or(-1), report)
 }
 
+/// Waits until every product has all its initial 6 units available again.
+async fn stock_back(shop: &Shop, products: &[String]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for p in products {
+        let url = format!("{}/inventory/{p}", shop.url("inventory"));
+        loop {
+            let stock: Value = shop
+                .http
+                .get(&url)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if stock["available"] == 6 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the outage's orders never gave their stock back: {stock}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 async fn every_order_ends_and_nothing_is_lost(mode: &str) {
     let config = std::env::temp_dir().join(format!(
         "bazaar-saga-{}.toml",
         uuid::Uuid::new_v4().simple()
     ));
-    // The provider is down from 1 s to 4 s after it starts and declines half the
-    // cards (at 30% a dozen charges all went through about once in 70 runs);
-    // each product has 6 units, the orders want more than that.
+    // The provider is down from 8 s to 18 s after it first starts and declines half
+    // the cards (at 30% a dozen charges all went through about once in 70 runs);
+    // each product has 6 units, the orders want more than that. A saga whose
+    // charge meets the outage outlives its timeouts (a step's 1 s, the saga's 8 s).
     std::fs::write(
         &config,
-        "[payments]\ndecline_rate = 0.5\noutages = [\"1s+3s\"]\n\
+        "[payments]\ndecline_rate = 0.5\noutages = [\"8s+10s\"]\n\
          [inventory]\ninitial_stock = 6\n\
          [orders]\nsaga_step_timeout = \"1s\"\nsaga_timeout = \"8s\"\n",
     )
@@ -59,13 +87,43 @@ async fn every_order_ends_and_nothing_is_lost(mode: &str) {
     let (_, token) = shop.user().await;
     let products = shop.product_ids(3).await;
     shop.stocked(&products).await;
+    // The outage counts from the provider's first start, which it keeps in its
+    // database (read here only to time the orders).
+    let started_ms: i64 = {
+        let db = shop.data_dir.join("payments.db");
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query_scalar("SELECT started_ms FROM provider_clock WHERE id = 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let since_start = || {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        Duration::from_millis(u64::try_from(now_ms - started_ms).unwrap_or(0))
+    };
+    let wait_until = |at: Duration| {
+        let now = since_start();
+        tokio::time::sleep(at.saturating_sub(now))
+    };
+    // The first half inside the outage's first second (unless the shop came up
+    // too late for it), the second half after it.
+    wait_until(Duration::from_millis(8_300)).await;
+    let in_outage = since_start() < Duration::from_secs(9);
     let mut placed = Vec::new();
     for n in 0..24 {
-        // Half the orders after the outage for sure (it ends 4 s after the provider
-        // started, before `up` returned): placed all at once, every one could meet
-        // the outage and time out, and the run would show no confirmation.
         if n == 12 {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            wait_until(Duration::from_millis(18_500)).await;
+            // The first half's compensations may still be running (payments works
+            // off the commands the outage held, with its backoff): their stock back
+            // first, so the second half's outcomes are declines and stock alone.
+            if in_outage {
+                stock_back(&shop, &products).await;
+            }
         }
         let product = &products[n % 3];
         // The last wants more than was ever stocked: out of stock whatever the
@@ -110,6 +168,16 @@ async fn every_order_ends_and_nothing_is_lost(mode: &str) {
         reasons.get("payment_declined").copied().unwrap_or(0) > 0,
         "{reasons:?}"
     );
+    // Orders whose charge met the outage ran out of time, were compensated (the
+    // verify above found their stock back and no charge kept) and say why.
+    if in_outage {
+        assert!(
+            reasons.get("timeout").copied().unwrap_or(0) > 0,
+            "{reasons:?}"
+        );
+    } else {
+        eprintln!("the shop came up after the outage's first second: its timeouts not checked");
+    }
     let _ = std::fs::remove_file(config);
 }
 
