@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chassis::config::HumanDuration;
-use chassis::jwt::{JwtVerifier, KeySet, now_secs};
+use chassis::jwt::now_secs;
 use chassis::testing::IdentityFixture;
 use common::*;
 use gateway::{AuthPolicy, RouteConfig, Settings};
@@ -87,21 +87,7 @@ async fn configured_claims_are_forwarded_in_the_signed_identity() {
         .collect();
     })
     .await;
-    let jwks: Value = gw
-        .http
-        .get(&gw.identity_jwks)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let verifier = JwtVerifier::with_keys(
-        KeySet::from_jwks(&jwks).unwrap(),
-        "bazaar-gateway",
-        "bazaar-services",
-        Duration::ZERO,
-    );
+    let verifier = gw.identity_verifier().await;
     let forwarded_for = |tenant: u64| {
         let token = gw
             .users
@@ -155,21 +141,7 @@ async fn required_routes_forward_a_verifiable_identity_and_refuse_bad_tokens() {
     assert_eq!(r.status(), 200);
     let (_, headers) = gw.last_seen();
     let forwarded = headers["x-bazaar-identity"].to_str().unwrap().to_owned();
-    let jwks: Value = gw
-        .http
-        .get(&gw.identity_jwks)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let verifier = JwtVerifier::with_keys(
-        KeySet::from_jwks(&jwks).unwrap(),
-        "bazaar-gateway",
-        "bazaar-services",
-        Duration::ZERO,
-    );
+    let verifier = gw.identity_verifier().await;
     let claims: Value = verifier.verify(&forwarded).await.unwrap();
     assert_eq!(claims["sub"], "user-1");
 

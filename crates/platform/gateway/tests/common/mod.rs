@@ -173,6 +173,25 @@ impl Gw {
         self.seen.lock().unwrap().last().cloned().unwrap()
     }
     /// The admin API's JSON answer to GET `path`.
+    /// A verifier of the identities the gateway forwards, from its JWKS.
+    pub async fn identity_verifier(&self) -> chassis::jwt::JwtVerifier {
+        let jwks: serde_json::Value = self
+            .http
+            .get(&self.identity_jwks)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        chassis::jwt::JwtVerifier::with_keys(
+            chassis::jwt::KeySet::from_jwks(&jwks).unwrap(),
+            "bazaar-gateway",
+            "bazaar-services",
+            Duration::ZERO,
+        )
+    }
+
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         self.http
             .get(format!("{}{path}", self.admin))
