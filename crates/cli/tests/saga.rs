@@ -36,33 +36,6 @@ fn verify_with(find: &[&str], settle: &str) -> (i32, Value) {
     (out.status.code().unwrap_or(-1), report)
 }
 
-/// Waits until every product has all its initial 6 units available again.
-async fn stock_back(shop: &Shop, products: &[String]) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    for p in products {
-        let url = format!("{}/inventory/{p}", shop.url("inventory"));
-        loop {
-            let stock: Value = shop
-                .http
-                .get(&url)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if stock["available"] == 6 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the outage's orders never gave their stock back: {stock}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 async fn every_order_ends_and_nothing_is_lost(mode: &str) {
     let config = std::env::temp_dir().join(format!(
         "bazaar-saga-{}.toml",
@@ -122,7 +95,7 @@ async fn every_order_ends_and_nothing_is_lost(mode: &str) {
             // off the commands the outage held, with its backoff): their stock back
             // first, so the second half's outcomes are declines and stock alone.
             if in_outage {
-                stock_back(&shop, &products).await;
+                shop.available_again(&products, 6).await;
             }
         }
         let product = &products[n % 3];

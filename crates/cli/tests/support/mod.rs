@@ -192,13 +192,38 @@ impl Shop {
     /// still be on its way in a fresh shop).
     pub async fn stocked(&self, products: &[String]) {
         for p in products {
-            let url = format!("{}/inventory/{p}", self.url("inventory"));
+            let url = self.stock_url(p);
             let deadline = Instant::now() + Duration::from_secs(15);
             while self.http.get(&url).send().await.unwrap().status() != 200 {
                 assert!(Instant::now() < deadline, "inventory never heard of {p}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    }
+
+    /// Waits (up to a minute) until each of `products` has `units` available.
+    pub async fn available_again(&self, products: &[String], units: i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for p in products {
+            let url = self.stock_url(p);
+            loop {
+                let response = self.http.get(&url).send().await.unwrap();
+                let stock: Value = response.json().await.unwrap();
+                if stock["available"] == units {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{p} never had {units} units available again: {stock}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Inventory's stock of product `p`, asked of the service itself.
+    fn stock_url(&self, p: &str) -> String {
+        format!("{}/inventory/{p}", self.url("inventory"))
     }
 
     pub async fn product_ids(&self, n: usize) -> Vec<String> {

@@ -38,7 +38,7 @@ pub struct Caller {
 }
 
 /// Claims read from an access token, by configurable names.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct ClaimNames {
     pub subject: String,
     pub email: String,

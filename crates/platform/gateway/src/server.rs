@@ -389,24 +389,23 @@ async fn serve_h2<I>(
     };
     let connection = builder.serve_connection(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
-    // Once closing, streams in flight get their deadline to finish; a GOAWAY ends
-    // only when the client answers its PING, which a dead client never does.
-    let mut closing = None;
-    let result = loop {
-        let close_by = closing.unwrap_or_else(|| tokio::time::Instant::now() + grace);
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            () = shutdown.cancelled(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(close_by);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = activity.idle_for(idle_timeout) => {}
             }
-            () = activity.idle_for(idle_timeout), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(close_by);
-            }
-            () = tokio::time::sleep_until(close_by), if closing.is_some() => {
-                tracing::debug!("an HTTP/2 connection did not close in time; dropped");
-                return;
+        } => {
+            connection.as_mut().graceful_shutdown();
+            // Streams in flight get their deadline to finish; a GOAWAY ends only
+            // when the client answers its PING, which a dead client never does.
+            match tokio::time::timeout(grace, connection).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::debug!("an HTTP/2 connection did not close in time; dropped");
+                    return;
+                }
             }
         }
     };

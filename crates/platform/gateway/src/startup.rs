@@ -58,6 +58,19 @@ impl Application {
         })?);
         let trusted = TrustedProxies::parse(&settings.trusted_proxies)
             .map_err(|errors| anyhow::anyhow!("{}", errors.join("\n  - ")))?;
+        let claims = ClaimNames::new(
+            &settings.auth.subject_claim,
+            &settings.auth.email_claim,
+            &settings.auth.forward_claims,
+        )
+        .map_err(|errors| {
+            anyhow::anyhow!("invalid claims to forward:\n  - {}", errors.join("\n  - "))
+        })?;
+        if settings.h2_idle_timeout.0.is_zero() {
+            anyhow::bail!(
+                "gateway.h2_idle_timeout must be longer than 0s (it closes HTTP/2 connections without a stream open that long); try \"60s\""
+            );
+        }
         let key_file = settings
             .identity_key_file
             .clone()
@@ -110,16 +123,7 @@ impl Application {
             "Rate-limit checks that could not reach Redis (the fallback decided)",
             redis_errors.clone(),
         );
-        let auth = Authenticator::new(
-            verifier,
-            ClaimNames::new(
-                &settings.auth.subject_claim,
-                &settings.auth.email_claim,
-                &settings.auth.forward_claims,
-            )
-            .map_err(|errors| anyhow::anyhow!("{}", errors.join("; ")))?,
-            settings.auth.leeway.0,
-        );
+        let auth = Authenticator::new(verifier, claims, settings.auth.leeway.0);
         // Readiness follows the services routed at start; reloads may add others,
         // which the proxy reaches through discovery all the same.
         let dependencies = routing.current().table.services();
@@ -204,11 +208,6 @@ impl Application {
         );
         tracing::info!(admin = %admin_url, source = %routing.source().describe(), "gateway admin API listening");
         let watcher = routing.clone();
-        if settings.h2_idle_timeout.0.is_zero() {
-            anyhow::bail!(
-                "gateway.h2_idle_timeout must be longer than 0s (it closes HTTP/2 connections without a stream open that long); try \"60s\""
-            );
-        }
         let limits = Limits {
             workers: settings.workers,
             max_header_bytes: settings.max_header_bytes,

@@ -136,17 +136,16 @@ where
         body: &'a [u8],
     ) -> Result<(), (io::Error, bool)> {
         use tokio::io::AsyncWriteExt;
-        let (mut h, mut b) = (0, 0);
-        while h < head.len() || b < body.len() {
-            let slices = [IoSlice::new(&head[h..]), IoSlice::new(&body[b..])];
+        let mut at = Sent::default();
+        while !at.all(head, body) {
+            let slices = [
+                IoSlice::new(&head[at.head..]),
+                IoSlice::new(&body[at.body..]),
+            ];
             match self.write_vectored(&slices).await {
-                Ok(0) => return Err((io::ErrorKind::WriteZero.into(), h > 0 || b > 0)),
-                Ok(n) => {
-                    let from_head = n.min(head.len() - h);
-                    h += from_head;
-                    b += n - from_head;
-                }
-                Err(e) => return Err((e, h > 0 || b > 0)),
+                Ok(0) => return Err((io::ErrorKind::WriteZero.into(), at.started())),
+                Ok(n) => at.advance(n, head),
+                Err(e) => return Err((e, at.started())),
             }
         }
         // rustls holds records until flushed.
@@ -246,8 +245,9 @@ impl<S: Transport> Conn<S> {
         std::future::poll_fn(|cx| self.poll_fill(cx, limit)).await
     }
 
-    /// Reads into `into`, past the buffer (which must be empty): a body's bytes
-    /// going straight to where they are kept.
+    /// Reads into `into`, past the buffer (whose unread bytes the caller has
+    /// taken first, or does not want): a body's bytes going straight to where they
+    /// are kept.
     pub(crate) async fn read_into(&mut self, into: &mut [u8]) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.stream.poll_read_into(cx, into)).await
     }
@@ -291,27 +291,50 @@ fn read_some(stream: &TcpStream, into: &mut [u8]) -> io::Result<usize> {
     }
 }
 
+/// How much of a head and a body written one after the other has gone out.
+#[derive(Default)]
+struct Sent {
+    head: usize,
+    body: usize,
+}
+
+impl Sent {
+    fn all(&self, head: &[u8], body: &[u8]) -> bool {
+        self.head == head.len() && self.body == body.len()
+    }
+
+    fn started(&self) -> bool {
+        self.head > 0 || self.body > 0
+    }
+
+    /// `n` more bytes went out: the head's first.
+    fn advance(&mut self, n: usize, head: &[u8]) {
+        let from_head = n.min(head.len() - self.head);
+        self.head += from_head;
+        self.body += n - from_head;
+    }
+}
+
 /// Writes head and body; on failure, whether any byte had gone out.
 pub(crate) async fn write_all(
     stream: &TcpStream,
     head: &[u8],
     body: &[u8],
 ) -> Result<(), (io::Error, bool)> {
-    let (mut h, mut b) = (0, 0);
-    while h < head.len() || b < body.len() {
-        let written = if b == body.len() {
-            stream.try_write(&head[h..])
+    let mut at = Sent::default();
+    while !at.all(head, body) {
+        let written = if at.body == body.len() {
+            stream.try_write(&head[at.head..])
         } else {
-            stream.try_write_vectored(&[IoSlice::new(&head[h..]), IoSlice::new(&body[b..])])
+            stream.try_write_vectored(&[
+                IoSlice::new(&head[at.head..]),
+                IoSlice::new(&body[at.body..]),
+            ])
         };
-        let started = h > 0 || b > 0;
+        let started = at.started();
         match written {
             Ok(0) => return Err((io::ErrorKind::WriteZero.into(), started)),
-            Ok(n) => {
-                let from_head = n.min(head.len() - h);
-                h += from_head;
-                b += n - from_head;
-            }
+            Ok(n) => at.advance(n, head),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 stream.writable().await.map_err(|e| (e, started))?;
             }

@@ -172,7 +172,6 @@ impl Gw {
     pub fn last_seen(&self) -> (String, http::HeaderMap) {
         self.seen.lock().unwrap().last().cloned().unwrap()
     }
-    /// The admin API's JSON answer to GET `path`.
     /// A verifier of the identities the gateway forwards, from its JWKS.
     pub async fn identity_verifier(&self) -> chassis::jwt::JwtVerifier {
         let jwks: serde_json::Value = self
@@ -192,6 +191,7 @@ impl Gw {
         )
     }
 
+    /// The admin API's JSON answer to GET `path`.
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         self.http
             .get(format!("{}{path}", self.admin))
