@@ -7,14 +7,14 @@
 //! is ~100x the rest of a request's work).
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use chassis::Problem;
 use chassis::jwt::{JwtError, JwtVerifier, now_secs};
 use chassis::memo::Memo;
-use http::HeaderMap;
 use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -23,8 +23,9 @@ use crate::configuration::AuthPolicy;
 /// The API key header.
 pub const API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
-/// An authenticated caller.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An authenticated caller: one per verified token (kept while the token is
+/// valid) or per API-key consumer (kept with the configuration).
+#[derive(Debug)]
 pub struct Caller {
     /// The user (the token's subject claim) or `consumer:<name>` for an API key.
     pub sub: Arc<str>,
@@ -35,6 +36,30 @@ pub struct Caller {
     pub consumer: Option<String>,
     /// Unix seconds after which a cached verification is stale.
     pub exp: u64,
+    /// The identity last minted for this caller, and when: the proxy forwards it
+    /// again while it has half its lifetime left. Kept here, the caller being the
+    /// cache's key already, rather than in a map by subject, where every request
+    /// hashed the subject and compared the claims to tell it was the same caller.
+    pub minted: Mutex<Option<(Instant, HeaderValue)>>,
+}
+
+impl Caller {
+    pub fn new(
+        sub: Arc<str>,
+        email: Option<String>,
+        claims: serde_json::Map<String, Value>,
+        consumer: Option<String>,
+        exp: u64,
+    ) -> Self {
+        Self {
+            sub,
+            email,
+            claims,
+            consumer,
+            exp,
+            minted: Mutex::new(None),
+        }
+    }
 }
 
 /// Claims read from an access token, by configurable names.
@@ -111,7 +136,8 @@ impl ClaimNames {
 /// API keys by the SHA-256 of the key (keys are never stored in clear).
 #[derive(Clone, Debug, Default)]
 pub struct ApiKeys {
-    by_hash: HashMap<[u8; 32], String>,
+    /// The consumer of each key, as the caller its requests are made by.
+    by_hash: HashMap<[u8; 32], Arc<Caller>>,
 }
 
 impl ApiKeys {
@@ -124,7 +150,15 @@ impl ApiKeys {
         for (consumer, hex) in entries {
             match decode_hex32(hex) {
                 Some(hash) => {
-                    if let Some(other) = by_hash.insert(hash, consumer.clone()) {
+                    let caller = Caller::new(
+                        format!("consumer:{consumer}").into(),
+                        None,
+                        serde_json::Map::new(),
+                        Some(consumer.clone()),
+                        u64::MAX,
+                    );
+                    if let Some(other) = by_hash.insert(hash, Arc::new(caller)) {
+                        let other = other.consumer.as_deref().unwrap_or_default();
                         errors.push(format!(
                             "api_keys.{consumer}: the same key as api_keys.{other}"
                         ));
@@ -144,9 +178,9 @@ impl ApiKeys {
 
     /// The consumer whose key this is. The lookup is by hash, so how long it takes
     /// says nothing about how close a guess was.
-    pub fn consumer(&self, key: &str) -> Option<&str> {
+    pub fn caller(&self, key: &str) -> Option<&Arc<Caller>> {
         let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
-        self.by_hash.get(&hash).map(String::as_str)
+        self.by_hash.get(&hash)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -206,18 +240,12 @@ impl Authenticator {
             return self.bearer(token).await.map(Some);
         }
         if let Some(value) = headers.get(API_KEY) {
-            let consumer = value
+            let caller = value
                 .to_str()
                 .ok()
-                .and_then(|key| api_keys.consumer(key))
+                .and_then(|key| api_keys.caller(key))
                 .ok_or_else(|| Problem::unauthorized("the API key is not valid"))?;
-            return Ok(Some(Arc::new(Caller {
-                sub: format!("consumer:{consumer}").into(),
-                email: None,
-                claims: serde_json::Map::new(),
-                consumer: Some(consumer.to_owned()),
-                exp: u64::MAX,
-            })));
+            return Ok(Some(caller.clone()));
         }
         match policy {
             AuthPolicy::Required => Err(Problem::unauthorized(
@@ -248,16 +276,16 @@ impl Authenticator {
                     .and_then(Value::as_str)
                     .filter(|s| !s.is_empty())
                     .ok_or_else(|| Problem::unauthorized("the access token names no subject"))?;
-                let caller = Arc::new(Caller {
-                    sub: sub.into(),
-                    email: claims
+                let caller = Arc::new(Caller::new(
+                    sub.into(),
+                    claims
                         .get(&self.claims.email)
                         .and_then(Value::as_str)
                         .map(str::to_owned),
-                    claims: self.claims.pick(&claims),
-                    consumer: None,
-                    exp: claims.get("exp").and_then(Value::as_u64).unwrap_or(now),
-                });
+                    self.claims.pick(&claims),
+                    None,
+                    claims.get("exp").and_then(Value::as_u64).unwrap_or(now),
+                ));
                 self.verified.insert(token.into(), caller.clone());
                 Ok(caller)
             }
@@ -321,8 +349,10 @@ mod tests {
     fn api_keys_are_found_by_hash_and_bad_hashes_named() {
         let hash = crate::configuration::ApiKeyConfig::of_key("s3cret-key").sha256;
         let keys = ApiKeys::new([(&"mobile".to_owned(), &hash)]).unwrap();
-        assert_eq!(keys.consumer("s3cret-key"), Some("mobile"));
-        assert_eq!(keys.consumer("s3cret-kez"), None);
+        let mobile = keys.caller("s3cret-key").unwrap();
+        assert_eq!(mobile.consumer.as_deref(), Some("mobile"));
+        assert_eq!(&*mobile.sub, "consumer:mobile");
+        assert!(keys.caller("s3cret-kez").is_none());
         let errors = ApiKeys::new([
             (&"a".to_owned(), &"zz".to_owned()),
             (&"b".to_owned(), &hash),

@@ -25,7 +25,6 @@ use crate::ratelimit::{Decision, KeyedLimiter, RedisLimiter};
 use crate::routes::Match;
 use crate::runtime::Config;
 use crate::upstream::{Call, UpstreamError};
-use chassis::memo::Memo;
 
 /// Headers meaningful only for one connection (RFC 9110 §7.6.1), never forwarded.
 pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
@@ -64,11 +63,6 @@ pub struct Proxy {
     pub issuer: IdentityIssuer,
     /// Proxies whose `X-Forwarded-*` are believed.
     pub trusted: TrustedProxies,
-    /// Forwarded identities minted in the last half of their lifetime, by caller:
-    /// signing one per request would cost more than the rest of the request.
-    /// Keyed by subject (looked up without building a key), the email checked on
-    /// the way out.
-    pub minted: Memo<String, Arc<Minted>>,
     /// Deadline for routes that set none.
     pub upstream_timeout: Duration,
     /// Largest request body forwarded, in bytes.
@@ -121,16 +115,20 @@ impl Proxy {
     }
 
     /// The forwarded identity for `caller`: a fresh one, or one minted less than half
-    /// its lifetime ago (so it has at least that half left when it arrives). Kept
-    /// as a header value: a clone shares its bytes, where making the value anew
-    /// would copy and check a few hundred bytes per request.
+    /// its lifetime ago (so it has at least that half left when it arrives): signing
+    /// one per request would cost more than the rest of the request. Kept as a
+    /// header value: a clone shares its bytes, where making the value anew would
+    /// copy and check a few hundred bytes per request.
     fn identity(&self, caller: &Caller, now: std::time::Instant) -> Result<HeaderValue, Problem> {
-        if let Some(known) = self.minted.get(&*caller.sub)
-            && known.email == caller.email
-            && known.claims == caller.claims
-            && now.saturating_duration_since(known.at) < self.issuer.ttl() / 2
+        // Held while minting: a caller's concurrent first requests sign once.
+        let mut minted = caller
+            .minted
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, token)) = &*minted
+            && now.saturating_duration_since(*at) < self.issuer.ttl() / 2
         {
-            return Ok(known.token.clone());
+            return Ok(token.clone());
         }
         let token = self
             .issuer
@@ -138,23 +136,9 @@ impl Proxy {
             .map_err(Problem::internal)?;
         let token =
             HeaderValue::from_maybe_shared(bytes::Bytes::from(token)).map_err(Problem::internal)?;
-        let minted = Minted {
-            email: caller.email.clone(),
-            claims: caller.claims.clone(),
-            token: token.clone(),
-            at: now,
-        };
-        self.minted.insert(caller.sub.to_string(), Arc::new(minted));
+        *minted = Some((now, token.clone()));
         Ok(token)
     }
-}
-
-/// A forwarded identity, as minted for a subject.
-pub struct Minted {
-    email: Option<String>,
-    claims: serde_json::Map<String, serde_json::Value>,
-    token: HeaderValue,
-    at: std::time::Instant,
 }
 
 /// Forwards one request, or answers it with a problem, with the matched route's

@@ -27,7 +27,6 @@ use crate::redis_store::SharedRedis;
 use crate::runtime::{Config as RoutingConfig, Source};
 use crate::server::Limits;
 use crate::upstream::Upstreams;
-use chassis::memo::Memo;
 
 pub struct Config {
     pub service: ServiceConfig,
@@ -132,7 +131,6 @@ impl Application {
             upstreams,
             client: chassis.client.clone(),
             auth,
-            minted: Memo::new(65_536),
             trusted,
             issuer: IdentityIssuer::new(
                 key,
