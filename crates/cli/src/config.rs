@@ -44,6 +44,7 @@ config_section! {
 #[derive(Deserialize)]
 struct ShopRoutes {
     routes: Vec<gateway::RouteConfig>,
+    caches: std::collections::BTreeMap<String, gateway::configuration::CachePolicy>,
 }
 
 /// Loads the configuration, collecting every error.
@@ -53,6 +54,9 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let mut invalid = Vec::new();
     if config.gateway.routes.is_empty() {
         config.gateway.routes = shop_routes();
+        for (name, policy) in shop_caches() {
+            config.gateway.caches.entry(name).or_insert(policy);
+        }
         if let Err(e) = crate::operator::attach(&mut config) {
             invalid.push(chassis::config::ConfigError {
                 key: "data_dir".into(),
@@ -108,11 +112,18 @@ impl ShopConfig {
     }
 }
 
+fn shop_table() -> Option<ShopRoutes> {
+    toml::from_str::<ShopRoutes>(include_str!("shop-routes.toml")).ok()
+}
+
 /// The shop's default route table.
 pub fn shop_routes() -> Vec<gateway::RouteConfig> {
-    toml::from_str::<ShopRoutes>(include_str!("shop-routes.toml"))
-        .map(|r| r.routes)
-        .unwrap_or_default()
+    shop_table().map(|r| r.routes).unwrap_or_default()
+}
+
+/// The cache policies the shop's routes name.
+pub fn shop_caches() -> std::collections::BTreeMap<String, gateway::configuration::CachePolicy> {
+    shop_table().map(|r| r.caches).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -124,6 +135,8 @@ mod tests {
         let source = chassis::config::Source::load(Some(&path), Vec::new()).unwrap();
         let config: super::ShopConfig = source.parse().unwrap();
         assert_eq!(config.gateway.routes, super::shop_routes());
+        assert_eq!(config.gateway.caches, super::shop_caches());
+        assert_eq!(config.products.cache_max_age.0.as_secs(), 10);
         assert!(config.resilience().validate().is_empty());
         assert!(config.downstream.contains_key("products"));
     }
@@ -132,6 +145,16 @@ mod tests {
     fn the_embedded_routes_parse_and_validate() {
         let routes = super::shop_routes();
         assert_eq!(routes.len(), 8);
-        assert!(gateway::configuration::validate_routes(&routes).is_empty());
+        let caches = super::shop_caches();
+        assert!(caches.contains_key("catalog"), "{caches:?}");
+        assert!(routes.iter().any(|r| r.cache.is_some()));
+        // Validation also finds each policy a route names.
+        let errors = gateway::configuration::Declarative {
+            routes,
+            caches,
+            ..Default::default()
+        }
+        .validate();
+        assert!(errors.is_empty(), "{errors:?}");
     }
 }

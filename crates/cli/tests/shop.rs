@@ -626,8 +626,20 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
     let (_, token) = shop.user().await;
     let product = shop.product_ids(1).await.remove(0);
     let order = json!({"items": [{"product_id": product, "quantity": 1}]});
+    // A catalog read goes into the gateway's `catalog` cache on the way.
+    let page = format!("{}/products/{product}", shop.gateway);
+    let first = shop.http.get(&page).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["cache-control"], "public, max-age=10");
+    let first = first.text().await.unwrap();
     let products = nix::unistd::Pid::from_raw(shop.pid_of("products"));
     nix::sys::signal::kill(products, nix::sys::signal::Signal::SIGSTOP).unwrap();
+
+    // Browsing goes on with the catalog frozen: the gateway answers from its cache.
+    let again = shop.http.get(&page).send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert!(again.headers().contains_key("age"), "{:?}", again.headers());
+    assert_eq!(again.text().await.unwrap(), first);
 
     // Each call waits out the client deadline, and counts as a failure.
     for _ in 0..3 {

@@ -1,6 +1,7 @@
 //! `[products]` settings.
 
 use chassis::ServiceConfig;
+use chassis::config::HumanDuration;
 use chassis::config_section;
 use chassis::secrecy::SecretString;
 
@@ -13,6 +14,10 @@ config_section! {
         pub database_url: Option<SecretString> = None,
         /// Seed the demo catalog when the database is new.
         pub seed: bool = true,
+        /// How long a catalog read may be reused (`Cache-Control: public,
+        /// max-age`): the gateway's `catalog` cache and browsers serve it without
+        /// asking again. `0s` sends `no-cache`.
+        pub cache_max_age: HumanDuration = HumanDuration::secs(10),
     }
 }
 

@@ -2,6 +2,8 @@
 
 use axum::Router;
 use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -25,6 +27,18 @@ const MAX_QUERY_LEN: usize = 100;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: AnyPool,
+    /// What catalog reads say of their freshness: see [`cache_control`].
+    pub cache_control: HeaderValue,
+}
+
+/// `Cache-Control` for catalog reads that may be reused for `max_age`: shared
+/// caches included (the catalog is the same for every caller), `no-cache` for zero.
+pub fn cache_control(max_age: std::time::Duration) -> HeaderValue {
+    match max_age.as_secs() {
+        0 => HeaderValue::from_static("no-cache"),
+        secs => HeaderValue::try_from(format!("public, max-age={secs}"))
+            .unwrap_or(HeaderValue::from_static("no-cache")),
+    }
 }
 
 #[derive(OpenApi)]
@@ -36,9 +50,25 @@ pub struct AppState {
 pub struct ApiDoc;
 
 pub fn router(state: AppState) -> Router {
+    let cache_control = state.cache_control.clone();
     Router::new()
         .route("/products", get(list_products))
         .route("/products/{id}", get(get_product))
+        // Only found answers: a problem (a bad id, an unknown product) is not worth
+        // keeping.
+        .layer(axum::middleware::map_response(
+            move |mut response: Response| {
+                let cache_control = cache_control.clone();
+                async move {
+                    if response.status() == StatusCode::OK {
+                        response
+                            .headers_mut()
+                            .insert(header::CACHE_CONTROL, cache_control);
+                    }
+                    response
+                }
+            },
+        ))
         .with_state(state)
 }
 
@@ -181,6 +211,7 @@ mod tests {
         (
             router(AppState {
                 pool: database.pool().clone(),
+                cache_control: cache_control(std::time::Duration::from_secs(10)),
             }),
             db,
         )
@@ -213,6 +244,34 @@ mod tests {
             (status, &body["errors"][0]["field"]),
             (422, &serde_json::json!("ids"))
         );
+    }
+
+    #[tokio::test]
+    async fn found_reads_say_how_long_they_may_be_reused_and_problems_do_not() {
+        let (router, _db) = routes().await;
+        let head = |uri: &str| {
+            let router = router.clone();
+            let uri = uri.to_owned();
+            async move {
+                let response = router
+                    .oneshot(axum::http::Request::get(uri).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let cache = response.headers().get(header::CACHE_CONTROL).cloned();
+                (response.status().as_u16(), cache)
+            }
+        };
+        let (_, page) = get(&router, "/products?limit=1").await;
+        let id = page["items"][0]["id"].as_str().unwrap().to_owned();
+        let fresh = Some(HeaderValue::from_static("public, max-age=10"));
+        assert_eq!(head("/products?limit=1").await, (200, fresh.clone()));
+        assert_eq!(head(&format!("/products/{id}")).await, (200, fresh));
+        assert_eq!(
+            head(&format!("/products/{}", Uuid::now_v7())).await,
+            (404, None)
+        );
+        assert_eq!(head("/products/not-a-uuid").await.1, None);
+        assert_eq!(cache_control(std::time::Duration::ZERO), "no-cache");
     }
 
     #[test]

@@ -36,6 +36,7 @@ impl Application {
             .context("binding the listener")?;
         let routes = routes::router(AppState {
             pool: db.pool().clone(),
+            cache_control: routes::cache_control(config.settings.cache_max_age.0),
         });
         let router = chassis.router(
             routes,
