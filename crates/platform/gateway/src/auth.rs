@@ -226,9 +226,11 @@ impl Authenticator {
             return Ok(None);
         }
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-            let token = value
-                .to_str()
-                .ok()
+            // ASCII is what `to_str` admits of a header value, checked a word at a
+            // time rather than a byte at a time: a token is a few hundred bytes.
+            let token = Some(value.as_bytes())
+                .filter(|v| v.is_ascii())
+                .and_then(|v| std::str::from_utf8(v).ok())
                 .and_then(|v| {
                     let (scheme, token) = v.split_once(' ')?;
                     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
