@@ -170,6 +170,7 @@ mod tests {
             ..Default::default()
         };
         config.gateway.routes = crate::config::shop_routes();
+        config.gateway.caches = crate::config::shop_caches();
         let before = config.gateway.routes.len();
         attach(&mut config).unwrap();
         assert_eq!(config.gateway.routes.len(), before + 8);
