@@ -227,7 +227,8 @@ impl Payments {
             return Ok(None);
         };
         let order_id = request.order_id.as_str();
-        if decided(&self.pool, order_id).await? {
+        let (charge, refund) = records_of(&mut *self.pool.acquire().await?, order_id).await?;
+        if charge.is_some() || refund.is_some() {
             Ok(None)
         } else if self.provider.in_outage() {
             Err(HandlerError::Retry("payment provider unavailable".into()))
@@ -260,8 +261,7 @@ impl Payments {
     ) -> Result<(), HandlerError> {
         let order_id = request.order_id.as_str();
         lock(tx, order_id).await?;
-        let charge = charge_of(tx, order_id).await?;
-        let refund = refund_of(tx, order_id).await?;
+        let (charge, refund) = records_of(tx, order_id).await?;
         let (answer, outcome) = match (charge, refund, decision) {
             (Some(charge), _, _) => (charge.answer(), None),
             (None, Some(_), _) => (Answer::Declined { reason: CANCELLED }, Some(CANCELLED)),
@@ -299,8 +299,7 @@ impl Payments {
         after: &mut AfterCommit,
     ) -> Result<(), HandlerError> {
         lock(tx, order_id).await?;
-        let refund = refund_of(tx, order_id).await?;
-        let charge = charge_of(tx, order_id).await?;
+        let (charge, refund) = records_of(tx, order_id).await?;
         let (answer, outcome) = match (refund, charge) {
             (Some(refund), _) => (
                 Answer::Refunded {
@@ -379,56 +378,40 @@ async fn lock(conn: &mut AnyConnection, order_id: &str) -> Result<(), sqlx::Erro
     .map(|_| ())
 }
 
-/// Whether the order has a charge or a refund already: one statement, where a
-/// query for each was two round trips (and, on PostgreSQL, two transactions) for
-/// every new order.
-async fn decided(pool: &AnyPool, order_id: &str) -> Result<bool, sqlx::Error> {
-    let rows: i64 = sqlx::query_scalar(
-        "SELECT (SELECT COUNT(*) FROM charges WHERE order_id = $1) \
-              + (SELECT COUNT(*) FROM refunds WHERE order_id = $1)",
-    )
-    .bind(order_id)
-    .fetch_one(pool)
-    .await?;
-    Ok(rows > 0)
-}
-
-async fn charge_of(
+/// The order's charge and its refund (or tombstone), either of them missing, in one
+/// statement: a query for each was two round trips in every charge and refund, and
+/// two more before each charge's transaction (whether the order is decided already).
+async fn records_of(
     conn: &mut AnyConnection,
     order_id: &str,
-) -> Result<Option<ChargeRow>, sqlx::Error> {
+) -> Result<(Option<ChargeRow>, Option<RefundRow>), sqlx::Error> {
     let row = sqlx::query(
-        "SELECT charge_id, status, amount_cents, currency FROM charges WHERE order_id = $1",
+        "SELECT c.charge_id, c.status, c.amount_cents, c.currency, \
+                r.order_id, r.refund_id, r.amount_cents \
+         FROM (SELECT $1 AS order_id) o \
+         LEFT JOIN charges c ON c.order_id = o.order_id \
+         LEFT JOIN refunds r ON r.order_id = o.order_id",
     )
     .bind(order_id)
-    .fetch_optional(conn)
+    .fetch_one(conn)
     .await?;
-    row.map(|r| {
-        Ok(ChargeRow {
-            charge_id: r.try_get(0)?,
-            status: r.try_get(1)?,
-            amount_cents: r.try_get(2)?,
-            currency: r.try_get(3)?,
-        })
-    })
-    .transpose()
-}
-
-async fn refund_of(
-    conn: &mut AnyConnection,
-    order_id: &str,
-) -> Result<Option<RefundRow>, sqlx::Error> {
-    let row = sqlx::query("SELECT refund_id, amount_cents FROM refunds WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(conn)
-        .await?;
-    row.map(|r| {
-        Ok(RefundRow {
-            refund_id: r.try_get(0)?,
-            amount_cents: r.try_get(1)?,
-        })
-    })
-    .transpose()
+    let charge = match row.try_get::<Option<String>, _>(0)? {
+        Some(charge_id) => Some(ChargeRow {
+            charge_id,
+            status: row.try_get(1)?,
+            amount_cents: row.try_get(2)?,
+            currency: row.try_get(3)?,
+        }),
+        None => None,
+    };
+    let refund = match row.try_get::<Option<String>, _>(4)? {
+        Some(_) => Some(RefundRow {
+            refund_id: row.try_get(5)?,
+            amount_cents: row.try_get(6)?,
+        }),
+        None => None,
+    };
+    Ok((charge, refund))
 }
 
 async fn insert_charge(
