@@ -41,6 +41,11 @@ config_section! {
         pub log_retention_bytes: ByteSize = ByteSize::mib(1024),
         /// ...or once their newest record is this old.
         pub log_retention_age: HumanDuration = HumanDuration::secs(7 * 24 * 3600),
+        /// How long an acknowledged event may wait to be synced to disk: it
+        /// survives any process's crash at once, a power loss once synced. `0s`
+        /// syncs every append before acknowledging it (slower: a disk flush per
+        /// write).
+        pub log_sync_interval: HumanDuration = HumanDuration::millis(200),
     }
 }
 
@@ -146,6 +151,7 @@ impl Application {
         log.segment_bytes = s.log_segment_bytes.0;
         log.retention_bytes = s.log_retention_bytes.0;
         log.retention_age = s.log_retention_age.0;
+        log.sync_interval = s.log_sync_interval.0;
         let broker = messaging::embedded::Broker::open(log)
             .with_context(|| format!("opening the event log in {}", config.log_dir.display()))?;
         let registry = Arc::new(discovery::registry::Registry::new());

@@ -5,9 +5,12 @@
 //! (little endian; `len` counts everything after itself, the CRC everything after
 //! itself). Offsets are global to the topic and contiguous, so replay by offset is
 //! exact and a key's records keep their order. Appends are group-committed: a writer
-//! task per topic takes every request waiting, writes them in one `write`, and
-//! acknowledges them after one `fdatasync`; an acknowledged record survives kill -9
-//! and power loss. On open, each segment is scanned and a torn tail (short or bad
+//! task per topic takes every request waiting and writes them in one `write`. With
+//! a zero [`LogConfig::sync_interval`] it acknowledges them after one `fdatasync`,
+//! and an acknowledged record survives kill -9 and power loss; with an interval it
+//! acknowledges them once written (they survive the death of any process, the
+//! kernel holds them) and syncs at most that long after, as Kafka and JetStream do
+//! by default: a power loss may take that last stretch. On open, each segment is scanned and a torn tail (short or bad
 //! CRC) is cut off. The index lives in memory: per record its segment, position,
 //! time and partition; per partition its offsets.
 
@@ -30,6 +33,12 @@ pub const MAX_RECORD: usize = 4 << 20;
 /// Most appends written under one fsync.
 const MAX_BATCH: usize = 4096;
 
+/// How long an acknowledged append may wait for its `fdatasync`, by default: the
+/// stretch a power loss may take, like PostgreSQL's `wal_writer_delay` with
+/// `synchronous_commit = off`. A sync per append cost the broker most of its CPU
+/// (a VM exit per flush on virtual disks) and each saga step its latency.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(200);
+
 /// Storage settings of every topic.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
@@ -42,6 +51,10 @@ pub struct LogConfig {
     pub retention_age: Duration,
     /// Partitions of a topic: the most members of one group that work at once.
     pub partitions: u32,
+    /// Zero: every append is on disk (`fdatasync`) before it is acknowledged.
+    /// Otherwise appends are acknowledged once written and synced at most this long
+    /// after (and always before a group position that covers them is saved).
+    pub sync_interval: Duration,
 }
 
 impl LogConfig {
@@ -52,6 +65,7 @@ impl LogConfig {
             retention_bytes: 1 << 30,
             retention_age: Duration::from_secs(7 * 24 * 3600),
             partitions: 8,
+            sync_interval: DEFAULT_SYNC_INTERVAL,
         }
     }
 }
@@ -113,8 +127,38 @@ pub struct TopicLog {
     pub partitions: u32,
     index: Arc<RwLock<Index>>,
     appender: mpsc::Sender<Append>,
-    /// The next offset, published after each durable batch.
+    /// The next offset, published after each written batch.
     appended: watch::Receiver<u64>,
+    /// Segment files written since their last `fdatasync`.
+    unsynced: Unsynced,
+}
+
+/// Files written and not yet synced, shared by a topic's writer and whoever syncs.
+#[derive(Clone, Default)]
+struct Unsynced(Arc<std::sync::Mutex<Vec<Arc<File>>>>);
+
+impl Unsynced {
+    fn add(&self, file: &Arc<File>) {
+        let mut files = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !files.iter().any(|f| Arc::ptr_eq(f, file)) {
+            files.push(file.clone());
+        }
+    }
+
+    /// Syncs every file written so far (blocking).
+    fn sync(&self) -> io::Result<()> {
+        let files = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for (i, file) in files.iter().enumerate() {
+            if let Err(e) = file.sync_data() {
+                // Still unsynced: tried again next time.
+                for file in &files[i..] {
+                    self.add(file);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
 }
 
 fn corrupt(path: &Path, what: &str) -> io::Error {
@@ -290,10 +334,14 @@ impl TopicLog {
         let index = Arc::new(RwLock::new(index));
         let (appender, requests) = mpsc::channel(MAX_BATCH);
         let (appended_tx, appended) = watch::channel(next);
+        let unsynced = Unsynced::default();
         tokio::spawn(write_loop(
-            dir,
-            config.clone(),
-            index.clone(),
+            Writer {
+                dir,
+                config: config.clone(),
+                index: index.clone(),
+                unsynced: unsynced.clone(),
+            },
             requests,
             appended_tx,
         ));
@@ -303,6 +351,7 @@ impl TopicLog {
             index,
             appender,
             appended,
+            unsynced,
         }))
     }
 
@@ -311,7 +360,15 @@ impl TopicLog {
         crate::bus::partition(key, self.partitions) as u16
     }
 
-    /// Appends durably; returns the record's offset once it is on disk.
+    /// Puts every record acknowledged so far on disk (blocking): before a group
+    /// position covering them is saved, so a power loss never leaves a position
+    /// past the log's end.
+    pub fn sync(&self) -> io::Result<()> {
+        self.unsynced.sync()
+    }
+
+    /// Appends; returns the record's offset once it is written (and on disk, with a
+    /// zero sync interval).
     pub async fn append(&self, key: &str, payload: Bytes) -> io::Result<u64> {
         if key.len() + payload.len() > MAX_RECORD {
             return Err(io::Error::new(
@@ -403,15 +460,50 @@ impl TopicLog {
     }
 }
 
-/// The writer task: group commit, segment roll, retention.
-async fn write_loop(
+/// What a topic's writer task works with.
+struct Writer {
     dir: PathBuf,
     config: LogConfig,
     index: Arc<RwLock<Index>>,
+    unsynced: Unsynced,
+}
+
+impl Writer {
+    /// Syncs what was written, off the runtime's threads.
+    async fn sync(&self) {
+        let unsynced = self.unsynced.clone();
+        let synced = tokio::task::spawn_blocking(move || unsynced.sync())
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = synced {
+            tracing::error!(topic = %self.dir.display(), error = %e, "log sync failed; retrying");
+        }
+    }
+}
+
+/// The writer task: group commit, segment roll, retention, and with a sync interval
+/// the deferred `fdatasync`.
+async fn write_loop(
+    writer: Writer,
     mut requests: mpsc::Receiver<Append>,
     appended: watch::Sender<u64>,
 ) {
-    while let Some(first) = requests.recv().await {
+    let interval = writer.config.sync_interval;
+    // When the oldest write not yet synced must be.
+    let mut due: Option<tokio::time::Instant> = None;
+    loop {
+        let first = tokio::select! {
+            request = requests.recv() => match request {
+                Some(r) => r,
+                None => break,
+            },
+            () = async { tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)).await }, if due.is_some() => {
+                due = None;
+                writer.sync().await;
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match requests.try_recv() {
@@ -419,17 +511,24 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        let result = write_batch(&dir, &config, &index, &batch).await;
+        let result = write_batch(&writer, &batch).await;
         match result {
             Ok(first_offset) => {
+                if !interval.is_zero() && due.is_none() {
+                    due = Some(tokio::time::Instant::now() + interval);
+                }
                 for (i, request) in batch.into_iter().enumerate() {
                     let _ = request.reply.send(Ok(first_offset + i as u64));
                 }
-                let next = index.read().unwrap_or_else(|e| e.into_inner()).next();
+                let next = writer
+                    .index
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next();
                 appended.send_replace(next);
             }
             Err(e) => {
-                tracing::error!(topic = %dir.display(), error = %e, "log append failed");
+                tracing::error!(topic = %writer.dir.display(), error = %e, "log append failed");
                 for request in batch {
                     let _ = request
                         .reply
@@ -438,14 +537,17 @@ async fn write_loop(
             }
         }
     }
+    // The log is closing: what was acknowledged goes to disk first.
+    writer.sync().await;
 }
 
-async fn write_batch(
-    dir: &Path,
-    config: &LogConfig,
-    index: &Arc<RwLock<Index>>,
-    batch: &[Append],
-) -> io::Result<u64> {
+async fn write_batch(writer: &Writer, batch: &[Append]) -> io::Result<u64> {
+    let Writer {
+        dir,
+        config,
+        index,
+        unsynced,
+    } = writer;
     // Timestamps never go backwards, so replay by time can binary-search.
     let (first_offset, time_ms, active) = {
         let index = index.read().unwrap_or_else(|e| e.into_inner());
@@ -506,13 +608,20 @@ async fn write_batch(
         }
     };
     let written = buffer.len() as u64;
-    let sync_file = file.clone();
+    let written_file = file.clone();
+    let sync_now = config.sync_interval.is_zero();
     tokio::task::spawn_blocking(move || {
-        (&*sync_file).write_all(&buffer)?;
-        sync_file.sync_data()
+        (&*written_file).write_all(&buffer)?;
+        match sync_now {
+            true => written_file.sync_data(),
+            false => Ok(()),
+        }
     })
     .await
     .map_err(io::Error::other)??;
+    if !sync_now {
+        unsynced.add(&file);
+    }
     let mut guard = index.write().unwrap_or_else(|e| e.into_inner());
     let state = &mut *guard;
     for (i, a) in batch.iter().enumerate() {
@@ -614,6 +723,44 @@ mod tests {
         assert_eq!(r.partition, u32::from(log.partition_of("k7")));
         // Appends continue after the cut, with the next offset.
         assert_eq!(log.append("k", Bytes::from_static(b"x")).await.unwrap(), 10);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn unsynced(log: &TopicLog) -> usize {
+        log.unsynced.0.lock().unwrap().len()
+    }
+
+    /// With a sync interval an append is answered once written, and readable at
+    /// once; its file is synced when the interval has passed or when asked (before
+    /// group positions are saved). With none, it is synced before the answer.
+    #[tokio::test]
+    async fn appends_are_synced_within_the_interval_or_when_asked() {
+        let dir = temp();
+        let mut c = config(&dir);
+        c.sync_interval = Duration::from_secs(3600);
+        let log = TopicLog::open("t", dir.clone(), &c).unwrap();
+        assert_eq!(log.append("k", Bytes::from_static(b"a")).await.unwrap(), 0);
+        assert_eq!(log.read(0).unwrap().unwrap().payload, "a");
+        assert_eq!(unsynced(&log), 1);
+        log.sync().unwrap();
+        assert_eq!(unsynced(&log), 0);
+        drop(log);
+
+        c.sync_interval = Duration::from_millis(20);
+        let log = TopicLog::open("t", dir.clone(), &c).unwrap();
+        assert_eq!(log.append("k", Bytes::from_static(b"b")).await.unwrap(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while unsynced(&log) > 0 {
+            assert!(std::time::Instant::now() < deadline, "never synced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(log);
+
+        c.sync_interval = Duration::ZERO;
+        let log = TopicLog::open("t", dir.clone(), &c).unwrap();
+        assert_eq!(log.bounds(), (0, 2));
+        log.append("k", Bytes::from_static(b"c")).await.unwrap();
+        assert_eq!(unsynced(&log), 0, "synced before it was answered");
         let _ = fs::remove_dir_all(&dir);
     }
 
