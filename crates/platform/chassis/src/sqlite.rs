@@ -427,7 +427,8 @@ fn step(
     drop(rows);
     out.push(Either::Left(AnyQueryResult {
         rows_affected: if writes { conn.changes() } else { 0 },
-        last_insert_id: None,
+        // As sqlx's SQLite driver reports it: the connection's last inserted row id.
+        last_insert_id: writes.then(|| conn.last_insert_rowid()),
     }));
     Ok(())
 }
@@ -1007,11 +1008,13 @@ mod tests {
     async fn writes_run_to_their_end_and_count_what_they_changed() {
         let (pool, dir) = pool().await;
         for id in 1..=3_i64 {
-            sqlx::query("INSERT INTO t (id, n) VALUES ($1, 0)")
+            let inserted = sqlx::query("INSERT INTO t (id, n) VALUES ($1, 0)")
                 .bind(id)
                 .execute(&pool)
                 .await
                 .unwrap();
+            // The row id, which the outbox takes for its sequence number.
+            assert_eq!(inserted.last_insert_id(), Some(id));
         }
         // One row read of a statement that writes three: all three change.
         let first = sqlx::query("UPDATE t SET n = n + 1 RETURNING id")

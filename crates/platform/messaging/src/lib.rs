@@ -7,6 +7,7 @@
 //! - [`consumer`]: a handler over a subscription, with backoff and a dead-letter topic.
 //! - [`outbox`] and [`inbox`]: events written in the producer's transaction and
 //!   relayed in order; handled event ids recorded in the consumer's transaction.
+//! - [`sql`]: what their SQL must know of the database under a transaction.
 //! - [`embedded`]: the durable log the control plane hosts (the default broker).
 //! - [`nats`]: NATS JetStream.
 //! - [`kafka`]: any Kafka-protocol broker, through librdkafka.
@@ -23,6 +24,7 @@ pub mod kafka;
 pub mod nats;
 pub mod outbox;
 pub mod rabbitmq;
+pub mod sql;
 #[cfg(feature = "testing")]
 pub mod testing;
 

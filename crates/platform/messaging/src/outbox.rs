@@ -126,17 +126,36 @@ impl Outbox {
         event: &CloudEvent,
     ) -> Result<Enqueued, OutboxError> {
         check_name(topic)?;
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO messaging_outbox (topic, event_key, event_id, payload, created_at)
-             VALUES ($1, $2, $3, $4, $5) RETURNING seq",
-        )
-        .bind(topic)
-        .bind(key)
-        .bind(&event.id)
-        .bind(String::from_utf8_lossy(&event.to_json()).into_owned())
-        .bind(now_millis())
-        .fetch_one(tx)
-        .await?;
+        macro_rules! insert {
+            () => {
+                "INSERT INTO messaging_outbox (topic, event_key, event_id, payload, created_at)
+                 VALUES ($1, $2, $3, $4, $5)"
+            };
+        }
+        let returning = !crate::sql::buffers_returning(tx);
+        let sql = match returning {
+            true => concat!(insert!(), " RETURNING seq"),
+            false => insert!(),
+        };
+        let query = sqlx::query(sql)
+            .bind(topic)
+            .bind(key)
+            .bind(&event.id)
+            .bind(String::from_utf8_lossy(&event.to_json()).into_owned())
+            .bind(now_millis());
+        let seq: i64 = match returning {
+            true => query.fetch_one(tx).await?.try_get(0)?,
+            // The row id SQLite just gave `seq` (its INTEGER PRIMARY KEY), as the
+            // driver reports it (the shop's does; sqlx's own asks).
+            false => match query.execute(&mut *tx).await?.last_insert_id() {
+                Some(seq) => seq,
+                None => {
+                    sqlx::query_scalar("SELECT last_insert_rowid()")
+                        .fetch_one(tx)
+                        .await?
+                }
+            },
+        };
         Ok(Enqueued {
             seq,
             topic: topic.to_owned(),

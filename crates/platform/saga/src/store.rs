@@ -277,11 +277,26 @@ impl Orchestrator {
             )),
             _ => {}
         }
-        if !lines.is_empty() {
+        if messaging::sql::buffers_returning(tx) {
+            // One statement a line, each numbered after the saga's last: SQLite
+            // answers in-process, where the one-statement form below (an `INSERT`
+            // reading its own table) built three temporary tables each time.
+            for (step, what) in lines {
+                sqlx::query(
+                    "INSERT INTO saga_history (saga_id, seq, step, what, at_ms) VALUES ($1, \
+                     (SELECT COALESCE(MAX(seq), 0) + 1 FROM saga_history WHERE saga_id = $1), $2, $3, $4)",
+                )
+                .bind(&saga.id)
+                .bind(step)
+                .bind(what)
+                .bind(millis(now))
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else if !lines.is_empty() {
             // Numbered after the saga's last line and written in one statement: each
-            // statement is a round trip to the database (for SQLite, to its
-            // connection's thread). A VALUES list's columns are column1, column2...
-            // on both SQLite and PostgreSQL.
+            // statement is a round trip to PostgreSQL. A VALUES list's columns are
+            // column1, column2...
             let values: Vec<String> = (0..lines.len())
                 .map(|n| format!("({}, ${}, ${})", n + 1, 3 + 2 * n, 4 + 2 * n))
                 .collect();
