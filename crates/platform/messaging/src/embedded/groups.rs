@@ -402,6 +402,13 @@ impl Groups {
 
     /// Writes the positions of groups that moved (write, fsync, rename).
     pub fn flush(&self) -> io::Result<()> {
+        self.flush_after(|| Ok(()))
+    }
+
+    /// Takes the positions of groups that moved, runs `before` (the log's sync: the
+    /// records those positions cover must be on disk before the positions are), then
+    /// writes them. If `before` fails, they stay to be written next time.
+    pub fn flush_after(&self, before: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let dirty: Vec<(String, Saved)> = {
             let mut groups = self.lock();
             groups
@@ -418,6 +425,15 @@ impl Groups {
                 })
                 .collect()
         };
+        if let Err(e) = before() {
+            let mut groups = self.lock();
+            for (name, _) in &dirty {
+                if let Some(g) = groups.get_mut(name) {
+                    g.dirty = true;
+                }
+            }
+            return Err(e);
+        }
         for (name, saved) in dirty {
             let path = self.dir.join(format!("{name}.json"));
             let tmp = self.dir.join(format!(".{name}.json.tmp"));
@@ -511,6 +527,45 @@ mod tests {
             got[0].record.offset, 4,
             "resumes after the last ack, not at `start`"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Positions are saved only once what runs before them (the log's sync) has
+    /// succeeded; after a failure they are saved on the next flush.
+    #[tokio::test]
+    async fn positions_wait_for_the_log_sync_before_them() {
+        let dir =
+            std::env::temp_dir().join(format!("bazaar-groups-{}", uuid::Uuid::new_v4().simple()));
+        let mut config = LogConfig::new(&dir);
+        config.partitions = 1;
+        let log = TopicLog::open("t", dir.join("log"), &config).unwrap();
+        let groups = Groups::open(log.clone(), dir.join("groups")).unwrap();
+        log.append("k", Bytes::from_static(b"x")).await.unwrap();
+        let wait = Duration::from_millis(10);
+        let got = groups
+            .fetch(
+                "g",
+                "a",
+                &StartFrom::Earliest,
+                8,
+                Duration::from_secs(30),
+                wait,
+            )
+            .await
+            .unwrap();
+        groups.ack("g", 0, got[0].token).unwrap();
+        let saved = dir.join("groups").join("g.json");
+        let failed = groups.flush_after(|| Err(io::Error::other("disk gone")));
+        assert!(failed.is_err());
+        assert!(!saved.exists(), "no position before the log is synced");
+        let mut synced = false;
+        groups
+            .flush_after(|| {
+                synced = true;
+                Ok(())
+            })
+            .unwrap();
+        assert!(synced && saved.exists(), "saved on the next flush");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -53,7 +53,11 @@ impl Broker {
             loop {
                 tick.tick().await;
                 let Some(broker) = weak.upgrade() else { return };
-                if let Err(e) = broker.flush() {
+                // Syncs and renames block: off the runtime's (often only) worker.
+                let flushed = tokio::task::spawn_blocking(move || broker.flush())
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                if let Err(e) = flushed {
                     tracing::error!(error = %e, "could not save consumer group positions");
                 }
             }
@@ -101,8 +105,9 @@ impl Broker {
             .cloned()
             .collect();
         for t in topics {
-            t.log.sync()?;
-            t.groups.flush()?;
+            // Positions are taken before the sync, so none covers a record written
+            // after it.
+            t.groups.flush_after(|| t.log.sync())?;
         }
         Ok(())
     }
