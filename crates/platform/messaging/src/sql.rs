@@ -11,3 +11,29 @@ use sqlx::AnyConnection;
 pub fn buffers_returning(conn: &AnyConnection) -> bool {
     conn.backend_name().eq_ignore_ascii_case("SQLite")
 }
+
+/// An `UPDATE`'s arguments, bound by the caller.
+pub type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Runs an `UPDATE` and returns the row it changed (`None` if none matched):
+/// `update.1` (the same statement with `RETURNING`) on PostgreSQL, in one round
+/// trip; on SQLite `update.0`, then `read`, the row by its key (see
+/// [`buffers_returning`]). `bind` binds the update's arguments to either text.
+pub async fn updated_row<'q>(
+    tx: &mut AnyConnection,
+    update: (&'q str, &'q str),
+    bind: impl Fn(Query<'q>) -> Query<'q>,
+    read: Query<'q>,
+) -> Result<Option<sqlx::any::AnyRow>, sqlx::Error> {
+    match buffers_returning(tx) {
+        false => bind(sqlx::query(update.1)).fetch_optional(&mut *tx).await,
+        true => match bind(sqlx::query(update.0))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        {
+            0 => Ok(None),
+            _ => read.fetch_optional(&mut *tx).await,
+        },
+    }
+}

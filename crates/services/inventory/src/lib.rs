@@ -690,33 +690,14 @@ async fn claim(
             "UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3 AND status = $4"
         };
     }
-    let update = |sql| {
-        sqlx::query(sql)
-            .bind(to)
-            .bind(now)
-            .bind(order_id)
-            .bind(from)
-    };
-    // The lines come back with the move on PostgreSQL (one round trip); SQLite
-    // would build a temporary table for RETURNING, and reads them after instead.
-    let items: Option<String> = match messaging::sql::buffers_returning(tx) {
-        false => match update(concat!(update!(), " RETURNING items"))
-            .fetch_optional(&mut *tx)
-            .await?
-        {
-            Some(row) => Some(row.try_get(0)?),
-            None => None,
-        },
-        true => match update(update!()).execute(&mut *tx).await?.rows_affected() {
-            0 => None,
-            _ => Some(
-                sqlx::query_scalar("SELECT items FROM reservations WHERE order_id = $1")
-                    .bind(order_id)
-                    .fetch_one(&mut *tx)
-                    .await?,
-            ),
-        },
-    };
+    let row = messaging::sql::updated_row(
+        tx,
+        (update!(), concat!(update!(), " RETURNING items")),
+        |query| query.bind(to).bind(now).bind(order_id).bind(from),
+        sqlx::query("SELECT items FROM reservations WHERE order_id = $1").bind(order_id),
+    )
+    .await?;
+    let items: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
     items
         .map(|items| {
             serde_json::from_str(&items)

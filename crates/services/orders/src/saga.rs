@@ -78,35 +78,25 @@ pub async fn finish(
             "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = 'PENDING'"
         };
     }
-    let update = |sql| {
-        sqlx::query(sql)
-            .bind(status.as_str())
-            .bind(reason)
-            .bind(now)
-            .bind(order_id)
-    };
-    // On PostgreSQL the order's head comes back with the update (RETURNING), one
-    // round trip less; SQLite would build a temporary table for it, and reads it
-    // after instead.
-    let head = match messaging::sql::buffers_returning(tx) {
-        false => {
-            update(concat!(
-                update!(),
-                " RETURNING user_id, total_cents, currency"
-            ))
-            .fetch_optional(&mut *tx)
-            .await?
-        }
-        true => match update(update!()).execute(&mut *tx).await?.rows_affected() {
-            0 => None,
-            _ => Some(
-                sqlx::query("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
-                    .bind(order_id)
-                    .fetch_one(&mut *tx)
-                    .await?,
-            ),
+    // On PostgreSQL the order's head comes back with the update (RETURNING); SQLite
+    // reads it after (see messaging::sql::buffers_returning).
+    let head = messaging::sql::updated_row(
+        tx,
+        (
+            update!(),
+            concat!(update!(), " RETURNING user_id, total_cents, currency"),
+        ),
+        |query| {
+            query
+                .bind(status.as_str())
+                .bind(reason)
+                .bind(now)
+                .bind(order_id)
         },
-    };
+        sqlx::query("SELECT user_id, total_cents, currency FROM orders WHERE id = $1")
+            .bind(order_id),
+    )
+    .await?;
     let Some(head) = head else {
         return Ok(false);
     };
