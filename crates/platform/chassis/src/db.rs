@@ -49,7 +49,7 @@ const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// each changed page back once and syncs twice, so with 1 KiB pages
 /// (crate::sqlite::PAGE_SIZE) a 4 MiB WAL keeps checkpoints as rare as the default
 /// did with 4 KiB pages.
-const SQLITE_CHECKPOINT_PAGES: u32 = 16000;
+const SQLITE_CHECKPOINT_PAGES: u32 = 4000;
 /// How long a query waits for a locked SQLite file before failing.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 
