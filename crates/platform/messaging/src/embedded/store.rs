@@ -10,8 +10,8 @@
 //! and an acknowledged record survives kill -9 and power loss; with an interval it
 //! acknowledges them once written (they survive the death of any process, the
 //! kernel holds them) and syncs at most that long after, as Kafka and JetStream do
-//! by default: a power loss may take that last stretch. On open, each segment is scanned and a torn tail (short or bad
-//! CRC) is cut off. The index lives in memory: per record its segment, position,
+//! by default: a power loss may take that last stretch. On open, each segment is
+//! scanned and a torn tail (short or bad CRC) is cut off. The index lives in memory: per record its segment, position,
 //! time and partition; per partition its offsets.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -30,7 +30,7 @@ use crate::inbox::now_millis;
 const HEADER: usize = 4 + 4 + 8 + 8 + 2 + 2;
 /// Largest record accepted (key + payload): far above any event.
 pub const MAX_RECORD: usize = 4 << 20;
-/// Most appends written under one fsync.
+/// Most appends written in one `write`.
 const MAX_BATCH: usize = 4096;
 
 /// How long an acknowledged append may wait for its `fdatasync`, by default: the
