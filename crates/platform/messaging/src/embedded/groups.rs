@@ -400,14 +400,10 @@ impl Groups {
         })
     }
 
-    /// Writes the positions of groups that moved (write, fsync, rename).
-    pub fn flush(&self) -> io::Result<()> {
-        self.flush_after(|| Ok(()))
-    }
-
-    /// Takes the positions of groups that moved, runs `before` (the log's sync: the
-    /// records those positions cover must be on disk before the positions are), then
-    /// writes them. If `before` fails, they stay to be written next time.
+    /// Writes the positions of groups that moved (write, fsync, rename): takes them,
+    /// runs `before` (the log's sync: the records those positions cover must be on
+    /// disk before the positions are), then writes them. If `before` fails, they stay
+    /// to be written next time.
     pub fn flush_after(&self, before: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let dirty: Vec<(String, Saved)> = {
             let mut groups = self.lock();
@@ -456,12 +452,18 @@ mod tests {
     use crate::embedded::store::LogConfig;
     use bytes::Bytes;
 
-    #[tokio::test]
-    async fn windows_leases_and_positions_survive_a_reopen() {
+    /// A fresh directory, and a one-partition log's settings in it.
+    fn one_partition() -> (std::path::PathBuf, LogConfig) {
         let dir =
             std::env::temp_dir().join(format!("bazaar-groups-{}", uuid::Uuid::new_v4().simple()));
         let mut config = LogConfig::new(&dir);
         config.partitions = 1;
+        (dir, config)
+    }
+
+    #[tokio::test]
+    async fn windows_leases_and_positions_survive_a_reopen() {
+        let (dir, config) = one_partition();
         let open = || {
             let log = TopicLog::open("t", dir.join("log"), &config).unwrap();
             Groups::open(log.clone(), dir.join("groups"))
@@ -515,7 +517,7 @@ mod tests {
             Err(SettleError::LeaseLost(3))
         );
         groups.ack("g", 3, taken[0].token).unwrap();
-        groups.flush().unwrap();
+        groups.flush_after(|| Ok(())).unwrap();
         drop((log, groups));
 
         let (_log, groups) = open();
@@ -534,10 +536,7 @@ mod tests {
     /// succeeded; after a failure they are saved on the next flush.
     #[tokio::test]
     async fn positions_wait_for_the_log_sync_before_them() {
-        let dir =
-            std::env::temp_dir().join(format!("bazaar-groups-{}", uuid::Uuid::new_v4().simple()));
-        let mut config = LogConfig::new(&dir);
-        config.partitions = 1;
+        let (dir, config) = one_partition();
         let log = TopicLog::open("t", dir.join("log"), &config).unwrap();
         let groups = Groups::open(log.clone(), dir.join("groups")).unwrap();
         log.append("k", Bytes::from_static(b"x")).await.unwrap();
