@@ -7,7 +7,7 @@
 //! - [`consumer`]: a handler over a subscription, with backoff and a dead-letter topic.
 //! - [`outbox`] and [`inbox`]: events written in the producer's transaction and
 //!   relayed in order; handled event ids recorded in the consumer's transaction.
-//! - [`sql`]: what their SQL must know of the database under a transaction.
+//! - [`sql`]: what their SQL must know of the database under a transaction, `IN` lists.
 //! - [`embedded`]: the durable log the control plane hosts (the default broker).
 //! - [`nats`]: NATS JetStream.
 //! - [`kafka`]: any Kafka-protocol broker, through librdkafka.

@@ -346,10 +346,9 @@ impl Relay {
         }
         let doomed = recent.take_undeleted();
         for chunk in doomed.chunks(DELETE_AT) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "DELETE FROM messaging_outbox WHERE seq IN ({})",
-                placeholders.join(", ")
+                crate::sql::placeholders(chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for seq in chunk {

@@ -1,5 +1,5 @@
-//! What the SQL written by the outbox, the inbox and the stores built on them must
-//! know of the database under a transaction.
+//! Portable SQL shared by the outbox, the inbox and the stores built on them: what
+//! they must know of the database under a transaction, and `IN` lists.
 
 use sqlx::AnyConnection;
 
@@ -35,5 +35,27 @@ pub async fn updated_row<'q>(
             0 => Ok(None),
             _ => read.fetch_optional(&mut *tx).await,
         },
+    }
+}
+
+/// `$1, $2, ..., $count`: the placeholders of an `IN (...)` list whose values are
+/// bound in order (the spelling both engines take through `Any`).
+pub fn placeholders(count: usize) -> String {
+    use std::fmt::Write;
+    let mut list = String::with_capacity(count * 4);
+    for i in 1..=count {
+        let separator = if i > 1 { ", " } else { "" };
+        let _ = write!(list, "{separator}${i}");
+    }
+    list
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn placeholders_number_from_one() {
+        assert_eq!(super::placeholders(0), "");
+        assert_eq!(super::placeholders(1), "$1");
+        assert_eq!(super::placeholders(3), "$1, $2, $3");
     }
 }

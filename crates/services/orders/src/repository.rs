@@ -191,11 +191,10 @@ async fn with_items(pool: &AnyPool, mut orders: Vec<Order>) -> Result<Vec<Order>
     if orders.is_empty() {
         return Ok(orders);
     }
-    let placeholders: Vec<String> = (1..=orders.len()).map(|i| format!("${i}")).collect();
     let sql = format!(
         "SELECT order_id, product_id, product_name, quantity, unit_price_cents FROM order_items \
          WHERE order_id IN ({}) ORDER BY order_id, line",
-        placeholders.join(", ")
+        messaging::sql::placeholders(orders.len())
     );
     let mut query = sqlx::query(&sql);
     for o in &orders {

@@ -86,10 +86,9 @@ pub async fn get_many(pool: &AnyPool, ids: &[Uuid]) -> Result<Vec<Product>, sqlx
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
     let sql = format!(
         "SELECT id, name, description, price_cents, currency FROM products WHERE id IN ({})",
-        placeholders.join(", ")
+        messaging::sql::placeholders(ids.len())
     );
     let mut query = sqlx::query(&sql);
     for id in ids {
