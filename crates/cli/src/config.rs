@@ -41,7 +41,7 @@ config_section! {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 struct ShopRoutes {
     routes: Vec<gateway::RouteConfig>,
     caches: std::collections::BTreeMap<String, gateway::configuration::CachePolicy>,
@@ -53,8 +53,10 @@ pub fn load(file: Option<&Path>) -> Result<ShopConfig, Errors> {
     let mut config: ShopConfig = source.parse()?;
     let mut invalid = Vec::new();
     if config.gateway.routes.is_empty() {
-        config.gateway.routes = shop_routes();
-        for (name, policy) in shop_caches() {
+        // The embedded table, parsed once for its routes and their caches.
+        let shop = shop_table().unwrap_or_default();
+        config.gateway.routes = shop.routes;
+        for (name, policy) in shop.caches {
             config.gateway.caches.entry(name).or_insert(policy);
         }
         if let Err(e) = crate::operator::attach(&mut config) {
@@ -121,7 +123,9 @@ pub fn shop_routes() -> Vec<gateway::RouteConfig> {
     shop_table().map(|r| r.routes).unwrap_or_default()
 }
 
-/// The cache policies the shop's routes name.
+/// The cache policies the shop's routes name (`load` takes them with the routes,
+/// from one parse of the table).
+#[cfg(test)]
 pub fn shop_caches() -> std::collections::BTreeMap<String, gateway::configuration::CachePolicy> {
     shop_table().map(|r| r.caches).unwrap_or_default()
 }
