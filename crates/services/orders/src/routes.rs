@@ -1,7 +1,5 @@
 //! HTTP routes: place an order, read one, list one's own.
 
-use std::collections::HashMap;
-
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
@@ -18,6 +16,7 @@ use sqlx::AnyPool;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
+use crate::catalog::{self, Product};
 use crate::domain::{LineInput, Lines, Order, OrderItem, SagaStep, Status};
 use crate::repository::{self, InsertError, NewOrder};
 
@@ -128,18 +127,10 @@ pub struct PlaceOrder {
     items: Vec<LineInput>,
 }
 
-/// What `orders` reads from the catalog.
-#[derive(Debug, Deserialize)]
-struct CatalogProduct {
-    id: Uuid,
-    name: String,
-    price_cents: i64,
-    currency: String,
-}
-
+/// A page of the catalog as products answers it.
 #[derive(Debug, Deserialize)]
 struct CatalogPage {
-    items: Vec<CatalogProduct>,
+    items: Vec<Product>,
 }
 
 /// Place an order. With an `Idempotency-Key`, retrying the same request returns the
@@ -165,7 +156,7 @@ async fn place_order(
     {
         return replay(order, &hash, &fingerprint);
     }
-    let (items, currency, total_cents) = price(&state.client, &lines).await?;
+    let (items, currency, total_cents) = price(&state.pool, &state.client, &lines).await?;
     let inserted = repository::insert(
         &state.pool,
         &state.outbox,
@@ -247,35 +238,27 @@ fn created(order: Order, replayed: bool) -> Response {
     response
 }
 
-/// Prices every line with one batch call to the catalog.
+/// Prices every line from the replicated catalog ([`catalog`]), asking products in
+/// one batch call for the products not replicated yet.
 async fn price(
+    pool: &AnyPool,
     client: &HttpClient,
     lines: &Lines,
 ) -> Result<(Vec<OrderItem>, String, i64), Problem> {
-    let ids: Vec<String> = lines.product_ids().iter().map(Uuid::to_string).collect();
-    let page: CatalogPage = client
-        .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
-        .await
-        .map_err(|e| match e {
-            e @ (ClientError::CircuitOpen { .. }
-            | ClientError::RateLimited { .. }
-            | ClientError::BulkheadFull { .. }) => {
-                let seconds = e.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1);
-                Problem::unavailable(
-                    "the catalog has been failing or is busy, so pricing is paused; try again shortly",
-                )
-                .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
-            }
-            e if e.is_unavailable() => {
-                tracing::warn!(error = %e, "catalog unavailable");
-                Problem::unavailable(
-                    "the catalog is unavailable, so the order cannot be priced; try again shortly",
-                )
-            }
-            e => Problem::internal(e),
-        })?;
-    let catalog: HashMap<Uuid, CatalogProduct> =
-        page.items.into_iter().map(|p| (p.id, p)).collect();
+    let wanted = lines.product_ids();
+    // The replica first; products is asked only for what it has not heard of yet.
+    let mut catalog = catalog::known(pool, &wanted).await?;
+    let mut missing: Vec<String> = wanted
+        .iter()
+        .filter(|id| !catalog.contains_key(id))
+        .map(Uuid::to_string)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if !missing.is_empty() {
+        let page = ask_products(client, &missing).await?;
+        catalog.extend(page.items.into_iter().map(|p| (p.id, p)));
+    }
     let mut errors = Vec::new();
     let mut items = Vec::new();
     let mut currency: Option<String> = None;
@@ -322,6 +305,31 @@ async fn price(
         return Err(Problem::validation(errors));
     }
     Ok((items, currency.unwrap_or_default(), total))
+}
+
+/// The catalog's page of `ids`, from products.
+async fn ask_products(client: &HttpClient, ids: &[String]) -> Result<CatalogPage, Problem> {
+    client
+        .get_json(crate::PRODUCTS, &format!("/products?ids={}", ids.join(",")))
+        .await
+        .map_err(|e| match e {
+            e @ (ClientError::CircuitOpen { .. }
+            | ClientError::RateLimited { .. }
+            | ClientError::BulkheadFull { .. }) => {
+                let seconds = e.retry_after().map(|d| d.as_secs().max(1)).unwrap_or(1);
+                Problem::unavailable(
+                    "the catalog has been failing or is busy, so pricing is paused; try again shortly",
+                )
+                .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
+            }
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "catalog unavailable");
+                Problem::unavailable(
+                    "the catalog is unavailable, so the order cannot be priced; try again shortly",
+                )
+            }
+            e => Problem::internal(e),
+        })
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]

@@ -11,7 +11,8 @@ use utoipa::OpenApi;
 use crate::Config;
 use crate::routes::{self, ApiDoc, AppState};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The service's schema.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Builds the service; the chassis's [`Service`] runs it.
 pub struct Application;
@@ -76,6 +77,12 @@ impl Application {
                 inventory,
             )
             .with_transactional_consumer(crate::saga::PAYMENTS, crate::NAME, pool.clone(), payments)
+            .with_transactional_consumer(
+                crate::catalog::TOPIC,
+                crate::NAME,
+                pool.clone(),
+                crate::catalog::READ_SIDE,
+            )
             .with_background(move |stop| async move {
                 match timer.orchestrator.clone() {
                     // Retries unanswered steps; after a crash, resumes every saga.

@@ -200,3 +200,87 @@ async fn products_down_is_a_clear_503() {
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     assert!(r.headers().contains_key("retry-after"));
 }
+
+/// With the catalog's prices replicated from its events, orders keeps taking
+/// orders for the products it knows while products is down; one it does not know yet
+/// still needs products, and gets the same clear 503.
+async fn replicated_prices(engine: Engine) {
+    use messaging::consumer::{HandlerError, Meta};
+    let identity = IdentityFixture::start().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (orders, db) = spawn_orders(engine, &identity, &format!("http://{dead}")).await;
+    let database = chassis::db::Database::connect(&db.url, &orders::MIGRATOR)
+        .await
+        .unwrap();
+    let inbox = messaging::inbox::Inbox::new(orders::NAME);
+    let meta = Meta {
+        topic: orders::catalog::TOPIC.into(),
+        key: "k".into(),
+        partition: 0,
+        offset: 1,
+        attempt: 1,
+    };
+    let created = |id: uuid::Uuid, price: i64| {
+        messaging::CloudEvent::new(
+            "/bazaar/products",
+            "product.created",
+            Some(&id.to_string()),
+            json!({"product_id": id, "name": "Teapot", "description": "Holds tea",
+                   "price_cents": price, "currency": "EUR"}),
+        )
+    };
+    let known = uuid::Uuid::now_v7();
+    let event = created(known, 1250);
+    for _ in 0..2 {
+        // The second is a redelivery: claimed once, applied once.
+        orders::catalog::handle(database.pool(), &inbox, &event, &meta)
+            .await
+            .unwrap();
+    }
+    let negative = created(uuid::Uuid::now_v7(), -1);
+    assert!(matches!(
+        orders::catalog::handle(database.pool(), &inbox, &negative, &meta).await,
+        Err(HandlerError::Reject(_))
+    ));
+    let place = |items: Value| {
+        reqwest::Client::new()
+            .post(format!("{orders}/orders"))
+            .header("x-bazaar-identity", identity.token("u1"))
+            .json(&json!({ "items": items }))
+            .send()
+    };
+
+    let r = place(json!([{"product_id": known, "quantity": 3}]))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let order: Value = r.json().await.unwrap();
+    assert_eq!(order["items"][0]["name"], "Teapot");
+    assert_eq!(order["items"][0]["unit_price_cents"], 1250);
+    assert_eq!(
+        (&order["total_cents"], &order["currency"]),
+        (&json!(3750), &json!("EUR"))
+    );
+
+    let unknown = uuid::Uuid::now_v7();
+    let r = place(
+        json!([{"product_id": known, "quantity": 1}, {"product_id": unknown, "quantity": 1}]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn replicated_prices_on_sqlite() {
+    replicated_prices(Engine::Sqlite).await;
+}
+
+#[tokio::test]
+async fn replicated_prices_on_postgres() {
+    replicated_prices(Engine::Postgres).await;
+}
