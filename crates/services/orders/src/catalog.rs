@@ -7,14 +7,20 @@
 //! their way) is priced by asking products, as before, so the answer never depends
 //! on how far the replica has got: only where the question is asked.
 //!
+//! Prices are read from memory: each product is read from the table once, and again
+//! after [`FRESH`] (another instance of this service may have applied a change the
+//! table holds); a change this instance applies replaces its copy at once.
+//!
 //! The catalog's prices do not change once published (products has no way to
 //! change one). Were that to change, products would publish the change and
 //! [`apply`] would take it as it takes a new product (an upsert), and orders would be
 //! priced as of the last change applied here, as every replicated read is.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use messaging::consumer::{HandlerError, Meta, ReadSide, Store};
+use messaging::consumer::{AfterCommit, HandlerError, Meta, Prepared, Store, Transactional};
 use messaging::inbox::Inbox;
 use messaging::{BoxFuture, CloudEvent};
 use serde::Deserialize;
@@ -26,13 +32,8 @@ use uuid::Uuid;
 pub const TOPIC: &str = "products";
 /// Every event type of [`TOPIC`].
 pub const PRODUCT_EVENTS: &[&str] = &["product.created"];
-
-/// The consumer of [`TOPIC`] that keeps `catalog_prices`.
-pub const READ_SIDE: ReadSide = ReadSide {
-    handles: PRODUCT_EVENTS,
-    topic_types: PRODUCT_EVENTS,
-    apply,
-};
+/// How long a product read from the table is used before it is read again.
+pub const FRESH: Duration = Duration::from_secs(5);
 
 /// A product as an order is priced: what products answers, or its replica here.
 #[derive(Clone, Debug, Deserialize)]
@@ -52,58 +53,129 @@ struct Created {
     currency: String,
 }
 
-/// Handles one event of [`TOPIC`] in its own transaction, claimed in `inbox` (as the
-/// consumer would): for tests and tools.
-pub async fn handle(
-    pool: &AnyPool,
-    inbox: &Inbox,
-    event: &CloudEvent,
-    meta: &Meta,
-) -> Result<(), HandlerError> {
-    let store = Store {
-        pool: pool.clone(),
-        inbox: inbox.clone(),
-    };
-    messaging::consumer::handle_one(&store, &READ_SIDE, event, meta).await
+/// The replica: `catalog_prices` and this instance's copy of what it read of it.
+/// Cheap to clone; the consumer of [`TOPIC`] (as a [`Transactional`] handler).
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    read: Arc<RwLock<HashMap<Uuid, (Product, Instant)>>>,
+}
+
+impl Catalog {
+    /// The replicated products among `ids`, by id (those not replicated yet are
+    /// missing).
+    pub async fn known(
+        &self,
+        pool: &AnyPool,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Product>, sqlx::Error> {
+        let now = Instant::now();
+        let mut found = HashMap::with_capacity(ids.len());
+        let mut unread = Vec::new();
+        {
+            let read = self.read.read().unwrap_or_else(|e| e.into_inner());
+            for id in ids {
+                match read.get(id) {
+                    Some((product, at)) if now.duration_since(*at) < FRESH => {
+                        found.insert(*id, product.clone());
+                    }
+                    _ => unread.push(*id),
+                }
+            }
+        }
+        if unread.is_empty() {
+            return Ok(found);
+        }
+        let rows = select(pool, &unread).await?;
+        let mut read = self.read.write().unwrap_or_else(|e| e.into_inner());
+        for product in rows {
+            // A change applied while the rows were read is newer than they are.
+            let applied = read.get(&product.id).is_some_and(|(_, at)| *at > now);
+            if !applied {
+                read.insert(product.id, (product.clone(), now));
+            }
+            found.insert(product.id, product);
+        }
+        Ok(found)
+    }
+
+    /// Handles one event of [`TOPIC`] in its own transaction, claimed in `inbox`
+    /// (as the consumer would): for tests and tools.
+    pub async fn handle(
+        &self,
+        pool: &AnyPool,
+        inbox: &Inbox,
+        event: &CloudEvent,
+        meta: &Meta,
+    ) -> Result<(), HandlerError> {
+        let store = Store {
+            pool: pool.clone(),
+            inbox: inbox.clone(),
+        };
+        messaging::consumer::handle_one(&store, self, event, meta).await
+    }
+}
+
+impl Transactional for Catalog {
+    fn accepts(&self, event: &CloudEvent, _meta: &Meta) -> Result<bool, HandlerError> {
+        messaging::consumer::triage(event, PRODUCT_EVENTS, PRODUCT_EVENTS)
+    }
+
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut AnyConnection,
+        event: &'a CloudEvent,
+        _meta: &'a Meta,
+        _prepared: Prepared,
+        after: &'a mut AfterCommit,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let product = apply(tx, event).await?;
+            let read = self.read.clone();
+            after.then(move || {
+                let mut read = read.write().unwrap_or_else(|e| e.into_inner());
+                read.insert(product.id, (product, Instant::now()));
+            });
+            Ok(())
+        })
+    }
 }
 
 /// What one `product.created` changes, in `tx` where it is claimed.
-pub fn apply<'a>(
-    tx: &'a mut AnyConnection,
-    event: &'a CloudEvent,
-) -> BoxFuture<'a, Result<(), HandlerError>> {
-    Box::pin(async move {
-        let created: Created = serde_json::from_value(event.data.clone()).map_err(|e| {
-            HandlerError::Reject(format!("{} does not describe a product: {e}", event.ty))
-        })?;
-        if created.price_cents < 0 || created.currency.is_empty() {
-            return Err(HandlerError::Reject(format!(
-                "{} of {}: a price needs a currency and cannot be negative",
-                event.ty, created.product_id
-            )));
-        }
-        sqlx::query(
-            "INSERT INTO catalog_prices (product_id, name, price_cents, currency) \
-             VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (product_id) DO UPDATE SET name = excluded.name, \
-             price_cents = excluded.price_cents, currency = excluded.currency",
-        )
-        .bind(created.product_id.to_string())
-        .bind(&created.name)
-        .bind(created.price_cents)
-        .bind(&created.currency)
-        .execute(&mut *tx)
-        .await?;
-        Ok(())
+async fn apply(tx: &mut AnyConnection, event: &CloudEvent) -> Result<Product, HandlerError> {
+    let created: Created = serde_json::from_value(event.data.clone()).map_err(|e| {
+        HandlerError::Reject(format!("{} does not describe a product: {e}", event.ty))
+    })?;
+    if created.price_cents < 0 || created.currency.is_empty() {
+        return Err(HandlerError::Reject(format!(
+            "{} of {}: a price needs a currency and cannot be negative",
+            event.ty, created.product_id
+        )));
+    }
+    sqlx::query(
+        "INSERT INTO catalog_prices (product_id, name, price_cents, currency) \
+         VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (product_id) DO UPDATE SET name = excluded.name, \
+         price_cents = excluded.price_cents, currency = excluded.currency",
+    )
+    .bind(created.product_id.to_string())
+    .bind(&created.name)
+    .bind(created.price_cents)
+    .bind(&created.currency)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Product {
+        id: created.product_id,
+        name: created.name,
+        price_cents: created.price_cents,
+        currency: created.currency,
     })
 }
 
-/// The replicated products among `ids`, by id (those not replicated yet are
-/// missing).
-pub async fn known(pool: &AnyPool, ids: &[Uuid]) -> Result<HashMap<Uuid, Product>, sqlx::Error> {
+/// The rows of `ids` in `catalog_prices`.
+async fn select(pool: &AnyPool, ids: &[Uuid]) -> Result<Vec<Product>, sqlx::Error> {
     const COLUMNS: &str = "SELECT product_id, name, price_cents, currency FROM catalog_prices";
     let sql = match ids {
-        [] => return Ok(HashMap::new()),
+        [] => return Ok(Vec::new()),
         // The usual order has one line: an equality is a plain index lookup, where
         // SQLite builds an ephemeral table for an `IN` list.
         [_] => format!("{COLUMNS} WHERE product_id = $1"),
@@ -116,11 +188,7 @@ pub async fn known(pool: &AnyPool, ids: &[Uuid]) -> Result<HashMap<Uuid, Product
     for id in ids {
         query = query.bind(id.to_string());
     }
-    let rows = query.fetch_all(pool).await?;
-    rows.iter()
-        .map(product)
-        .map(|p| p.map(|p| (p.id, p)))
-        .collect()
+    query.fetch_all(pool).await?.iter().map(product).collect()
 }
 
 fn product(row: &AnyRow) -> Result<Product, sqlx::Error> {

@@ -16,7 +16,7 @@ use sqlx::AnyPool;
 use utoipa::OpenApi;
 use uuid::Uuid;
 
-use crate::catalog::{self, Product};
+use crate::catalog::{Catalog, Product};
 use crate::domain::{LineInput, Lines, Order, OrderItem, SagaStep, Status};
 use crate::repository::{self, InsertError, NewOrder};
 
@@ -35,6 +35,7 @@ pub struct AppState {
     pub max_quantity: i64,
     pub outbox: messaging::outbox::Outbox,
     pub saga: crate::saga::Saga,
+    pub catalog: Catalog,
 }
 
 #[derive(OpenApi)]
@@ -156,7 +157,8 @@ async fn place_order(
     {
         return replay(order, &hash, &fingerprint);
     }
-    let (items, currency, total_cents) = price(&state.pool, &state.client, &lines).await?;
+    let (items, currency, total_cents) =
+        price(&state.catalog, &state.pool, &state.client, &lines).await?;
     let inserted = repository::insert(
         &state.pool,
         &state.outbox,
@@ -238,16 +240,17 @@ fn created(order: Order, replayed: bool) -> Response {
     response
 }
 
-/// Prices every line from the replicated catalog ([`catalog`]), asking products in
+/// Prices every line from the replicated catalog ([`crate::catalog`]), asking products in
 /// one batch call for the products not replicated yet.
 async fn price(
+    catalog: &Catalog,
     pool: &AnyPool,
     client: &HttpClient,
     lines: &Lines,
 ) -> Result<(Vec<OrderItem>, String, i64), Problem> {
     let wanted = lines.product_ids();
     // The replica first; products is asked only for what it has not heard of yet.
-    let mut catalog = catalog::known(pool, &wanted).await?;
+    let mut catalog = catalog.known(pool, &wanted).await?;
     let mut missing: Vec<String> = wanted
         .iter()
         .filter(|id| !catalog.contains_key(id))

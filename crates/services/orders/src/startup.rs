@@ -49,6 +49,7 @@ impl Application {
             SagaMode::Choreography => None,
         };
         let place_order = crate::saga::Saga::new(db.pool().clone(), outbox.clone(), orchestrator);
+        let catalog = crate::catalog::Catalog::default();
         let state = AppState {
             outbox: outbox.clone(),
             pool: db.pool().clone(),
@@ -56,6 +57,7 @@ impl Application {
             max_lines: settings.max_lines,
             max_quantity: settings.max_quantity,
             saga: place_order.clone(),
+            catalog: catalog.clone(),
         };
         let router = chassis.router(
             routes::router(state),
@@ -77,12 +79,7 @@ impl Application {
                 inventory,
             )
             .with_transactional_consumer(crate::saga::PAYMENTS, crate::NAME, pool.clone(), payments)
-            .with_transactional_consumer(
-                crate::catalog::TOPIC,
-                crate::NAME,
-                pool.clone(),
-                crate::catalog::READ_SIDE,
-            )
+            .with_transactional_consumer(crate::catalog::TOPIC, crate::NAME, pool.clone(), catalog)
             .with_background(move |stop| async move {
                 match timer.orchestrator.clone() {
                     // Retries unanswered steps; after a crash, resumes every saga.

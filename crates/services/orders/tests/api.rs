@@ -216,6 +216,8 @@ async fn replicated_prices(engine: Engine) {
         .await
         .unwrap();
     let inbox = messaging::inbox::Inbox::new(orders::NAME);
+    // The service's own copy is not this one: it reads what this one writes.
+    let catalog = orders::catalog::Catalog::default();
     let meta = Meta {
         topic: orders::catalog::TOPIC.into(),
         key: "k".into(),
@@ -236,13 +238,16 @@ async fn replicated_prices(engine: Engine) {
     let event = created(known, 1250);
     for _ in 0..2 {
         // The second is a redelivery: claimed once, applied once.
-        orders::catalog::handle(database.pool(), &inbox, &event, &meta)
+        catalog
+            .handle(database.pool(), &inbox, &event, &meta)
             .await
             .unwrap();
     }
     let negative = created(uuid::Uuid::now_v7(), -1);
     assert!(matches!(
-        orders::catalog::handle(database.pool(), &inbox, &negative, &meta).await,
+        catalog
+            .handle(database.pool(), &inbox, &negative, &meta)
+            .await,
         Err(HandlerError::Reject(_))
     ));
     let place = |items: Value| {
@@ -283,4 +288,48 @@ async fn replicated_prices_on_sqlite() {
 #[tokio::test]
 async fn replicated_prices_on_postgres() {
     replicated_prices(Engine::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_price_change_applied_here_is_read_at_once() {
+    let db = TestDb::new(Engine::Sqlite);
+    let database = chassis::db::Database::connect(&db.url, &orders::MIGRATOR)
+        .await
+        .unwrap();
+    let (pool, inbox) = (database.pool(), messaging::inbox::Inbox::new(orders::NAME));
+    messaging::inbox::Inbox::install(pool).await.unwrap();
+    let catalog = orders::catalog::Catalog::default();
+    let id = uuid::Uuid::now_v7();
+    let meta = messaging::consumer::Meta {
+        topic: orders::catalog::TOPIC.into(),
+        key: id.to_string(),
+        partition: 0,
+        offset: 1,
+        attempt: 1,
+    };
+    let priced = |price: i64| {
+        messaging::CloudEvent::new(
+            "/bazaar/products",
+            "product.created",
+            Some(&id.to_string()),
+            json!({"product_id": id, "name": "Mug", "price_cents": price, "currency": "EUR"}),
+        )
+    };
+    assert!(catalog.known(pool, &[id]).await.unwrap().is_empty());
+    catalog
+        .handle(pool, &inbox, &priced(300), &meta)
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog.known(pool, &[id]).await.unwrap()[&id].price_cents,
+        300
+    );
+    catalog
+        .handle(pool, &inbox, &priced(450), &meta)
+        .await
+        .unwrap();
+    assert_eq!(
+        catalog.known(pool, &[id]).await.unwrap()[&id].price_cents,
+        450
+    );
 }
