@@ -292,11 +292,14 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         assert_eq!(row["health"], "passing");
     }
 
-    // One correlation id follows an order through gateway -> orders -> products, on
-    // a JSON log line of each.
+    // One correlation id follows an order from the gateway to orders, on a JSON log
+    // line of each, and on to the services after them in the order's event.
     let (_, token) = shop.user().await;
     let product = shop.product_ids(1).await.remove(0);
     let correlation = format!("e2e-{}", uuid::Uuid::new_v4().simple());
+    let placed_after = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let r = shop
         .http
         .post(format!("{}/orders", shop.gateway))
@@ -308,7 +311,7 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
         .unwrap();
     assert_eq!(r.headers()["x-correlation-id"], correlation.as_str());
     let mut traces = Vec::new();
-    for service in ["gateway", "orders", "products"] {
+    for service in ["gateway", "orders"] {
         // Read until the line is there: logging is not synchronous with answering.
         let line = support::eventually_logged(
             &shop.data_dir.join(format!("logs/{service}.log")),
@@ -327,6 +330,32 @@ async fn processes_mode_walkthrough_supervision_and_clean_stop() {
     assert!(
         traces.windows(2).all(|w| w[0] == w[1]),
         "one trace across services: {traces:?}"
+    );
+    // Two events are sure to follow: the order's own two (placed, then ended);
+    // the walkthrough's earlier order may still have its end on the way.
+    let tailed = events(
+        &shop,
+        &[
+            "tail",
+            "--topic",
+            "orders",
+            "--from",
+            &placed_after,
+            "--json",
+            "--count",
+            "2",
+        ],
+    );
+    let created: Value = tailed
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .find(|e| e["type"] == "order.created")
+        .unwrap_or_else(|| panic!("no order.created in {tailed}"));
+    assert_eq!(created["correlationid"], correlation.as_str());
+    let trace = traces[0].as_str().unwrap();
+    assert!(
+        created["traceparent"].as_str().unwrap().contains(trace),
+        "{created} is not of trace {trace}"
     );
 
     // A crashed service is restarted on the same port; its data survives.
@@ -612,7 +641,7 @@ fn up_fails_fast_naming_a_service_that_cannot_start_and_leaves_nothing_running()
 }
 
 #[tokio::test]
-async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
+async fn a_frozen_catalog_leaves_orders_flowing_and_trips_the_breaker_for_what_it_alone_knows() {
     let shop = Shop::up(
         "processes",
         &[
@@ -626,6 +655,9 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
     let (_, token) = shop.user().await;
     let product = shop.product_ids(1).await.remove(0);
     let order = json!({"items": [{"product_id": product, "quantity": 1}]});
+    // A product orders has not heard of: only products can price it (or say it
+    // does not exist).
+    let unheard = json!({"items": [{"product_id": uuid::Uuid::now_v7(), "quantity": 1}]});
     // A catalog read goes into the gateway's `catalog` cache on the way.
     let page = format!("{}/products/{product}", shop.gateway);
     let first = shop.http.get(&page).send().await.unwrap();
@@ -641,9 +673,25 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
     assert!(again.headers().contains_key("age"), "{:?}", again.headers());
     assert_eq!(again.text().await.unwrap(), first);
 
-    // Each call waits out the client deadline, and counts as a failure.
-    for _ in 0..3 {
+    // Ordering goes on too: orders prices from its replica of the catalog's
+    // events (once it has taken them in, which a fresh shop does within moments).
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
         let (status, body) = shop.post("/orders", Some(&token), order.clone()).await;
+        if status == 201 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no order while the catalog was frozen: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // What only products can answer waits out the client deadline (or, if the
+    // loop above already opened the breaker, fails fast): a 503 either way.
+    for _ in 0..3 {
+        let (status, body) = shop.post("/orders", Some(&token), unheard.clone()).await;
         assert_eq!(status, 503, "{body}");
     }
     let orders = shop.url("orders");
@@ -665,13 +713,13 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
         .clone();
     assert_eq!(catalog["state"], "OPEN", "{breakers}");
 
-    // Open: the next order fails fast, with a clear problem and Retry-After.
+    // Open: the next such order fails fast, with a clear problem and Retry-After.
     let started = std::time::Instant::now();
     let r = shop
         .http
         .post(format!("{}/orders", shop.gateway))
         .bearer_auth(&token)
-        .json(&order)
+        .json(&unheard)
         .send()
         .await
         .unwrap();
@@ -683,18 +731,23 @@ async fn a_frozen_catalog_trips_the_breaker_then_orders_recover() {
     );
     assert!(r.headers().contains_key("retry-after"));
     assert_eq!(r.headers()["content-type"], "application/problem+json");
+    // The breaker stands between orders and products only: known products still sell.
+    let (status, body) = shop.post("/orders", Some(&token), order.clone()).await;
+    assert_eq!(status, 201, "{body}");
 
-    // Thawed: after the wait, a trial call goes through and orders flow again.
+    // Thawed: after the wait, a trial call goes through, and products' answer
+    // comes back (the product does not exist: 422).
     nix::sys::signal::kill(products, nix::sys::signal::Signal::SIGCONT).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let (status, _) = shop.post("/orders", Some(&token), order.clone()).await;
-        if status == 201 {
+        let (status, body) = shop.post("/orders", Some(&token), unheard.clone()).await;
+        if status == 422 {
+            assert!(body.to_string().contains("no such product"), "{body}");
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "orders did not recover"
+            "the breaker never let a call through: {status} {body}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
