@@ -201,11 +201,33 @@ async fn products_down_is_a_clear_503() {
     assert!(r.headers().contains_key("retry-after"));
 }
 
+/// A delivery's particulars for the catalog's consumer.
+fn catalog_meta() -> messaging::consumer::Meta {
+    messaging::consumer::Meta {
+        topic: orders::catalog::TOPIC.into(),
+        key: "k".into(),
+        partition: 0,
+        offset: 1,
+        attempt: 1,
+    }
+}
+
+/// `product.created` as products publishes it.
+fn product_created(id: uuid::Uuid, price_cents: i64) -> messaging::CloudEvent {
+    messaging::CloudEvent::new(
+        "/bazaar/products",
+        "product.created",
+        Some(&id.to_string()),
+        json!({"product_id": id, "name": "Teapot", "description": "Holds tea",
+               "price_cents": price_cents, "currency": "EUR"}),
+    )
+}
+
 /// With the catalog's prices replicated from its events, orders keeps taking
 /// orders for the products it knows while products is down; one it does not know yet
 /// still needs products, and gets the same clear 503.
 async fn replicated_prices(engine: Engine) {
-    use messaging::consumer::{HandlerError, Meta};
+    use messaging::consumer::HandlerError;
     let identity = IdentityFixture::start().await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -218,24 +240,9 @@ async fn replicated_prices(engine: Engine) {
     let inbox = messaging::inbox::Inbox::new(orders::NAME);
     // The service's own copy is not this one: it reads what this one writes.
     let catalog = orders::catalog::Catalog::default();
-    let meta = Meta {
-        topic: orders::catalog::TOPIC.into(),
-        key: "k".into(),
-        partition: 0,
-        offset: 1,
-        attempt: 1,
-    };
-    let created = |id: uuid::Uuid, price: i64| {
-        messaging::CloudEvent::new(
-            "/bazaar/products",
-            "product.created",
-            Some(&id.to_string()),
-            json!({"product_id": id, "name": "Teapot", "description": "Holds tea",
-                   "price_cents": price, "currency": "EUR"}),
-        )
-    };
+    let meta = catalog_meta();
     let known = uuid::Uuid::now_v7();
-    let event = created(known, 1250);
+    let event = product_created(known, 1250);
     for _ in 0..2 {
         // The second is a redelivery: claimed once, applied once.
         catalog
@@ -243,7 +250,7 @@ async fn replicated_prices(engine: Engine) {
             .await
             .unwrap();
     }
-    let negative = created(uuid::Uuid::now_v7(), -1);
+    let negative = product_created(uuid::Uuid::now_v7(), -1);
     assert!(matches!(
         catalog
             .handle(database.pool(), &inbox, &negative, &meta)
@@ -300,24 +307,10 @@ async fn a_price_change_applied_here_is_read_at_once() {
     messaging::inbox::Inbox::install(pool).await.unwrap();
     let catalog = orders::catalog::Catalog::default();
     let id = uuid::Uuid::now_v7();
-    let meta = messaging::consumer::Meta {
-        topic: orders::catalog::TOPIC.into(),
-        key: id.to_string(),
-        partition: 0,
-        offset: 1,
-        attempt: 1,
-    };
-    let priced = |price: i64| {
-        messaging::CloudEvent::new(
-            "/bazaar/products",
-            "product.created",
-            Some(&id.to_string()),
-            json!({"product_id": id, "name": "Mug", "price_cents": price, "currency": "EUR"}),
-        )
-    };
+    let meta = catalog_meta();
     assert!(catalog.known(pool, &[id]).await.unwrap().is_empty());
     catalog
-        .handle(pool, &inbox, &priced(300), &meta)
+        .handle(pool, &inbox, &product_created(id, 300), &meta)
         .await
         .unwrap();
     assert_eq!(
@@ -325,7 +318,7 @@ async fn a_price_change_applied_here_is_read_at_once() {
         300
     );
     catalog
-        .handle(pool, &inbox, &priced(450), &meta)
+        .handle(pool, &inbox, &product_created(id, 450), &meta)
         .await
         .unwrap();
     assert_eq!(
