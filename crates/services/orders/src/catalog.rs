@@ -174,16 +174,14 @@ async fn apply(tx: &mut AnyConnection, event: &CloudEvent) -> Result<Product, Ha
 /// The rows of `ids` in `catalog_prices`.
 async fn select(pool: &AnyPool, ids: &[Uuid]) -> Result<Vec<Product>, sqlx::Error> {
     const COLUMNS: &str = "SELECT product_id, name, price_cents, currency FROM catalog_prices";
-    let sql = match ids {
-        [] => return Ok(Vec::new()),
-        // The usual order has one line: an equality is a plain index lookup, where
-        // SQLite builds an ephemeral table for an `IN` list.
-        [_] => format!("{COLUMNS} WHERE product_id = $1"),
-        _ => format!(
-            "{COLUMNS} WHERE product_id IN ({})",
-            messaging::sql::placeholders(ids.len())
-        ),
-    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // (SQLite's parser turns a one-value `IN` into an equality itself.)
+    let sql = format!(
+        "{COLUMNS} WHERE product_id IN ({})",
+        messaging::sql::placeholders(ids.len())
+    );
     let mut query = sqlx::query(&sql);
     for id in ids {
         query = query.bind(id.to_string());

@@ -17,5 +17,5 @@ pub use configuration::{Config, Settings};
 pub use startup::{Application, MIGRATOR};
 
 pub const NAME: &str = "orders";
-/// The service orders prices come from.
+/// The catalog's service: it prices the products the replica has not heard of yet.
 pub const PRODUCTS: &str = "products";

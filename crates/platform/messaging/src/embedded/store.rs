@@ -11,8 +11,9 @@
 //! acknowledges them once written (they survive the death of any process, the
 //! kernel holds them) and syncs at most that long after, as Kafka and JetStream do
 //! by default: a power loss may take that last stretch. On open, each segment is
-//! scanned and a torn tail (short or bad CRC) is cut off. The index lives in memory: per record its segment, position,
-//! time and partition; per partition its offsets.
+//! scanned and a torn tail (short or bad CRC) is cut off. The index lives in
+//! memory: per record its segment, position, time and partition; per partition its
+//! offsets.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
