@@ -35,22 +35,15 @@ pub const PRODUCT_EVENTS: &[&str] = &["product.created"];
 /// How long a product read from the table is used before it is read again.
 pub const FRESH: Duration = Duration::from_secs(5);
 
-/// A product as an order is priced: what products answers, or its replica here.
+/// A product as an order is priced: what products answers, what `product.created`
+/// carries (which names the id `product_id`), or its replica here.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Product {
+    #[serde(alias = "product_id")]
     pub id: Uuid,
     pub name: String,
     pub price_cents: i64,
     pub currency: String,
-}
-
-/// What `product.created` carries that prices an order.
-#[derive(Deserialize)]
-struct Created {
-    product_id: Uuid,
-    name: String,
-    price_cents: i64,
-    currency: String,
 }
 
 /// The replica: `catalog_prices` and this instance's copy of what it read of it.
@@ -142,13 +135,13 @@ impl Transactional for Catalog {
 
 /// What one `product.created` changes, in `tx` where it is claimed.
 async fn apply(tx: &mut AnyConnection, event: &CloudEvent) -> Result<Product, HandlerError> {
-    let created: Created = serde_json::from_value(event.data.clone()).map_err(|e| {
+    let created: Product = serde_json::from_value(event.data.clone()).map_err(|e| {
         HandlerError::Reject(format!("{} does not describe a product: {e}", event.ty))
     })?;
     if created.price_cents < 0 || created.currency.is_empty() {
         return Err(HandlerError::Reject(format!(
             "{} of {}: a price needs a currency and cannot be negative",
-            event.ty, created.product_id
+            event.ty, created.id
         )));
     }
     sqlx::query(
@@ -157,18 +150,13 @@ async fn apply(tx: &mut AnyConnection, event: &CloudEvent) -> Result<Product, Ha
          ON CONFLICT (product_id) DO UPDATE SET name = excluded.name, \
          price_cents = excluded.price_cents, currency = excluded.currency",
     )
-    .bind(created.product_id.to_string())
+    .bind(created.id.to_string())
     .bind(&created.name)
     .bind(created.price_cents)
     .bind(&created.currency)
     .execute(&mut *tx)
     .await?;
-    Ok(Product {
-        id: created.product_id,
-        name: created.name,
-        price_cents: created.price_cents,
-        currency: created.currency,
-    })
+    Ok(created)
 }
 
 /// The rows of `ids` in `catalog_prices`.
